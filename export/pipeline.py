@@ -1,0 +1,218 @@
+"""`mistral-trt export` and `mistral-trt verify`: stages, progress, atomic output, the manifest.
+
+    export_model("build/smollm2-135m-instruct", "build/onnx/smollm2-135m-instruct", dtype="fp32")
+
+writes, in a temporary folder beside OUT that is renamed to OUT only when everything passed:
+
+    OUT/model.onnx            graph (+ weights when under 2 GB)
+    OUT/model.onnx.data       weights, only above 2 GB
+    OUT/manifest.json         everything a runtime needs (runtime/manifest.py)
+    OUT/tokenizer.*           the checkpoint's tokenizer files
+"""
+from __future__ import annotations
+
+import gc
+import math
+import platform
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from mistral_trt.runtime.engine import OrtEngine
+from mistral_trt.runtime.errors import UserError
+from mistral_trt.runtime.manifest import DTYPES, ONNX_DATA_NAME, ONNX_NAME, Manifest, io_specs
+
+from . import checkpoint as ck
+from . import verify as vf
+from .atomic import atomic_folder
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def stage(n: int, total: int, what: str):
+    t = time.perf_counter()
+    log(f"[{n}/{total}] {what} ...")
+    yield
+    log(f"[{n}/{total}] {what}: done in {time.perf_counter() - t:.1f}s (peak RSS {peak_rss_gib():.2f} GiB)")
+
+
+def peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def load_model(c: ck.Checkpoint, dtype: str):
+    import torch
+    from transformers import MistralForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    model, info = MistralForCausalLM.from_pretrained(
+        c.path,
+        dtype={"fp32": torch.float32, "fp16": torch.float16}[dtype],
+        attn_implementation="eager",  # plain ops: exports everywhere, softmax in fp32 even for fp16
+        output_loading_info=True,
+    )
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys", "unexpected_keys") and v}
+    if bad.get("missing_keys") and c.config.get("tie_word_embeddings"):
+        bad["missing_keys"] = [k for k in bad["missing_keys"] if k != "lm_head.weight"]
+    if any(bad.values()):
+        raise UserError(f"{c.path}: weights do not match config.json: {bad}")
+    return model.eval()
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    from mistral_trt import __version__
+
+    return {
+        "mistral_trt": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+BYTES = {"fp32": 4, "fp16": 2}
+
+
+def available_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("inf")
+
+
+def check_memory(c: ck.Checkpoint, dtype: str, run_verify: bool, provider: str) -> None:
+    """Refuse early, not after minutes of work, when the machine cannot hold the model.
+
+    Measured on Mistral-7B widths (README): export peaks at about one copy of the weights in `dtype`
+    plus 1 GiB; onnxruntime's CPU provider holds the weights in float32 (it upcasts fp16 MatMuls),
+    plus about 1.5 GiB.
+    """
+    shapes, _ = ck.expected_shapes(c.config)
+    params = sum(math.prod(s) for s in shapes.values())
+    need = {"export": params * BYTES[dtype] / 2**30 + 1.0}
+    if run_verify and provider == "cpu":
+        need["verify on CPU"] = params * 4 / 2**30 + 1.5
+    have = available_gib()
+    for what, gib in need.items():
+        if gib > have:
+            hint = ("pass --no-verify here and run `mistral-trt verify OUT --provider cuda` on a GPU host"
+                    if what.startswith("verify") else "try --dtype fp16" if dtype == "fp32" else "use a larger machine")
+            raise UserError(f"{c.path}: {what} of {params / 1e9:.2f}B parameters in {dtype} needs about {gib:.1f} GiB, "
+                            f"{have:.1f} GiB available: {hint}")
+
+
+def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool = False, run_verify: bool = True,
+                 max_window_check: int = vf.MAX_WINDOW_CHECK, provider: str = "cpu") -> Manifest:
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not force:  # before the (slow) checks of the checkpoint
+        raise UserError(f"{out}: already exists (pass --force to replace it)")
+    src = ck.resolve(model)
+    c = ck.inspect_checkpoint(src)
+    ck.check_weights(c)
+    check_memory(c, dtype, run_verify, provider)
+    with atomic_folder(out, force) as tmp:
+        total = 4 if run_verify else 3
+        with stage(1, total, f"load {src} ({dtype})"):
+            args = c.args
+            torch_model = load_model(c, dtype)
+        with stage(2, total, f"trace {args.num_layers} layers into ONNX (opset 18, KV-cache inputs)"):
+            from .onnx_export import export_onnx
+
+            export_onnx(torch_model, args, dtype, tmp)
+        with stage(3, total, "save manifest, tokenizer files and sha256 hashes"):
+            manifest = _write_manifest(c, args, dtype, tmp)
+        if run_verify:
+            with stage(4, total, "verify against PyTorch"):
+                scen = vf.scenarios(args, max_window_check=max_window_check)
+                refs = vf.reference_logits(torch_model, scen)
+                del torch_model  # free it before onnxruntime maps the weights: a 7B model fits only once
+                gc.collect()
+                _check(tmp, manifest, scen, refs, provider)
+    log(f"wrote {out}")
+    return manifest
+
+
+def _check(folder: Path, manifest: Manifest, scen, refs, provider: str) -> list[vf.CheckResult]:
+    engine = OrtEngine(folder, providers=PROVIDERS[provider], manifest=manifest)
+    log(f"onnxruntime providers: {', '.join(engine.session.get_providers())}")
+    results = vf.verify(engine, scen, refs)
+    print(vf.table(results, manifest.dtype), flush=True)
+    manifest.verification = vf.as_rows(results)
+    manifest.save(folder)
+    failed = [r.name for r in results if not r.passed]
+    if failed:
+        raise VerifyFailed(f"verification failed ({vf.criteria(manifest.dtype)}): {', '.join(failed)}")
+    return results
+
+
+class VerifyFailed(UserError):
+    pass
+
+
+def verify_export(folder: str | Path, model: str | None = None, max_window_check: int = vf.MAX_WINDOW_CHECK,
+                  provider: str = "cpu"):
+    """`mistral-trt verify OUT [--model MODEL]`: reload the PyTorch model and check the ONNX again."""
+    folder = Path(folder)
+    manifest = Manifest.load(folder)
+    src = ck.resolve(model or manifest.source["path"])
+    c = ck.inspect_checkpoint(src)
+    if c.args != manifest.model:
+        raise UserError(f"{src}: its config.json does not describe the model in {folder}/manifest.json")
+    log(f"reference: {src} in {manifest.dtype}")
+    scen = vf.scenarios(manifest.model, max_window_check=max_window_check)
+    refs = vf.reference_logits(load_model(c, manifest.dtype), scen)
+    gc.collect()
+    return _check(folder, manifest, scen, refs, provider)
+
+
+def _write_manifest(c: ck.Checkpoint, args, dtype: str, folder: Path) -> Manifest:
+    for f in c.tokenizer_files:
+        shutil.copy2(f, folder / f.name)
+    fmt, template = ck.chat_format(c)
+    inputs, outputs = io_specs(args, dtype)
+    files = {n: ck.sha256(folder / n) for n in (ONNX_NAME, ONNX_DATA_NAME) if (folder / n).exists()}
+    m = Manifest(
+        model=args,
+        dtype=dtype,
+        inputs=inputs,
+        outputs=outputs,
+        **ck.special_tokens(c),
+        chat_format=fmt,
+        chat_template=template,
+        tokenizer_files=[f.name for f in c.tokenizer_files],
+        files=files,
+        cache={
+            "position_ids": "absolute",  # never reset when the cache is trimmed
+            "min_keep": None if args.sliding_window is None else args.sliding_window - 1,
+            "max_context": args.max_position_embeddings,
+        },
+        source={"path": str(c.path.absolute()), "weights": {f.name: ck.sha256(f) for f in c.weight_files}},
+        versions=versions(),
+    )
+    m.save(folder)
+    return m

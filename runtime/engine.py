@@ -1,0 +1,79 @@
+"""The engine: one forward step of the exported graph, behind a small interface.
+
+    engine = OrtEngine("build/onnx/smollm2-135m-instruct")
+    logits, present = engine.forward(input_ids, attention_mask, position_ids, past)
+    # input_ids: [B, S] int64, attention_mask: [B, P+S], position_ids: [B, S], past: 2*L arrays [B, KV, P, D]
+
+Inputs are checked against the manifest before onnxruntime sees them, so a wrong shape or dtype is
+reported by name instead of as an onnxruntime stack trace.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .manifest import NUMPY_DTYPE, ONNX_NAME, Manifest
+
+
+class OrtEngine:
+    def __init__(self, folder: str | Path, providers: list[str] | None = None, manifest: Manifest | None = None):
+        import onnxruntime as ort  # imported here: `import mistral_trt.runtime` stays cheap
+
+        self.folder = Path(folder)
+        self.manifest = manifest or Manifest.load(self.folder)
+        path = self.folder / ONNX_NAME
+        if not path.is_file():
+            raise UserError(f"{path}: missing (the export folder is incomplete)")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise UserError(f"{path}: onnxruntime cannot load it: {e}") from None
+        self.args = self.manifest.model
+        self.kv_dtype = np.dtype(NUMPY_DTYPE[self.manifest.dtype])
+        self.past_names = self.manifest.input_names()[3:]
+        self.output_names = self.manifest.output_names()
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        a = self.args
+        return [np.zeros((batch, a.num_kv_heads, 0, a.head_dim), self.kv_dtype) for _ in self.past_names]
+
+    def forward(self, input_ids, attention_mask, position_ids, past):
+        """One step. Returns (logits [B, S, V], present: list of 2*L arrays [B, KV, P+S, D])."""
+        feed = self._feed(input_ids, attention_mask, position_ids, past)
+        out = self.session.run(self.output_names, feed)
+        return out[0], out[1:]
+
+    def _feed(self, input_ids, attention_mask, position_ids, past) -> dict:
+        a = self.args
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise UserError(f"input_ids: expected shape [batch, seq] with seq >= 1, got {list(ids.shape)}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise UserError(f"input_ids: expected integer token ids, got {ids.dtype}")
+        if ids.size and (ids.min() < 0 or ids.max() >= a.vocab_size):
+            raise UserError(f"input_ids: ids must lie in [0, {a.vocab_size}), got {ids.min()}..{ids.max()}")
+        b, s = ids.shape
+        if len(past) != len(self.past_names):
+            raise UserError(f"past: expected {len(self.past_names)} arrays (key and value per layer), got {len(past)}")
+        p = past[0].shape[2] if past[0].ndim == 4 else -1
+        want = (b, a.num_kv_heads, p, a.head_dim)
+        for name, t in zip(self.past_names, past):
+            if t.shape != want or t.dtype != self.kv_dtype:
+                raise UserError(f"{name}: expected {self.kv_dtype} {list(want)}, got {t.dtype} {list(t.shape)}")
+        mask = np.asarray(attention_mask)
+        if mask.shape != (b, p + s):
+            raise UserError(f"attention_mask: expected shape [batch, past + seq] = [{b}, {p + s}], got {list(mask.shape)}")
+        pos = np.asarray(position_ids)
+        if pos.shape != (b, s):
+            raise UserError(f"position_ids: expected shape [batch, seq] = [{b}, {s}], got {list(pos.shape)}")
+        feed = {
+            "input_ids": ids.astype(np.int64, copy=False),
+            "attention_mask": mask.astype(np.int64, copy=False),
+            "position_ids": pos.astype(np.int64, copy=False),
+        }
+        feed.update(zip(self.past_names, past))
+        return feed

@@ -1,0 +1,60 @@
+"""Fixtures: tiny random-init Mistral checkpoints (with and without a sliding window) carrying the real
+Mistral v1 tokenizer from the mistral-common wheel, and the embedded demo model converted once."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+def mistral_tokenizer_file() -> Path:
+    spec = importlib.util.find_spec("mistral_common")
+    assert spec is not None, "tests need mistral-common (pip install -e '.[test]')"
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "tokenizer.model.v1"
+    assert path.is_file(), f"{path} missing from the mistral-common wheel"
+    return path
+
+
+def make_tiny_mistral(folder: Path, sliding_window: int | None, seed: int = 0, **overrides) -> Path:
+    """A 2-layer Mistral with Mistral-7B's vocabulary and GQA layout (4 heads, 2 kv heads), random weights."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = dict(
+        vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, sliding_window=sliding_window,
+        rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        initializer_range=0.2,  # wider than the default 0.02 so random logits are not all near-ties
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(MistralConfig(**cfg)).eval()
+    model.save_pretrained(folder)
+    shutil.copy(mistral_tokenizer_file(), folder / "tokenizer.model")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_window(tmp_path_factory) -> Path:
+    return make_tiny_mistral(tmp_path_factory.mktemp("ckpt") / "tiny-window", sliding_window=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_full(tmp_path_factory) -> Path:
+    return make_tiny_mistral(tmp_path_factory.mktemp("ckpt") / "tiny-full", sliding_window=None, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tmp_path_factory, tiny_window, tiny_full) -> dict:
+    """Every (window?, dtype) combination exported once, verification included."""
+    from mistral_trt.export.pipeline import export_model
+
+    root = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for name, ckpt in (("window", tiny_window), ("full", tiny_full)):
+        for dtype in ("fp32", "fp16"):
+            out[name, dtype] = root / f"{name}-{dtype}"
+            export_model(str(ckpt), out[name, dtype], dtype=dtype)
+    return out

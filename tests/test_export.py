@@ -1,0 +1,147 @@
+"""Export of tiny random Mistral checkpoints (with and without a sliding window, fp32 and fp16):
+the graph, the manifest, verification against PyTorch, and the runtime's independence from torch."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from transformers import MistralForCausalLM
+
+from conftest import make_tiny_mistral
+from mistral_trt.export import checkpoint as ck
+from mistral_trt.export import pipeline
+from mistral_trt.main import main
+from mistral_trt.runtime import Manifest, UserError
+from mistral_trt.runtime.engine import OrtEngine
+
+CASES = [("window", "fp32"), ("window", "fp16"), ("full", "fp32"), ("full", "fp16")]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c))
+def test_manifest_describes_the_export(tiny_exports, tiny_window, tiny_full, case):
+    folder = tiny_exports[case]
+    src = tiny_window if case[0] == "window" else tiny_full
+    m = Manifest.load(folder)
+    cfg = json.loads((src / "config.json").read_text())
+    assert m.schema_version == 1 and m.dtype == case[1]
+    assert (m.model.num_layers, m.model.num_heads, m.model.num_kv_heads, m.model.head_dim) == (
+        cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"])
+    theta = cfg["rope_parameters"]["rope_theta"]  # transformers 5 writes rope_theta here
+    assert (m.model.hidden_size, m.model.vocab_size, m.model.rope_theta) == (cfg["hidden_size"], cfg["vocab_size"], theta)
+    assert m.model.sliding_window == cfg["sliding_window"]
+    assert m.cache["min_keep"] == (None if cfg["sliding_window"] is None else cfg["sliding_window"] - 1)
+    assert m.cache["position_ids"] == "absolute" and m.cache["max_context"] == cfg["max_position_embeddings"]
+    assert (m.bos_token_id, m.eos_token_id, m.pad_token_id) == (1, [2], None)
+    assert m.chat_format == "mistral-v1" and m.chat_template is None  # Mistral's v1 sentencepiece tokenizer
+    assert m.tokenizer_files[0] == "tokenizer.model"
+    for name in m.tokenizer_files:
+        assert (folder / name).read_bytes() == (src / name).read_bytes()
+    assert m.files == {"model.onnx": ck.sha256(folder / "model.onnx")}
+    assert m.source["weights"] == {"model.safetensors": ck.sha256(src / "model.safetensors")}
+    assert {"torch", "transformers", "onnx", "onnxruntime", "mistral_trt"} <= set(m.versions)
+    assert m.verification and all(r["passed"] for r in m.verification)
+    assert len(m.verification) == (4 if cfg["sliding_window"] else 3) + (case[1] == "fp16")  # + pooled fp16 row
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c))
+def test_graph_io_matches_manifest(tiny_exports, case):
+    folder = tiny_exports[case]
+    m = Manifest.load(folder)
+    g = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    elem = {"int64": onnx.TensorProto.INT64, "float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16}
+    for values, specs in ((g.input, m.inputs), (g.output, m.outputs)):
+        assert [v.name for v in values] == [s.name for s in specs]
+        for v, s in zip(values, specs):
+            dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            assert dims == s.dims, v.name
+            assert v.type.tensor_type.elem_type == elem[s.dtype], v.name
+    assert len(m.inputs) == 3 + 2 * m.model.num_layers and len(m.outputs) == 1 + 2 * m.model.num_layers
+
+
+def test_window_mask_is_in_the_graph(tiny_exports, tiny_window):
+    """Untrimmed cache, 4x the window in one prefill and then decode steps: only an in-graph sliding-window
+    mask gives HF's logits (a trace that baked the window away would attend to every key)."""
+    engine = OrtEngine(tiny_exports["window", "fp32"])
+    ids = np.random.default_rng(3).integers(3, 32000, (1, 40))
+    model = MistralForCausalLM.from_pretrained(tiny_window, attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits[0].numpy()
+    logits, past = engine.forward(ids[:, :32], np.ones((1, 32)), np.arange(32)[None], engine.empty_past(1))
+    got = [logits[0]]
+    for t in range(32, 40):
+        logits, past = engine.forward(ids[:, t:t + 1], np.ones((1, t + 1)), [[t]], past)
+        got.append(logits[0])
+    np.testing.assert_allclose(np.concatenate(got), ref, atol=1e-4)
+
+
+def test_engine_rejects_bad_feeds_by_name(tiny_exports):
+    engine = OrtEngine(tiny_exports["full", "fp32"])
+    past = engine.empty_past(1)
+    with pytest.raises(UserError, match="attention_mask: expected shape"):
+        engine.forward([[5, 6]], np.ones((1, 3)), [[0, 1]], past)
+    with pytest.raises(UserError, match=r"input_ids: ids must lie in \[0, 32000\)"):
+        engine.forward([[5, 32000]], np.ones((1, 2)), [[0, 1]], past)
+    with pytest.raises(UserError, match="past_key_values.0.key: expected float32"):
+        engine.forward([[5]], np.ones((1, 1)), [[0]], [p.astype(np.float16) for p in past])
+
+
+def test_verify_fails_against_other_weights(tiny_exports, tmp_path, capsys):
+    """`verify` can fail: the same config with other random weights must not pass."""
+    other = make_tiny_mistral(tmp_path / "other", sliding_window=8, seed=7)
+    assert main(["verify", str(tiny_exports["window", "fp32"]), "--model", str(other)]) == 2
+    out = capsys.readouterr()
+    assert "FAIL" in out.out and "verification failed" in out.err
+    assert main(["verify", str(tiny_exports["window", "fp32"])]) == 0  # the recorded source passes
+
+
+def test_external_data_in_one_file(tiny_full, tmp_path, monkeypatch):
+    """Above the 2 GB threshold the weights go to one model.onnx.data (threshold lowered to exercise it)."""
+    import mistral_trt.export.onnx_export as ox
+
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_THRESHOLD", 0)
+    out = tmp_path / "ext"
+    m = pipeline.export_model(str(tiny_full), out, dtype="fp16")
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("model")) == ["model.onnx", "model.onnx.data"]
+    assert (out / "model.onnx").stat().st_size < 1e6 < (out / "model.onnx.data").stat().st_size
+    assert set(m.files) == {"model.onnx", "model.onnx.data"}
+    assert m.files["model.onnx.data"] == ck.sha256(out / "model.onnx.data")
+    assert all(r["passed"] for r in m.verification)
+
+
+def test_runtime_runs_without_torch(tiny_exports):
+    """mistral_trt.runtime imports and runs the exported model with torch and transformers unimportable."""
+    code = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        import numpy as np
+        from mistral_trt.runtime.engine import OrtEngine
+        e = OrtEngine({str(tiny_exports["window", "fp16"])!r})
+        logits, present = e.forward([[1, 415, 2936]], np.ones((1, 3)), [[0, 1, 2]], e.empty_past(1))
+        assert logits.shape == (1, 3, 32000) and present[0].shape == (1, 2, 3, 16), (logits.shape, present[0].shape)
+        assert not any(m.split(".")[0] in ("torch", "transformers") for m in sys.modules)
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_existing_output_needs_force(tiny_full, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["export", str(tiny_full), "-o", str(out), "--no-verify"]) == 2
+    assert "already exists (pass --force" in capsys.readouterr().err
+    assert (out / "keep.txt").exists()
+    assert main(["export", str(tiny_full), "-o", str(out), "--no-verify", "--force"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left
