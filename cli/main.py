@@ -29,6 +29,143 @@ def cmd_verify(a):
     verify_export(a.folder, a.model, max_window_check=a.max_window_check, provider=a.provider)
 
 
+def cmd_tokenize(a):
+    import json
+    from pathlib import Path
+
+    from mistral_trt.runtime.chat import format_chat
+    from mistral_trt.runtime.manifest import Manifest
+    from mistral_trt.runtime.tokenizer import Tokenizer
+
+    if bool(a.folder) == bool(a.tokenizer):
+        raise UserError("give an export folder OUT or --tokenizer FILE (one of them)")
+    if a.folder:
+        m = Manifest.load(a.folder)
+        tok, fmt, template = Tokenizer.load(a.folder), m.chat_format, m.chat_template
+    else:
+        tok = Tokenizer.load(a.tokenizer)
+        here = Path(a.tokenizer).parent
+        template = None
+        if (here / "chat_template.jinja").is_file():
+            template = (here / "chat_template.jinja").read_text(encoding="utf-8")
+        elif (here / "tokenizer_config.json").is_file():
+            template = json.loads((here / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+        fmt = "mistral-v1" if tok.kind == "sentencepiece" else "template"
+    fmt = a.format or fmt
+    try:
+        messages = json.loads(Path(a.messages).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"{a.messages}: cannot read: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{a.messages}: not valid JSON: {e}") from None
+    ids = format_chat(tok, messages, fmt, template)
+    print(json.dumps({"ids": ids, "pieces": [tok.id_to_piece(i) for i in ids]}, ensure_ascii=False))
+
+
+def _load_runtime(folder):
+    from mistral_trt.runtime.engine import OrtEngine
+    from mistral_trt.runtime.generate import Generator
+    from mistral_trt.runtime.tokenizer import Tokenizer
+
+    engine = OrtEngine(folder)
+    return engine.manifest, Tokenizer.load(folder), Generator(engine)
+
+
+def _sampling(a):
+    from mistral_trt.runtime.generate import Sampling
+
+    greedy = a.greedy or a.temperature is None
+    return Sampling(greedy=greedy, temperature=a.temperature or 1.0, top_p=a.top_p, top_k=a.top_k,
+                    repetition_penalty=a.repetition_penalty, seed=a.seed)
+
+
+def _stream(gen, tok, prompt_ids, a, out):
+    """Generate for one prompt, writing text as it comes; returns (new ids, text)."""
+    from mistral_trt.runtime.tokenizer import StreamDecoder
+
+    dec, ids, text = StreamDecoder(tok), [], ""
+    for tokens in gen.generate([prompt_ids], a.max_new_tokens, _sampling(a)):
+        t = int(tokens[0])
+        if t in gen.eos:
+            break
+        ids.append(t)
+        piece = dec.push(t)
+        text += piece
+        stop = next((s for s in a.stop if s in text), None)
+        if stop:
+            text = text[: text.index(stop)]
+            break
+        if out and piece:
+            out.write(piece)
+            out.flush()
+    else:
+        tail = dec.flush()
+        text += tail
+        if out and tail:
+            out.write(tail)
+    return ids, text
+
+
+def cmd_generate(a):
+    import json
+
+    from mistral_trt.runtime.chat import format_chat
+
+    m, tok, gen = _load_runtime(a.folder)
+    if a.raw:
+        prompt = tok.encode(a.prompt, bos=tok.bos_id is not None).tolist()
+    else:
+        prompt = format_chat(tok, [{"role": "user", "content": a.prompt}], m.chat_format, m.chat_template)
+    ids, text = _stream(gen, tok, prompt, a, None if a.json else sys.stdout)
+    if a.json:
+        print(json.dumps({"ids": ids, "text": text, "stats": gen.stats[0].as_dict()}, ensure_ascii=False))
+    else:
+        print()
+        st = gen.stats[0].as_dict()
+        print(f"[{st['prompt_tokens']} prompt tokens, {st['new_tokens']} new, first token after "
+              f"{st['time_to_first_token_s'] * 1000:.0f} ms, {st['decode_tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
+
+
+def cmd_chat(a):
+    from mistral_trt.runtime.chat import format_chat
+
+    m, tok, gen = _load_runtime(a.folder)
+    history = [{"role": "system", "content": a.system}] if a.system else []
+    inputs = [a.say] if a.say else None
+    while True:
+        if inputs is not None:
+            if not inputs:
+                return
+            line = inputs.pop(0)
+            print(f"> {line}")
+        else:
+            try:
+                line = input("> ")
+            except EOFError:
+                return
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = format_chat(tok, history, m.chat_format, m.chat_template)
+        while len(prompt) + a.max_new_tokens > gen.max_context and len(history) > 2:
+            del history[1 if history[0]["role"] == "system" else 0: 3 if history[0]["role"] == "system" else 2]
+            prompt = format_chat(tok, history, m.chat_format, m.chat_template)  # drop the oldest exchange
+        _, text = _stream(gen, tok, prompt, a, sys.stdout)
+        print()
+        history.append({"role": "assistant", "content": text.strip() or " "})
+
+
+def _add_sampling_args(s):
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--greedy", action="store_true", help="argmax decoding (the default without --temperature)")
+    s.add_argument("--temperature", type=float)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
 def parser() -> argparse.ArgumentParser:
     from mistral_trt.export.verify import MAX_WINDOW_CHECK  # a constant; verify.py imports numpy only at top
 
@@ -59,6 +196,28 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-window-check", type=int, default=MAX_WINDOW_CHECK)
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("tokenize", help="show the exact token ids a conversation becomes, as JSON")
+    s.add_argument("folder", nargs="?", help="export folder (its manifest names the chat format)")
+    s.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json instead of an export folder")
+    s.add_argument("--messages", required=True, help='JSON file: [{"role": ..., "content": ...}, ...]')
+    s.add_argument("--format", choices=["mistral-v1", "template"], help="override the chat format")
+    s.set_defaults(func=cmd_tokenize)
+
+    s = sub.add_parser("generate", help="generate a reply (streamed) from an export folder")
+    s.add_argument("folder", help="export folder")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--raw", action="store_true", help="no chat format: BOS + the text")
+    s.add_argument("--json", action="store_true", help='print {"ids", "text", "stats"} as JSON')
+    _add_sampling_args(s)
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("chat", help="interactive multi-turn chat, streamed")
+    s.add_argument("folder", help="export folder")
+    s.add_argument("--system", help="system prompt")
+    s.add_argument("--say", help="one message instead of reading stdin (for scripts and `make demo`)")
+    _add_sampling_args(s)
+    s.set_defaults(func=cmd_chat)
     return p
 
 

@@ -58,3 +58,21 @@ def tiny_exports(tmp_path_factory, tiny_window, tiny_full) -> dict:
             out[name, dtype] = root / f"{name}-{dtype}"
             export_model(str(ckpt), out[name, dtype], dtype=dtype)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_hf(tmp_path_factory) -> Path:
+    """The embedded demo model (SmolLM2-135M-Instruct GGUF) converted once into a MistralForCausalLM folder."""
+    from mistral_trt.export.gguf_convert import convert_gguf, default_gguf
+
+    return convert_gguf(default_gguf(), tmp_path_factory.mktemp("demo") / "smollm2")
+
+
+@pytest.fixture(scope="session")
+def demo_onnx(demo_hf, tmp_path_factory) -> Path:
+    """The demo model exported in fp32 (verification included)."""
+    from mistral_trt.export.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("demo-onnx") / "smollm2-fp32"
+    export_model(str(demo_hf), out, dtype="fp32")
+    return out

@@ -9,16 +9,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralForCausalLM
 
-from mistral_trt.export.gguf_convert import convert_gguf, default_gguf
-from mistral_trt.export.pipeline import export_model
+from mistral_trt.export.gguf_convert import default_gguf
 from mistral_trt.runtime import Manifest
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return convert_gguf(default_gguf(), tmp_path_factory.mktemp("demo") / "smollm2")
+def demo(demo_hf):
+    return demo_hf
 
 
 def test_logits_equal_transformers_gguf_load(demo):
@@ -47,11 +46,10 @@ def test_config_and_tokenizer(demo):
     assert rendered.endswith("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_export_demo_model(demo, tmp_path):
-    m = export_model(str(demo), tmp_path / "onnx", dtype="fp32")
-    assert all(r["passed"] for r in m.verification)
-    m = Manifest.load(tmp_path / "onnx")
+def test_export_demo_model(demo_onnx):
+    m = Manifest.load(demo_onnx)
+    assert all(r["passed"] for r in m.verification) and len(m.verification) == 3
     assert m.chat_format == "template" and "<|im_start|>" in m.chat_template
     assert (m.bos_token_id, m.eos_token_id) == (1, [2])
     assert m.model.tie_word_embeddings and m.model.sliding_window is None
-    assert "tokenizer.json" in m.tokenizer_files and (tmp_path / "onnx" / "tokenizer.json").is_file()
+    assert "tokenizer.json" in m.tokenizer_files and (demo_onnx / "tokenizer.json").is_file()

@@ -1,0 +1,112 @@
+"""Conversations -> token ids, the way the model was trained to see them.
+
+Two formats, named in the manifest's `chat_format`:
+
+* ``mistral-v1`` (Mistral-7B-Instruct v0.1/v0.2), token-exact with mistral-common's InstructTokenizerV1:
+
+      [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+      -> <s> ▁[INST] ▁Be brief.\\n\\nHi ▁[/INST]
+
+  BOS; each user turn encoded on its own as "[INST] {content} [/INST]"; each assistant turn encoded on
+  its own and followed by EOS; system prompts joined with a blank line and put before the first user
+  message; consecutive messages of one role merged with a blank line. The prompt ends on [/INST].
+  Turns are encoded separately (not as one string) because sentencepiece adds its "▁" prefix per call.
+
+* ``template``: the checkpoint's own jinja2 chat template (the demo model's ChatML), rendered as
+  transformers renders it, then encoded with the template's special tokens read as special.
+"""
+from __future__ import annotations
+
+from .errors import UserError
+from .tokenizer import Tokenizer
+
+ROLES = ("system", "user", "assistant")
+# Which role may follow which (mistral-common's rule for chat requests).
+MAY_FOLLOW = {"system": {"system", "user", "assistant"}, "user": {"user", "assistant", "system"},
+              "assistant": {"assistant", "user"}}
+JOIN = "\n\n"
+
+
+def check_messages(messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise UserError("conversation: expected a non-empty list of {\"role\": ..., \"content\": ...}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise UserError(f"conversation message {i}: expected an object with \"role\" and \"content\"")
+        if m["role"] not in ROLES:
+            raise UserError(f"conversation message {i}: unknown role {m['role']!r}, expected one of {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise UserError(f"conversation message {i}: content must be a string")
+    return messages
+
+
+def mistral_v1(tok: Tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation ending in a user turn, ready for the assistant's reply."""
+    check_messages(messages)
+    for i in range(1, len(messages)):
+        prev, cur = messages[i - 1]["role"], messages[i]["role"]
+        if cur not in MAY_FOLLOW[prev]:
+            raise UserError(f"conversation message {i}: role {cur!r} cannot follow {prev!r}")
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"]:
+            raise UserError(f"conversation message {i}: assistant message with empty content")
+
+    # Empty contents are skipped when joining (no stray blank lines), as mistral-common does.
+    system = JOIN.join(m["content"] for m in messages if m["role"] == "system" and m["content"])
+    turns: list[list] = []  # [role, [contents]]; a system message ends a run of one role
+    prev = None
+    for m in messages:
+        if m["role"] != "system":
+            if prev == m["role"]:
+                turns[-1][1].append(m["content"])
+            else:
+                turns.append([m["role"], [m["content"]]])
+        prev = m["role"]
+    if not turns or turns[0][0] != "user":
+        turns.insert(0, ["user", [""]])
+    if turns[-1][0] != "user":
+        raise UserError("conversation: the last message must be from the user (the model answers it)")
+
+    ids = [tok.bos_id]
+    for n, (role, parts) in enumerate(turns):
+        content = JOIN.join(p for p in parts if p)
+        if role == "user":
+            if n == 0 and system:
+                content = system + JOIN + content
+            ids += tok.encode(f"[INST] {content} [/INST]").tolist()
+        else:
+            ids += tok.encode(content).tolist() + [tok.eos_id]
+    return ids
+
+
+def render_template(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "") -> str:
+    """Render a Hugging Face chat template with the generation prompt, as transformers does."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    check_messages(messages)
+
+    def raise_exception(message):
+        raise UserError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: __import__("json").dumps(
+        x, indent=indent, ensure_ascii=ensure_ascii)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
+    except TemplateError as e:
+        raise UserError(f"chat template: {e}") from None
+
+
+def format_chat(tok: Tokenizer, messages: list[dict], chat_format: str, template: str | None = None) -> list[int]:
+    if chat_format == "mistral-v1":
+        return mistral_v1(tok, messages)
+    if chat_format == "template":
+        if not template:
+            raise UserError("chat_format 'template' but no chat template in the manifest")
+        bos = tok.id_to_piece(tok.bos_id) if tok.bos_id is not None else ""
+        eos = tok.id_to_piece(tok.eos_id) if tok.eos_id is not None else ""
+        return tok.encode(render_template(template, messages, bos, eos), specials=True).tolist()
+    raise UserError(f"chat format {chat_format!r}: this model has no chat format; use a raw prompt")

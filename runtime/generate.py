@@ -1,0 +1,165 @@
+"""Generation over the exported graph, as small functions (gpt-fast style).
+
+    gen = Generator(OrtEngine("build/onnx/smollm2-135m-instruct-fp32"))
+    for event in gen.generate([prompt_ids], max_new_tokens=64, sampling=Sampling(greedy=True)):
+        ...   # event.tokens: [B] new ids, one per sequence
+
+The KV cache is the graph's own `present` output fed back as the next `past`. With a sliding window W the cache is trimmed to its last `min_keep = W - 1`
+positions after each step, with the matching columns of the attention mask; position_ids stay absolute.
+That reproduces the full-sequence logits exactly (see export/verify.py) and keeps memory flat.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .engine import OrtEngine
+from .errors import UserError
+
+
+@dataclass
+class Sampling:
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off (HF's rule: divide positive logits, multiply negative ones)
+    seed: int | None = None
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+                "time_to_first_token_s": round(self.time_to_first_token_s, 4),
+                "decode_tokens_per_s": round(self.decode_tokens_per_s, 2)}
+
+
+def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator, seen: list[list[int]]) -> np.ndarray:
+    """logits: [B, V] float -> next ids [B]."""
+    logits = logits.astype(np.float64)
+    if s.repetition_penalty != 1.0:
+        for b, ids in enumerate(seen):
+            idx = np.unique(ids)
+            v = logits[b, idx]
+            logits[b, idx] = np.where(v > 0, v / s.repetition_penalty, v * s.repetition_penalty)
+    if s.greedy:
+        return logits.argmax(-1)
+    logits = logits / max(s.temperature, 1e-6)
+    if s.top_k:
+        kth = np.sort(logits, axis=-1)[:, -min(s.top_k, logits.shape[-1])][:, None]
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    if s.top_p < 1.0:
+        order = np.argsort(-probs, axis=-1)
+        sorted_p = np.take_along_axis(probs, order, -1)
+        keep = np.cumsum(sorted_p, -1) - sorted_p < s.top_p  # smallest set whose mass reaches top_p
+        mask = np.zeros_like(keep)
+        np.put_along_axis(mask, order, keep, -1)
+        probs = np.where(mask, probs, 0.0)
+        probs /= probs.sum(-1, keepdims=True)
+    return np.array([rng.choice(probs.shape[-1], p=p) for p in probs])
+
+
+@dataclass
+class State:
+    """Everything that changes during generation, for a batch of B sequences."""
+    past: list  # 2*L arrays [B, KV, P, D] (numpy or OrtValue)
+    mask: np.ndarray  # [B, P] int64: which cached positions are real tokens
+    next_pos: np.ndarray  # [B] int64: absolute position of the next token
+    stats: list[Stats] = field(default_factory=list)
+
+
+class Generator:
+    def __init__(self, engine: OrtEngine, prefill_chunk: int = 512):
+        self.engine = engine
+        m = engine.manifest
+        self.window = m.model.sliding_window
+        self.keep = m.cache.get("min_keep")
+        self.max_context = m.cache.get("max_context") or m.model.max_position_embeddings
+        # A chunk longer than the window is fine for the graph, but chunks of at most W keep the
+        # trimmed cache small; without a window, chunks only bound activation memory.
+        self.chunk = min(prefill_chunk, self.window) if self.window else prefill_chunk
+        self.eos = set(m.eos_token_id)
+
+    # -- steps -----------------------------------------------------------------------------------
+    def step(self, st: State, ids: np.ndarray, new_mask: np.ndarray) -> np.ndarray:
+        """Feed ids [B, S]; returns logits of the last position [B, V]."""
+        b, s = ids.shape
+        mask = np.concatenate([st.mask, new_mask], axis=1)
+        pos = st.next_pos[:, None] + np.maximum(np.cumsum(new_mask, axis=1) - 1, 0)  # pads reuse a real position
+        logits, st.past = self.engine.forward(ids, mask, pos, st.past)
+        st.next_pos = st.next_pos + new_mask.sum(1)
+        st.mask = mask
+        if self.keep is not None and mask.shape[1] > self.keep:
+            st.past = [p[:, :, -self.keep:] for p in st.past]
+            st.mask = mask[:, -self.keep:]
+        return logits[:, -1].astype(np.float32)
+
+    def prefill(self, prompts: list[np.ndarray]) -> tuple[State, np.ndarray]:
+        """Left-pad the prompts to one length and feed them in chunks; returns state and last logits."""
+        b, t = len(prompts), max(len(p) for p in prompts)
+        ids = np.zeros((b, t), np.int64)
+        mask = np.zeros((b, t), np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, t - len(p):], mask[i, t - len(p):] = p, 1
+        st = State(self.engine.empty_past(b), np.zeros((b, 0), np.int64), np.zeros(b, np.int64))
+        for a in range(0, t, self.chunk):
+            logits = self.step(st, ids[:, a:a + self.chunk], mask[:, a:a + self.chunk])
+        return st, logits
+
+    def decode_one_token(self, st: State, tokens: np.ndarray) -> np.ndarray:
+        return self.step(st, tokens[:, None].astype(np.int64), np.ones((len(tokens), 1), np.int64))
+
+    # -- the loop --------------------------------------------------------------------------------
+    def generate(self, prompts, max_new_tokens: int = 128, sampling: Sampling | None = None,
+                 stop_on_eos: bool = True, truncate: bool = False):
+        """Yields [B] new token ids per step; finished sequences repeat EOS (check `self.done`)."""
+        s = sampling or Sampling()
+        prompts = [np.asarray(p, np.int64) for p in prompts]
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise UserError(f"prompt {i} is empty")
+            room = self.max_context - max_new_tokens
+            if len(p) > room:
+                if not truncate:
+                    raise UserError(f"prompt {i} has {len(p)} tokens; with {max_new_tokens} new tokens the context "
+                                    f"limit {self.max_context} leaves room for {max(room, 0)} (use truncation to keep the last ones)")
+                prompts[i] = p[-max(room, 1):]
+        rng = np.random.default_rng(s.seed)
+        t0 = time.perf_counter()
+        st, logits = self.prefill(prompts)
+        self.stats = [Stats(prompt_tokens=len(p)) for p in prompts]
+        seen = [list(p) for p in prompts]
+        self.done = np.zeros(len(prompts), bool)
+        pad = next(iter(self.eos), 0)
+        for n in range(max_new_tokens):
+            tokens = sample(logits, s, rng, seen)
+            tokens = np.where(self.done, pad, tokens)
+            now = time.perf_counter()
+            for i, tok in enumerate(tokens):
+                if not self.done[i]:
+                    seen[i].append(int(tok))
+                    self.stats[i].new_tokens += 1
+                    if n == 0:
+                        self.stats[i].time_to_first_token_s = now - t0
+                    else:
+                        self.stats[i].decode_s = now - t0 - self.stats[i].time_to_first_token_s
+            yield tokens
+            if stop_on_eos:
+                self.done |= np.isin(tokens, list(self.eos))
+            if self.done.all() or n == max_new_tokens - 1:
+                return
+            logits = self.decode_one_token(st, tokens)

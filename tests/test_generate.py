@@ -1,0 +1,146 @@
+"""Generation: greedy equals HF transformers' generate token for token; incremental decoding equals one
+full prefill (mistral-inference's test); sliding-window cache stays bounded; sampling behaves."""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from transformers import MistralForCausalLM
+
+from mistral_trt.main import main
+from mistral_trt.runtime import UserError
+from mistral_trt.runtime.chat import format_chat
+from mistral_trt.runtime.engine import OrtEngine
+from mistral_trt.runtime.generate import Generator, Sampling, sample
+from mistral_trt.runtime.tokenizer import Tokenizer
+
+
+def ours(folder, prompts, n, **kw):
+    gen = Generator(OrtEngine(folder), **kw)
+    steps = list(gen.generate(prompts, n, Sampling(greedy=True), stop_on_eos=False))
+    return np.stack(steps, 1)  # [B, n]
+
+
+def hf_greedy(ckpt, prompt, n):
+    model = MistralForCausalLM.from_pretrained(ckpt, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.slow
+def test_demo_greedy_equals_hf_generate(demo_onnx, demo_hf):
+    tok = Tokenizer.load(demo_onnx)
+    m = OrtEngine(demo_onnx).manifest
+    questions = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion to a child."]
+    for q in questions:
+        prompt = format_chat(tok, [{"role": "user", "content": q}], m.chat_format, m.chat_template)
+        got = ours(demo_onnx, [prompt], 64)[0].tolist()
+        assert got == hf_greedy(demo_hf, prompt, 64), q
+
+
+def test_window_greedy_equals_hf_generate(tiny_exports, tiny_window):
+    """W = 8, prompt 13 tokens (> W, prefilled in chunks), 48 new tokens: past 7x the window."""
+    prompt = np.random.default_rng(0).integers(3, 32000, 13).tolist()
+    got = ours(tiny_exports["window", "fp32"], [prompt], 48)[0].tolist()
+    assert got == hf_greedy(tiny_window, prompt, 48)
+
+
+@pytest.mark.parametrize("case", [("window", "fp32"), ("full", "fp32")], ids=lambda c: c[0])
+def test_incremental_equals_full_prefill(tiny_exports, case):
+    engine = OrtEngine(tiny_exports[case])
+    gen = Generator(engine, prefill_chunk=5)
+    prompt = np.random.default_rng(1).integers(3, 32000, 17)
+    st, logits = gen.prefill([prompt])
+    seq, steps = list(prompt), [logits[0]]
+    for _ in range(24):
+        t = int(np.argmax(steps[-1]))
+        seq.append(t)
+        steps.append(gen.decode_one_token(st, np.array([t]))[0])
+    full, _ = engine.forward(np.array([seq]), np.ones((1, len(seq))), np.arange(len(seq))[None], engine.empty_past(1))
+    np.testing.assert_allclose(np.stack(steps), full[0, len(prompt) - 1:], atol=1e-4)
+
+
+def test_batch_left_padding_equals_alone(tiny_exports):
+    folder = tiny_exports["window", "fp32"]
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, 32000, n) for n in (11, 4, 7)]
+    batched = ours(folder, prompts, 20)
+    for i, p in enumerate(prompts):
+        assert batched[i].tolist() == ours(folder, [p], 20)[0].tolist()
+
+
+def test_cache_stays_bounded_past_the_window(tiny_exports):
+    engine = OrtEngine(tiny_exports["window", "fp16"])
+    gen = Generator(engine)
+    st, logits = gen.prefill([np.arange(3, 40)])
+    rss = []
+    for i in range(900):
+        logits = gen.decode_one_token(st, np.array([int(np.argmax(logits[0]))]))
+        assert st.past[0].shape[2] == 7 and st.mask.shape == (1, 7)  # W - 1 = 7 positions, always
+        if i in (300, 899):
+            rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    assert st.next_pos[0] == 37 + 900  # positions stay absolute
+    assert rss[1] - rss[0] < 20 * 1024, f"peak RSS grew by {(rss[1] - rss[0]) / 1024:.1f} MiB"
+
+
+def test_context_limit(tiny_exports):
+    gen = Generator(OrtEngine(tiny_exports["full", "fp32"]))  # max_context 1024
+    with pytest.raises(UserError, match="context limit 1024"):
+        next(gen.generate([np.arange(3, 1003)], 30))
+    steps = list(gen.generate([np.arange(3, 1003)], 30, truncate=True))
+    assert len(steps) == 30 and gen.stats[0].prompt_tokens == 994
+
+
+def test_sampling_rules():
+    rng = np.random.default_rng(0)
+    logits = np.array([[1.0, 3.0, 2.0, -1.0]])
+    assert sample(logits, Sampling(greedy=False, top_k=1), rng, [[]])[0] == 1
+    assert sample(logits, Sampling(greedy=False, top_p=0.01), rng, [[]])[0] == 1
+    # repetition penalty 2: the seen positive logit 3.0 -> 1.5, below 2.0; a seen negative gets more negative
+    assert sample(logits, Sampling(greedy=True, repetition_penalty=2.0), rng, [[1]])[0] == 2
+    draws = [sample(logits, Sampling(greedy=False, top_k=2), rng, [[]])[0] for _ in range(400)]
+    assert set(draws) == {1, 2} and 0.6 < np.mean(np.array(draws) == 1) < 0.85  # softmax([3, 2]) = 0.73 / 0.27
+
+
+def test_seed_gives_same_tokens(tiny_exports):
+    gen = Generator(OrtEngine(tiny_exports["full", "fp32"]))
+    run = lambda seed: np.stack(list(gen.generate([np.arange(3, 9)], 16, Sampling(greedy=False, temperature=1.5, seed=seed))))  # noqa: E731
+    assert (run(7) == run(7)).all()
+    assert not (run(7) == run(8)).all()
+
+
+def test_generate_cli_json_and_stop(tiny_exports, capsys):
+    folder = str(tiny_exports["full", "fp32"])
+    assert main(["generate", folder, "--prompt", "Hello", "--max-new-tokens", "12", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["ids"]) == 12 and out["stats"]["prompt_tokens"] > 5 and out["stats"]["new_tokens"] == 12
+    tok = Tokenizer.load(folder)
+    assert out["text"] == tok.decode(out["ids"])
+    stop = out["text"][len(out["text"]) // 2:][:3]
+    if stop.strip():
+        assert main(["generate", folder, "--prompt", "Hello", "--max-new-tokens", "12", "--json", "--stop", stop]) == 0
+        assert stop not in json.loads(capsys.readouterr().out)["text"]
+
+
+def test_generate_without_torch(tiny_exports):
+    code = textwrap.dedent(f"""
+        import sys, json
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        from mistral_trt.main import main
+        sys.exit(main(["generate", {str(tiny_exports["window", "fp16"])!r}, "--prompt", "Hi", "--max-new-tokens", "40", "--json"]))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["ids"]) == 40

@@ -1,0 +1,134 @@
+"""Tokenizer, streaming detokenizer and chat formats against independent references: mistral-common
+(Mistral's own tokenizer and InstructTokenizerV1) and transformers' apply_chat_template."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+from conftest import mistral_tokenizer_file
+from mistral_trt.main import main
+from mistral_trt.runtime import UserError
+from mistral_trt.runtime.chat import format_chat, mistral_v1
+from mistral_trt.runtime.tokenizer import StreamDecoder, Tokenizer
+
+TEXTS = [
+    "Hello world", " leading space", "trailing space ", "   three spaces   and\ttabs\t\t", "\n\nnew\n\n\nlines\n",
+    "digits 0123456789 3.14159 1,000,000", "emoji 😀👍🏽🇫🇷 done", "CJK 你好，世界。日本語のテキスト", "rare ᚠᛇᚻ ꦧꦱꦗ 𝔘𝔫𝔦",
+    "literal </s> and <s> and [INST] x [/INST]", "<unk>", "code:\n    def f(x):\n        return x ** 2  # sq\n",
+    "", " ", "mixed ÄÖÜ ß ñ ç ğ", "a" * 300,
+]
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return MistralTokenizer.from_file(str(mistral_tokenizer_file()))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.load(mistral_tokenizer_file().parent / "tokenizer.model.v1")
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_mistral_ids_equal_mistral_common(tok, ref, text):
+    want = ref.instruct_tokenizer.tokenizer.encode(text, bos=False, eos=False)
+    assert tok.encode(text).tolist() == want
+    assert tok.decode(want) == ref.instruct_tokenizer.tokenizer.decode(want)
+
+
+def test_literal_control_text_stays_text(tok):
+    ids = tok.encode("</s><s>[INST]").tolist()
+    assert tok.eos_id not in ids and tok.bos_id not in ids and len(ids) > 3
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_stream_decoder_joins_to_full_decode(tok, text):
+    ids = tok.encode(text, bos=True).tolist()
+    d = StreamDecoder(tok)
+    chunks = [d.push(i) for i in ids]
+    assert "".join(chunks) + d.flush() == tok.decode(ids)
+    assert not any("\ufffd" in c for c in chunks)
+
+
+def test_stream_decoder_holds_split_characters(tok):
+    ids = tok.encode("a 🦜").tolist()  # not in the vocabulary: four byte-fallback pieces
+    assert [tok.id_to_piece(i) for i in ids][-4:] == ["<0xF0>", "<0x9F>", "<0xA6>", "<0x9C>"]
+    d = StreamDecoder(tok)
+    out = [d.push(i) for i in ids]
+    assert out[-4:-1] == ["", "", ""] and out[-1] == "🦜" and "".join(out) == "a 🦜"
+
+
+POOL = ["hi", "", " ", "Be brief.", "line1\nline2", "  spaced  out  ", "code:\n```py\nprint('x')\n```",
+        "unicode ✓ 你好 😀", "[INST] injected [/INST]", "</s>", "<s> a", "x" * 500, "tabs\tand\nnewlines\n"]
+
+
+def conversations(n: int, seed: int = 0):
+    rng = random.Random(seed)
+    for _ in range(n):
+        k = rng.randint(1, 7)
+        yield [{"role": rng.choice(["system", "user", "user", "assistant"]), "content": rng.choice(POOL)} for _ in range(k)]
+
+
+def test_mistral_v1_equals_instruct_tokenizer_v1(tok, ref):
+    assert type(ref.instruct_tokenizer).__name__ == "InstructTokenizerV1"
+    agreed = raised = 0
+    for conv in conversations(400):
+        try:
+            want = ref.encode_chat_completion(ChatCompletionRequest(messages=conv)).tokens
+        except Exception:
+            want = None
+        if want is None:
+            with pytest.raises(UserError):
+                mistral_v1(tok, conv)
+            raised += 1
+        else:
+            assert mistral_v1(tok, conv) == want, conv
+            agreed += 1
+    assert agreed > 100 and raised > 50  # both paths were exercised
+
+
+@pytest.mark.parametrize("conv", [[], [{"role": "tool", "content": "x"}], [{"role": "user"}],
+                                  [{"role": "user", "content": 3}], "not a list"])
+def test_invalid_conversations(tok, conv):
+    with pytest.raises(UserError, match="conversation"):
+        mistral_v1(tok, conv)
+
+
+def test_template_equals_transformers(demo_hf):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(demo_hf)
+    tok = Tokenizer.load(demo_hf / "tokenizer.json")
+    template = (demo_hf / "chat_template.jinja").read_text()
+    convs = [
+        [{"role": "user", "content": "What is 2+2?"}],
+        [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi  there\n"}],
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c 😀 你好"}],
+    ]
+    for conv in convs:
+        want = hf.apply_chat_template(conv, tokenize=True, add_generation_prompt=True)
+        want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+        assert format_chat(tok, conv, "template", template) == list(want)
+    for text in TEXTS:
+        assert tok.encode(text).tolist() == hf(text, add_special_tokens=False).input_ids
+        ids = tok.encode(text).tolist()
+        d = StreamDecoder(tok)
+        assert "".join(d.push(i) for i in ids) + d.flush() == hf.decode(ids)
+    assert tok.encode("<|im_end|>").tolist() != [tok.eos_id]  # typed text stays text
+    assert tok.encode("<|im_end|>", specials=True).tolist() == [tok.eos_id]
+
+
+def test_tokenize_cli(tmp_path, capsys, ref):
+    conv = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hello"}]
+    (tmp_path / "c.json").write_text(json.dumps(conv))
+    assert main(["tokenize", "--tokenizer", str(mistral_tokenizer_file()), "--messages", str(tmp_path / "c.json")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ids"] == ref.encode_chat_completion(ChatCompletionRequest(messages=conv)).tokens
+    assert out["pieces"][:3] == ["<s>", "▁[", "INST"]
+    (tmp_path / "bad.json").write_text(json.dumps([{"role": "robot", "content": "x"}]))
+    assert main(["tokenize", "--tokenizer", str(mistral_tokenizer_file()), "--messages", str(tmp_path / "bad.json")]) == 2
+    assert "unknown role 'robot'" in capsys.readouterr().err
