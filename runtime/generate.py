@@ -4,17 +4,20 @@
     for event in gen.generate([prompt_ids], max_new_tokens=64, sampling=Sampling(greedy=True)):
         ...   # event.tokens: [B] new ids, one per sequence
 
-The KV cache is the graph's own `present` output fed back as the next `past`. With a sliding window W the cache is trimmed to its last `min_keep = W - 1`
-positions after each step, with the matching columns of the attention mask; position_ids stay absolute.
-That reproduces the full-sequence logits exactly (see export/verify.py) and keeps memory flat.
+The KV cache (runtime/cache.py) is preallocated and double-buffered: the graph reads `past` from one side
+and writes `present` into the other through onnxruntime IOBinding. With a sliding window W the cache is
+trimmed to its last `min_keep = W - 1` positions after each step, with the matching columns of the
+attention mask; position_ids stay absolute. That reproduces the full-sequence logits exactly (see
+export/verify.py) and keeps memory flat.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from .cache import KVCache
 from .engine import OrtEngine
 from .errors import UserError
 
@@ -76,10 +79,10 @@ def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator, seen: list
 @dataclass
 class State:
     """Everything that changes during generation, for a batch of B sequences."""
-    past: list  # 2*L arrays [B, KV, P, D] (numpy or OrtValue)
+    cache: KVCache  # P cached positions per layer
     mask: np.ndarray  # [B, P] int64: which cached positions are real tokens
     next_pos: np.ndarray  # [B] int64: absolute position of the next token
-    stats: list[Stats] = field(default_factory=list)
+    logits: np.ndarray | None = None  # [B, 1, V] preallocated for decode steps
 
 
 class Generator:
@@ -98,24 +101,32 @@ class Generator:
     def step(self, st: State, ids: np.ndarray, new_mask: np.ndarray) -> np.ndarray:
         """Feed ids [B, S]; returns logits of the last position [B, V]."""
         b, s = ids.shape
-        mask = np.concatenate([st.mask, new_mask], axis=1)
+        mask = np.concatenate([st.mask, new_mask], axis=1)  # [B, P + S]
         pos = st.next_pos[:, None] + np.maximum(np.cumsum(new_mask, axis=1) - 1, 0)  # pads reuse a real position
-        logits, st.past = self.engine.forward(ids, mask, pos, st.past)
+        out = st.logits if s == 1 and st.logits is not None else None
+        logits = self.engine.step(ids, mask, pos, st.cache, out)
+        dropped = mask.shape[1] - st.cache.length  # positions the window trim removed
         st.next_pos = st.next_pos + new_mask.sum(1)
-        st.mask = mask
-        if self.keep is not None and mask.shape[1] > self.keep:
-            st.past = [p[:, :, -self.keep:] for p in st.past]
-            st.mask = mask[:, -self.keep:]
+        st.mask = mask[:, dropped:]
         return logits[:, -1].astype(np.float32)
 
-    def prefill(self, prompts: list[np.ndarray]) -> tuple[State, np.ndarray]:
-        """Left-pad the prompts to one length and feed them in chunks; returns state and last logits."""
+    def new_state(self, batch: int, length: int) -> State:
+        """A preallocated cache for `length` positions (with a window: the window plus one chunk)."""
+        a = self.engine.args
+        capacity = self.keep + self.chunk if self.keep is not None else length
+        cache = KVCache(a.num_layers, batch, a.num_kv_heads, a.head_dim, capacity, self.engine.kv_dtype, self.keep)
+        logits = np.empty((batch, 1, a.vocab_size), self.engine.kv_dtype)
+        return State(cache, np.zeros((batch, 0), np.int64), np.zeros(batch, np.int64), logits)
+
+    def prefill(self, prompts: list[np.ndarray], reserve: int = 0) -> tuple[State, np.ndarray]:
+        """Left-pad the prompts to one length and feed them in chunks; returns state and last logits.
+        `reserve`: decode steps to make room for in the cache."""
         b, t = len(prompts), max(len(p) for p in prompts)
         ids = np.zeros((b, t), np.int64)
         mask = np.zeros((b, t), np.int64)
         for i, p in enumerate(prompts):
             ids[i, t - len(p):], mask[i, t - len(p):] = p, 1
-        st = State(self.engine.empty_past(b), np.zeros((b, 0), np.int64), np.zeros(b, np.int64))
+        st = self.new_state(b, t + reserve)
         for a in range(0, t, self.chunk):
             logits = self.step(st, ids[:, a:a + self.chunk], mask[:, a:a + self.chunk])
         return st, logits
@@ -140,7 +151,7 @@ class Generator:
                 prompts[i] = p[-max(room, 1):]
         rng = np.random.default_rng(s.seed)
         t0 = time.perf_counter()
-        st, logits = self.prefill(prompts)
+        st, logits = self.prefill(prompts, reserve=max_new_tokens)
         self.stats = [Stats(prompt_tokens=len(p)) for p in prompts]
         seen = [list(p) for p in prompts]
         self.done = np.zeros(len(prompts), bool)

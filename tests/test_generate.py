@@ -58,7 +58,7 @@ def test_incremental_equals_full_prefill(tiny_exports, case):
     engine = OrtEngine(tiny_exports[case])
     gen = Generator(engine, prefill_chunk=5)
     prompt = np.random.default_rng(1).integers(3, 32000, 17)
-    st, logits = gen.prefill([prompt])
+    st, logits = gen.prefill([prompt], reserve=24)
     seq, steps = list(prompt), [logits[0]]
     for _ in range(24):
         t = int(np.argmax(steps[-1]))
@@ -81,10 +81,11 @@ def test_cache_stays_bounded_past_the_window(tiny_exports):
     engine = OrtEngine(tiny_exports["window", "fp16"])
     gen = Generator(engine)
     st, logits = gen.prefill([np.arange(3, 40)])
+    assert st.cache.capacity == 7 + 8  # the window's 7 positions plus one chunk (chunk = W = 8)
     rss = []
     for i in range(900):
         logits = gen.decode_one_token(st, np.array([int(np.argmax(logits[0]))]))
-        assert st.past[0].shape[2] == 7 and st.mask.shape == (1, 7)  # W - 1 = 7 positions, always
+        assert st.cache.length == 7 and st.mask.shape == (1, 7)  # W - 1 = 7 positions, always
         if i in (300, 899):
             rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     assert st.next_pos[0] == 37 + 900  # positions stay absolute
