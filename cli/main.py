@@ -62,12 +62,12 @@ def cmd_tokenize(a):
     print(json.dumps({"ids": ids, "pieces": [tok.id_to_piece(i) for i in ids]}, ensure_ascii=False))
 
 
-def _load_runtime(folder):
-    from mistral_trt.runtime.engine import OrtEngine
+def _load_runtime(folder, provider="cpu"):
+    from mistral_trt.runtime.engine import PROVIDERS, OrtEngine
     from mistral_trt.runtime.generate import Generator
     from mistral_trt.runtime.tokenizer import Tokenizer
 
-    engine = OrtEngine(folder)
+    engine = OrtEngine(folder, providers=PROVIDERS[provider])
     return engine.manifest, Tokenizer.load(folder), Generator(engine)
 
 
@@ -84,7 +84,7 @@ def _stream(gen, tok, prompt_ids, a, out):
     from mistral_trt.runtime.tokenizer import StreamDecoder
 
     dec, ids, text = StreamDecoder(tok), [], ""
-    for tokens in gen.generate([prompt_ids], a.max_new_tokens, _sampling(a)):
+    for tokens in gen.generate([prompt_ids], a.max_new_tokens, _sampling(a), truncate=a.truncate):
         t = int(tokens[0])
         if t in gen.eos:
             break
@@ -111,7 +111,7 @@ def cmd_generate(a):
 
     from mistral_trt.runtime.chat import format_chat
 
-    m, tok, gen = _load_runtime(a.folder)
+    m, tok, gen = _load_runtime(a.folder, a.provider)
     if a.raw:
         prompt = tok.encode(a.prompt, bos=tok.bos_id is not None).tolist()
     else:
@@ -129,7 +129,7 @@ def cmd_generate(a):
 def cmd_chat(a):
     from mistral_trt.runtime.chat import format_chat
 
-    m, tok, gen = _load_runtime(a.folder)
+    m, tok, gen = _load_runtime(a.folder, a.provider)
     history = [{"role": "system", "content": a.system}] if a.system else []
     inputs = [a.say] if a.say else None
     while True:
@@ -164,6 +164,8 @@ def _add_sampling_args(s):
     s.add_argument("--repetition-penalty", type=float, default=1.0)
     s.add_argument("--seed", type=int)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--truncate", action="store_true", help="keep the last tokens of a prompt over the context limit")
+    s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="onnxruntime execution provider")
 
 
 def parser() -> argparse.ArgumentParser:

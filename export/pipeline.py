@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from mistral_trt.runtime.engine import OrtEngine
+from mistral_trt.runtime.engine import PROVIDERS, OrtEngine
 from mistral_trt.runtime.errors import UserError
 from mistral_trt.runtime.manifest import DTYPES, ONNX_DATA_NAME, ONNX_NAME, Manifest, io_specs
 
@@ -85,11 +85,6 @@ def versions() -> dict[str, str]:
     }
 
 
-PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-}
 BYTES = {"fp32": 4, "fp16": 2}
 
 

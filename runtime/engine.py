@@ -10,11 +10,30 @@ reported by name instead of as an onnxruntime stack trace.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from .errors import UserError
-from .manifest import NUMPY_DTYPE, ONNX_NAME, Manifest
+from .manifest import NUMPY_DTYPE, ONNX_NAME, Manifest, ModelArgs
+
+
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+class Backend(Protocol):
+    """What generation needs from an engine. OrtEngine implements it over onnxruntime (CPU, CUDA and
+    TensorRT execution providers); a native TensorRT engine implements the same four members."""
+
+    manifest: Manifest
+    args: ModelArgs
+    kv_dtype: np.dtype
+
+    def step(self, input_ids, attention_mask, position_ids, cache, logits_out=None) -> np.ndarray: ...
 
 
 class OrtEngine:

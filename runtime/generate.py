@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cache import KVCache
-from .engine import OrtEngine
+from .engine import Backend
 from .errors import UserError
 
 
@@ -86,7 +86,7 @@ class State:
 
 
 class Generator:
-    def __init__(self, engine: OrtEngine, prefill_chunk: int = 512):
+    def __init__(self, engine: Backend, prefill_chunk: int = 512):
         self.engine = engine
         m = engine.manifest
         self.window = m.model.sliding_window

@@ -145,3 +145,21 @@ def test_generate_without_torch(tiny_exports):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)["ids"]) == 40
+
+
+def test_chat_cli_keeps_history(tiny_exports):
+    """Interactive chat over stdin: two turns, the second prompt carries the first exchange."""
+    r = subprocess.run([sys.executable, "-m", "mistral_trt.main", "chat", str(tiny_exports["full", "fp32"]),
+                        "--max-new-tokens", "5", "--system", "Be brief."],
+                       input="Hello\nAnd again\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("> ") == 3  # two prompts answered, then EOF at the third
+
+
+def test_prompt_over_context_cli(tiny_exports, capsys):
+    folder = str(tiny_exports["full", "fp32"])
+    long = "word " * 1100  # > 1024 tokens
+    assert main(["generate", folder, "--raw", "--prompt", long, "--max-new-tokens", "4", "--json"]) == 2
+    assert "context limit 1024" in capsys.readouterr().err
+    assert main(["generate", folder, "--raw", "--prompt", long, "--max-new-tokens", "4", "--json", "--truncate"]) == 0
+    assert json.loads(capsys.readouterr().out)["stats"]["prompt_tokens"] == 1020
