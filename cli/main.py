@@ -155,6 +155,19 @@ def cmd_chat(a):
         history.append({"role": "assistant", "content": text.strip() or " "})
 
 
+def cmd_bench(a):
+    from mistral_trt.bench import main_bench
+
+    main_bench(a)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _add_sampling_args(s):
     s.add_argument("--max-new-tokens", type=int, default=128)
     s.add_argument("--greedy", action="store_true", help="argmax decoding (the default without --temperature)")
@@ -220,6 +233,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--say", help="one message instead of reading stdin (for scripts and `make demo`)")
     _add_sampling_args(s)
     s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("bench", help="latency against baselines, side by side: table, JSON and PNG")
+    s.add_argument("folders", nargs="+", metavar="OUT", help="export folder(s)")
+    s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
+    s.add_argument("--baseline", action="append", choices=["hf", "ort-genai"], default=[],
+                   help="baseline measured in the same run (repeatable)")
+    s.add_argument("--prompt-len", type=_ints, default=[128, 512, 2048])
+    s.add_argument("--gen-len", type=int, default=128)
+    s.add_argument("--batch", type=_ints, default=[1])
+    s.add_argument("--warmup", type=int, default=1)
+    s.add_argument("--repeat", type=int, default=3)
+    s.add_argument("-o", "--output", default="build/bench", help="folder for bench.md, bench.json, bench.png")
+    s.add_argument("--genai-cache", default="build/ort-genai", help="where onnxruntime-genai models are built")
+    s.set_defaults(func=cmd_bench)
     return p
 
 

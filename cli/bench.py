@@ -1,0 +1,325 @@
+"""`mistral-trt bench`: latency of our runtime against baselines, measured side by side in one run.
+
+For each configuration (prompt length x batch) every system runs `warmup` untimed rounds, then
+`repeat` timed rounds *alternated* between systems (ours, hf, ours, hf, ...) so machine drift hits all
+of them alike. Per system and configuration:
+
+    ttft        time from the call to the first new token (prefill + first sample)
+    decode      per-token latency (time between consecutive new tokens): p50, p90, p99, spread
+    tok/s       decode tokens per second (batch x 1 / p50) and prefill tokens per second
+    memory      resident memory the system added (after warm-up minus before loading)
+
+The roofline: a decode step must read every weight once (plus the KV cache so far); divided by the
+memory bandwidth measured in the same run, that is the floor no implementation can beat. We print our
+p50 / floor.
+
+This module sits above runtime and export (it drives HF transformers and onnxruntime-genai as baselines);
+the runtime never imports it.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mistral_trt.runtime.errors import UserError
+from mistral_trt.runtime.manifest import ModelArgs
+
+BYTES = {"fp32": 4, "fp16": 2}
+
+
+# -- statistics ------------------------------------------------------------------------------------
+def percentile(xs, q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default, and Excel's PERCENTILE.INC)."""
+    xs = sorted(xs)
+    if not xs:
+        raise ValueError("percentile of nothing")
+    k = (len(xs) - 1) * q / 100
+    lo, hi = int(np.floor(k)), int(np.ceil(k))
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def summarize(latencies: list[float]) -> dict:
+    return {"p50": percentile(latencies, 50), "p90": percentile(latencies, 90), "p99": percentile(latencies, 99),
+            "min": min(latencies), "max": max(latencies), "n": len(latencies)}
+
+
+def decode_weight_bytes(a: ModelArgs, dtype: str) -> int:
+    """Bytes of weights one decode step reads: every layer, the final norm and the output projection.
+    The embedding table is only gathered (one row per token) unless it doubles as the output projection."""
+    h, hd = a.hidden_size, a.head_dim
+    attn = h * a.num_heads * hd * 2 + h * a.num_kv_heads * hd * 2  # q, o + k, v
+    mlp = 3 * h * a.intermediate_size
+    params = a.num_layers * (attn + mlp + 2 * h) + h + a.vocab_size * h  # + final norm + lm_head
+    return params * BYTES[dtype]
+
+
+def kv_bytes(a: ModelArgs, dtype: str, context: int, batch: int) -> int:
+    """Bytes of KV cache a decode step reads at `context` cached positions (bounded by a sliding window)."""
+    if a.sliding_window:
+        context = min(context, a.sliding_window - 1)
+    return 2 * a.num_layers * batch * a.num_kv_heads * a.head_dim * context * BYTES[dtype]
+
+
+def measure_bandwidth(nbytes: int = 256 << 20, threads: int | None = None, rounds: int = 5) -> float:
+    """Memory copy bandwidth in bytes/s (read + write), all cores copying at once, best of `rounds`."""
+    threads = threads or os.cpu_count() or 1
+    n = nbytes // 8 // threads
+    src = [np.ones(n) for _ in range(threads)]
+    dst = [np.empty(n) for _ in range(threads)]
+    best = 0.0
+    for _ in range(rounds):
+        ts = [threading.Thread(target=np.copyto, args=(d, s)) for d, s in zip(dst, src)]
+        t = time.perf_counter()
+        for th in ts:
+            th.start()
+        for th in ts:
+            th.join()
+        best = max(best, 2 * n * 8 * threads / (time.perf_counter() - t))
+    return best
+
+
+def rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# -- systems ---------------------------------------------------------------------------------------
+class Ours:
+    def __init__(self, folder: Path, provider: str):
+        from mistral_trt.runtime.engine import PROVIDERS, OrtEngine
+        from mistral_trt.runtime.generate import Generator
+
+        self.name = f"ours:{folder.name}" + ("" if provider == "cpu" else f":{provider}")
+        self.gen = Generator(OrtEngine(folder, providers=PROVIDERS[provider]))
+
+    def run(self, prompts: np.ndarray, n: int) -> list[float]:
+        """Returns the timestamps of each new token, the call's start first."""
+        from mistral_trt.runtime.generate import Sampling
+
+        t = [time.perf_counter()]
+        for _ in self.gen.generate(list(prompts), n, Sampling(greedy=True), stop_on_eos=False):
+            t.append(time.perf_counter())
+        return t
+
+
+class HF:
+    """transformers eager `generate` on the same checkpoint and dtype; a logits processor timestamps each token."""
+
+    def __init__(self, source: str, dtype: str):
+        import torch
+        from transformers import MistralForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        self.torch = torch
+        self.name = "hf-eager"
+        self.model = MistralForCausalLM.from_pretrained(
+            source, dtype={"fp32": torch.float32, "fp16": torch.float16}[dtype], attn_implementation="eager").eval()
+
+    def run(self, prompts: np.ndarray, n: int) -> list[float]:
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        stamps = []
+
+        class Stamp(LogitsProcessor):
+            def __call__(self, ids, scores):
+                stamps.append(time.perf_counter())
+                return scores
+
+        ids = self.torch.from_numpy(prompts)
+        t0 = time.perf_counter()
+        with self.torch.no_grad():
+            self.model.generate(ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                do_sample=False, logits_processor=LogitsProcessorList([Stamp()]), pad_token_id=0)
+        return [t0] + stamps
+
+
+class OrtGenai:
+    """onnxruntime-genai on a model its own builder made from the same checkpoint and precision."""
+
+    def __init__(self, source: str, dtype: str, cache: Path):
+        try:
+            import onnxruntime_genai as og
+        except ImportError:
+            raise UserError("--baseline ort-genai needs onnxruntime-genai (pip install onnxruntime-genai)") from None
+        out = cache / f"{Path(source).name}-{dtype}"
+        if not (out / "genai_config.json").is_file():
+            import subprocess
+
+            print(f"building the onnxruntime-genai model in {out} ...", file=sys.stderr, flush=True)
+            r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", source, "-o", str(out),
+                                "-p", dtype, "-e", "cpu", "-c", str(cache / "hf-cache")], capture_output=True, text=True)
+            if r.returncode:
+                raise UserError(f"onnxruntime-genai's builder failed on {source}: {r.stderr[-500:]}")
+        self.og, self.name = og, "ort-genai"
+        self.model = og.Model(str(out))
+
+    def run(self, prompts: np.ndarray, n: int) -> list[float]:
+        og = self.og
+        b, p = prompts.shape
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=p + n, min_length=p + n, do_sample=False, batch_size=b)
+        t = [time.perf_counter()]
+        gen = og.Generator(self.model, params)
+        gen.append_tokens(prompts.astype(np.int32))
+        while not gen.is_done():
+            gen.generate_next_token()
+            t.append(time.perf_counter())
+        return t[: n + 1]
+
+
+# -- the benchmark ---------------------------------------------------------------------------------
+@dataclass
+class Result:
+    system: str
+    prompt_len: int
+    batch: int
+    ttft_s: list[float] = field(default_factory=list)  # one per timed round
+    decode_s: list[float] = field(default_factory=list)  # every per-token latency of every timed round
+    rss_added_bytes: int = 0
+
+    def summary(self, gen_len: int) -> dict:
+        d = summarize(self.decode_s)
+        ttft = statistics.median(self.ttft_s)
+        return {"system": self.system, "prompt_len": self.prompt_len, "batch": self.batch,
+                "ttft_ms": ttft * 1e3, "ttft_spread_ms": [min(self.ttft_s) * 1e3, max(self.ttft_s) * 1e3],
+                "decode_ms": {k: (v * 1e3 if k != "n" else v) for k, v in d.items()},
+                "decode_tok_s": self.batch / d["p50"], "prefill_tok_s": self.prompt_len * self.batch / ttft,
+                "rss_added_gib": self.rss_added_bytes / 2**30}
+
+
+def run_bench(systems: list, prompt_lens: list[int], batches: list[int], gen_len: int, warmup: int, repeat: int,
+              vocab: int, seed: int = 0, log=print) -> list[Result]:
+    rng = np.random.default_rng(seed)
+    results = []
+    for p in prompt_lens:
+        for b in batches:
+            prompts = rng.integers(3, vocab, (b, p), dtype=np.int64)
+            rs = {s.name: Result(s.name, p, b) for s in systems}
+            for s in systems:
+                for _ in range(warmup):
+                    s.run(prompts, gen_len)
+            for r in range(repeat):
+                for s in (systems if r % 2 == 0 else systems[::-1]):  # alternate the order too
+                    t = s.run(prompts, gen_len)
+                    rs[s.name].ttft_s.append(t[1] - t[0])
+                    rs[s.name].decode_s += list(np.diff(t[1:]))
+            for s in systems:
+                rs[s.name].rss_added_bytes = getattr(s, "rss_added", 0)
+            log(f"  prompt {p}, batch {b}: " + ", ".join(
+                f"{n} {statistics.median(np.array(x.decode_s)) * 1e3:.1f} ms/token" for n, x in rs.items()))
+            results += rs.values()
+    return results
+
+
+def load_system(kind: str, arg, rss_before: int):
+    s = kind(*arg)
+    s.rss_added = rss_bytes() - rss_before
+    return s
+
+
+def report(results: list[Result], gen_len: int, args: ModelArgs, dtype: str, bandwidth: float) -> tuple[str, dict]:
+    rows = [r.summary(gen_len) for r in results]
+    ours = {(r["prompt_len"], r["batch"]): r for r in rows if r["system"].startswith("ours")}
+    lines = [
+        f"memory bandwidth (copy, read+write, measured now): {bandwidth / 1e9:.1f} GB/s; "
+        f"decode reads {decode_weight_bytes(args, dtype) / 1e6:.0f} MB of weights per step",
+        "",
+        "| system | prompt | batch | TTFT ms | decode p50 ms | p90 | p99 | decode tok/s | prefill tok/s | floor ms | p50/floor | ours speedup (decode, TTFT) | RSS added GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ctx = r["prompt_len"] + gen_len // 2
+        floor = (decode_weight_bytes(args, dtype) + kv_bytes(args, dtype, ctx, r["batch"])) / bandwidth
+        r["floor_ms"], r["p50_over_floor"] = floor * 1e3, r["decode_ms"]["p50"] / (floor * 1e3)
+        o = ours.get((r["prompt_len"], r["batch"]))
+        if o and o is not r:
+            r["ours_speedup_decode"] = r["decode_ms"]["p50"] / o["decode_ms"]["p50"]
+            r["ours_speedup_ttft"] = r["ttft_ms"] / o["ttft_ms"]
+            speed = f"{r['ours_speedup_decode']:.2f}x, {r['ours_speedup_ttft']:.2f}x"
+        else:
+            speed = "-"
+        d = r["decode_ms"]
+        lines.append(f"| {r['system']} | {r['prompt_len']} | {r['batch']} | {r['ttft_ms']:.0f} | {d['p50']:.1f} | "
+                     f"{d['p90']:.1f} | {d['p99']:.1f} | {r['decode_tok_s']:.1f} | {r['prefill_tok_s']:.0f} | "
+                     f"{r['floor_ms']:.1f} | {r['p50_over_floor']:.2f} | {speed} | {r['rss_added_gib']:.2f} |")
+    return "\n".join(lines), {"bandwidth_bytes_s": bandwidth, "gen_len": gen_len, "dtype": dtype, "rows": rows}
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    rows = data["rows"]
+    for system in dict.fromkeys(r["system"] for r in rows):
+        for b in sorted({r["batch"] for r in rows}):
+            sel = sorted((r for r in rows if r["system"] == system and r["batch"] == b), key=lambda r: r["prompt_len"])
+            x = [r["prompt_len"] for r in sel]
+            label = f"{system} (batch {b})"
+            axes[0].errorbar(x, [r["decode_ms"]["p50"] for r in sel], marker="o", label=label,
+                             yerr=[[r["decode_ms"]["p50"] - r["decode_ms"]["min"] for r in sel],
+                                   [r["decode_ms"]["p90"] - r["decode_ms"]["p50"] for r in sel]], capsize=3)
+            axes[1].plot(x, [r["ttft_ms"] for r in sel], marker="o", label=label)
+    floor = [r for r in rows if r["system"].startswith("ours")]
+    axes[0].plot(sorted({r["prompt_len"] for r in floor}), [r["floor_ms"] for r in sorted(floor, key=lambda r: r["prompt_len"]) if r["batch"] == floor[0]["batch"]],
+                 "k--", label="bandwidth floor")
+    axes[0].set(xlabel="prompt length (tokens)", ylabel="decode latency p50 (ms/token; bars: min..p90)", xscale="log", yscale="log")
+    axes[1].set(xlabel="prompt length (tokens)", ylabel="time to first token (ms)", xscale="log", yscale="log")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"mistral-trt bench ({data['dtype']}, {data['gen_len']} new tokens)")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def main_bench(a) -> None:
+    from mistral_trt.runtime.manifest import Manifest
+
+    folders = [Path(f) for f in a.folders]
+    manifests = [Manifest.load(f) for f in folders]
+    m = manifests[0]
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    systems = []
+    for f in folders:
+        before = rss_bytes()
+        systems.append(load_system(Ours, (f, a.provider), before))
+    for base in a.baseline:
+        before = rss_bytes()
+        if base == "hf":
+            systems.append(load_system(HF, (m.source["path"], m.dtype), before))
+        elif base == "ort-genai":
+            if m.model.sliding_window:
+                log("note: onnxruntime-genai's builder ignores a sliding window; its numbers are for full attention")
+            systems.append(load_system(OrtGenai, (m.source["path"], m.dtype, Path(a.genai_cache)), before))
+    gc.collect()
+    bandwidth = measure_bandwidth()
+    log(f"systems: {', '.join(s.name for s in systems)}; bandwidth {bandwidth / 1e9:.1f} GB/s")
+    results = run_bench(systems, a.prompt_len, a.batch, a.gen_len, a.warmup, a.repeat, m.model.vocab_size, log=log)
+    table, data = report(results, a.gen_len, m.model, m.dtype, bandwidth)
+    print(table)
+    out = Path(a.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / "bench.md").write_text(table + "\n")
+    plot(data, out / "bench.png")
+    log(f"wrote {out}/bench.md, bench.json, bench.png")

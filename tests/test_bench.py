@@ -1,0 +1,69 @@
+"""Benchmark arithmetic against hand-computed values, and the bench command end to end (tiny sizes)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mistral_trt.bench import decode_weight_bytes, kv_bytes, measure_bandwidth, percentile, summarize
+from mistral_trt.main import main
+from mistral_trt.runtime import Manifest
+
+
+def test_percentiles_by_hand():
+    xs = [4.0, 1.0, 3.0, 2.0]
+    assert percentile(xs, 50) == 2.5  # halfway between 2 and 3
+    assert percentile(xs, 90) == pytest.approx(3.7)  # rank 2.7: 3 + 0.7 * (4 - 3)
+    assert percentile(xs, 99) == pytest.approx(3.97)
+    assert percentile([7.0], 99) == 7.0
+    s = summarize(list(range(1, 102)))  # 1..101: p50 = 51, p90 = 91, p99 = 100
+    assert (s["p50"], s["p90"], s["p99"], s["min"], s["max"], s["n"]) == (51, 91, 100, 1, 101, 101)
+
+
+def test_weight_bytes_by_hand(tiny_exports):
+    a = Manifest.load(tiny_exports["full", "fp32"]).model  # h 64, 4 heads x 16, 2 kv heads, ffn 128, vocab 32000, 2 layers
+    per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64  # q,o + k,v + gate,up,down + 2 norms = 36992
+    assert decode_weight_bytes(a, "fp32") == (2 * per_layer + 64 + 32000 * 64) * 4 == 8_488_192
+    assert decode_weight_bytes(a, "fp16") == 8_488_192 // 2
+
+
+def test_weight_bytes_match_the_checkpoint(tiny_full):
+    """Independent count: every parameter of the real model except the embedding table (only gathered)."""
+    from transformers import MistralForCausalLM
+
+    m = MistralForCausalLM.from_pretrained(tiny_full)
+    want = sum(p.numel() for n, p in m.named_parameters() if "embed_tokens" not in n) * 4
+    from mistral_trt.export.checkpoint import inspect_checkpoint
+
+    assert decode_weight_bytes(inspect_checkpoint(tiny_full).args, "fp32") == want
+
+
+def test_kv_bytes_by_hand(tiny_exports):
+    full = Manifest.load(tiny_exports["full", "fp32"]).model
+    window = Manifest.load(tiny_exports["window", "fp16"]).model  # W = 8: at most 7 cached positions
+    assert kv_bytes(full, "fp32", context=100, batch=3) == 2 * 2 * 3 * 2 * 16 * 100 * 4
+    assert kv_bytes(window, "fp16", context=100, batch=1) == 2 * 2 * 1 * 2 * 16 * 7 * 2
+
+
+def test_bandwidth_is_plausible():
+    bw = measure_bandwidth(nbytes=32 << 20, rounds=2)
+    assert 1e8 < bw < 1e13
+
+
+def test_bench_end_to_end(tiny_exports, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", str(tiny_exports["full", "fp32"]), "--baseline", "hf", "--baseline", "ort-genai",
+                 "--prompt-len", "8,16", "--gen-len", "4", "--warmup", "1", "--repeat", "2", "-o", str(out),
+                 "--genai-cache", str(tmp_path / "genai")]) == 0
+    table = capsys.readouterr().out
+    assert table.count("| ours:full-fp32 |") == 2 and table.count("| hf-eager |") == 2 and table.count("| ort-genai |") == 2
+    data = json.loads((out / "bench.json").read_text())
+    assert len(data["rows"]) == 6 and data["bandwidth_bytes_s"] > 0
+    for r in data["rows"]:
+        assert r["decode_ms"]["n"] == 2 * 3  # 2 timed rounds x (4 new tokens - 1 intervals)
+        assert r["decode_ms"]["p50"] <= r["decode_ms"]["p90"] <= r["decode_ms"]["p99"]
+        if not r["system"].startswith("ours"):
+            assert r["ours_speedup_decode"] > 0
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
