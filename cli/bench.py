@@ -234,7 +234,10 @@ def load_system(kind: str, arg, rss_before: int):
 
 def report(results: list[Result], gen_len: int, args: ModelArgs, dtype: str, bandwidth: float) -> tuple[str, dict]:
     rows = [r.summary(gen_len) for r in results]
-    ours = {(r["prompt_len"], r["batch"]): r for r in rows if r["system"].startswith("ours")}
+    ours = {}  # the first export folder is "ours"; every other row is compared with it
+    for r in rows:
+        if r["system"] == rows[0]["system"]:
+            ours.setdefault((r["prompt_len"], r["batch"]), r)
     lines = [
         f"memory bandwidth (copy, read+write, measured now): {bandwidth / 1e9:.1f} GB/s; "
         f"decode reads {decode_weight_bytes(args, dtype) / 1e6:.0f} MB of weights per step",
@@ -277,9 +280,9 @@ def plot(data: dict, path: Path) -> None:
                              yerr=[[r["decode_ms"]["p50"] - r["decode_ms"]["min"] for r in sel],
                                    [r["decode_ms"]["p90"] - r["decode_ms"]["p50"] for r in sel]], capsize=3)
             axes[1].plot(x, [r["ttft_ms"] for r in sel], marker="o", label=label)
-    floor = [r for r in rows if r["system"].startswith("ours")]
-    axes[0].plot(sorted({r["prompt_len"] for r in floor}), [r["floor_ms"] for r in sorted(floor, key=lambda r: r["prompt_len"]) if r["batch"] == floor[0]["batch"]],
-                 "k--", label="bandwidth floor")
+    first, b0 = rows[0]["system"], min(r["batch"] for r in rows)  # the floor of the first system (ours)
+    floor = sorted((r for r in rows if r["system"] == first and r["batch"] == b0), key=lambda r: r["prompt_len"])
+    axes[0].plot([r["prompt_len"] for r in floor], [r["floor_ms"] for r in floor], "k--", label=f"bandwidth floor ({first})")
     axes[0].set(xlabel="prompt length (tokens)", ylabel="decode latency p50 (ms/token; bars: min..p90)", xscale="log", yscale="log")
     axes[1].set(xlabel="prompt length (tokens)", ylabel="time to first token (ms)", xscale="log", yscale="log")
     for ax in axes:
@@ -303,6 +306,8 @@ def main_bench(a) -> None:
     for f in folders:
         before = rss_bytes()
         systems.append(load_system(Ours, (f, a.provider), before))
+        if sum(s.name == systems[-1].name for s in systems) > 1:
+            systems[-1].name += f"#{len(systems)}"
     for base in a.baseline:
         before = rss_bytes()
         if base == "hf":

@@ -16,6 +16,8 @@ from torch import nn
 
 from mistral_trt.runtime.manifest import ONNX_NAME, ModelArgs, io_specs
 
+from . import attention
+
 OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26  # protobuf's 2 GB limit, with room for the graph itself
 DTYPE = {"fp32": torch.float32, "fp16": torch.float16}
@@ -76,6 +78,8 @@ def export_onnx(model: nn.Module, args: ModelArgs, dtype: str, folder: Path) -> 
     )
     path = folder / ONNX_NAME
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(attention.register())  # GQA without repeat_kv copies (export/attention.py)
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -89,6 +93,7 @@ def export_onnx(model: nn.Module, args: ModelArgs, dtype: str, folder: Path) -> 
             optimize=True,
             verbose=False,
         )
+    model.set_attn_implementation(previous)  # verification compares against HF's own attention
     _rename_dims(program.model, inputs + outputs)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     program.save(str(path), external_data=weight_bytes >= EXTERNAL_DATA_THRESHOLD)

@@ -53,13 +53,14 @@ def test_bandwidth_is_plausible():
 
 def test_bench_end_to_end(tiny_exports, tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["bench", str(tiny_exports["full", "fp32"]), "--baseline", "hf", "--baseline", "ort-genai",
+    assert main(["bench", str(tiny_exports["full", "fp32"]), str(tiny_exports["full", "fp16"]), "--baseline", "hf", "--baseline", "ort-genai",
                  "--prompt-len", "8,16", "--gen-len", "4", "--warmup", "1", "--repeat", "2", "-o", str(out),
                  "--genai-cache", str(tmp_path / "genai")]) == 0
     table = capsys.readouterr().out
-    assert table.count("| ours:full-fp32 |") == 2 and table.count("| hf-eager |") == 2 and table.count("| ort-genai |") == 2
+    assert table.count("| ours:full-fp32 |") == 2 and table.count("| ours:full-fp16 |") == 2
+    assert table.count("| hf-eager |") == 2 and table.count("| ort-genai |") == 2
     data = json.loads((out / "bench.json").read_text())
-    assert len(data["rows"]) == 6 and data["bandwidth_bytes_s"] > 0
+    assert len(data["rows"]) == 8 and data["bandwidth_bytes_s"] > 0
     for r in data["rows"]:
         assert r["decode_ms"]["n"] == 2 * 3  # 2 timed rounds x (4 new tokens - 1 intervals)
         assert r["decode_ms"]["p50"] <= r["decode_ms"]["p90"] <= r["decode_ms"]["p99"]
