@@ -161,6 +161,31 @@ def cmd_bench(a):
     main_bench(a)
 
 
+def cmd_calibrate(a):
+    from pathlib import Path
+
+    from mistral_trt.calib.data import build
+    from mistral_trt.export.atomic import atomic_folder
+
+    with atomic_folder(a.output, a.force) as tmp:
+        m = build(a.folder, Path(tmp), count=a.count, reply_tokens=a.reply_tokens)
+    print(f"{a.output}: {m['count']} sequences, {m['tokens']['total']} tokens, eval text {m['eval']['tokens']} tokens, "
+          f"sha256 {m['sha256'][:16]}")
+
+
+def cmd_quantize(a):
+    from mistral_trt.calib.quantize import quantize
+
+    m = quantize(a.folder, a.precision, a.output, force=a.force, calib=a.calib)
+    print(f"{a.output}: {m.precision['name']} ({m.precision['method']})")
+
+
+def cmd_eval(a):
+    from mistral_trt.calib.evaluate import main_eval
+
+    main_eval(a)
+
+
 def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x]
@@ -247,6 +272,31 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", default="build/bench", help="folder for bench.md, bench.json, bench.png")
     s.add_argument("--genai-cache", default="build/ort-genai", help="where onnxruntime-genai models are built")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("calibrate", help="chat-formatted calibration sequences + held-out eval text")
+    s.add_argument("folder", help="fp32 export folder (its model writes the replies)")
+    s.add_argument("-o", "--output", required=True, help="calibration folder (written atomically)")
+    s.add_argument("--count", type=int, default=256, help="number of sequences")
+    s.add_argument("--reply-tokens", type=int, default=48, help="longest generated reply per sequence")
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("quantize", help="fp32 export -> fp16 or int8 (explicit Q/DQ) export")
+    s.add_argument("folder", help="fp32 export folder")
+    s.add_argument("--precision", required=True, choices=["fp16", "int8-w8a16"])
+    s.add_argument("--calib", help="calibration folder (for precisions that calibrate activations)")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("eval", help="perplexity, top-1 agreement and KL against fp32 on held-out text")
+    s.add_argument("folders", nargs="+", metavar="OUT")
+    s.add_argument("--text", required=True, help="held-out text file (e.g. CALIB/eval.txt)")
+    s.add_argument("--reference", help="fp32 export (default: the first OUT)")
+    s.add_argument("--window", type=int, default=512)
+    s.add_argument("--max-tokens", type=int)
+    s.add_argument("-o", "--output", default="build/eval", help="folder for eval.md, eval.json, eval.png")
+    s.set_defaults(func=cmd_eval)
     return p
 
 

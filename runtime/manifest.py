@@ -107,6 +107,7 @@ class Manifest:
     source: dict[str, Any]  # where the weights came from: path, weights {file: sha256}
     versions: dict[str, str]
     verification: list[dict] = field(default_factory=list)  # rows written by `verify`
+    precision: dict = field(default_factory=dict)  # set by `quantize`: name, method, source export, calibration
     schema_version: int = SCHEMA_VERSION
     dims: dict[str, str] = field(default_factory=lambda: dict(DIMS))
 

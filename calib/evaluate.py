@@ -1,0 +1,113 @@
+"""`mistral-trt eval`: the quality cost of each precision on held-out text.
+
+For each artifact: perplexity of the text, and against the fp32 reference: top-1 agreement (same argmax)
+and mean KL(reference || artifact) per token. The text is tokenized once (BOS + text) and cut into
+windows of `window` predictions, each a fresh prefill, so every artifact sees identical inputs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mistral_trt.runtime.engine import OrtEngine
+from mistral_trt.runtime.errors import UserError
+from mistral_trt.runtime.tokenizer import Tokenizer
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def windows(ids: np.ndarray, window: int) -> list[np.ndarray]:
+    """Windows of window + 1 tokens overlapping by one, so every token after the first is predicted once."""
+    return [ids[i:i + window + 1] for i in range(0, len(ids) - 1, window)]
+
+
+def run(folder: Path, chunks: list[np.ndarray]):
+    """Per window: log-probabilities [n, V] (float64) of the next token."""
+    e = OrtEngine(folder)
+    for c in chunks:
+        logits, _ = e.forward(c[None], np.ones((1, len(c))), np.arange(len(c))[None], e.empty_past(1))
+        yield log_softmax(logits[0])
+
+
+def evaluate(folders: list[Path], text_file: Path, reference: Path, window: int = 512, max_tokens: int | None = None,
+             log=lambda s: print(s, file=sys.stderr, flush=True)) -> list[dict]:
+    try:
+        text = Path(text_file).read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"{text_file}: cannot read: {e.strerror}") from None
+    tok = Tokenizer.load(reference)
+    ids = tok.encode(text, bos=tok.bos_id is not None)
+    if max_tokens:
+        ids = ids[:max_tokens]
+    chunks = windows(ids, window)
+    n_tokens = sum(len(c) - 1 for c in chunks)
+    log(f"eval: {n_tokens} predicted tokens in {len(chunks)} windows of {window}")
+    ref_lp = [lp for lp in run(reference, chunks)]  # float64 [n, V] per window
+    rows = []
+    for folder in [reference] + [f for f in folders if Path(f).resolve() != Path(reference).resolve()]:
+        nll = agree = kl = 0.0
+        lps = ref_lp if folder == reference else run(Path(folder), chunks)
+        for c, lp, rlp in zip(chunks, lps, ref_lp):
+            targets = c[1:]
+            nll -= lp[np.arange(len(targets)), targets].sum()
+            agree += (lp[:-1].argmax(-1) == rlp[:-1].argmax(-1)).sum()
+            kl += (np.exp(rlp[:-1]) * (rlp[:-1] - lp[:-1])).sum()
+        from mistral_trt.runtime.manifest import Manifest
+
+        m = Manifest.load(folder)
+        rows.append({"artifact": str(folder), "precision": m.precision.get("name", m.dtype), "tokens": n_tokens,
+                     "perplexity": float(np.exp(nll / n_tokens)), "top1_agreement": float(agree / n_tokens),
+                     "mean_kl": float(kl / n_tokens)})
+        log(f"  {Path(folder).name}: ppl {rows[-1]['perplexity']:.4f}")
+    base = rows[0]["perplexity"]
+    for r in rows:
+        r["ppl_delta_pct"] = 100 * (r["perplexity"] / base - 1)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| artifact | precision | tokens | perplexity | Δppl % | top-1 agreement | mean KL |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {Path(r['artifact']).name} | {r['precision']} | {r['tokens']} | {r['perplexity']:.4f} | "
+                     f"{r['ppl_delta_pct']:+.3f} | {r['top1_agreement']:.2%} | {r['mean_kl']:.2e} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    names = [f"{Path(r['artifact']).name}\n({r['precision']})" for r in rows]
+    for ax, key, label in zip(axes, ("ppl_delta_pct", "top1_agreement", "mean_kl"),
+                              ("perplexity change vs fp32 (%)", "top-1 agreement with fp32", "mean KL(fp32 || artifact)")):
+        ax.bar(names, [r[key] for r in rows], color="tab:blue")
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def main_eval(a) -> None:
+    folders = [Path(f) for f in a.folders]
+    reference = Path(a.reference) if a.reference else folders[0]
+    rows = evaluate(folders, Path(a.text), reference, a.window, a.max_tokens)
+    print(table(rows))
+    out = Path(a.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "eval.md").write_text(table(rows) + "\n")
+    plot(rows, out / "eval.png")
