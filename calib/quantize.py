@@ -43,12 +43,13 @@ def quantize(src: str | Path, precision: str, out: str | Path, force: bool = Fal
         return new
     with atomic_folder(out, force) as tmp:
         stats = weight_only_int8(src / ONNX_NAME, tmp / ONNX_NAME)
+        method = "per-channel symmetric int8 weights (DequantizeLinear, zero point 0)"
         for name in m.tokenizer_files:
             shutil.copy2(src / name, tmp / name)
         from mistral_trt.export.checkpoint import sha256
 
         m.files = {n: sha256(tmp / n) for n in (ONNX_NAME, ONNX_DATA_NAME) if (tmp / n).exists()}
-        m.precision = {"name": precision, "method": "per-channel symmetric int8 weights (DequantizeLinear, zero point 0)",
+        m.precision = {"name": precision, "method": method,
                        "from": str(src.absolute()), "quantized_matmuls": stats["matmuls"],
                        "weight_bytes": stats["bytes"], "calibration": None}
         m.verification = []
@@ -63,6 +64,7 @@ def weight_only_int8(src: Path, dst: Path) -> dict:
     from onnx import helper, numpy_helper
 
     model = onnx.load(str(src))
+    fold_weight_transposes(model)  # a tied lm_head reaches its MatMul through a Transpose: quantize it too
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     users: dict[str, int] = {}
@@ -101,3 +103,32 @@ def weight_only_int8(src: Path, dst: Path) -> dict:
     external = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
     onnx.save(model, str(dst), save_as_external_data=external, all_tensors_to_one_file=True, location=ONNX_DATA_NAME)
     return {"matmuls": len(done), "bytes": nbytes}
+
+
+
+def fold_weight_transposes(model) -> int:
+    """MatMul(x, Transpose(W)) with W an initializer -> MatMul(x, W^T) with W^T a new initializer (the tied
+    lm_head of a model like SmolLM2 reaches the graph this way), so weight quantizers see every weight."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    folded = 0
+    for node in g.node:
+        p = producer.get(node.input[1]) if node.op_type == "MatMul" else None
+        if p is not None and p.op_type == "Transpose" and p.input[0] in inits:
+            w = numpy_helper.to_array(inits[p.input[0]])
+            perm = [a.ints for a in p.attribute if a.name == "perm"]
+            wt = np.ascontiguousarray(np.transpose(w, list(perm[0]) if perm else None))
+            name = f"{p.input[0]}.T"
+            if name not in inits:
+                g.initializer.append(numpy_helper.from_array(wt, name))
+                inits[name] = g.initializer[-1]
+            node.input[1] = name
+            folded += 1
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    dead = [n for n in g.node if n.op_type == "Transpose" and n.input[0] in inits and n.output[0] not in used]
+    for n in dead:
+        g.node.remove(n)
+    return folded

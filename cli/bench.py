@@ -62,6 +62,25 @@ def decode_weight_bytes(a: ModelArgs, dtype: str) -> int:
     return params * BYTES[dtype]
 
 
+def graph_decode_bytes(folder: Path) -> int:
+    """Bytes of weights one decode step reads, counted from the ONNX file itself (right for every precision:
+    fp32, fp16, int8 Q/DQ, MatMulNBits): every initializer, except tables only gathered from (embeddings)."""
+    import onnx
+    from onnx import helper
+
+    g = onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False).graph
+    consumers: dict[str, set] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, set()).add(n.op_type)
+    total = 0
+    for t in g.initializer:
+        if consumers.get(t.name) == {"Gather"}:
+            continue
+        total += int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
 def kv_bytes(a: ModelArgs, dtype: str, context: int, batch: int) -> int:
     """Bytes of KV cache a decode step reads at `context` cached positions (bounded by a sliding window)."""
     if a.sliding_window:
@@ -232,22 +251,27 @@ def load_system(kind: str, arg, rss_before: int):
     return s
 
 
-def report(results: list[Result], gen_len: int, args: ModelArgs, dtype: str, bandwidth: float) -> tuple[str, dict]:
+def report(results: list[Result], gen_len: int, args: ModelArgs, dtype: str, bandwidth: float,
+           weight_bytes: dict[str, int] | None = None) -> tuple[str, dict]:
+    """weight_bytes: per system name, the bytes of weights a decode step reads (default: from ModelArgs)."""
     rows = [r.summary(gen_len) for r in results]
+    weight_bytes = weight_bytes or {}
     ours = {}  # the first export folder is "ours"; every other row is compared with it
     for r in rows:
         if r["system"] == rows[0]["system"]:
             ours.setdefault((r["prompt_len"], r["batch"]), r)
     lines = [
-        f"memory bandwidth (copy, read+write, measured now): {bandwidth / 1e9:.1f} GB/s; "
-        f"decode reads {decode_weight_bytes(args, dtype) / 1e6:.0f} MB of weights per step",
+        f"memory bandwidth (copy, read+write, measured now): {bandwidth / 1e9:.1f} GB/s; decode reads "
+        + ", ".join(f"{n} {b / 1e6:.0f} MB" for n, b in weight_bytes.items())
+        + (", " if weight_bytes else "") + f"{dtype} checkpoint {decode_weight_bytes(args, dtype) / 1e6:.0f} MB of weights per step",
         "",
         "| system | prompt | batch | TTFT ms | decode p50 ms | p90 | p99 | decode tok/s | prefill tok/s | floor ms | p50/floor | ours speedup (decode, TTFT) | RSS added GiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ctx = r["prompt_len"] + gen_len // 2
-        floor = (decode_weight_bytes(args, dtype) + kv_bytes(args, dtype, ctx, r["batch"])) / bandwidth
+        wb = weight_bytes.get(r["system"], decode_weight_bytes(args, dtype))
+        floor = (wb + kv_bytes(args, dtype, ctx, r["batch"])) / bandwidth
         r["floor_ms"], r["p50_over_floor"] = floor * 1e3, r["decode_ms"]["p50"] / (floor * 1e3)
         o = ours.get((r["prompt_len"], r["batch"]))
         if o and o is not r:
@@ -320,7 +344,8 @@ def main_bench(a) -> None:
     bandwidth = measure_bandwidth()
     log(f"systems: {', '.join(s.name for s in systems)}; bandwidth {bandwidth / 1e9:.1f} GB/s")
     results = run_bench(systems, a.prompt_len, a.batch, a.gen_len, a.warmup, a.repeat, m.model.vocab_size, log=log)
-    table, data = report(results, a.gen_len, m.model, m.dtype, bandwidth)
+    weight_bytes = {s.name: graph_decode_bytes(f) for s, f in zip(systems, folders)}  # ours: counted from each ONNX
+    table, data = report(results, a.gen_len, m.model, m.dtype, bandwidth, weight_bytes)
     print(table)
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from mistral_trt.bench import decode_weight_bytes, kv_bytes, measure_bandwidth, percentile, summarize
+from mistral_trt.bench import decode_weight_bytes, graph_decode_bytes, kv_bytes, measure_bandwidth, percentile, summarize
 from mistral_trt.main import main
 from mistral_trt.runtime import Manifest
 
@@ -37,6 +37,19 @@ def test_weight_bytes_match_the_checkpoint(tiny_full):
     from mistral_trt.export.checkpoint import inspect_checkpoint
 
     assert decode_weight_bytes(inspect_checkpoint(tiny_full).args, "fp32") == want
+
+
+def test_graph_weight_bytes(tiny_exports, tmp_path):
+    """Counted from the ONNX file: equals the arithmetic for fp32 (up to RoPE's tiny inv_freq table),
+    halves for fp16, and drops to about a quarter with int8 weights."""
+    from mistral_trt.calib.quantize import quantize
+
+    a = Manifest.load(tiny_exports["full", "fp32"]).model
+    fp32 = graph_decode_bytes(tiny_exports["full", "fp32"])
+    assert fp32 == pytest.approx(decode_weight_bytes(a, "fp32"), rel=1e-4)
+    assert graph_decode_bytes(tiny_exports["full", "fp16"]) == pytest.approx(fp32 / 2, rel=1e-3)
+    quantize(tiny_exports["full", "fp32"], "int8-w8a16", tmp_path / "w8")
+    assert 0.25 < graph_decode_bytes(tmp_path / "w8") / fp32 < 0.27  # int8 + one fp32 scale per output channel
 
 
 def test_kv_bytes_by_hand(tiny_exports):

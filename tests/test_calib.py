@@ -119,5 +119,6 @@ def test_demo_quality_targets(demo_onnx, tmp_path):
     fp16, w8 = rows[1], rows[2]
     assert abs(fp16["ppl_delta_pct"]) <= 0.5 and fp16["top1_agreement"] >= 0.99, fp16
     assert abs(w8["ppl_delta_pct"]) <= 1.0, w8
+    assert Manifest.load(tmp_path / "w8").precision["quantized_matmuls"] == 30 * 7 + 1  # the tied lm_head too
     assert Manifest.load(tmp_path / "fp16").precision["name"] == "fp16"
     assert all(r["passed"] for r in Manifest.load(tmp_path / "fp16").verification)
