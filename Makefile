@@ -7,6 +7,7 @@ CLI    := $(VENV)/bin/mistral-trt
 TORCH  ?= torch==2.13.0
 MODEL  ?=
 DTYPE  ?= fp32
+FLAGS  ?=
 
 DEMO_HF  := build/smollm2-135m-instruct
 DEMO_OUT := build/onnx/smollm2-135m-instruct-$(DTYPE)
@@ -36,7 +37,7 @@ ifeq ($(MODEL),)
 	@test -f $(DEMO_HF)/config.json || $(CLI) convert-gguf -o $(DEMO_HF)
 	@test -f $(OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(OUT) --dtype $(DTYPE)
 else
-	$(CLI) export $(MODEL) -o $(OUT) --dtype $(DTYPE) $(if $(FORCE),--force)
+	$(CLI) export $(MODEL) -o $(OUT) --dtype $(DTYPE) $(if $(FORCE),--force) $(FLAGS)
 endif
 	@echo "export ready: $(OUT)"
 

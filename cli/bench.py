@@ -25,7 +25,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -323,8 +323,9 @@ def main_bench(a) -> None:
     from mistral_trt.runtime.manifest import Manifest
 
     folders = [Path(f) for f in a.folders]
-    manifests = [Manifest.load(f) for f in folders]
-    m = manifests[0]
+    m = Manifest.load(folders[0])
+    for f in folders[1:]:
+        Manifest.load(f)  # a bad folder fails now, not after minutes of measuring
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     systems = []
     for f in folders:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mistral_trt.runtime.errors import UserError
+from mistral_trt.runtime.errors import UserError, read_json
 
 
 def cmd_convert_gguf(a):
@@ -49,15 +49,10 @@ def cmd_tokenize(a):
         if (here / "chat_template.jinja").is_file():
             template = (here / "chat_template.jinja").read_text(encoding="utf-8")
         elif (here / "tokenizer_config.json").is_file():
-            template = json.loads((here / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+            template = read_json(here / "tokenizer_config.json").get("chat_template")
         fmt = "mistral-v1" if tok.kind == "sentencepiece" else "template"
     fmt = a.format or fmt
-    try:
-        messages = json.loads(Path(a.messages).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UserError(f"{a.messages}: cannot read: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{a.messages}: not valid JSON: {e}") from None
+    messages = read_json(a.messages)
     ids = format_chat(tok, messages, fmt, template)
     print(json.dumps({"ids": ids, "pieces": [tok.id_to_piece(i) for i in ids]}, ensure_ascii=False))
 

@@ -7,12 +7,11 @@ do not match config.json.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mistral_trt.runtime.errors import UserError
+from mistral_trt.runtime.errors import UserError, read_json
 from mistral_trt.runtime.manifest import ModelArgs
 
 SUPPORTED = {"mistral": "MistralForCausalLM"}  # model_type -> architecture
@@ -48,13 +47,9 @@ class Checkpoint:
         )
 
     def read_json(self, name: str) -> dict:
+        """An optional JSON file of the checkpoint ({} when absent)."""
         p = self.path / name
-        if not p.is_file():
-            return {}
-        try:
-            return json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"{p}: cannot read it as JSON: {e}") from None
+        return read_json(p) if p.is_file() else {}
 
 
 def resolve(model: str) -> Path:
@@ -80,12 +75,9 @@ def inspect_checkpoint(path: Path) -> Checkpoint:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise UserError(f"{cfg_path}: missing (expected a Hugging Face checkpoint folder)")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{cfg_path}: cannot read: {e}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path}: not valid JSON: {e}") from None
+    config = read_json(cfg_path)
+    if not isinstance(config, dict):
+        raise UserError(f"{cfg_path}: expected a JSON object")
     model_type = config.get("model_type")
     supported = ", ".join(f"{a} (model_type '{t}')" for t, a in SUPPORTED.items())
     if model_type not in SUPPORTED:

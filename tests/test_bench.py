@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from mistral_trt.bench import decode_weight_bytes, graph_decode_bytes, kv_bytes, measure_bandwidth, percentile, summarize
 from mistral_trt.main import main

@@ -3,9 +3,6 @@ the graph, the manifest, verification against PyTorch, and the runtime's indepen
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import onnx
@@ -13,7 +10,7 @@ import pytest
 import torch
 from transformers import MistralForCausalLM
 
-from conftest import make_tiny_mistral
+from conftest import make_tiny_mistral, run_without_torch
 from mistral_trt.export import checkpoint as ck
 from mistral_trt.export import pipeline
 from mistral_trt.main import main
@@ -116,13 +113,8 @@ def test_external_data_in_one_file(tiny_full, tmp_path, monkeypatch):
 
 def test_runtime_runs_without_torch(tiny_exports):
     """mistral_trt.runtime imports and runs the exported model with torch and transformers unimportable."""
-    code = textwrap.dedent(f"""
+    r = run_without_torch(f"""
         import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "transformers"):
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, Block())
         import numpy as np
         from mistral_trt.runtime.engine import OrtEngine
         e = OrtEngine({str(tiny_exports["window", "fp16"])!r})
@@ -131,7 +123,6 @@ def test_runtime_runs_without_torch(tiny_exports):
         assert not any(m.split(".")[0] in ("torch", "transformers") for m in sys.modules)
         print("ok")
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 

@@ -6,13 +6,13 @@ import json
 import resource
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 from transformers import MistralForCausalLM
 
+from conftest import run_without_torch
 from mistral_trt.main import main
 from mistral_trt.runtime import UserError
 from mistral_trt.runtime.chat import format_chat
@@ -132,17 +132,10 @@ def test_generate_cli_json_and_stop(tiny_exports, capsys):
 
 
 def test_generate_without_torch(tiny_exports):
-    code = textwrap.dedent(f"""
-        import sys, json
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "transformers"):
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, Block())
+    r = run_without_torch(f"""
         from mistral_trt.main import main
         sys.exit(main(["generate", {str(tiny_exports["window", "fp16"])!r}, "--prompt", "Hi", "--max-new-tokens", "40", "--json"]))
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)["ids"]) == 40
 
