@@ -95,6 +95,11 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(label, fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
         ax.grid(True, axis="y", alpha=0.3)
+    save_png(fig, path)
+
+
+def save_png(fig, path: Path) -> None:
+    """Lay out and write a matplotlib figure atomically (a reader never sees half a PNG)."""
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)

@@ -313,10 +313,9 @@ def plot(data: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"mistral-trt bench ({data['dtype']}, {data['gen_len']} new tokens)")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    from mistral_trt.calib.evaluate import save_png
+
+    save_png(fig, path)
 
 
 def main_bench(a) -> None:
