@@ -15,6 +15,7 @@ import numpy as np
 
 from mistral_trt.runtime.engine import OrtEngine
 from mistral_trt.runtime.errors import UserError
+from mistral_trt.runtime.manifest import Manifest
 from mistral_trt.runtime.tokenizer import Tokenizer
 
 
@@ -50,7 +51,7 @@ def evaluate(folders: list[Path], text_file: Path, reference: Path, window: int 
     chunks = windows(ids, window)
     n_tokens = sum(len(c) - 1 for c in chunks)
     log(f"eval: {n_tokens} predicted tokens in {len(chunks)} windows of {window}")
-    ref_lp = [lp for lp in run(reference, chunks)]  # float64 [n, V] per window
+    ref_lp = list(run(reference, chunks))  # float64 [n, V] per window
     rows = []
     for folder in [reference] + [f for f in folders if Path(f).resolve() != Path(reference).resolve()]:
         nll = agree = kl = 0.0
@@ -60,8 +61,6 @@ def evaluate(folders: list[Path], text_file: Path, reference: Path, window: int 
             nll -= lp[np.arange(len(targets)), targets].sum()
             agree += (lp[:-1].argmax(-1) == rlp[:-1].argmax(-1)).sum()
             kl += (np.exp(rlp[:-1]) * (rlp[:-1] - lp[:-1])).sum()
-        from mistral_trt.runtime.manifest import Manifest
-
         m = Manifest.load(folder)
         rows.append({"artifact": str(folder), "precision": m.precision.get("name", m.dtype), "tokens": n_tokens,
                      "perplexity": float(np.exp(nll / n_tokens)), "top1_agreement": float(agree / n_tokens),

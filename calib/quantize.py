@@ -67,10 +67,6 @@ def weight_only_int8(src: Path, dst: Path) -> dict:
     fold_weight_transposes(model)  # a tied lm_head reaches its MatMul through a Transpose: quantize it too
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    users: dict[str, int] = {}
-    for node in g.node:
-        for i in node.input:
-            users[i] = users.get(i, 0) + 1
     new_nodes, done, nbytes = [], {}, 0
     for node in g.node:
         if node.op_type == "MatMul" and node.input[1] in inits:

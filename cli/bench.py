@@ -31,10 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from mistral_trt.runtime.errors import UserError
-from mistral_trt.runtime.manifest import ModelArgs
-
-BYTES = {"fp32": 4, "fp16": 2}
-
+from mistral_trt.runtime.manifest import DTYPE_BYTES, ModelArgs
 
 # -- statistics ------------------------------------------------------------------------------------
 def percentile(xs, q: float) -> float:
@@ -59,7 +56,7 @@ def decode_weight_bytes(a: ModelArgs, dtype: str) -> int:
     attn = h * a.num_heads * hd * 2 + h * a.num_kv_heads * hd * 2  # q, o + k, v
     mlp = 3 * h * a.intermediate_size
     params = a.num_layers * (attn + mlp + 2 * h) + h + a.vocab_size * h  # + final norm + lm_head
-    return params * BYTES[dtype]
+    return params * DTYPE_BYTES[dtype]
 
 
 def graph_decode_bytes(folder: Path) -> int:
@@ -85,7 +82,7 @@ def kv_bytes(a: ModelArgs, dtype: str, context: int, batch: int) -> int:
     """Bytes of KV cache a decode step reads at `context` cached positions (bounded by a sliding window)."""
     if a.sliding_window:
         context = min(context, a.sliding_window - 1)
-    return 2 * a.num_layers * batch * a.num_kv_heads * a.head_dim * context * BYTES[dtype]
+    return 2 * a.num_layers * batch * a.num_kv_heads * a.head_dim * context * DTYPE_BYTES[dtype]
 
 
 def measure_bandwidth(nbytes: int = 256 << 20, threads: int | None = None, rounds: int = 5) -> float:
@@ -211,7 +208,7 @@ class Result:
     decode_s: list[float] = field(default_factory=list)  # every per-token latency of every timed round
     rss_added_bytes: int = 0
 
-    def summary(self, gen_len: int) -> dict:
+    def summary(self) -> dict:
         d = summarize(self.decode_s)
         ttft = statistics.median(self.ttft_s)
         return {"system": self.system, "prompt_len": self.prompt_len, "batch": self.batch,
@@ -254,7 +251,7 @@ def load_system(kind: str, arg, rss_before: int):
 def report(results: list[Result], gen_len: int, args: ModelArgs, dtype: str, bandwidth: float,
            weight_bytes: dict[str, int] | None = None) -> tuple[str, dict]:
     """weight_bytes: per system name, the bytes of weights a decode step reads (default: from ModelArgs)."""
-    rows = [r.summary(gen_len) for r in results]
+    rows = [r.summary() for r in results]
     weight_bytes = weight_bytes or {}
     ours = {}  # the first export folder is "ours"; every other row is compared with it
     for r in rows:

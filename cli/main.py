@@ -143,8 +143,9 @@ def cmd_chat(a):
         history.append({"role": "user", "content": line})
         prompt = format_chat(tok, history, m.chat_format, m.chat_template)
         while len(prompt) + a.max_new_tokens > gen.max_context and len(history) > 2:
-            del history[1 if history[0]["role"] == "system" else 0: 3 if history[0]["role"] == "system" else 2]
-            prompt = format_chat(tok, history, m.chat_format, m.chat_template)  # drop the oldest exchange
+            first = 1 if history[0]["role"] == "system" else 0  # keep the system prompt
+            del history[first:first + 2]  # drop the oldest exchange
+            prompt = format_chat(tok, history, m.chat_format, m.chat_template)
         _, text = _stream(gen, tok, prompt, a, sys.stdout)
         print()
         history.append({"role": "assistant", "content": text.strip() or " "})

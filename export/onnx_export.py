@@ -80,20 +80,22 @@ def export_onnx(model: nn.Module, args: ModelArgs, dtype: str, folder: Path) -> 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     previous = model.config._attn_implementation
     model.set_attn_implementation(attention.register())  # GQA without repeat_kv copies (export/attention.py)
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            KVCacheWrapper(model, args.num_layers).eval(),
-            trace_inputs(args, DTYPE[dtype]),
-            input_names=[t.name for t in inputs],
-            output_names=[t.name for t in outputs],
-            dynamic_shapes=dynamic_shapes,
-            opset_version=OPSET,
-            dynamo=True,
-            optimize=True,
-            verbose=False,
-        )
-    model.set_attn_implementation(previous)  # verification compares against HF's own attention
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                KVCacheWrapper(model, args.num_layers).eval(),
+                trace_inputs(args, DTYPE[dtype]),
+                input_names=[t.name for t in inputs],
+                output_names=[t.name for t in outputs],
+                dynamic_shapes=dynamic_shapes,
+                opset_version=OPSET,
+                dynamo=True,
+                optimize=True,
+                verbose=False,
+            )
+    finally:
+        model.set_attn_implementation(previous)  # verification compares against HF's own attention
     _rename_dims(program.model, inputs + outputs)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     program.save(str(path), external_data=weight_bytes >= EXTERNAL_DATA_THRESHOLD)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mistral_trt.runtime.engine import PROVIDERS, OrtEngine
 from mistral_trt.runtime.errors import UserError
-from mistral_trt.runtime.manifest import DTYPES, ONNX_DATA_NAME, ONNX_NAME, Manifest, io_specs
+from mistral_trt.runtime.manifest import DTYPE_BYTES, DTYPES, ONNX_DATA_NAME, ONNX_NAME, Manifest, io_specs
 
 from . import checkpoint as ck
 from . import verify as vf
@@ -85,7 +85,6 @@ def versions() -> dict[str, str]:
     }
 
 
-BYTES = {"fp32": 4, "fp16": 2}
 
 
 def available_gib() -> float:
@@ -107,7 +106,7 @@ def check_memory(c: ck.Checkpoint, dtype: str, run_verify: bool, provider: str) 
     """
     shapes, _ = ck.expected_shapes(c.config)
     params = sum(math.prod(s) for s in shapes.values())
-    need = {"export": params * BYTES[dtype] / 2**30 + 1.0}
+    need = {"export": params * DTYPE_BYTES[dtype] / 2**30 + 1.0}
     if run_verify and provider == "cpu":
         need["verify on CPU"] = params * 4 / 2**30 + 1.5
     have = available_gib()

@@ -55,7 +55,3 @@ class KVCache:
             return total - self.keep
         self.side, self.length = 1 - self.side, total
         return 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for side in self.sides for b in side)

@@ -17,6 +17,8 @@ Two formats, named in the manifest's `chat_format`:
 """
 from __future__ import annotations
 
+import json
+
 from .errors import UserError
 from .tokenizer import Tokenizer
 
@@ -90,8 +92,7 @@ def render_template(template: str, messages: list[dict], bos_token: str = "", eo
         raise UserError(f"chat template: {message}")
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: __import__("json").dumps(
-        x, indent=indent, ensure_ascii=ensure_ascii)
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
     env.globals["raise_exception"] = raise_exception
     try:
         return env.from_string(template).render(

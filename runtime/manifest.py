@@ -36,6 +36,7 @@ ONNX_NAME = "model.onnx"
 ONNX_DATA_NAME = "model.onnx.data"  # external weights, only when the model is over protobuf's 2 GB limit
 DTYPES = ("fp32", "fp16")
 NUMPY_DTYPE = {"fp32": "float32", "fp16": "float16"}
+DTYPE_BYTES = {"fp32": 4, "fp16": 2}
 CHAT_FORMATS = ("mistral-v1", "template", "none")
 
 # Symbolic dims, as named in the ONNX graph.
