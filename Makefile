@@ -13,7 +13,7 @@ DEMO_HF  := build/smollm2-135m-instruct
 DEMO_OUT := build/onnx/smollm2-135m-instruct-$(DTYPE)
 OUT      ?= $(if $(MODEL),build/onnx/$(notdir $(abspath $(MODEL)))-$(DTYPE),$(DEMO_OUT))
 
-.PHONY: setup demo export test clean measure-export bench
+.PHONY: setup demo export test clean measure-export bench gpu-check
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,10 @@ measure-export: setup
 # Latency of the demo export against HF eager and onnxruntime-genai, side by side.
 bench: export
 	$(CLI) bench $(OUT) --baseline hf --baseline ort-genai --prompt-len 128,512 --gen-len 64 --repeat 3 -o build/bench
+
+# On an NVIDIA GPU host: TensorRT + onnxruntime-gpu, engines for every precision, logits table, bench.
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf build

@@ -145,7 +145,31 @@ def build(export_dir: str | Path, out: Path, count: int = 256, reply_tokens: int
     return manifest
 
 
+def load_manifest(calib_dir: str | Path) -> dict:
+    from mistral_trt.runtime.errors import UserError, read_json
+
+    path = Path(calib_dir) / "manifest.json"
+    if not path.is_file():
+        raise UserError(f"{path}: missing (is {calib_dir} a folder written by `mistral-trt calibrate`?)")
+    raw = read_json(path)
+    for field in ("sha256", "count"):
+        if field not in raw:
+            raise UserError(f"{path}: field {field!r} missing")
+    return raw
+
+
 def load(calib_dir: str | Path) -> list[np.ndarray]:
-    z = np.load(Path(calib_dir) / "calib.npz")
-    ids, off = z["ids"], z["offsets"]
+    """The calibration sequences, checked against the manifest's hash (a stale or edited calib.npz is refused)."""
+    from mistral_trt.runtime.errors import UserError
+
+    raw = load_manifest(calib_dir)
+    path = Path(calib_dir) / "calib.npz"
+    try:
+        z = np.load(path)
+        ids, off = z["ids"], z["offsets"]
+    except (OSError, KeyError, ValueError) as e:
+        raise UserError(f"{path}: cannot read calibration sequences ({e})") from None
+    digest = hashlib.sha256(ids.tobytes() + off.tobytes()).hexdigest()
+    if digest != raw["sha256"]:
+        raise UserError(f"{path}: sha256 {digest[:16]}... does not match manifest.json's {raw['sha256'][:16]}...")
     return [ids[off[i]:off[i + 1]] for i in range(len(off) - 1)]

@@ -65,6 +65,10 @@ def graph_decode_bytes(folder: Path) -> int:
     import onnx
     from onnx import helper
 
+    from mistral_trt.runtime.trt import ENGINE_MANIFEST, EngineManifest
+
+    if (Path(folder) / ENGINE_MANIFEST).is_file():  # a TensorRT engine reads what its source ONNX holds
+        folder = Path(EngineManifest.load(folder).source["export"])
     g = onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False).graph
     consumers: dict[str, set] = {}
     for n in g.node:
@@ -116,11 +120,12 @@ def rss_bytes() -> int:
 # -- systems ---------------------------------------------------------------------------------------
 class Ours:
     def __init__(self, folder: Path, provider: str):
-        from mistral_trt.runtime.engine import PROVIDERS, OrtEngine
         from mistral_trt.runtime.generate import Generator
+        from mistral_trt.runtime.trt import ENGINE_MANIFEST, load_engine
 
-        self.name = f"ours:{folder.name}" + ("" if provider == "cpu" else f":{provider}")
-        self.gen = Generator(OrtEngine(folder, providers=PROVIDERS[provider]))
+        native = (folder / ENGINE_MANIFEST).is_file()
+        self.name = f"ours:{folder.name}" + (":tensorrt-native" if native else "" if provider == "cpu" else f":{provider}")
+        self.gen = Generator(load_engine(folder, provider))
 
     def run(self, prompts: np.ndarray, n: int) -> list[float]:
         """Returns the timestamps of each new token, the call's start first."""
@@ -249,7 +254,8 @@ def load_system(kind: str, arg, rss_before: int):
 
 
 def report(results: list[Result], gen_len: int, args: ModelArgs, dtype: str, bandwidth: float,
-           weight_bytes: dict[str, int] | None = None) -> tuple[str, dict]:
+           weight_bytes: dict[str, int] | None = None, bandwidth_source: str = "copy, read+write, measured now"
+           ) -> tuple[str, dict]:
     """weight_bytes: per system name, the bytes of weights a decode step reads (default: from ModelArgs)."""
     rows = [r.summary() for r in results]
     weight_bytes = weight_bytes or {}
@@ -258,7 +264,7 @@ def report(results: list[Result], gen_len: int, args: ModelArgs, dtype: str, ban
         if r["system"] == rows[0]["system"]:
             ours.setdefault((r["prompt_len"], r["batch"]), r)
     lines = [
-        f"memory bandwidth (copy, read+write, measured now): {bandwidth / 1e9:.1f} GB/s; decode reads "
+        f"memory bandwidth ({bandwidth_source}): {bandwidth / 1e9:.1f} GB/s; decode reads "
         + ", ".join(f"{n} {b / 1e6:.0f} MB" for n, b in weight_bytes.items())
         + (", " if weight_bytes else "") + f"{dtype} checkpoint {decode_weight_bytes(args, dtype) / 1e6:.0f} MB of weights per step",
         "",
@@ -338,11 +344,14 @@ def main_bench(a) -> None:
                 log("note: onnxruntime-genai's builder ignores a sliding window; its numbers are for full attention")
             systems.append(load_system(OrtGenai, (m.source["path"], m.dtype, Path(a.genai_cache)), before))
     gc.collect()
-    bandwidth = measure_bandwidth()
-    log(f"systems: {', '.join(s.name for s in systems)}; bandwidth {bandwidth / 1e9:.1f} GB/s")
+    if a.bandwidth:  # a GPU's memory: its data-sheet figure (host copies measure the wrong memory)
+        bandwidth, how = a.bandwidth * 1e9, "given with --bandwidth"
+    else:
+        bandwidth, how = measure_bandwidth(), "copy, read+write, measured now"
+    log(f"systems: {', '.join(s.name for s in systems)}; bandwidth {bandwidth / 1e9:.1f} GB/s ({how})")
     results = run_bench(systems, a.prompt_len, a.batch, a.gen_len, a.warmup, a.repeat, m.model.vocab_size, log=log)
     weight_bytes = {s.name: graph_decode_bytes(f) for s, f in zip(systems, folders)}  # ours: counted from each ONNX
-    table, data = report(results, a.gen_len, m.model, m.dtype, bandwidth, weight_bytes)
+    table, data = report(results, a.gen_len, m.model, m.dtype, bandwidth, weight_bytes, how)
     print(table)
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)

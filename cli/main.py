@@ -58,11 +58,11 @@ def cmd_tokenize(a):
 
 
 def _load_runtime(folder, provider="cpu"):
-    from mistral_trt.runtime.engine import PROVIDERS, OrtEngine
     from mistral_trt.runtime.generate import Generator
     from mistral_trt.runtime.tokenizer import Tokenizer
+    from mistral_trt.runtime.trt import load_engine
 
-    engine = OrtEngine(folder, providers=PROVIDERS[provider])
+    engine = load_engine(folder, provider)
     return engine.manifest, Tokenizer.load(folder), Generator(engine)
 
 
@@ -172,14 +172,33 @@ def cmd_calibrate(a):
 def cmd_quantize(a):
     from mistral_trt.calib.quantize import quantize
 
-    m = quantize(a.folder, a.precision, a.output, force=a.force, calib=a.calib)
+    alpha = a.smoothquant_alpha if a.smoothquant_alpha == "auto" else float(a.smoothquant_alpha)
+    m = quantize(a.folder, a.precision, a.output, force=a.force, calib=a.calib, calib_method=a.calib_method,
+                 alpha=alpha, outlier_ratio=a.outlier_ratio)
     print(f"{a.output}: {m.precision['name']} ({m.precision['method']})")
+
+
+def cmd_engine(a):
+    from mistral_trt.export.engine import build_engine
+
+    build_engine(a.folder, a.output, max_batch=a.max_batch, max_seq=a.max_seq, max_context=a.max_context,
+                 timing_cache=a.timing_cache, workspace_gib=a.workspace_gib, force=a.force)
 
 
 def cmd_eval(a):
     from mistral_trt.calib.evaluate import main_eval
 
     main_eval(a)
+
+
+def _alpha(text: str) -> str:
+    if text != "auto":
+        try:
+            if not 0.0 <= float(text) <= 1.0:
+                raise ValueError
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or auto, got {text!r}") from None
+    return text
 
 
 def _ints(text: str) -> list[int]:
@@ -240,8 +259,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["mistral-v1", "template"], help="override the chat format")
     s.set_defaults(func=cmd_tokenize)
 
-    s = sub.add_parser("generate", help="generate a reply (streamed) from an export folder")
-    s.add_argument("folder", help="export folder")
+    s = sub.add_parser("generate", help="generate a reply (streamed) from an export or engine folder")
+    s.add_argument("folder", help="export folder, or engine folder (TensorRT)")
     s.add_argument("--prompt", required=True)
     s.add_argument("--raw", action="store_true", help="no chat format: BOS + the text")
     s.add_argument("--json", action="store_true", help='print {"ids", "text", "stats"} as JSON')
@@ -249,7 +268,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("chat", help="interactive multi-turn chat, streamed")
-    s.add_argument("folder", help="export folder")
+    s.add_argument("folder", help="export folder, or engine folder (TensorRT)")
     s.add_argument("--system", help="system prompt")
     s.add_argument("--say", help="one message instead of reading stdin (for scripts and `make demo`)")
     _add_sampling_args(s)
@@ -266,6 +285,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=int, default=1)
     s.add_argument("--repeat", type=int, default=3)
     s.add_argument("-o", "--output", default="build/bench", help="folder for bench.md, bench.json, bench.png")
+    s.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s for the floor (GPUs: the card's "
+                   "data-sheet figure, e.g. 3350 for an H100 SXM); default: host memory, measured in the run")
     s.add_argument("--genai-cache", default="build/ort-genai", help="where onnxruntime-genai models are built")
     s.set_defaults(func=cmd_bench)
 
@@ -277,10 +298,27 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_calibrate)
 
+    s = sub.add_parser("engine", help="export folder -> TensorRT engine folder (needs tensorrt and a GPU)")
+    s.add_argument("folder", help="export folder (fp32, fp16 or a Q/DQ int8 artifact)")
+    s.add_argument("-o", "--output", required=True, help="engine folder (written atomically)")
+    s.add_argument("--max-batch", type=int, default=1)
+    s.add_argument("--max-seq", type=int, default=512, help="longest prefill chunk (the prefill profile's seq)")
+    s.add_argument("--max-context", type=int, help="longest past + seq (default: the model's limit, at most 4096)")
+    s.add_argument("--timing-cache", help="timing cache file to reuse and update (default: one inside the engine folder)")
+    s.add_argument("--workspace-gib", type=float, help="TensorRT workspace limit")
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(func=cmd_engine)
+
     s = sub.add_parser("quantize", help="fp32 export -> fp16 or int8 (explicit Q/DQ) export")
     s.add_argument("folder", help="fp32 export folder")
-    s.add_argument("--precision", required=True, choices=["fp16", "int8-w8a16"])
-    s.add_argument("--calib", help="calibration folder (for precisions that calibrate activations)")
+    s.add_argument("--precision", required=True, choices=["fp16", "int8-w8a16", "int8-w8a8"])
+    s.add_argument("--calib", help="calibration folder (int8-w8a8 calibrates its activations on it)")
+    s.add_argument("--calib-method", choices=["max", "percentile", "mse"], default="max",
+                   help="int8-w8a8 activation range: max (default, measured best), 99.99th percentile, or MSE-optimal clip")
+    s.add_argument("--smoothquant-alpha", default="auto", type=_alpha,
+                   help="int8-w8a8 SmoothQuant migration strength 0..1, or auto (per activation, by output error)")
+    s.add_argument("--outlier-ratio", type=float, default=20.0,
+                   help="int8-w8a8: activations whose max exceeds this many times their 99.99th percentile stay float")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_quantize)

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .cache import KVCache
 from .errors import UserError
 from .manifest import NUMPY_DTYPE, ONNX_NAME, Manifest, ModelArgs
 
@@ -25,15 +26,32 @@ PROVIDERS = {
 }
 
 
+def provider_list(provider: str, folder: str | Path) -> list:
+    """onnxruntime providers for --provider. TensorRT EP: engines and timing cache are cached in
+    FOLDER/ort-trt-cache (the first session builds them, later ones load them); the graph's own types
+    decide precision (fp16 artifact -> fp16 kernels, Q/DQ artifact -> int8 kernels), as TensorRT 11
+    requires, so no fp16/int8 builder flags are passed."""
+    if provider not in PROVIDERS:
+        raise UserError(f"--provider {provider!r}: expected one of {', '.join(PROVIDERS)}")
+    if provider != "tensorrt":
+        return list(PROVIDERS[provider])
+    cache = Path(folder) / "ort-trt-cache"
+    trt = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+           "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}
+    return [("TensorrtExecutionProvider", trt)] + PROVIDERS["tensorrt"][1:]
+
+
 class Backend(Protocol):
     """What generation needs from an engine. OrtEngine implements it over onnxruntime (CPU, CUDA and
-    TensorRT execution providers); a native TensorRT engine implements the same four members."""
+    TensorRT execution providers); TrtEngine (runtime/trt.py) implements it over a native TensorRT engine."""
 
     manifest: Manifest
     args: ModelArgs
     kv_dtype: np.dtype
 
     def step(self, input_ids, attention_mask, position_ids, cache, logits_out=None) -> np.ndarray: ...
+
+    def new_cache(self, batch: int, capacity: int, keep: int | None): ...
 
 
 class OrtEngine:
@@ -55,6 +73,10 @@ class OrtEngine:
         self.kv_dtype = np.dtype(NUMPY_DTYPE[self.manifest.dtype])
         self.past_names = self.manifest.input_names()[3:]
         self.output_names = self.manifest.output_names()
+
+    def new_cache(self, batch: int, capacity: int, keep: int | None) -> KVCache:
+        a = self.args
+        return KVCache(a.num_layers, batch, a.num_kv_heads, a.head_dim, capacity, self.kv_dtype, keep)
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         a = self.args
@@ -80,15 +102,27 @@ class OrtEngine:
         io.bind_output("logits", "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
         for name, arr in zip(self.output_names[1:], cache.present(s)):
             io.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
-        self.session.run_with_iobinding(io)
+        try:
+            self.session.run_with_iobinding(io)
+        except Exception as e:  # onnxruntime's own exception types
+            raise self._failed(e) from None
         cache.commit(s)
         return logits
 
     def forward(self, input_ids, attention_mask, position_ids, past):
         """One step. Returns (logits [B, S, V], present: list of 2*L arrays [B, KV, P+S, D])."""
         feed = self._feed(input_ids, attention_mask, position_ids, past)
-        out = self.session.run(self.output_names, feed)
+        try:
+            out = self.session.run(self.output_names, feed)
+        except Exception as e:  # onnxruntime's own exception types
+            raise self._failed(e) from None
         return out[0], out[1:]
+
+    def _failed(self, e: Exception) -> UserError:
+        """Inputs were checked against the manifest, so a failure here is the graph's: name it, briefly."""
+        msg = str(e).split("Status Message:")[-1].strip().splitlines()[0][:300]
+        return UserError(f"{self.folder / ONNX_NAME}: onnxruntime failed running the graph ({msg}); "
+                         "the ONNX does not match its manifest or was edited after export")
 
     def _feed(self, input_ids, attention_mask, position_ids, past) -> dict:
         a = self.args

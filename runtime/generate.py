@@ -79,7 +79,7 @@ def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator, seen: list
 @dataclass
 class State:
     """Everything that changes during generation, for a batch of B sequences."""
-    cache: KVCache  # P cached positions per layer
+    cache: KVCache  # P cached positions per layer (runtime/cache.py; DeviceKVCache for TensorRT)
     mask: np.ndarray  # [B, P] int64: which cached positions are real tokens
     next_pos: np.ndarray  # [B] int64: absolute position of the next token
     logits: np.ndarray | None = None  # [B, 1, V] preallocated for decode steps
@@ -114,7 +114,7 @@ class Generator:
         """A preallocated cache for `length` positions (with a window: the window plus one chunk)."""
         a = self.engine.args
         capacity = self.keep + self.chunk if self.keep is not None else length
-        cache = KVCache(a.num_layers, batch, a.num_kv_heads, a.head_dim, capacity, self.engine.kv_dtype, self.keep)
+        cache = self.engine.new_cache(batch, capacity, self.keep)
         logits = np.empty((batch, 1, a.vocab_size), self.engine.kv_dtype)
         return State(cache, np.zeros((batch, 0), np.int64), np.zeros(batch, np.int64), logits)
 

@@ -34,6 +34,10 @@ def make_tiny_mistral(folder: Path, sliding_window: int | None, seed: int = 0, *
     cfg.update(overrides)
     torch.manual_seed(seed)
     model = MistralForCausalLM(MistralConfig(**cfg)).eval()
+    with torch.no_grad():  # RMSNorm gammas as a trained model has them: distinct, not all ones
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
     model.save_pretrained(folder)
     shutil.copy(mistral_tokenizer_file(), folder / "tokenizer.model")
     return folder

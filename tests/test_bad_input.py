@@ -109,3 +109,26 @@ def test_manifest_errors(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 1, "model": {"num_layers": 2}}))
     with pytest.raises(UserError, match="missing field"):
         Manifest.load(tmp_path)
+
+
+def test_graph_failing_at_run_time_is_named(tiny_exports):
+    """A failure inside onnxruntime while running (inputs already checked against the manifest, so the graph
+    is at fault) becomes one line naming the file, from forward() and from the IOBinding step()."""
+    import numpy as np
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    from mistral_trt.runtime.engine import OrtEngine
+
+    src = tiny_exports["full", "fp32"]
+    e = OrtEngine(src)
+
+    def broken(*a, **k):
+        raise Fail("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Cast node. "
+                   "Status Message: Shape mismatch attempting to re-use buffer.")
+
+    e.session.run = broken
+    e.session.run_with_iobinding = broken
+    with pytest.raises(UserError, match=r"model\.onnx: onnxruntime failed running the graph \(Shape mismatch"):
+        e.forward(np.ones((1, 3), np.int64), np.ones((1, 3)), np.arange(3)[None], e.empty_past(1))
+    with pytest.raises(UserError, match="onnxruntime failed running the graph"):
+        e.step(np.ones((1, 3), np.int64), np.ones((1, 3)), np.arange(3)[None], e.new_cache(1, 8, None))

@@ -84,10 +84,109 @@ def test_w8a16_runs_close_to_fp32(tiny_exports, tmp_path):
     assert np.abs(outs[0] - outs[1]).max() < 0.1 * np.abs(outs[0]).max()
 
 
+@pytest.fixture(scope="module")
+def w8a8(tiny_exports, calib, tmp_path_factory):
+    out = tmp_path_factory.mktemp("w8a8") / "w8a8"
+    assert main(["quantize", str(tiny_exports["full", "fp32"]), "--precision", "int8-w8a8", "--calib",
+                 str(calib / "a"), "-o", str(out)]) == 0
+    return out
+
+
+def test_w8a8_qdq_structure(tiny_exports, calib, w8a8):
+    """Activations: one per-tensor symmetric Q/DQ pair (int8, zero point 0) on the input of every weight
+    MatMul, nothing else; weights: per-channel symmetric DequantizeLinear; masks/softmax/norms untouched."""
+    m = Manifest.load(w8a8)
+    g = onnx.load(str(w8a8 / "model.onnx")).graph
+    ref = onnx.load(str(tiny_exports["full", "fp32"] / "model.onnx")).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    consumers = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    qs = [n for n in g.node if n.op_type == "QuantizeLinear"]
+    assert m.precision["quantized_activations"] == 2 * 4  # qkv, o, gate/up, down per layer (lm_head: float)
+    assert len(qs) == 2 * 7  # a dedicated pair per MatMul: q, k, v, o, gate, up, down
+    for q in qs:
+        scale, zp = inits[q.input[1]], inits[q.input[2]]
+        assert scale.shape == () and scale > 0 and zp.shape == () and zp.dtype == np.int8 and zp == 0
+        (dq,) = consumers[q.output[0]]
+        assert dq.op_type == "DequantizeLinear" and list(dq.input[1:]) == list(q.input[1:])
+        (u,) = consumers[dq.output[0]]
+        assert u.op_type == "MatMul" and u.input[0] == dq.output[0]
+        assert producer[u.input[1]].op_type == "DequantizeLinear"  # int8 weights too
+    weight_dq = [n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(weight_dq) == m.precision["quantized_matmuls"] == 2 * 7 + 1
+    for n in weight_dq:
+        assert inits[n.input[0]].dtype == np.int8 and not inits[n.input[2]].any()
+        assert [a.i for a in n.attribute if a.name == "axis"] == [1]
+    count = lambda graph, op: sum(n.op_type == op for n in graph.node)  # noqa: E731
+    for op in ("Softmax", "Where", "Add", "ReduceMean", "Gather", "Concat"):
+        assert count(g, op) == count(ref, op), op
+    cal = json.loads((calib / "a" / "manifest.json").read_text())
+    assert m.precision["calibration"]["sha256"] == cal["sha256"] and m.precision["calibration"]["method"] == "max"
+    details = json.loads((w8a8 / "quantization.json").read_text())
+    assert all(0.0 <= r["alpha"] <= 1.0 for r in details if not r.get("kept_float"))
+
+
+def test_w8a8_runs_close_to_fp32(tiny_exports, w8a8):
+    src = tiny_exports["full", "fp32"]
+    ids = np.random.default_rng(0).integers(3, 32000, (1, 24))
+    outs = []
+    for f in (src, w8a8):
+        e = OrtEngine(f)
+        outs.append(e.forward(ids, np.ones((1, 24)), np.arange(24)[None], e.empty_past(1))[0][0])
+    assert (outs[0].argmax(-1) == outs[1].argmax(-1)).mean() >= 0.75
+    assert np.abs(outs[0] - outs[1]).max() < 0.25 * np.abs(outs[0]).max()
+
+
+def test_smoothing_is_exact_before_quantization(tiny_exports, calib):
+    """SmoothQuant only moves scale between x and W: smoothed but not quantized, the graph computes the same
+    logits (1/s folded into RMSNorm gammas and up_proj columns, an explicit Mul before o_proj)."""
+    import onnxruntime as ort
+
+    from mistral_trt.calib import quantize as Q
+
+    src = tiny_exports["full", "fp32"]
+    m = Manifest.load(src)
+    model = onnx.load(str(src / "model.onnx"))
+    Q.fold_weight_transposes(model)
+    stats = Q.activation_stats(model, m, data.load(calib / "a")[:4], list(Q.weight_matmuls(model, m.model)),
+                               log=lambda s: None)
+    rep = Q.smooth_and_quantize(model, m.model, *stats, alpha={g: 0.7 for g in Q.GROUPS}, method="max",
+                                percentile=99.99, quantize=False)
+    assert {r["fold"] for r in rep["activations"]} == {"norm weight", "up_proj columns", "Mul"}
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(3).integers(3, 32000, (1, 16))
+    e = OrtEngine(src)
+    feed = e._feed(ids, np.ones((1, 16)), np.arange(16)[None], e.empty_past(1))
+    ref = e.session.run(["logits"], feed)[0]
+    got = sess.run(["logits"], feed)[0]
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_w8a8_rejects_bad_calibration(tiny_exports, calib, tmp_path):
+    src = tiny_exports["full", "fp32"]
+    with pytest.raises(UserError, match="pass --calib CALIB"):
+        quantize(src, "int8-w8a8", tmp_path / "x")
+    with pytest.raises(UserError, match="manifest.json: missing"):
+        quantize(src, "int8-w8a8", tmp_path / "x", calib=tmp_path)
+    bad = tmp_path / "cal"
+    bad.mkdir()
+    (bad / "manifest.json").write_text((calib / "a" / "manifest.json").read_text())
+    z = np.load(calib / "a" / "calib.npz")
+    np.savez(bad / "calib.npz", ids=z["ids"][::-1], offsets=z["offsets"])  # edited after the manifest was written
+    with pytest.raises(UserError, match="does not match manifest.json"):
+        quantize(src, "int8-w8a8", tmp_path / "x", calib=bad)
+    assert not (tmp_path / "x").exists()
+
+
 def test_quantize_rejects_bad_input(tiny_exports, tmp_path):
     with pytest.raises(UserError, match="starts from an fp32 export"):
         quantize(tiny_exports["full", "fp16"], "int8-w8a16", tmp_path / "x")
-    with pytest.raises(UserError, match="expected one of fp16, int8-w8a16"):
+    with pytest.raises(UserError, match="expected one of fp16, int8-w8a16, int8-w8a8"):
         quantize(tiny_exports["full", "fp32"], "int4", tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
@@ -122,3 +221,19 @@ def test_demo_quality_targets(demo_onnx, tmp_path):
     assert Manifest.load(tmp_path / "w8").precision["quantized_matmuls"] == 30 * 7 + 1  # the tied lm_head too
     assert Manifest.load(tmp_path / "fp16").precision["name"] == "fp16"
     assert all(r["passed"] for r in Manifest.load(tmp_path / "fp16").verification)
+
+
+@pytest.mark.slow
+def test_demo_w8a8_quality_target(demo_onnx, tmp_path):
+    """int8-w8a8's target on the demo model: ppl change <= 3 % with the default calibration set (256
+    sequences; 64 are not enough: +3.6 % where 256 give +1.9 %), on the first 2048 held-out tokens (the
+    README's row is the whole text: +2.7 %)."""
+    from mistral_trt.calib.evaluate import evaluate
+
+    assert main(["calibrate", str(demo_onnx), "-o", str(tmp_path / "cal")]) == 0
+    quantize(demo_onnx, "int8-w8a8", tmp_path / "w8a8", calib=tmp_path / "cal")
+    rows = evaluate([tmp_path / "w8a8"], tmp_path / "cal" / "eval.txt", demo_onnx, max_tokens=2048)
+    assert abs(rows[1]["ppl_delta_pct"]) <= 3.0, rows[1]
+    p = Manifest.load(tmp_path / "w8a8").precision
+    assert p["quantized_activations"] + len(p["float_activations"]) == 30 * 4
+    assert 0 < len(p["float_activations"]) <= 6  # only the massive-activation down_proj inputs stay float

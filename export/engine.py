@@ -1,0 +1,136 @@
+"""`mistral-trt engine OUT -o ENGINE_DIR`: build a TensorRT engine from an export folder.
+
+The ONNX is parsed into a strongly typed network (TensorRT 11 has no other kind; TensorRT 10.12+ takes the
+STRONGLY_TYPED creation flag), so precision comes from the artifact itself: the fp16 export gives fp16
+kernels, a Q/DQ export gives int8 kernels, no builder precision flags. Two optimization profiles
+(runtime/trt.py: prefill with seq up to --max-seq, decode with seq = 1) cover batch/seq/past. The timing
+cache is loaded before and saved after the build (--timing-cache to share one across engines), so a
+rebuild on the same GPU skips kernel timing.
+
+    mistral-trt engine build/onnx/smollm2-135m-instruct-fp16 --max-seq 512 --max-context 4096 -o build/engine/fp16
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from mistral_trt.runtime.errors import UserError
+from mistral_trt.runtime.manifest import ONNX_NAME, Manifest
+from mistral_trt.runtime.trt import (ENGINE_NAME, PROFILES, TIMING_CACHE, EngineManifest, gpu_info, import_tensorrt,
+                                     profile_shapes)
+
+
+def build_engine(src: str | Path, out: str | Path, max_batch: int = 1, max_seq: int = 512, max_context: int | None = None,
+                 timing_cache: str | Path | None = None, workspace_gib: float | None = None, force: bool = False,
+                 log=lambda s: print(s, file=sys.stderr, flush=True)) -> EngineManifest:
+    from mistral_trt.export.atomic import atomic_folder
+    from mistral_trt.export.checkpoint import sha256
+
+    src = Path(src)
+    m = Manifest.load(src)
+    if max_context is None:  # the model's limit, at most 4096 (a 32k profile costs device memory for nothing)
+        max_context = min(4096, m.cache.get("max_context") or m.model.max_position_embeddings)
+    shapes = profile_shapes(m, max_batch, max_seq, max_context)  # bad limits fail before TensorRT is needed
+    onnx_path = src / ONNX_NAME
+    onnx_sha = sha256(onnx_path)
+    if m.files.get(ONNX_NAME) not in (None, onnx_sha):
+        raise UserError(f"{onnx_path}: sha256 differs from manifest.json's (the export was modified): re-export it")
+    trt = import_tensorrt()
+    gpu_name, cc = gpu_info()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):  # 10.x: opt in; 11.x: accepted, always on
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    t0 = time.perf_counter()
+    log(f"[1/3] parse {onnx_path} ...")
+    if not parser.parse_from_file(str(onnx_path)):  # reads model.onnx.data beside it
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise UserError(f"{onnx_path}: TensorRT {trt.__version__} cannot parse it: " + "; ".join(errors[:3]))
+    log(f"[1/3] parsed: {network.num_layers} layers ({time.perf_counter() - t0:.1f}s)")
+
+    config = builder.create_builder_config()
+    if m.dtype == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 artifacts are the reference: no 10-bit-mantissa matmuls
+    if workspace_gib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
+    for name in PROFILES:  # profile index = position in PROFILES; runtime/trt.py relies on it
+        profile = builder.create_optimization_profile()
+        for tensor, (lo, opt, hi) in shapes[name].items():
+            profile.set_shape(tensor, lo, opt, hi)
+        config.add_optimization_profile(profile)
+    cache_path = Path(timing_cache) if timing_cache else None
+    cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    monitor = _Progress(trt, log) if hasattr(trt, "IProgressMonitor") else None
+    if monitor is not None:  # the local keeps the Python object alive for the whole build
+        config.progress_monitor = monitor
+
+    log(f"[2/3] build on {gpu_name} (compute capability {cc}), TensorRT {trt.__version__}, "
+        f"timing cache {'reused' if cache_bytes else 'new'} ...")
+    t1 = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise UserError(f"{onnx_path}: TensorRT could not build an engine (its messages are above)")
+    plan = bytes(plan)
+    build_s = time.perf_counter() - t1
+    log(f"[2/3] built: {len(plan) / 2**20:.1f} MiB in {build_s:.0f}s")
+
+    log("[3/3] save engine, timing cache, manifests ...")
+    with atomic_folder(out, force) as tmp:
+        (tmp / ENGINE_NAME).write_bytes(plan)
+        timing = bytes(config.get_timing_cache().serialize())
+        (tmp / TIMING_CACHE).write_bytes(timing)
+        if cache_path:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            part = cache_path.with_suffix(".partial")
+            part.write_bytes(timing)
+            part.replace(cache_path)
+        for name in m.tokenizer_files:
+            shutil.copy2(src / name, tmp / name)
+        m.save(tmp)  # the export's manifest: model args, IO names, tokenizer, chat format
+        em = EngineManifest(
+            tensorrt_version=trt.__version__,
+            gpu={"name": gpu_name, "compute_capability": cc},
+            profiles=shapes,
+            limits={"max_batch": max_batch, "max_seq": max_seq, "max_context": max_context},
+            source={"export": str(src.absolute()), "onnx_sha256": onnx_sha, "precision": m.precision.get("name", m.dtype)},
+            engine_sha256=hashlib.sha256(plan).hexdigest(),
+            build={"seconds": round(build_s, 1), "timing_cache": str(cache_path) if cache_path else TIMING_CACHE,
+                   "timing_cache_reused": bool(cache_bytes), "network_layers": network.num_layers},
+        )
+        em.save(tmp)
+    log(f"wrote {out}")
+    return em
+
+
+def _Progress(trt, log):
+    """A TensorRT IProgressMonitor that prints phases (kernel timing of a 7B model takes minutes)."""
+
+    class Progress(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.t0 = time.perf_counter()
+            self.last = 0.0
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            if parent_phase is None:
+                log(f"  {phase_name} ({num_steps} steps)")
+
+        def step_complete(self, phase_name, step):
+            now = time.perf_counter()
+            if now - self.last > 10:  # at most one line per 10 s
+                self.last = now
+                log(f"  {phase_name}: step {step + 1} ({now - self.t0:.0f}s)")
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return Progress()

@@ -1,0 +1,90 @@
+"""GPU check: every precision of the demo model through every GPU path, against onnxruntime CPU fp32.
+
+    python scripts/gpu_check.py build/gpu-check          # after scripts/gpu_check.sh has built the artifacts
+
+For each artifact folder (fp32, fp16, int8-w8a16, int8-w8a8) and each path available here — the native
+TensorRT engine (ENGINE_DIR from `mistral-trt engine`), onnxruntime's TensorRT execution provider and its
+CUDA execution provider — one table row: logits of a 128-token prefill compared with onnxruntime CPU fp32
+(max |Δlogit|, top-1 agreement), whether 64 greedy tokens equal the CPU fp32 run, and decode ms/token.
+Writes gpu_check.md and gpu_check.json beside the artifacts.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mistral_trt.runtime.engine import OrtEngine, provider_list
+from mistral_trt.runtime.errors import UserError
+from mistral_trt.runtime.generate import Generator, Sampling
+from mistral_trt.runtime.tokenizer import Tokenizer
+from mistral_trt.runtime.trt import TrtEngine
+
+PROMPT = ("Explain, step by step, how a hash map handles collisions, and compare separate chaining with open "
+          "addressing in terms of memory use and cache behaviour.")
+
+
+def logits_and_tokens(engine, ids: np.ndarray, n: int) -> tuple[np.ndarray, list[int], float]:
+    gen = Generator(engine)
+    st = gen.new_state(1, len(ids) + n)
+    logits = engine.step(ids[None], np.ones((1, len(ids)), np.int64), np.arange(len(ids))[None], st.cache)
+    first = logits[0].astype(np.float32)
+    t0 = time.perf_counter()
+    toks = [int(t[0]) for t in gen.generate([ids], n, Sampling(greedy=True), stop_on_eos=False)]
+    ms = (time.perf_counter() - t0) * 1e3 / n
+    return first, toks, ms
+
+
+def main(root: Path) -> int:
+    ref_dir = root / "fp32"
+    tok = Tokenizer.load(ref_dir)
+    ids = np.asarray(tok.encode(PROMPT, bos=True), np.int64)
+    ids = np.resize(ids, 128)  # a 128-token prefill
+    ref_logits, ref_toks, cpu_ms = logits_and_tokens(OrtEngine(ref_dir), ids, 64)
+    rows = [{"artifact": "fp32", "path": "onnxruntime cpu", "max_abs_dlogit": 0.0, "top1": 1.0, "greedy_equal": True,
+             "decode_ms": cpu_ms}]
+    for art in ("fp32", "fp16", "int8-w8a16", "int8-w8a8"):
+        for path in ("tensorrt native", "onnxruntime tensorrt", "onnxruntime cuda"):
+            folder = root / (f"engine-{art}" if path == "tensorrt native" else art)
+            if not folder.exists():
+                continue
+            try:
+                if path == "tensorrt native":
+                    engine = TrtEngine(folder)
+                else:
+                    provider = path.split()[1]
+                    engine = OrtEngine(folder, providers=provider_list(provider, folder))
+                    if engine.session.get_providers()[0] == "CPUExecutionProvider":
+                        raise UserError(f"onnxruntime has no {provider} provider here")
+                got, toks, ms = logits_and_tokens(engine, ids, 64)
+            except (UserError, RuntimeError) as e:
+                rows.append({"artifact": art, "path": path, "error": str(e)[:160]})
+                print(f"{art} / {path}: {e}", file=sys.stderr)
+                continue
+            rows.append({"artifact": art, "path": path, "max_abs_dlogit": float(np.abs(got - ref_logits).max()),
+                         "top1": float((got.argmax(-1) == ref_logits.argmax(-1)).mean()),
+                         "greedy_equal": toks == ref_toks, "greedy_first_diff": next(
+                             (i for i, (a, b) in enumerate(zip(toks, ref_toks)) if a != b), None),
+                         "decode_ms": ms})
+            print(rows[-1], file=sys.stderr, flush=True)
+    lines = ["| artifact | path | max abs dlogit vs CPU fp32 | top-1 (128 positions) | 64 greedy tokens equal | decode ms/token |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['artifact']} | {r['path']} | error: {r['error']} | | | |")
+        else:
+            eq = "yes" if r["greedy_equal"] else f"no (from token {r.get('greedy_first_diff')})"
+            lines.append(f"| {r['artifact']} | {r['path']} | {r['max_abs_dlogit']:.3g} | {100 * r['top1']:.1f}% | "
+                         f"{eq} | {r['decode_ms']:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    (root / "gpu_check.md").write_text(table + "\n")
+    (root / "gpu_check.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1] if len(sys.argv) > 1 else "build/gpu-check")))
