@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from mistral_trt.runtime.engine import PROVIDERS, OrtEngine
+from mistral_trt.runtime.engine import OrtEngine, provider_list
 from mistral_trt.runtime.errors import UserError
 from mistral_trt.runtime.manifest import DTYPE_BYTES, DTYPES, ONNX_DATA_NAME, ONNX_NAME, Manifest, io_specs
 
@@ -152,7 +152,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
 
 
 def _check(folder: Path, manifest: Manifest, scen, refs, provider: str) -> list[vf.CheckResult]:
-    engine = OrtEngine(folder, providers=PROVIDERS[provider], manifest=manifest)
+    engine = OrtEngine(folder, providers=provider_list(provider, folder), manifest=manifest)
     log(f"onnxruntime providers: {', '.join(engine.session.get_providers())}")
     results = vf.verify(engine, scen, refs)
     print(vf.table(results, manifest.dtype), flush=True)

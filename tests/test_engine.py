@@ -193,3 +193,14 @@ def test_device_kv_cache_trim_matches_host_cache():
         assert dev.length == host.length
         for ptr, h in zip(dev.past(), host.past()):
             np.testing.assert_array_equal(cuda.view(ptr, dev.shape_for(dev.length)), h)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_engine_folder_without_tensorrt(tiny_exports, tmp_path, capsys):
+    """generate/chat/bench take an engine folder (engine.json) and say plainly what is missing here."""
+    folder = tmp_path / "engine"
+    shutil.copytree(tiny_exports["full", "fp32"], folder)
+    _engine_manifest().save(folder)
+    assert main(["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "mistral-trt generate: error: tensorrt is not installed" in err and "Traceback" not in err
