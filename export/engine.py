@@ -67,7 +67,10 @@ def build_engine(src: str | Path, out: str | Path, max_batch: int = 1, max_seq: 
     cache_path = Path(timing_cache) if timing_cache else None
     cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):  # written by another GPU or TensorRT
+        log(f"  {cache_path}: timing cache from another GPU or TensorRT version, starting a new one")
+        cache_bytes = b""
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     monitor = _Progress(trt, log) if hasattr(trt, "IProgressMonitor") else None
     if monitor is not None:  # the local keeps the Python object alive for the whole build
         config.progress_monitor = monitor
