@@ -27,6 +27,7 @@ import numpy as np
 
 from mistral_trt.runtime.chat import format_chat
 from mistral_trt.runtime.engine import OrtEngine
+from mistral_trt.runtime.errors import UserError, read_json
 from mistral_trt.runtime.generate import Generator, Sampling
 from mistral_trt.runtime.manifest import Manifest
 from mistral_trt.runtime.tokenizer import Tokenizer
@@ -139,15 +140,18 @@ def build(export_dir: str | Path, out: Path, count: int = 256, reply_tokens: int
         "eval": {"file": "eval.txt", "tokens": int(len(tok.encode(text))), "prose_modules": EVAL_PROSE_MODULES,
                  "code_modules": EVAL_CODE_MODULES},
         "model": m.source.get("path"),
-        "sha256": hashlib.sha256(ids.tobytes() + offsets.tobytes()).hexdigest(),
+        "sha256": digest(ids, offsets),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
-def load_manifest(calib_dir: str | Path) -> dict:
-    from mistral_trt.runtime.errors import UserError, read_json
+def digest(ids: np.ndarray, offsets: np.ndarray) -> str:
+    """The calibration set's identity: sha256 over the token ids and sequence offsets."""
+    return hashlib.sha256(ids.tobytes() + offsets.tobytes()).hexdigest()
 
+
+def load_manifest(calib_dir: str | Path) -> dict:
     path = Path(calib_dir) / "manifest.json"
     if not path.is_file():
         raise UserError(f"{path}: missing (is {calib_dir} a folder written by `mistral-trt calibrate`?)")
@@ -160,8 +164,6 @@ def load_manifest(calib_dir: str | Path) -> dict:
 
 def load(calib_dir: str | Path) -> list[np.ndarray]:
     """The calibration sequences, checked against the manifest's hash (a stale or edited calib.npz is refused)."""
-    from mistral_trt.runtime.errors import UserError
-
     raw = load_manifest(calib_dir)
     path = Path(calib_dir) / "calib.npz"
     try:
@@ -169,7 +171,7 @@ def load(calib_dir: str | Path) -> list[np.ndarray]:
         ids, off = z["ids"], z["offsets"]
     except (OSError, KeyError, ValueError) as e:
         raise UserError(f"{path}: cannot read calibration sequences ({e})") from None
-    digest = hashlib.sha256(ids.tobytes() + off.tobytes()).hexdigest()
-    if digest != raw["sha256"]:
-        raise UserError(f"{path}: sha256 {digest[:16]}... does not match manifest.json's {raw['sha256'][:16]}...")
+    got = digest(ids, off)
+    if got != raw["sha256"]:
+        raise UserError(f"{path}: sha256 {got[:16]}... does not match manifest.json's {raw['sha256'][:16]}...")
     return [ids[off[i]:off[i + 1]] for i in range(len(off) - 1)]

@@ -81,7 +81,6 @@ def quantize(src: str | Path, precision: str, out: str | Path, force: bool = Fal
             alphas = {} if alpha == "auto" else {g: float(alpha) for g in GROUPS}
             stats = int8_w8a8(src, tmp / ONNX_NAME, seqs, alphas, calib_method, groups=ACTIVATION_GROUPS,
                               outlier_ratio=outlier_ratio, log=log)
-            stats.pop("stats")
             acts = stats.pop("activations")
             (tmp / "quantization.json").write_text(json.dumps(acts, indent=1) + "\n")
             kept = [r["activation"] for r in acts if r.get("kept_float")]
@@ -137,8 +136,7 @@ def weight_only_int8_model(model) -> dict:
                 if w.ndim != 2 or w.dtype != np.float32:
                     new_nodes.append(node)
                     continue
-                scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
-                scale[scale == 0] = 1.0
+                scale = weight_scale(w)
                 q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)  # symmetric: -128 unused
                 g.initializer.extend([
                     numpy_helper.from_array(q, f"{name}_int8"),
@@ -158,6 +156,13 @@ def weight_only_int8_model(model) -> dict:
     del g.initializer[:]
     g.initializer.extend(keep)
     return {"matmuls": len(done), "bytes": nbytes}
+
+
+def weight_scale(w: np.ndarray) -> np.ndarray:
+    """Per output column of W [K, N]: max |W[:, n]| / 127 (an all-zero column gets 1)."""
+    scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
+    scale[scale == 0] = 1.0
+    return scale
 
 
 def fold_weight_transposes(model) -> int:
@@ -233,8 +238,7 @@ def activation_stats(model, manifest, seqs, acts: list[str], rows_per_seq: int =
         probe.graph.output.append(helper.make_empty_tensor_value_info(a))
     with tempfile.TemporaryDirectory() as tmp:  # a file, not bytes: models over 2 GB need external data
         path = Path(tmp) / "probe.onnx"
-        onnx.save(probe, str(path), save_as_external_data=probe.ByteSize() >= EXTERNAL_DATA_THRESHOLD,
-                  location="probe.data")
+        save_model(probe, path)
         del probe
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -284,8 +288,7 @@ def activation_scale(amax: float, sample: np.ndarray, method: str, percentile: f
         x = np.random.default_rng(0).choice(x, 1 << 18, replace=False)
     best, best_err = amax, np.inf
     for t in amax * np.geomspace(0.02, 1.0, 40):
-        s = t / 127
-        err = float(np.mean((np.clip(np.rint(x / s), -127, 127) * s - x) ** 2))
+        err = float(np.mean((_fake_quant(x, t / 127) - x) ** 2))
         if err < best_err:
             best, best_err = t, err
     return float(best)
@@ -298,9 +301,10 @@ def smooth_and_quantize(model, args, amax: dict, rows: dict, alpha: dict[str, fl
     x/s and s*W give the same product, with the activation's outlier channels moved into the weights.
     1/s is folded into the producer where it is a plain scale (RMSNorm gamma; up_proj's columns for
     down_proj's input, since SwiGLU is silu(gate) * up), otherwise it is an explicit Mul. Then every weight
-    becomes per-channel symmetric int8 (DequantizeLinear axis=1) and every smoothed activation gets one
-    QuantizeLinear -> DequantizeLinear pair (per-tensor symmetric int8, zero point 0) shared by the MatMuls
-    that read it. Masks, softmax, norms and the residual stream are never quantized."""
+    becomes per-channel symmetric int8 (DequantizeLinear axis=1) and each MatMul reading a smoothed
+    activation gets its own QuantizeLinear -> DequantizeLinear pair (per-tensor symmetric int8, zero point 0,
+    one scale per activation). Masks, softmax, norms and the residual stream are never quantized.
+    quantize=False only smooths (the float graph computes the same logits; tests check that)."""
     from onnx import helper, numpy_helper
 
     g = model.graph
@@ -342,7 +346,8 @@ def smooth_and_quantize(model, args, amax: dict, rows: dict, alpha: dict[str, fl
             x_name = f"{a}_smoothed"
             new_nodes.append(helper.make_node("Mul", [a, inv], [x_name], name=f"{a}_SmoothQuant"))
             folded = "Mul"
-        t = activation_scale(float((amax[a] / s).max()), rows[a] / s, method, percentile)
+        xs, xmax = rows[a] / s, float((amax[a] / s).max())  # the smoothed activation's sample and max
+        t = activation_scale(xmax, xs, method, percentile)
         if quantize:
             scale, zp = f"{a}_act_scale", f"{a}_act_zero_point"
             g.initializer.extend([numpy_helper.from_array(np.array(t / 127, np.float32), scale),
@@ -359,9 +364,8 @@ def smooth_and_quantize(model, args, amax: dict, rows: dict, alpha: dict[str, fl
         for k, (u, w) in enumerate(zip(users, ws)):
             inits[u.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), u.input[1]))
             u.input[0] = f"{a}_dq{k}" if quantize else x_name
-        clipped = float((np.abs(rows[a] / s) > t).mean())
-        report.append({"activation": a, "group": group, "alpha": al, "fold": folded, "clip": t,
-                       "max": float((amax[a] / s).max()), "clipped_fraction": clipped, "output_error": err})
+        report.append({"activation": a, "group": group, "alpha": al, "fold": folded, "clip": t, "max": xmax,
+                       "clipped_fraction": float((np.abs(xs) > t).mean()), "output_error": err})
     _insert_after_producers(g, new_nodes)
     stats = weight_only_int8_model(model) if quantize else {"matmuls": 0, "bytes": 0}
     return {"activations": report, **stats}
@@ -386,9 +390,7 @@ def _choose_alpha(amax, rows, ws, method, percentile, grid=ALPHA_GRID) -> tuple[
         err = 0.0
         for w, y in zip(ws, ys):
             ws_ = w * s[:, None]
-            scale = np.abs(ws_).max(0) / 127
-            scale[scale == 0] = 1.0
-            err += float(((xq @ _fake_quant(ws_, scale) - y) ** 2).sum())
+            err += float(((xq @ _fake_quant(ws_, weight_scale(ws_)) - y) ** 2).sum())
         if err / norm < best[1]:
             best = (al, err / norm)
     return best
@@ -452,19 +454,16 @@ def _insert_after_producers(g, new: list) -> None:
 
 
 def int8_w8a8(src: Path, dst: Path, seqs: list[np.ndarray], alpha: dict[str, float], method: str,
-              percentile: float = 99.99, groups: tuple[str, ...] = GROUPS, outlier_ratio: float = 0.0, stats=None,
+              percentile: float = 99.99, groups: tuple[str, ...] = GROUPS, outlier_ratio: float = 0.0,
               log=print) -> dict:
-    """fp32 export folder `src` -> w8a8 ONNX at `dst`. `stats` (from a previous call) skips calibration."""
+    """fp32 export folder `src` -> w8a8 ONNX at `dst`: calibration statistics, then smoothing + Q/DQ."""
     import onnx
 
     m = Manifest.load(src)
     model = onnx.load(str(src / ONNX_NAME))
     fold_weight_transposes(model)
-    if stats is None:
-        acts = list(weight_matmuls(model, m.model))
-        stats = activation_stats(model, m, seqs, acts, log=log)
+    stats = activation_stats(model, m, seqs, list(weight_matmuls(model, m.model)), log=log)
     report = smooth_and_quantize(model, m.model, *stats, alpha=alpha, method=method, percentile=percentile, groups=groups,
                                  outlier_ratio=outlier_ratio, log=log)
     save_model(model, dst)
-    report["stats"] = stats
     return report

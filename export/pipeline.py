@@ -85,8 +85,6 @@ def versions() -> dict[str, str]:
     }
 
 
-
-
 def available_gib() -> float:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
