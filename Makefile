@@ -48,9 +48,15 @@ test: setup
 measure-export: setup
 	PATH=$(VENV)/bin:$$PATH $(PY) scripts/measure_export.py --layers 4 8 --dtype fp16
 
-# Latency of the demo export against HF eager and onnxruntime-genai, side by side.
+# Latency of the demo exports (fused fp32 first = "ours", portable fp32, fused int8) against HF eager and
+# onnxruntime-genai, side by side.
+FUSED_OUT := build/onnx/smollm2-135m-instruct-fused-fp32
+FUSED_Q8  := build/onnx/smollm2-135m-instruct-fused-int8-w8a8-dynamic
 bench: export
-	$(CLI) bench $(OUT) --baseline hf --baseline ort-genai --prompt-len 128,512 --gen-len 64 --repeat 3 -o build/bench
+	@test -f $(FUSED_OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_OUT) --graph fused
+	@test -f $(FUSED_Q8)/manifest.json || $(CLI) quantize $(FUSED_OUT) --precision int8-w8a8-dynamic -o $(FUSED_Q8)
+	$(CLI) bench $(FUSED_OUT) $(OUT) $(FUSED_Q8) --baseline hf --baseline ort-genai --prompt-len 128,512,2048 \
+	  --gen-len 64 --repeat 3 -o build/bench
 
 # On an NVIDIA GPU host: TensorRT + onnxruntime-gpu, engines for every precision, logits table, bench.
 gpu-check:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mistral_trt.runtime.engine import OrtEngine
 from mistral_trt.runtime.errors import UserError
 from mistral_trt.runtime.manifest import Manifest
 from mistral_trt.runtime.tokenizer import Tokenizer
@@ -32,9 +31,11 @@ def windows(ids: np.ndarray, window: int) -> list[np.ndarray]:
 
 def run(folder: Path, chunks: list[np.ndarray]):
     """Per window: log-probabilities [n, V] (float64) of the next token."""
-    e = OrtEngine(folder)
+    from mistral_trt.runtime.trt import load_engine
+
+    e = load_engine(folder)
     for c in chunks:
-        logits, _ = e.forward(c[None], np.ones((1, len(c))), np.arange(len(c))[None], e.empty_past(1))
+        logits = e.step(c[None], np.ones((1, len(c))), np.arange(len(c))[None], e.new_cache(1, len(c), None))
         yield log_softmax(logits[0])
 
 

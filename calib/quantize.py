@@ -14,7 +14,13 @@
                 with "massive" outlier channels (max > outlier_ratio x their 99.99th percentile) stay float too,
                 and so does lm_head's input (its weights are int8).
 
-All three are what TensorRT 10/11 wants (strongly typed fp16; explicit symmetric Q/DQ) and run on onnxruntime's
+    int8-w8a8-dynamic   (fused graph only, export --graph fused) onnxruntime's MatMulNBits with 8-bit weights:
+                symmetric int8 per block of 32 input channels, and activations quantized to int8 per block at
+                run time (accuracy_level 4: integer dot products). One fused kernel per MatMul, lm_head included;
+                the embedding table stays float for its Gather. Quantized by onnxruntime's own
+                MatMulNBitsQuantizer. Needs no calibration set.
+
+The first three are what TensorRT 10/11 wants (strongly typed fp16; explicit symmetric Q/DQ) and run on onnxruntime's
 CPU provider, so CI checks them.
 
 Measured on the demo model (Δppl vs fp32) while choosing int8-w8a8's defaults. First 3,000 held-out tokens:
@@ -39,13 +45,15 @@ import numpy as np
 from mistral_trt.runtime.errors import UserError
 from mistral_trt.runtime.manifest import ONNX_DATA_NAME, ONNX_NAME, Manifest
 
-PRECISIONS = ("fp16", "int8-w8a16", "int8-w8a8")
+PRECISIONS = ("fp16", "int8-w8a16", "int8-w8a8", "int8-w8a8-dynamic")
+FUSED_PRECISIONS = ("fp16", "int8-w8a8-dynamic")  # what a --graph fused export takes; the others are Q/DQ graphs
+NBITS_BLOCK = 32  # int8-w8a8-dynamic's default block: the best quality of 32/64/128 (README table), 64 is ~8 % faster
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 
 
 def quantize(src: str | Path, precision: str, out: str | Path, force: bool = False, calib: str | Path | None = None,
              calib_method: str = "max", alpha: str | float = "auto", outlier_ratio: float = 20.0,
-             log=lambda s: print(s, file=sys.stderr, flush=True)) -> Manifest:
+             block_size: int = NBITS_BLOCK, log=lambda s: print(s, file=sys.stderr, flush=True)) -> Manifest:
     from mistral_trt.export.atomic import atomic_folder
     from mistral_trt.export.checkpoint import sha256
 
@@ -55,6 +63,11 @@ def quantize(src: str | Path, precision: str, out: str | Path, force: bool = Fal
         raise UserError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if m.dtype != "fp32":
         raise UserError(f"{src}: quantize starts from an fp32 export, this one is {m.dtype}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise UserError(f"--block-size {block_size}: expected a power of two >= 16 (onnxruntime MatMulNBits)")
+    if (m.graph == "fused") != (precision in FUSED_PRECISIONS) and precision != "fp16":
+        need = "a --graph fused export" if precision in FUSED_PRECISIONS else "a --graph portable export (Q/DQ for TensorRT)"
+        raise UserError(f"{src}: --precision {precision} needs {need}; this one is graph {m.graph!r}")
     if precision == "int8-w8a8":
         if calib is None:
             raise UserError("--precision int8-w8a8 calibrates activations: pass --calib CALIB (from `mistral-trt calibrate`)")
@@ -67,13 +80,18 @@ def quantize(src: str | Path, precision: str, out: str | Path, force: bool = Fal
     if precision == "fp16":
         from mistral_trt.export.pipeline import export_model
 
-        new = export_model(m.source["path"], out, dtype="fp16", force=force)
+        new = export_model(m.source["path"], out, dtype="fp16", force=force, graph=m.graph)
         new.precision = {"name": "fp16", "method": "export --dtype fp16 (HF modelling code, fp32 norms/RoPE/softmax)",
                          "from": str(src.absolute())}
         new.save(out)
         return new
     with atomic_folder(out, force) as tmp:
-        if precision == "int8-w8a16":
+        if precision == "int8-w8a8-dynamic":
+            stats = nbits_int8(src / ONNX_NAME, tmp / ONNX_NAME, block_size)
+            m.precision = {"name": precision, "method": f"onnxruntime MatMulNBits: symmetric int8 weights per block of "
+                           f"{block_size}, int8 activations per block at run time (accuracy_level 4)", "calibration": None,
+                           "block_size": block_size}
+        elif precision == "int8-w8a16":
             stats = weight_only_int8(src / ONNX_NAME, tmp / ONNX_NAME)
             m.precision = {"name": precision, "method": "per-channel symmetric int8 weights (DequantizeLinear, zero point 0)",
                            "calibration": None}
@@ -111,6 +129,20 @@ def weight_only_int8(src: Path, dst: Path) -> dict:
     stats = weight_only_int8_model(model)
     save_model(model, dst)
     return stats
+
+
+def nbits_int8(src: Path, dst: Path, block_size: int = NBITS_BLOCK) -> dict:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=8, block_size=block_size, is_symmetric=True, accuracy_level=4)
+    q.process()
+    model = q.model.model
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    packed = {i for n in nodes for i in n.input[1:3]}
+    nbytes = sum(len(t.raw_data) for t in model.graph.initializer if t.name in packed)
+    save_model(model, dst)
+    return {"matmuls": len(nodes), "bytes": nbytes}
 
 
 def save_model(model, dst: Path) -> None:

@@ -20,7 +20,7 @@ def cmd_export(a):
     from mistral_trt.export.pipeline import export_model
 
     export_model(a.model, a.output, dtype=a.dtype, force=a.force, run_verify=not a.no_verify,
-                 max_window_check=a.max_window_check, provider=a.provider)
+                 max_window_check=a.max_window_check, provider=a.provider, graph=a.graph)
 
 
 def cmd_verify(a):
@@ -174,7 +174,7 @@ def cmd_quantize(a):
 
     alpha = a.smoothquant_alpha if a.smoothquant_alpha == "auto" else float(a.smoothquant_alpha)
     m = quantize(a.folder, a.precision, a.output, force=a.force, calib=a.calib, calib_method=a.calib_method,
-                 alpha=alpha, outlier_ratio=a.outlier_ratio)
+                 alpha=alpha, outlier_ratio=a.outlier_ratio, block_size=a.block_size)
     print(f"{a.output}: {m.precision['name']} ({m.precision['method']})")
 
 
@@ -223,6 +223,7 @@ def _add_sampling_args(s):
 
 def parser() -> argparse.ArgumentParser:
     from mistral_trt.export.verify import MAX_WINDOW_CHECK  # a constant; verify.py imports numpy only at top
+    from mistral_trt.runtime.manifest import GRAPHS
 
     p = argparse.ArgumentParser(prog="mistral-trt", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -237,6 +238,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="checkpoint folder (or a hub id where the hub is reachable)")
     s.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
     s.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    s.add_argument("--graph", choices=GRAPHS, default="portable",
+                   help="portable: traced standard ONNX ops, runs anywhere incl. TensorRT; fused: onnxruntime "
+                        "contrib ops (GroupQueryAttention with an in-place KV cache), fastest on onnxruntime")
     s.add_argument("--force", action="store_true", help="replace an existing output folder")
     s.add_argument("--no-verify", action="store_true", help="skip the check against PyTorch")
     s.add_argument("--max-window-check", type=int, default=MAX_WINDOW_CHECK,
@@ -311,7 +315,10 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("quantize", help="fp32 export -> fp16 or int8 (explicit Q/DQ) export")
     s.add_argument("folder", help="fp32 export folder")
-    s.add_argument("--precision", required=True, choices=["fp16", "int8-w8a16", "int8-w8a8"])
+    s.add_argument("--precision", required=True, choices=["fp16", "int8-w8a16", "int8-w8a8", "int8-w8a8-dynamic"],
+                   help="int8-w8a8-dynamic: fused-graph exports (onnxruntime MatMulNBits); the others: portable exports")
+    s.add_argument("--block-size", type=int, default=32,
+                   help="int8-w8a8-dynamic: input channels per weight scale (32: best quality; 64: ~8%% faster decode)")
     s.add_argument("--calib", help="calibration folder (int8-w8a8 calibrates its activations on it)")
     s.add_argument("--calib-method", choices=["max", "percentile", "mse"], default="max",
                    help="int8-w8a8 activation range: max (default, measured best), 99.99th percentile, or MSE-optimal clip")

@@ -20,9 +20,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from mistral_trt.runtime.engine import OrtEngine, provider_list
 from mistral_trt.runtime.errors import UserError
-from mistral_trt.runtime.manifest import DTYPE_BYTES, DTYPES, ONNX_DATA_NAME, ONNX_NAME, Manifest, io_specs
+from mistral_trt.runtime.manifest import (DTYPE_BYTES, DTYPES, GRAPHS, ONNX_DATA_NAME, ONNX_NAME, Manifest,
+                                          fused_io_specs, io_specs)
+from mistral_trt.runtime.trt import load_engine
 
 from . import checkpoint as ck
 from . import verify as vf
@@ -117,9 +118,13 @@ def check_memory(c: ck.Checkpoint, dtype: str, run_verify: bool, provider: str) 
 
 
 def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool = False, run_verify: bool = True,
-                 max_window_check: int = vf.MAX_WINDOW_CHECK, provider: str = "cpu") -> Manifest:
+                 max_window_check: int = vf.MAX_WINDOW_CHECK, provider: str = "cpu", graph: str = "portable") -> Manifest:
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if graph not in GRAPHS:
+        raise UserError(f"--graph {graph!r}: expected one of {', '.join(GRAPHS)}")
+    if graph == "fused" and provider == "tensorrt":
+        raise UserError("--graph fused runs on onnxruntime's cpu or cuda provider; TensorRT takes --graph portable")
     out = Path(out).expanduser().absolute()
     if out.exists() and not force:  # before the (slow) checks of the checkpoint
         raise UserError(f"{out}: already exists (pass --force to replace it)")
@@ -132,12 +137,18 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
         with stage(1, total, f"load {src} ({dtype})"):
             args = c.args
             torch_model = load_model(c, dtype)
-        with stage(2, total, f"trace {args.num_layers} layers into ONNX (opset 18, KV-cache inputs)"):
-            from .onnx_export import export_onnx
+        if graph == "portable":
+            with stage(2, total, f"trace {args.num_layers} layers into ONNX (opset 18, KV-cache inputs)"):
+                from .onnx_export import export_onnx
 
-            export_onnx(torch_model, args, dtype, tmp)
+                export_onnx(torch_model, args, dtype, tmp)
+        else:
+            with stage(2, total, f"write {args.num_layers} layers as onnxruntime fused ops (in-place KV cache)"):
+                from .fused_graph import build_graph
+
+                build_graph(torch_model, args, dtype, tmp)
         with stage(3, total, "save manifest, tokenizer files and sha256 hashes"):
-            manifest = _write_manifest(c, args, dtype, tmp)
+            manifest = _write_manifest(c, args, dtype, tmp, graph)
         if run_verify:
             with stage(4, total, "verify against PyTorch"):
                 scen = vf.scenarios(args, max_window_check=max_window_check)
@@ -150,7 +161,8 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
 
 
 def _check(folder: Path, manifest: Manifest, scen, refs, provider: str) -> list[vf.CheckResult]:
-    engine = OrtEngine(folder, providers=provider_list(provider, folder), manifest=manifest)
+    manifest.save(folder)  # load_engine reads it
+    engine = load_engine(folder, provider)
     log(f"onnxruntime providers: {', '.join(engine.session.get_providers())}")
     results = vf.verify(engine, scen, refs)
     print(vf.table(results, manifest.dtype), flush=True)
@@ -182,11 +194,11 @@ def verify_export(folder: str | Path, model: str | None = None, max_window_check
     return _check(folder, manifest, scen, refs, provider)
 
 
-def _write_manifest(c: ck.Checkpoint, args, dtype: str, folder: Path) -> Manifest:
+def _write_manifest(c: ck.Checkpoint, args, dtype: str, folder: Path, graph: str = "portable") -> Manifest:
     for f in c.tokenizer_files:
         shutil.copy2(f, folder / f.name)
     fmt, template = ck.chat_format(c)
-    inputs, outputs = io_specs(args, dtype)
+    inputs, outputs = (io_specs if graph == "portable" else fused_io_specs)(args, dtype)
     files = {n: ck.sha256(folder / n) for n in (ONNX_NAME, ONNX_DATA_NAME) if (folder / n).exists()}
     m = Manifest(
         model=args,
@@ -199,10 +211,13 @@ def _write_manifest(c: ck.Checkpoint, args, dtype: str, folder: Path) -> Manifes
         tokenizer_files=[f.name for f in c.tokenizer_files],
         files=files,
         cache={
-            "position_ids": "absolute",  # never reset when the cache is trimmed
+            "position_ids": "absolute" if graph == "portable" else "implicit",  # never reset when the cache is trimmed
             "min_keep": None if args.sliding_window is None else args.sliding_window - 1,
             "max_context": args.max_position_embeddings,
+            # fused: one buffer per layer bound as past and present, capacity >= the window when there is one
+            "layout": "double-buffer" if graph == "portable" else "in-place",
         },
+        graph=graph,
         source={"path": str(c.path.absolute()), "weights": {f.name: ck.sha256(f) for f in c.weight_files}},
         versions=versions(),
     )

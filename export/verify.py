@@ -47,6 +47,8 @@ def scenarios(args: ModelArgs, seed: int = 0, max_window_check: int = MAX_WINDOW
         Scenario("prefill, empty past", [rand(32)], [32]),
         Scenario("prefill 8 + 56 decode steps", [rand(64)], [8] + [1] * 56),
         Scenario("batch 2, left padding, 8 decode steps", [rand(40), rand(28)], [32] + [1] * 8),
+        # the short row is all padding in the first chunk: a runtime must not let it poison later steps
+        Scenario("batch 2, chunked prefill, idle row", [rand(40), rand(12)], [16, 16, 4] + [1] * 4),
     ]
     w = args.sliding_window
     if w is not None:
@@ -75,7 +77,8 @@ def reference_logits(model, scen: list[Scenario]) -> list[list[np.ndarray] | Non
 
 
 def run_onnx(engine: OrtEngine, s: Scenario) -> tuple[np.ndarray, np.ndarray]:
-    """Drive the graph step by step like a runtime. Returns logits [B, T, V] and the padding mask [B, T]."""
+    """Drive the graph step by step like a runtime, through the engine's own preallocated cache (the path
+    Generator uses). Returns logits [B, T, V] and the padding mask [B, T]."""
     b, t = len(s.rows), max(len(r) for r in s.rows)
     ids = np.zeros((b, t), np.int64)
     mask = np.zeros((b, t), np.int64)
@@ -83,16 +86,14 @@ def run_onnx(engine: OrtEngine, s: Scenario) -> tuple[np.ndarray, np.ndarray]:
         ids[i, t - len(r):] = r
         mask[i, t - len(r):] = 1
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # absolute position of each real token
-    past, past_mask, logits, start = engine.empty_past(b), mask[:, :0], [], 0
+    cache = engine.new_cache(b, t if s.keep is None else s.keep + max(s.schedule), s.keep)
+    past_mask, logits, start = mask[:, :0], [], 0
     for n in s.schedule:
         end = start + n
         step_mask = np.concatenate([past_mask, mask[:, start:end]], axis=1)
-        out, past = engine.forward(ids[:, start:end], step_mask, positions[:, start:end], past)
+        out = engine.step(ids[:, start:end], step_mask, positions[:, start:end], cache)
         logits.append(out.astype(np.float32))
-        past_mask = step_mask
-        if s.keep is not None and past[0].shape[2] > s.keep:
-            past = [p[:, :, -s.keep:] for p in past]
-            past_mask = past_mask[:, -s.keep:]
+        past_mask = step_mask[:, step_mask.shape[1] - cache.length:]  # the columns the (trimmed) cache still holds
         start = end
     assert start == t, f"schedule covers {start} of {t} tokens"
     return np.concatenate(logits, axis=1), mask

@@ -55,3 +55,37 @@ class KVCache:
             return total - self.keep
         self.side, self.length = 1 - self.side, total
         return 0
+
+
+class InPlaceKVCache:
+    """The fused graph's cache (export/fused_graph.py): one buffer per layer and kind, [B, KV, capacity, D],
+    bound as both `past` and `present`; onnxruntime's GroupQueryAttention writes the new positions into it.
+
+    Nothing is copied between steps, so a decode step reads the cache once and writes one position. Rows
+    are independent: `tokens[b]` counts row b's real tokens (padding never enters the buffer). With a
+    sliding window the op itself keeps the window resident (capacity >= W, eviction in blocks).
+    `length` mirrors KVCache.length (padded columns kept) so Generator's mask bookkeeping is unchanged.
+
+        cache = InPlaceKVCache(num_layers=2, batch=1, kv_heads=2, head_dim=16, capacity=64, dtype=np.float32)
+        ... engine.step(ids, mask, pos, cache) ...   # binds cache.buffers, then cache.commit(new, real)
+    """
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype, keep: int | None = None, window: int | None = None, device: str = "cpu"):
+        assert window is None or capacity >= window, f"capacity {capacity} < window {window}: the op keeps W positions"
+        self.capacity, self.keep, self.window, self.length = capacity, keep, window, 0
+        shape = (batch, kv_heads, capacity, head_dim)
+        if device == "cpu":  # numpy arrays
+            self.buffers = [np.zeros(shape, dtype) for _ in range(2 * num_layers)]
+        else:  # onnxruntime OrtValues in device memory (CUDA provider): the cache never crosses PCIe
+            import onnxruntime as ort
+
+            self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0) for _ in range(2 * num_layers)]
+        self.tokens = np.zeros(batch, np.int64)  # real tokens per row, all time (positions are absolute)
+
+    def commit(self, new: int, real: np.ndarray) -> int:
+        """`new` padded columns fed, `real[b]` of them real for row b. Returns the mask columns to drop."""
+        self.tokens += real
+        total = self.length + new
+        self.length = min(total, self.keep) if self.keep is not None else total
+        return total - self.length

@@ -8,7 +8,8 @@ The KV cache (runtime/cache.py) is preallocated and double-buffered: the graph r
 and writes `present` into the other through onnxruntime IOBinding. With a sliding window W the cache is
 trimmed to its last `min_keep = W - 1` positions after each step, with the matching columns of the
 attention mask; position_ids stay absolute. That reproduces the full-sequence logits exactly (see
-export/verify.py) and keeps memory flat.
+export/verify.py) and keeps memory flat. A fused-graph export (FusedEngine) takes the same calls over an
+in-place cache (runtime/cache.py, InPlaceKVCache): nothing here changes.
 """
 from __future__ import annotations
 

@@ -15,6 +15,10 @@ A runtime drives ``model.onnx`` from this file alone. The graph is one function
 With ``model.sliding_window = W`` a runtime may keep only the last ``cache.min_keep = W - 1`` positions
 (and the matching columns of ``attention_mask``) and still get the full-sequence logits exactly.
 
+That is ``graph: "portable"``. ``graph: "fused"`` (onnxruntime contrib ops, export/fused_graph.py) has
+other inputs, listed in ``inputs``/``outputs`` and explained in ``fused_io_specs``: right-padded rows, no
+mask or positions, and a KV buffer of fixed capacity that is bound as both ``past`` and ``present``.
+
 Example:
     >>> m = Manifest.load("build/onnx/smollm2-135m-instruct")       # doctest: +SKIP
     >>> m.model.num_layers, m.input_names()[:3]                     # doctest: +SKIP
@@ -45,7 +49,9 @@ DIMS = {
     "seq": "tokens fed this step",
     "past": "cached positions fed in (0 for the first step)",
     "total": "past + seq",
+    "capacity": "positions the in-place KV buffer holds (graph 'fused': bound as both past and present)",
 }
+GRAPHS = ("portable", "fused")  # traced standard ops (any runtime, TensorRT) | onnxruntime contrib ops, in-place cache
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,31 @@ def io_specs(args: ModelArgs, dtype: str) -> tuple[list[TensorSpec], list[Tensor
     return inputs, outputs
 
 
+def fused_io_specs(args: ModelArgs, dtype: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs and outputs of the fused graph (export/fused_graph.py): right-padded rows, in-place cache.
+
+    input_ids              int64 [batch, seq]       row b: query_seqlens[b] real tokens first, then padding
+    seqlens_k              int32 [batch]            tokens of row b after this step, minus one
+    total_sequence_length  int32 []                 an upper bound of seqlens_k + 1 (the buffer capacity)
+    query_seqlens          int32 [batch]            real tokens of row b in this step (0: row idle)
+    past_key_values.{i}.*  kv    [batch, KV, capacity, D]   the same buffer is bound as present.{i}.*
+    """
+    f = NUMPY_DTYPE[dtype]
+    kv = lambda name: TensorSpec(name, f, ["batch", args.num_kv_heads, "capacity", args.head_dim])  # noqa: E731
+    inputs = [
+        TensorSpec("input_ids", "int64", ["batch", "seq"]),
+        TensorSpec("seqlens_k", "int32", ["batch"]),
+        TensorSpec("total_sequence_length", "int32", []),
+        TensorSpec("query_seqlens", "int32", ["batch"]),
+    ]
+    outputs = [TensorSpec("logits", f, ["batch", "seq", args.vocab_size])]
+    for i in range(args.num_layers):
+        for kind in ("key", "value"):
+            inputs.append(kv(f"past_key_values.{i}.{kind}"))
+            outputs.append(kv(f"present.{i}.{kind}"))
+    return inputs, outputs
+
+
 @dataclass
 class Manifest:
     model: ModelArgs
@@ -109,6 +140,7 @@ class Manifest:
     versions: dict[str, str]
     verification: list[dict] = field(default_factory=list)  # rows written by `verify`
     precision: dict = field(default_factory=dict)  # set by `quantize`: name, method, source export, calibration
+    graph: str = "portable"  # portable: io_specs, any runtime | fused: fused_io_specs, onnxruntime only
     schema_version: int = SCHEMA_VERSION
     dims: dict[str, str] = field(default_factory=lambda: dict(DIMS))
 
@@ -157,6 +189,8 @@ class Manifest:
             raise UserError(f"{where}: {e}") from None
         if m.dtype not in DTYPES:
             raise UserError(f"{where}: dtype {m.dtype!r}, expected one of {DTYPES}")
+        if m.graph not in GRAPHS:
+            raise UserError(f"{where}: graph {m.graph!r}, expected one of {GRAPHS}")
         if m.chat_format not in CHAT_FORMATS:
             raise UserError(f"{where}: chat_format {m.chat_format!r}, expected one of {CHAT_FORMATS}")
         return m

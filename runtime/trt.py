@@ -336,10 +336,16 @@ class TrtEngine:
 
 
 def load_engine(folder: str | Path, provider: str = "cpu"):
-    """An engine folder (engine.json) -> TrtEngine; an export folder -> OrtEngine on `provider`."""
+    """An engine folder (engine.json) -> TrtEngine; an export folder -> OrtEngine (portable graph) or
+    FusedEngine (fused graph) on `provider`."""
     if (Path(folder) / ENGINE_MANIFEST).is_file():
         return TrtEngine(folder)
-    from .engine import OrtEngine, provider_list
+    from .engine import FusedEngine, OrtEngine, provider_list
 
-    return OrtEngine(folder, providers=provider_list(provider, folder))
+    m = Manifest.load(folder)
+    if m.graph == "fused" and provider == "tensorrt":
+        raise UserError(f"{folder}: the fused graph uses onnxruntime contrib ops TensorRT does not have; "
+                        "export the portable graph for TensorRT (mistral-trt export --graph portable)")
+    cls = FusedEngine if m.graph == "fused" else OrtEngine
+    return cls(folder, providers=provider_list(provider, folder), manifest=m)
 

@@ -39,7 +39,9 @@ case "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" in
   *H200*) BW=4800 ;; *H100*PCIe*) BW=2000 ;; *H100*) BW=3350 ;; *A100*80GB*) BW=2039 ;; *A100*) BW=1555 ;; *L40S*) BW=864 ;; *) BW=0 ;;
 esac
 BWFLAG=$([ "$BW" != 0 ] && echo "--bandwidth $BW" || true)
-$CLI bench $OUT/engine-fp16 $OUT/engine-int8-w8a16 $OUT/fp16 --provider cuda --prompt-len 128,512,2048 \
+# the fused graph (onnxruntime GroupQueryAttention, KV cache in place in device memory) on the CUDA provider
+test -f $OUT/fused-fp16/manifest.json || $CLI export $DEMO -o $OUT/fused-fp16 --graph fused --dtype fp16 --provider cuda
+$CLI bench $OUT/engine-fp16 $OUT/engine-int8-w8a16 $OUT/fp16 $OUT/fused-fp16 --provider cuda --prompt-len 128,512,2048 \
   --gen-len 128 --batch 1,4 --repeat 5 $BWFLAG -o $OUT/bench-demo
 
 if [ "${GPU_7B:-0}" = 1 ]; then
@@ -47,7 +49,8 @@ if [ "${GPU_7B:-0}" = 1 ]; then
   test -f $OUT/ckpt-7b/config.json || $PY scripts/measure_export.py --make $OUT/ckpt-7b --layers 32 --dtype fp16
   test -f $OUT/7b-fp16/manifest.json || $CLI export $OUT/ckpt-7b -o $OUT/7b-fp16 --dtype fp16 --no-verify
   $CLI engine $OUT/7b-fp16 -o $OUT/engine-7b-fp16 --max-seq 512 --max-context 4096 --timing-cache $OUT/timing-7b.cache --force
-  $CLI bench $OUT/engine-7b-fp16 $OUT/7b-fp16 --provider cuda --prompt-len 128,512,2048 --gen-len 128 --batch 1 \
-    --repeat 3 $BWFLAG -o $OUT/bench-7b
+  test -f $OUT/7b-fused-fp16/manifest.json || $CLI export $OUT/ckpt-7b -o $OUT/7b-fused-fp16 --graph fused --dtype fp16 --no-verify
+  $CLI bench $OUT/engine-7b-fp16 $OUT/7b-fp16 $OUT/7b-fused-fp16 --provider cuda --prompt-len 128,512,2048 --gen-len 128 \
+    --batch 1 --repeat 3 $BWFLAG -o $OUT/bench-7b
 fi
 echo "gpu check done: $OUT/gpu_check.md $OUT/bench-demo/bench.md"

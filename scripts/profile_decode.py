@@ -20,9 +20,9 @@ import numpy as np
 def profile(folder: Path, context: int, steps: int) -> tuple[dict[str, float], float, int]:
     import onnxruntime as ort
 
-    from mistral_trt.runtime.engine import OrtEngine
+    from mistral_trt.runtime.trt import load_engine
 
-    e = OrtEngine(folder)
+    e = load_engine(folder)  # portable (OrtEngine) or fused (FusedEngine)
     with tempfile.TemporaryDirectory() as tmp:
         opts = ort.SessionOptions()
         opts.enable_profiling = True
@@ -34,6 +34,7 @@ def profile(folder: Path, context: int, steps: int) -> tuple[dict[str, float], f
         e.step(ids, np.ones((1, context), np.int64), np.arange(context)[None], cache)
         e.session.end_profiling()  # the prefill's profile is discarded: a fresh session times the decode steps
         e.session = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        e._bound = None  # FusedEngine: its IOBinding belonged to the first session
         for k in range(steps):
             p = context + k
             e.step(ids[:, :1], np.ones((1, p + 1), np.int64), np.array([[p]]), cache)

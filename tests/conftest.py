@@ -96,3 +96,16 @@ def run_without_torch(code: str) -> subprocess.CompletedProcess:
         sys.meta_path.insert(0, Block())
     """)
     return subprocess.run([sys.executable, "-c", blocker + textwrap.dedent(code)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_fused(tmp_path_factory, tiny_window, tiny_full) -> dict:
+    """The fused graph (onnxruntime contrib ops, in-place cache) of both tiny models, fp32, verified."""
+    from mistral_trt.export.pipeline import export_model
+
+    root = tmp_path_factory.mktemp("fused")
+    out = {}
+    for name, ckpt in (("window", tiny_window), ("full", tiny_full)):
+        out[name] = root / f"{name}-fused"
+        export_model(str(ckpt), out[name], graph="fused")
+    return out

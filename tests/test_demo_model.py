@@ -48,7 +48,7 @@ def test_config_and_tokenizer(demo):
 
 def test_export_demo_model(demo_onnx):
     m = Manifest.load(demo_onnx)
-    assert all(r["passed"] for r in m.verification) and len(m.verification) == 3
+    assert all(r["passed"] for r in m.verification) and len(m.verification) == 4
     assert m.chat_format == "template" and "<|im_start|>" in m.chat_template
     assert (m.bos_token_id, m.eos_token_id) == (1, [2])
     assert m.model.tie_word_embeddings and m.model.sliding_window is None

@@ -43,7 +43,7 @@ def test_manifest_describes_the_export(tiny_exports, tiny_window, tiny_full, cas
     assert m.source["weights"] == {"model.safetensors": ck.sha256(src / "model.safetensors")}
     assert {"torch", "transformers", "onnx", "onnxruntime", "mistral_trt"} <= set(m.versions)
     assert m.verification and all(r["passed"] for r in m.verification)
-    assert len(m.verification) == (4 if cfg["sliding_window"] else 3) + (case[1] == "fp16")  # + pooled fp16 row
+    assert len(m.verification) == (5 if cfg["sliding_window"] else 4) + (case[1] == "fp16")  # + pooled fp16 row
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c))
