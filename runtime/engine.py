@@ -186,11 +186,13 @@ class FusedEngine(OrtEngine):
         return InPlaceKVCache(a.num_layers, batch, a.num_kv_heads, a.head_dim, max(capacity, w or 0),
                               self.kv_dtype, keep, w, self.device)
 
+    IN_PLACE = "the fused graph updates its KV cache in place: use new_cache() and step(), not forward()"
+
     def empty_past(self, batch: int):
-        raise UserError("the fused graph updates its KV cache in place: use new_cache() and step(), not forward()")
+        raise UserError(self.IN_PLACE)
 
     def forward(self, input_ids, attention_mask, position_ids, past):
-        self.empty_past(0)
+        raise UserError(self.IN_PLACE)
 
     def _binding(self, cache: InPlaceKVCache):
         if self._bound is None or self._bound[0] is not cache:
@@ -265,7 +267,7 @@ class FusedEngine(OrtEngine):
         if not ragged:
             return out
         logits = logits_out if logits_out is not None else np.empty_like(out)
-        for r in range(b):  # right-padded -> left-aligned; padded columns get whatever was computed there
+        for r in range(b):  # right-padded -> left-aligned; padded columns get zeros
             logits[r, s - q[r]:] = out[r, : q[r]]
             logits[r, : s - q[r]] = 0
         return logits
