@@ -132,9 +132,12 @@ def weight_only_int8(src: Path, dst: Path) -> dict:
 
 
 def nbits_int8(src: Path, dst: Path, block_size: int = NBITS_BLOCK) -> dict:
+    import logging
+
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
     q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=8, block_size=block_size, is_symmetric=True, accuracy_level=4)
     q.process()
     model = q.model.model
