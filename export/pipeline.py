@@ -161,7 +161,6 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
 
 
 def _check(folder: Path, manifest: Manifest, scen, refs, provider: str) -> list[vf.CheckResult]:
-    manifest.save(folder)  # load_engine reads it
     engine = load_engine(folder, provider)
     log(f"onnxruntime providers: {', '.join(engine.session.get_providers())}")
     results = vf.verify(engine, scen, refs)

@@ -77,7 +77,7 @@ class OrtEngine:
             raise UserError(f"{path}: onnxruntime cannot load it: {e}") from None
         self.args = self.manifest.model
         self.kv_dtype = np.dtype(NUMPY_DTYPE[self.manifest.dtype])
-        self.past_names = self.manifest.input_names()[3:]
+        self.past_names = [n for n in self.manifest.input_names() if n.startswith("past_key_values.")]
         self.output_names = self.manifest.output_names()
 
     def new_cache(self, batch: int, capacity: int, keep: int | None) -> KVCache:
@@ -176,7 +176,6 @@ class FusedEngine(OrtEngine):
 
     def __init__(self, folder: str | Path, providers: list[str] | None = None, manifest: Manifest | None = None):
         super().__init__(folder, providers, manifest)
-        self.past_names = self.manifest.input_names()[4:]
         self._bound = None  # (cache, IOBinding): the cache's buffers stay bound between steps
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 

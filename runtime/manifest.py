@@ -82,18 +82,23 @@ class TensorSpec:
 
 def io_specs(args: ModelArgs, dtype: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The graph's inputs and outputs, in order."""
-    f = NUMPY_DTYPE[dtype]
-    kv = lambda name, length: TensorSpec(name, f, ["batch", args.num_kv_heads, length, args.head_dim])  # noqa: E731
     inputs = [
         TensorSpec("input_ids", "int64", ["batch", "seq"]),
         TensorSpec("attention_mask", "int64", ["batch", "total"]),
         TensorSpec("position_ids", "int64", ["batch", "seq"]),
     ]
+    return _with_cache(args, dtype, inputs, past="past", present="total")
+
+
+def _with_cache(args: ModelArgs, dtype: str, inputs: list[TensorSpec], past: str, present: str):
+    """Append past_key_values.{i}.key|value to `inputs`; outputs are logits and present.{i}.key|value."""
+    f = NUMPY_DTYPE[dtype]
+    kv = lambda name, length: TensorSpec(name, f, ["batch", args.num_kv_heads, length, args.head_dim])  # noqa: E731
     outputs = [TensorSpec("logits", f, ["batch", "seq", args.vocab_size])]
     for i in range(args.num_layers):
         for kind in ("key", "value"):
-            inputs.append(kv(f"past_key_values.{i}.{kind}", "past"))
-            outputs.append(kv(f"present.{i}.{kind}", "total"))
+            inputs.append(kv(f"past_key_values.{i}.{kind}", past))
+            outputs.append(kv(f"present.{i}.{kind}", present))
     return inputs, outputs
 
 
@@ -102,24 +107,17 @@ def fused_io_specs(args: ModelArgs, dtype: str) -> tuple[list[TensorSpec], list[
 
     input_ids              int64 [batch, seq]       row b: query_seqlens[b] real tokens first, then padding
     seqlens_k              int32 [batch]            tokens of row b after this step, minus one
-    total_sequence_length  int32 []                 an upper bound of seqlens_k + 1 (the buffer capacity)
+    total_sequence_length  int32 []                 the batch's largest seqlens_k + 1
     query_seqlens          int32 [batch]            real tokens of row b in this step (0: row idle)
     past_key_values.{i}.*  kv    [batch, KV, capacity, D]   the same buffer is bound as present.{i}.*
     """
-    f = NUMPY_DTYPE[dtype]
-    kv = lambda name: TensorSpec(name, f, ["batch", args.num_kv_heads, "capacity", args.head_dim])  # noqa: E731
     inputs = [
         TensorSpec("input_ids", "int64", ["batch", "seq"]),
         TensorSpec("seqlens_k", "int32", ["batch"]),
         TensorSpec("total_sequence_length", "int32", []),
         TensorSpec("query_seqlens", "int32", ["batch"]),
     ]
-    outputs = [TensorSpec("logits", f, ["batch", "seq", args.vocab_size])]
-    for i in range(args.num_layers):
-        for kind in ("key", "value"):
-            inputs.append(kv(f"past_key_values.{i}.{kind}"))
-            outputs.append(kv(f"present.{i}.{kind}"))
-    return inputs, outputs
+    return _with_cache(args, dtype, inputs, past="capacity", present="capacity")
 
 
 @dataclass

@@ -12,15 +12,10 @@ from mistral_trt.export.pipeline import export_model
 from mistral_trt.main import main
 from mistral_trt.runtime import UserError
 from mistral_trt.runtime.engine import FusedEngine, OrtEngine
-from mistral_trt.runtime.generate import Generator, Sampling
 from mistral_trt.runtime.manifest import Manifest
 from mistral_trt.runtime.trt import load_engine
 from test_generate import hf_greedy
-
-
-def greedy(folder, prompts, n, **kw):
-    gen = Generator(load_engine(folder), **kw)
-    return np.stack(list(gen.generate(prompts, n, Sampling(greedy=True), stop_on_eos=False)), 1)
+from test_generate import ours as greedy
 
 
 def test_fused_is_fused_and_verified(tiny_fused):

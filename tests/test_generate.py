@@ -19,10 +19,12 @@ from mistral_trt.runtime.chat import format_chat
 from mistral_trt.runtime.engine import OrtEngine
 from mistral_trt.runtime.generate import Generator, Sampling, sample
 from mistral_trt.runtime.tokenizer import Tokenizer
+from mistral_trt.runtime.trt import load_engine
 
 
 def ours(folder, prompts, n, **kw):
-    gen = Generator(OrtEngine(folder), **kw)
+    """Greedy tokens [B, n] through the engine the folder's manifest names (portable or fused graph)."""
+    gen = Generator(load_engine(folder), **kw)
     steps = list(gen.generate(prompts, n, Sampling(greedy=True), stop_on_eos=False))
     return np.stack(steps, 1)  # [B, n]
 
