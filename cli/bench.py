@@ -62,7 +62,7 @@ def decode_weight_bytes(a: ModelArgs, dtype: str) -> int:
 def graph_decode_bytes(folder: Path) -> int:
     """Bytes of weights one decode step reads, counted from the ONNX file itself (right for every precision:
     fp32, fp16, int8 Q/DQ, MatMulNBits): every initializer, except tables only gathered from (embeddings,
-    and the fused graph's rotary cos/sin tables, read one row per position)."""
+    and the fused graph's rotary cos/sin tables, read one row per position) and axes constants."""
     import onnx
     from onnx import helper
 
@@ -71,7 +71,7 @@ def graph_decode_bytes(folder: Path) -> int:
     if (Path(folder) / ENGINE_MANIFEST).is_file():  # a TensorRT engine reads what its source ONNX holds
         folder = Path(EngineManifest.load(folder).source["export"])
     g = onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False).graph
-    gathered = {("Gather", 0), ("GroupQueryAttention", 7), ("GroupQueryAttention", 8)}  # (op, input index)
+    gathered = {("Gather", 0), ("GroupQueryAttention", 7), ("GroupQueryAttention", 8), ("Unsqueeze", 1)}  # (op, input)
     consumers: dict[str, set] = {}
     for n in g.node:
         for k, i in enumerate(n.input):

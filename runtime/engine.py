@@ -50,7 +50,8 @@ class Backend(Protocol):
     args: ModelArgs
     kv_dtype: np.dtype
 
-    def step(self, input_ids, attention_mask, position_ids, cache, logits_out=None) -> np.ndarray: ...
+    def step(self, input_ids, attention_mask, position_ids, cache, logits_out=None,
+             last_only: bool = False) -> np.ndarray: ...
 
     def new_cache(self, batch: int, capacity: int, keep: int | None): ...
 
@@ -88,9 +89,11 @@ class OrtEngine:
         a = self.args
         return [np.zeros((batch, a.num_kv_heads, 0, a.head_dim), self.kv_dtype) for _ in self.past_names]
 
-    def step(self, input_ids, attention_mask, position_ids, cache, logits_out: np.ndarray | None = None) -> np.ndarray:
+    def step(self, input_ids, attention_mask, position_ids, cache, logits_out: np.ndarray | None = None,
+             last_only: bool = False) -> np.ndarray:
         """One step on a preallocated KVCache through onnxruntime IOBinding: past is bound from the
-        cache, present is written straight into the cache's other side. Returns logits [B, S, V]."""
+        cache, present is written straight into the cache's other side. Returns logits [B, S, V], or
+        [B, 1, V] for the last column with `last_only` (the portable graph computes every column anyway)."""
         a = self.args
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         b, s = ids.shape
@@ -99,6 +102,8 @@ class OrtEngine:
         if mask.shape != (b, cache.length + s) or pos.shape != (b, s):
             raise UserError(f"attention_mask {list(mask.shape)} / position_ids {list(pos.shape)}: expected "
                             f"[{b}, {cache.length + s}] / [{b}, {s}] for {cache.length} cached positions")
+        if last_only and s > 1:
+            return self.step(ids, mask, pos, cache)[:, -1:]
         logits = logits_out if logits_out is not None else np.empty((b, s, a.vocab_size), self.kv_dtype)
         io = self.session.io_binding()
         for name, arr in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos)):
@@ -176,6 +181,9 @@ class FusedEngine(OrtEngine):
 
     def __init__(self, folder: str | Path, providers: list[str] | None = None, manifest: Manifest | None = None):
         super().__init__(folder, providers, manifest)
+        if "logits_index" not in self.manifest.input_names():
+            raise UserError(f"{self.folder}/manifest.json: a fused graph without the logits_index input (exported "
+                            "before it existed); export it again with `mistral-trt export --graph fused`")
         self._bound = None  # (cache, IOBinding): the cache's buffers stay bound between steps
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
@@ -222,10 +230,11 @@ class FusedEngine(OrtEngine):
             self._logits = logits
 
     def step(self, input_ids, attention_mask, position_ids, cache: InPlaceKVCache,
-             logits_out: np.ndarray | None = None) -> np.ndarray:
+             logits_out: np.ndarray | None = None, last_only: bool = False) -> np.ndarray:
         """The caller's batch is left-padded (Generator, verify): row b's real tokens of this step are its
         last q[b] columns. The graph wants them first: shift, run, shift the logits back. Decode steps
-        (one real token per row) need no shift at all. Returns logits [B, S, V], left-aligned like the input."""
+        (one real token per row) need no shift at all. Returns logits [B, S, V], left-aligned like the input;
+        with `last_only`, [B, 1, V] for each row's last token, and lm_head runs on those rows alone."""
         a = self.args
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         b, s = ids.shape
@@ -253,9 +262,13 @@ class FusedEngine(OrtEngine):
             ids = shifted
         # A row with no token yet and none now (a long prompt's first chunk beside a short one) is idle:
         # query_seqlens 0 with seqlens_k 0 leaves its cache untouched and its output rows unspecified.
+        # logits_index: every column, or (last_only) each row's last real one, which is already in place.
+        keep = np.maximum(q - 1, 0).astype(np.int64)[:, None] if last_only else np.tile(np.arange(s), (b, 1))
         small = {"input_ids": ids, "seqlens_k": np.maximum(total - 1, 0).astype(np.int32), "query_seqlens": q,
-                 "total_sequence_length": np.array(max(int(total.max()), 1), np.int32)}
-        out = logits_out if logits_out is not None and not ragged else np.empty((b, s, a.vocab_size), self.kv_dtype)
+                 "total_sequence_length": np.array(max(int(total.max()), 1), np.int32), "logits_index": keep}
+        shift_back = ragged and not last_only
+        shape = (b, keep.shape[1], a.vocab_size)
+        out = logits_out if logits_out is not None and not shift_back else np.empty(shape, self.kv_dtype)
         io = self._binding(cache)
         self._bind_small(io, small, out)
         try:
@@ -263,9 +276,10 @@ class FusedEngine(OrtEngine):
         except Exception as e:  # onnxruntime's own exception types
             raise self._failed(e) from None
         cache.commit(s, q)
-        if not ragged:
+        if not shift_back:
+            out[q == 0] = 0  # idle rows: zeros, as the left-aligned layout gives padding
             return out
-        logits = logits_out if logits_out is not None else np.empty_like(out)
+        logits = logits_out if logits_out is not None else np.empty((b, s, a.vocab_size), self.kv_dtype)
         for r in range(b):  # right-padded -> left-aligned; padded columns get zeros
             logits[r, s - q[r]:] = out[r, : q[r]]
             logits[r, : s - q[r]] = 0

@@ -105,7 +105,7 @@ class Generator:
         mask = np.concatenate([st.mask, new_mask], axis=1)  # [B, P + S]
         pos = st.next_pos[:, None] + np.maximum(np.cumsum(new_mask, axis=1) - 1, 0)  # pads reuse a real position
         out = st.logits if s == 1 and st.logits is not None else None
-        logits = self.engine.step(ids, mask, pos, st.cache, out)
+        logits = self.engine.step(ids, mask, pos, st.cache, out, last_only=True)
         dropped = mask.shape[1] - st.cache.length  # positions the window trim removed
         st.next_pos = st.next_pos + new_mask.sum(1)
         st.mask = mask[:, dropped:]

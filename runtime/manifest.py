@@ -50,6 +50,7 @@ DIMS = {
     "past": "cached positions fed in (0 for the first step)",
     "total": "past + seq",
     "capacity": "positions the in-place KV buffer holds (graph 'fused': bound as both past and present)",
+    "logits_len": "columns of this step that get logits (graph 'fused': logits_index)",
 }
 GRAPHS = ("portable", "fused")  # traced standard ops (any runtime, TensorRT) | onnxruntime contrib ops, in-place cache
 
@@ -90,11 +91,11 @@ def io_specs(args: ModelArgs, dtype: str) -> tuple[list[TensorSpec], list[Tensor
     return _with_cache(args, dtype, inputs, past="past", present="total")
 
 
-def _with_cache(args: ModelArgs, dtype: str, inputs: list[TensorSpec], past: str, present: str):
+def _with_cache(args: ModelArgs, dtype: str, inputs: list[TensorSpec], past: str, present: str, logits: str = "seq"):
     """Append past_key_values.{i}.key|value to `inputs`; outputs are logits and present.{i}.key|value."""
     f = NUMPY_DTYPE[dtype]
     kv = lambda name, length: TensorSpec(name, f, ["batch", args.num_kv_heads, length, args.head_dim])  # noqa: E731
-    outputs = [TensorSpec("logits", f, ["batch", "seq", args.vocab_size])]
+    outputs = [TensorSpec("logits", f, ["batch", logits, args.vocab_size])]
     for i in range(args.num_layers):
         for kind in ("key", "value"):
             inputs.append(kv(f"past_key_values.{i}.{kind}", past))
@@ -109,15 +110,19 @@ def fused_io_specs(args: ModelArgs, dtype: str) -> tuple[list[TensorSpec], list[
     seqlens_k              int32 [batch]            tokens of row b after this step, minus one
     total_sequence_length  int32 []                 the batch's largest seqlens_k + 1
     query_seqlens          int32 [batch]            real tokens of row b in this step (0: row idle)
+    logits_index           int64 [batch, logits_len]  columns of row b that get logits: all of them to score
+                                                    every position, [query_seqlens[b] - 1] for the next token
     past_key_values.{i}.*  kv    [batch, KV, capacity, D]   the same buffer is bound as present.{i}.*
+    logits                 dtype [batch, logits_len, vocab_size]
     """
     inputs = [
         TensorSpec("input_ids", "int64", ["batch", "seq"]),
         TensorSpec("seqlens_k", "int32", ["batch"]),
         TensorSpec("total_sequence_length", "int32", []),
         TensorSpec("query_seqlens", "int32", ["batch"]),
+        TensorSpec("logits_index", "int64", ["batch", "logits_len"]),
     ]
-    return _with_cache(args, dtype, inputs, past="capacity", present="capacity")
+    return _with_cache(args, dtype, inputs, past="capacity", present="capacity", logits="logits_len")
 
 
 @dataclass

@@ -294,7 +294,8 @@ class TrtEngine:
         return DeviceKVCache(self.cuda, self.stream, a.num_layers, batch, a.num_kv_heads, a.head_dim,
                              min(capacity, self.max_context), self.kv_dtype, keep)
 
-    def step(self, input_ids, attention_mask, position_ids, cache: DeviceKVCache, logits_out=None) -> np.ndarray:
+    def step(self, input_ids, attention_mask, position_ids, cache: DeviceKVCache, logits_out=None,
+             last_only: bool = False) -> np.ndarray:
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         b, s = ids.shape
         mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
@@ -323,11 +324,13 @@ class TrtEngine:
                                f"!= expected {present_shape}")
         if not ctx.execute_async_v3(self.stream_handle):
             raise RuntimeError("TensorRT execute_async_v3 failed (messages above)")
+        if last_only and s > 1:
+            logits_out = None  # shaped for the last column; the engine writes every column
         logits = logits_out if logits_out is not None else np.empty((b, s, self.args.vocab_size), self.kv_dtype)
         self.cuda.d2h(logits, self.buf["logits"], self.stream)
         cache.commit(s)
         self.cuda.sync(self.stream)
-        return logits
+        return logits[:, -1:] if last_only else logits
 
     def close(self) -> None:
         for p in self.buf.values():

@@ -49,6 +49,38 @@ def test_fused_batch_equals_alone(tiny_fused):
             assert batched[i].tolist() == greedy(folder, [p], 12)[0].tolist()
 
 
+def test_last_only_is_the_last_column(tiny_fused, tiny_exports):
+    """step(last_only=True), what generation uses, equals the last column of the all-columns step on a ragged
+    left-padded batch (an idle row in the first chunk, one real token in the second); the fused graph runs
+    lm_head on that column alone (logits [B, 1, V] straight from the graph)."""
+    rng = np.random.default_rng(6)
+    ids = rng.integers(3, 32000, (3, 9))
+    mask = np.ones((3, 9), np.int64)
+    mask[1, :8] = 0  # row 1: idle for the first chunk, one token in the second
+    mask[2, :2] = 0
+    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    for folder in (tiny_fused["window"], tiny_exports["window", "fp32"]):
+        e = load_engine(folder)
+        caches = [e.new_cache(3, 16, None) for _ in range(2)]
+        for a, b in ((0, 5), (5, 9)):
+            full = e.step(ids[:, a:b], mask[:, :b], pos[:, a:b], caches[0])
+            last = e.step(ids[:, a:b], mask[:, :b], pos[:, a:b], caches[1], last_only=True)
+            assert last.shape == (3, 1, e.args.vocab_size)
+            np.testing.assert_allclose(last, full[:, -1:], rtol=0, atol=1e-5)
+
+
+def test_fused_export_before_logits_index_is_refused(tiny_fused, tmp_path):
+    import json
+    import shutil
+
+    old = shutil.copytree(tiny_fused["full"], tmp_path / "old")
+    m = json.loads((old / "manifest.json").read_text())
+    m["inputs"] = [t for t in m["inputs"] if t["name"] != "logits_index"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match="export it again"):
+        load_engine(old)
+
+
 def test_cache_is_updated_in_place(tiny_fused):
     e = load_engine(tiny_fused["full"])
     cache = e.new_cache(1, 16, None)
