@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from mistral_trt.runtime.cache import positions
 from mistral_trt.runtime.engine import OrtEngine
 from mistral_trt.runtime.manifest import ModelArgs
 
@@ -85,13 +86,13 @@ def run_onnx(engine: OrtEngine, s: Scenario) -> tuple[np.ndarray, np.ndarray]:
     for i, r in enumerate(s.rows):  # left padding: every row ends on the last column
         ids[i, t - len(r):] = r
         mask[i, t - len(r):] = 1
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # absolute position of each real token
+    pos = positions(np.zeros(b, np.int64), mask)  # absolute position of each real token
     cache = engine.new_cache(b, t if s.keep is None else s.keep + max(s.schedule), s.keep)
     past_mask, logits, start = mask[:, :0], [], 0
     for n in s.schedule:
         end = start + n
         step_mask = np.concatenate([past_mask, mask[:, start:end]], axis=1)
-        out = engine.step(ids[:, start:end], step_mask, positions[:, start:end], cache)
+        out = engine.step(ids[:, start:end], step_mask, pos[:, start:end], cache)
         logits.append(out.astype(np.float32))
         past_mask = step_mask[:, step_mask.shape[1] - cache.length:]  # the columns the (trimmed) cache still holds
         start = end

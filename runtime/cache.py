@@ -19,6 +19,16 @@ from __future__ import annotations
 import numpy as np
 
 
+def positions(start: np.ndarray, new_mask: np.ndarray) -> np.ndarray:
+    """Absolute positions [B, S] of a left-padded step: row b's real tokens continue from start[b] (its
+    real tokens so far); padding columns reuse a real position (the mask hides them). Positions never
+    reset when a window trims the cache.
+
+        positions(np.array([0, 5]), np.array([[0, 1, 1], [1, 1, 1]]))   # [[0, 0, 1], [5, 6, 7]]
+    """
+    return start[:, None] + np.maximum(np.cumsum(new_mask, axis=1) - 1, 0)
+
+
 class KVCache:
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
                  dtype, keep: int | None = None):

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .cache import InPlaceKVCache, KVCache
+from .cache import InPlaceKVCache, KVCache, positions
 from .errors import UserError
 from .manifest import NUMPY_DTYPE, ONNX_NAME, Manifest, ModelArgs
 
@@ -247,7 +247,7 @@ class FusedEngine(OrtEngine):
         if (np.diff(new, axis=1) < 0).any():
             raise UserError("attention_mask: the fused graph needs left-padded rows (padding only before real tokens)")
         pos = np.asarray(position_ids)
-        want = cache.tokens[:, None] + np.maximum(np.cumsum(new, axis=1) - 1, 0)
+        want = positions(cache.tokens, new)  # what Generator feeds
         if pos.shape != (b, s) or ((new == 1) & (pos != want)).any():
             raise UserError(f"position_ids: the fused graph derives positions from the cache; expected {want.tolist()[:2]} "
                             f"(absolute, counting real tokens), got {np.asarray(position_ids).tolist()[:2]}")

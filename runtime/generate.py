@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cache import KVCache
+from .cache import KVCache, positions
 from .engine import Backend
 from .errors import UserError
 
@@ -103,7 +103,7 @@ class Generator:
         """Feed ids [B, S]; returns logits of the last position [B, V]."""
         b, s = ids.shape
         mask = np.concatenate([st.mask, new_mask], axis=1)  # [B, P + S]
-        pos = st.next_pos[:, None] + np.maximum(np.cumsum(new_mask, axis=1) - 1, 0)  # pads reuse a real position
+        pos = positions(st.next_pos, new_mask)
         out = st.logits if s == 1 and st.logits is not None else None
         logits = self.engine.step(ids, mask, pos, st.cache, out, last_only=True)
         dropped = mask.shape[1] - st.cache.length  # positions the window trim removed
