@@ -29,7 +29,6 @@ from mistral_trt.runtime.chat import format_chat
 from mistral_trt.runtime.engine import OrtEngine
 from mistral_trt.runtime.errors import UserError, read_json
 from mistral_trt.runtime.generate import Generator, Sampling
-from mistral_trt.runtime.manifest import Manifest
 from mistral_trt.runtime.tokenizer import Tokenizer
 
 PROMPTS = [
@@ -104,15 +103,16 @@ def conversations(count: int) -> list[tuple[str, list[dict]]]:
 
 def build(export_dir: str | Path, out: Path, count: int = 256, reply_tokens: int = 48, batch: int = 8,
           log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
-    m = Manifest.load(export_dir)
-    tok = Tokenizer.load(export_dir)
-    gen = Generator(OrtEngine(export_dir))
+    engine = OrtEngine(export_dir)  # checks the files against the manifest
+    m = engine.manifest
+    tok = Tokenizer.for_export(export_dir, m)
+    gen = Generator(engine)
     convs = conversations(count)
     seqs, sources, t0 = [], [], time.perf_counter()
     for i in range(0, len(convs), batch):
         group = convs[i:i + batch]
         prompts = [np.asarray(format_chat(tok, c, m.chat_format, m.chat_template), np.int64) for _, c in group]
-        steps = np.stack(list(gen.generate(prompts, reply_tokens, Sampling(greedy=True))), 1)  # [B, n]
+        steps = np.stack(list(gen.generate(prompts, reply_tokens, Sampling())), 1)  # [B, n]
         for p, row, (src, _) in zip(prompts, steps, group):
             reply = []
             for t in row.tolist():

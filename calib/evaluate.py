@@ -45,8 +45,14 @@ def evaluate(folders: list[Path], text_file: Path, reference: Path, window: int 
         text = Path(text_file).read_text(encoding="utf-8")
     except OSError as e:
         raise UserError(f"{text_file}: cannot read: {e.strerror}") from None
-    tok = Tokenizer.load(reference)
-    ids = tok.encode(text, bos=tok.bos_id is not None)
+    ref_m = Manifest.load(reference)
+    tok = Tokenizer.for_export(reference, ref_m)
+    for folder in folders:  # the same tokens must mean the same text to every artifact compared
+        m = Manifest.load(folder)
+        if m.files.get(m.tokenizer["file"]) != ref_m.files.get(ref_m.tokenizer["file"]):
+            raise UserError(f"{folder}: its tokenizer differs from the reference {reference}'s; eval compares "
+                            "artifacts of one model")
+    ids = tok.encode(text, bos=tok.bos_id is not None)  # BOS + text for every model: the same inputs everywhere
     if max_tokens:
         ids = ids[:max_tokens]
     chunks = windows(ids, window)
@@ -107,12 +113,22 @@ def save_png(fig, path: Path) -> None:
 
 
 def main_eval(a) -> None:
+    try:  # eval.png is part of the result: find out now, not after the work
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("eval draws eval.png with matplotlib, which is not installed: "
+                        "pip install 'mistral-trt[bench]'") from None
+    from mistral_trt.export.atomic import check_report_folder
+
+    names = ("eval.json", "eval.md", "eval.png")
+    out = check_report_folder(a.output, names, "eval.json", "rows")
     folders = [Path(f) for f in a.folders]
     reference = Path(a.reference) if a.reference else folders[0]
     rows = evaluate(folders, Path(a.text), reference, a.window, a.max_tokens)
     print(table(rows))
-    out = Path(a.output)
+    check_report_folder(out, names, "eval.json", "rows")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "eval.json").write_text(json.dumps({"rows": rows, "text": str(Path(a.text).absolute()),
+                                               "reference": str(reference.absolute())}, indent=2) + "\n")
     (out / "eval.md").write_text(table(rows) + "\n")
     plot(rows, out / "eval.png")

@@ -54,15 +54,18 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 def quantize(src: str | Path, precision: str, out: str | Path, force: bool = False, calib: str | Path | None = None,
              calib_method: str = "max", alpha: str | float = "auto", outlier_ratio: float = 20.0,
              block_size: int = NBITS_BLOCK, log=lambda s: print(s, file=sys.stderr, flush=True)) -> Manifest:
-    from mistral_trt.export.atomic import atomic_folder
-    from mistral_trt.export.checkpoint import sha256
+    from mistral_trt.export.atomic import atomic_folder, check_target
+    from mistral_trt.runtime.integrity import hash_file
 
     src = Path(src)
     m = Manifest.load(src)
+    check_target(out, "export", force, inputs=[src, calib])  # before any work
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if m.dtype != "fp32":
         raise UserError(f"{src}: quantize starts from an fp32 export, this one is {m.dtype}")
+    if not (outlier_ratio > 1 and outlier_ratio != float("inf")):
+        raise UserError(f"--outlier-ratio {outlier_ratio}: expected a finite number > 1")
     if block_size < 16 or block_size & (block_size - 1):
         raise UserError(f"--block-size {block_size}: expected a power of two >= 16 (onnxruntime MatMulNBits)")
     if (m.graph == "fused") != (precision in FUSED_PRECISIONS) and precision != "fp16":
@@ -77,6 +80,7 @@ def quantize(src: str | Path, precision: str, out: str | Path, force: bool = Fal
 
         calib_manifest = load_manifest(calib)
         seqs = load(calib)
+    m.check_files(src)  # quantizing weights that changed after export would publish garbage with a new hash
     if precision == "fp16":
         from mistral_trt.export.pipeline import export_model
 
@@ -85,7 +89,8 @@ def quantize(src: str | Path, precision: str, out: str | Path, force: bool = Fal
                          "from": str(src.absolute())}
         new.save(out)
         return new
-    with atomic_folder(out, force) as tmp:
+    need = sum((src / n).stat().st_size for n in m.files)
+    with atomic_folder(out, force, kind="export", inputs=[src, calib], need_bytes=need) as tmp:
         if precision == "int8-w8a8-dynamic":
             stats = nbits_int8(src / ONNX_NAME, tmp / ONNX_NAME, block_size)
             m.precision = {"name": precision, "method": f"onnxruntime MatMulNBits: symmetric int8 weights per block of "
@@ -114,7 +119,8 @@ def quantize(src: str | Path, precision: str, out: str | Path, force: bool = Fal
             }
         for name in m.tokenizer_files:
             shutil.copy2(src / name, tmp / name)
-        m.files = {n: sha256(tmp / n) for n in (ONNX_NAME, ONNX_DATA_NAME) if (tmp / n).exists()}
+        names = [n for n in (ONNX_NAME, ONNX_DATA_NAME) if (tmp / n).exists()] + m.tokenizer_files
+        m.files = {n: hash_file(tmp / n) for n in names}
         m.precision.update({"from": str(src.absolute()), "quantized_matmuls": stats["matmuls"], "weight_bytes": stats["bytes"]})
         m.verification = []
         m.save(tmp)

@@ -124,6 +124,24 @@ def rss_bytes() -> int:
     return 0
 
 
+REPORT_FILES = ("bench.md", "bench.json", "bench.png")
+
+
+def check_engine_limits(folder: Path, batches: list[int], prompt_lens: list[int], gen_len: int) -> None:
+    """A TensorRT engine folder runs only the shapes it was built for: say so before measuring anything."""
+    from mistral_trt.runtime.trt import ENGINE_MANIFEST, EngineManifest
+
+    if not (folder / ENGINE_MANIFEST).is_file():
+        return
+    lim = EngineManifest.load(folder).limits
+    if max(batches) > lim["max_batch"]:
+        raise UserError(f"--batch {max(batches)}: {folder} was built with --max-batch {lim['max_batch']} "
+                        "(mistral-trt engine ... --max-batch N)")
+    if max(prompt_lens) + gen_len > lim["max_context"]:
+        raise UserError(f"--prompt-len {max(prompt_lens)} + --gen-len {gen_len}: {folder} was built with "
+                        f"--max-context {lim['max_context']}")
+
+
 # -- systems ---------------------------------------------------------------------------------------
 class Ours:
     def __init__(self, folder: Path, provider: str):
@@ -139,7 +157,7 @@ class Ours:
         from mistral_trt.runtime.generate import Sampling
 
         t = [time.perf_counter()]
-        for _ in self.gen.generate(list(prompts), n, Sampling(greedy=True), stop_on_eos=False):
+        for _ in self.gen.generate(list(prompts), n, Sampling(), stop_on_eos=False):
             t.append(time.perf_counter())
         return t
 
@@ -334,10 +352,22 @@ def plot(data: dict, path: Path) -> None:
 def main_bench(a) -> None:
     from mistral_trt.runtime.manifest import Manifest
 
+    try:  # bench.png is part of the result: find out now, not after minutes of measuring
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("bench draws bench.png with matplotlib, which is not installed: "
+                        "pip install 'mistral-trt[bench]'") from None
+    for flag, values in (("--prompt-len", a.prompt_len), ("--batch", a.batch)):
+        if not values or min(values) < 1:
+            raise UserError(f"{flag} {','.join(map(str, values))}: expected comma-separated integers >= 1")
+    from mistral_trt.export.atomic import check_report_folder
+
+    out = check_report_folder(a.output, REPORT_FILES, "bench.json", "bandwidth_probes_bytes_s")
     folders = [Path(f) for f in a.folders]
     m = Manifest.load(folders[0])
-    for f in folders[1:]:
+    for f in folders:
         Manifest.load(f)  # a bad folder fails now, not after minutes of measuring
+        check_engine_limits(f, a.batch, a.prompt_len, a.gen_len)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     systems = []
     for f in folders:
@@ -369,7 +399,7 @@ def main_bench(a) -> None:
     table, data = report(results, a.gen_len, m.model, m.dtype, bandwidth, weight_bytes, how)
     data["bandwidth_probes_bytes_s"] = probes
     print(table)
-    out = Path(a.output)
+    check_report_folder(out, REPORT_FILES, "bench.json", "bandwidth_probes_bytes_s")  # again: minutes have passed
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(data, indent=2) + "\n")
     (out / "bench.md").write_text(table + "\n")

@@ -3,9 +3,11 @@ runtime commands work on a runtime-only install (no torch)."""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
-from mistral_trt.runtime.errors import UserError, read_json
+from mistral_trt.runtime.errors import Terminated, UserError, check_interrupted, interrupted, on_signal, read_json
 
 
 def cmd_convert_gguf(a):
@@ -41,7 +43,8 @@ def cmd_tokenize(a):
         raise UserError("give an export folder OUT or --tokenizer FILE (one of them)")
     if a.folder:
         m = Manifest.load(a.folder)
-        tok, fmt, template = Tokenizer.load(a.folder), m.chat_format, m.chat_template
+        m.check_files(a.folder, names=m.tokenizer_files)
+        tok, fmt, template = Tokenizer.for_export(a.folder, m), m.chat_format, m.chat_template
     else:
         tok = Tokenizer.load(a.tokenizer)
         here = Path(a.tokenizer).parent
@@ -62,24 +65,35 @@ def _load_runtime(folder, provider="cpu"):
     from mistral_trt.runtime.tokenizer import Tokenizer
     from mistral_trt.runtime.trt import load_engine
 
-    engine = load_engine(folder, provider)
-    return engine.manifest, Tokenizer.load(folder), Generator(engine)
+    engine = load_engine(folder, provider)  # checks the files against the manifest's sha256
+    return engine.manifest, Tokenizer.for_export(folder, engine.manifest), Generator(engine)
 
 
 def _sampling(a):
+    """--temperature 0 (or none) is greedy; --top-p/--top-k only shape sampling, so alone they are refused
+    rather than silently ignored."""
     from mistral_trt.runtime.generate import Sampling
 
-    greedy = a.greedy or a.temperature is None
-    return Sampling(greedy=greedy, temperature=a.temperature or 1.0, top_p=a.top_p, top_k=a.top_k,
-                    repetition_penalty=a.repetition_penalty, seed=a.seed)
+    t = a.temperature or 0.0
+    if a.greedy and t > 0:
+        raise UserError(f"--greedy and --temperature {a.temperature:g} contradict each other; give one")
+    if t == 0 and (a.top_p != 1.0 or a.top_k != 0):
+        flag = "--top-p" if a.top_p != 1.0 else "--top-k"
+        raise UserError(f"{flag} applies to sampling: add --temperature T (T > 0); without it decoding is greedy")
+    return Sampling(temperature=t, top_p=a.top_p, top_k=a.top_k, repetition_penalty=a.repetition_penalty, seed=a.seed)
+
+
+CLI_NAMES = {"max_new_tokens": "--max-new-tokens", "truncate": "--truncate"}  # for the runtime's messages
 
 
 def _stream(gen, tok, prompt_ids, a, out):
     """Generate for one prompt, writing text as it comes; returns (new ids, text)."""
-    from mistral_trt.runtime.tokenizer import StreamDecoder
+    from mistral_trt.runtime.tokenizer import StreamDecoder, check_text
 
+    for stop in a.stop:
+        check_text(stop, "--stop")
     dec, ids, text = StreamDecoder(tok), [], ""
-    for tokens in gen.generate([prompt_ids], a.max_new_tokens, _sampling(a), truncate=a.truncate):
+    for tokens in gen.generate([prompt_ids], a.max_new_tokens, _sampling(a), truncate=a.truncate, names=CLI_NAMES):
         t = int(tokens[0])
         if t in gen.eos:
             break
@@ -105,10 +119,12 @@ def cmd_generate(a):
     import json
 
     from mistral_trt.runtime.chat import format_chat
+    from mistral_trt.runtime.tokenizer import check_text
 
+    check_text(a.prompt, "--prompt")
     m, tok, gen = _load_runtime(a.folder, a.provider)
     if a.raw:
-        prompt = tok.encode(a.prompt, bos=tok.bos_id is not None).tolist()
+        prompt = tok.encode(a.prompt, bos=tok.add_bos).tolist()
     else:
         prompt = format_chat(tok, [{"role": "user", "content": a.prompt}], m.chat_format, m.chat_template)
     ids, text = _stream(gen, tok, prompt, a, None if a.json else sys.stdout)
@@ -121,10 +137,28 @@ def cmd_generate(a):
               f"{st['time_to_first_token_s'] * 1000:.0f} ms, {st['decode_tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
 
 
+def _read_line(prompt: str) -> str | None:
+    """One line of stdin; None at its end. A closed stdin or bytes that are not UTF-8 get one line."""
+    from mistral_trt.runtime.tokenizer import check_text
+
+    if sys.stdin is None or sys.stdin.closed:
+        raise UserError("stdin is closed: type messages on a terminal, pipe them in, or pass --say TEXT")
+    try:
+        return check_text(input(prompt), "stdin")
+    except EOFError:
+        return None
+    except UnicodeDecodeError as e:
+        raise UserError(f"stdin: not valid UTF-8 (byte 0x{e.object[e.start:e.start + 1].hex()})") from None
+
+
 def cmd_chat(a):
     from mistral_trt.runtime.chat import format_chat
+    from mistral_trt.runtime.tokenizer import check_text
 
     m, tok, gen = _load_runtime(a.folder, a.provider)
+    for flag, text in (("--system", a.system), ("--say", a.say)):
+        if text is not None:
+            check_text(text, flag)
     history = [{"role": "system", "content": a.system}] if a.system else []
     inputs = [a.say] if a.say else None
     while True:
@@ -134,9 +168,8 @@ def cmd_chat(a):
             line = inputs.pop(0)
             print(f"> {line}")
         else:
-            try:
-                line = input("> ")
-            except EOFError:
+            line = _read_line("> ")
+            if line is None:
                 return
         if not line.strip():
             continue
@@ -163,7 +196,7 @@ def cmd_calibrate(a):
     from mistral_trt.calib.data import build
     from mistral_trt.export.atomic import atomic_folder
 
-    with atomic_folder(a.output, a.force) as tmp:
+    with atomic_folder(a.output, a.force, kind="calibration", inputs=[a.folder]) as tmp:
         m = build(a.folder, Path(tmp), count=a.count, reply_tokens=a.reply_tokens)
     print(f"{a.output}: {m['count']} sequences, {m['tokens']['total']} tokens, eval text {m['eval']['tokens']} tokens, "
           f"sha256 {m['sha256'][:16]}")
@@ -208,17 +241,75 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _checked(kind, name: str, flag: str):
+    """An argparse type: parse with `kind`, then the runtime's own rule for `name` (runtime/generate.py)."""
+    def parse(text: str):
+        from mistral_trt.runtime.generate import check_sampling
+
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        try:
+            return check_sampling(name, value, flag)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1] + f", got {text}") from None
+    return parse
+
+
+def _nonempty(flag: str):
+    def parse(text: str) -> str:
+        if not text:
+            raise argparse.ArgumentTypeError("expected a non-empty string (an empty stop string would stop at once)")
+        return text
+    return parse
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _count(low: int = 1):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
 def _add_sampling_args(s):
-    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--max-new-tokens", type=_count(1), default=128,
+                   help="at most this many new tokens (prompt + new tokens must fit the context limit)")
     s.add_argument("--greedy", action="store_true", help="argmax decoding (the default without --temperature)")
-    s.add_argument("--temperature", type=float)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--seed", type=int)
-    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    s.add_argument("--truncate", action="store_true", help="keep the last tokens of a prompt over the context limit")
+    s.add_argument("--temperature", type=_checked(float, "temperature", "--temperature"),
+                   help="sample at this temperature (> 0); 0 means greedy")
+    s.add_argument("--top-p", type=_checked(float, "top_p", "--top-p"), default=1.0, help="nucleus sampling, (0, 1]")
+    s.add_argument("--top-k", type=_checked(int, "top_k", "--top-k"), default=0, help="sample among the k most likely (0: off)")
+    s.add_argument("--repetition-penalty", type=_checked(float, "repetition_penalty", "--repetition-penalty"), default=1.0,
+                   help="> 0; 1 is off (HF's rule)")
+    s.add_argument("--seed", type=_checked(int, "seed", "--seed"))
+    s.add_argument("--stop", action="append", default=[], type=_nonempty("--stop"),
+                   help="stop string (repeatable; not included in the output)")
+    s.add_argument("--truncate", action="store_true",
+                   help="keep the last tokens of a prompt over the context limit (at least half of the prompt, else refuse)")
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="onnxruntime execution provider")
+
+
+class Parser(argparse.ArgumentParser):
+    """Bad arguments get one line and exit code 2, like every other bad input (argparse prints the usage too)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -226,7 +317,7 @@ def parser() -> argparse.ArgumentParser:
     from mistral_trt.export.verify import MAX_WINDOW_CHECK  # a constant; verify.py imports numpy only at top
     from mistral_trt.runtime.manifest import GRAPHS
 
-    p = argparse.ArgumentParser(prog="mistral-trt", description=__doc__.splitlines()[0])
+    p = Parser(prog="mistral-trt", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("convert-gguf", help="llama-architecture GGUF -> Hugging Face folder (MistralForCausalLM)")
@@ -244,7 +335,7 @@ def parser() -> argparse.ArgumentParser:
                         "contrib ops (GroupQueryAttention with an in-place KV cache), fastest on onnxruntime")
     s.add_argument("--force", action="store_true", help="replace an existing output folder")
     s.add_argument("--no-verify", action="store_true", help="skip the check against PyTorch")
-    s.add_argument("--max-window-check", type=int, default=MAX_WINDOW_CHECK,
+    s.add_argument("--max-window-check", type=_count(1), default=MAX_WINDOW_CHECK,
                    help="longest run for the sliding-window check (3W+5 tokens; longer ones are skipped)")
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
                    help="onnxruntime execution provider for the check")
@@ -253,7 +344,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("verify", help="run the ONNX with onnxruntime against PyTorch and print a table")
     s.add_argument("folder", help="export folder")
     s.add_argument("--model", help="checkpoint to compare with (default: the source recorded in the manifest)")
-    s.add_argument("--max-window-check", type=int, default=MAX_WINDOW_CHECK)
+    s.add_argument("--max-window-check", type=_count(1), default=MAX_WINDOW_CHECK)
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
     s.set_defaults(func=cmd_verify)
 
@@ -267,7 +358,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="generate a reply (streamed) from an export or engine folder")
     s.add_argument("folder", help="export folder, or engine folder (TensorRT)")
     s.add_argument("--prompt", required=True)
-    s.add_argument("--raw", action="store_true", help="no chat format: BOS + the text")
+    s.add_argument("--raw", action="store_true",
+                   help="no chat format: the text as the model's tokenizer encodes it (with BOS only where that "
+                        "tokenizer adds one: manifest tokenizer.add_bos; Mistral: yes, the demo model: no)")
     s.add_argument("--json", action="store_true", help='print {"ids", "text", "stats"} as JSON')
     _add_sampling_args(s)
     s.set_defaults(func=cmd_generate)
@@ -285,10 +378,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--baseline", action="append", choices=["hf", "ort-genai"], default=[],
                    help="baseline measured in the same run (repeatable)")
     s.add_argument("--prompt-len", type=_ints, default=[128, 512, 2048])
-    s.add_argument("--gen-len", type=int, default=128)
+    s.add_argument("--gen-len", type=_count(2), default=128)
     s.add_argument("--batch", type=_ints, default=[1])
-    s.add_argument("--warmup", type=int, default=1)
-    s.add_argument("--repeat", type=int, default=3)
+    s.add_argument("--warmup", type=_count(0), default=1)
+    s.add_argument("--repeat", type=_count(1), default=3)
     s.add_argument("-o", "--output", default="build/bench", help="folder for bench.md, bench.json, bench.png")
     s.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s for the floor (GPUs: the card's "
                    "data-sheet figure, e.g. 3350 for an H100 SXM); default: host memory, measured in the run")
@@ -298,19 +391,19 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("calibrate", help="chat-formatted calibration sequences + held-out eval text")
     s.add_argument("folder", help="fp32 export folder (its model writes the replies)")
     s.add_argument("-o", "--output", required=True, help="calibration folder (written atomically)")
-    s.add_argument("--count", type=int, default=256, help="number of sequences")
-    s.add_argument("--reply-tokens", type=int, default=48, help="longest generated reply per sequence")
+    s.add_argument("--count", type=_count(1), default=256, help="number of sequences")
+    s.add_argument("--reply-tokens", type=_count(1), default=48, help="longest generated reply per sequence")
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("engine", help="export folder -> TensorRT engine folder (needs tensorrt and a GPU)")
     s.add_argument("folder", help="export folder (fp32, fp16 or a Q/DQ int8 artifact)")
     s.add_argument("-o", "--output", required=True, help="engine folder (written atomically)")
-    s.add_argument("--max-batch", type=int, default=1)
-    s.add_argument("--max-seq", type=int, default=512, help="longest prefill chunk (the prefill profile's seq)")
-    s.add_argument("--max-context", type=int, help="longest past + seq (default: the model's limit, at most 4096)")
+    s.add_argument("--max-batch", type=_count(1), default=1)
+    s.add_argument("--max-seq", type=_count(1), default=512, help="longest prefill chunk (the prefill profile's seq)")
+    s.add_argument("--max-context", type=_count(2), help="longest past + seq (default: the model's limit, at most 4096)")
     s.add_argument("--timing-cache", help="timing cache file to reuse and update (default: one inside the engine folder)")
-    s.add_argument("--workspace-gib", type=float, help="TensorRT workspace limit")
+    s.add_argument("--workspace-gib", type=_positive, help="TensorRT workspace limit")
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_engine)
 
@@ -335,8 +428,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("folders", nargs="+", metavar="OUT")
     s.add_argument("--text", required=True, help="held-out text file (e.g. CALIB/eval.txt)")
     s.add_argument("--reference", help="fp32 export (default: the first OUT)")
-    s.add_argument("--window", type=int, default=512)
-    s.add_argument("--max-tokens", type=int)
+    s.add_argument("--window", type=_count(2), default=512)
+    s.add_argument("--max-tokens", type=_count(2))
     s.add_argument("-o", "--output", default="build/eval", help="folder for eval.md, eval.json, eval.png")
     s.set_defaults(func=cmd_eval)
     return p
@@ -344,13 +437,42 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM unwinds like Ctrl-C (runtime/errors.py)
+        try:
+            previous[sig] = signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread (an embedding program): leave signals to it
+            pass
     try:
         a.func(a)
+        check_interrupted()
     except UserError as e:
+        if interrupted():
+            return 128 + interrupted()
         print(f"mistral-trt {a.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Terminated:
+        return 128 + signal.SIGTERM
+    except BrokenPipeError:  # `mistral-trt generate ... | head`: the reader left
+        sys.stderr.close()
+        return 141
+    except (OSError, MemoryError) as e:
+        what = f"{e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None) else "") if isinstance(e, OSError) else "out of memory"
+        print(f"mistral-trt {a.command}: error: {what}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: one line, the traceback on request
+        if interrupted():  # e.g. a C extension's import failing because the signal landed inside it
+            return 128 + interrupted()
+        if os.environ.get("MISTRAL_TRT_DEBUG"):
+            raise
+        print(f"mistral-trt {a.command}: internal error: {type(e).__name__}: {str(e)[:300]} "
+              "(a bug: rerun with MISTRAL_TRT_DEBUG=1 for the traceback, and report it)", file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

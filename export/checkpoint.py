@@ -6,12 +6,12 @@ do not match config.json.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from mistral_trt.runtime.errors import UserError, read_json
+from mistral_trt.runtime.integrity import sha256  # noqa: F401  (export's callers use ck.sha256)
 from mistral_trt.runtime.manifest import ModelArgs
 
 SUPPORTED = {"mistral": "MistralForCausalLM"}  # model_type -> architecture
@@ -183,9 +183,23 @@ def chat_format(ckpt: Checkpoint) -> tuple[str, str | None]:
     return "none", None
 
 
-def sha256(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def tokenizer_record(ckpt: Checkpoint, specials: dict) -> dict:
+    """The manifest's `tokenizer`: the file the runtime loads, its vocabulary size and its own BOS rule,
+    checked against config.json before any weight is loaded (another model's tokenizer is refused here)."""
+    from mistral_trt.runtime.tokenizer import Tokenizer
+
+    main = next(f for f in ckpt.tokenizer_files if f.name in TOKENIZER_FILES)  # tokenizer.model first
+    tok = Tokenizer.load(main)
+    vocab = ckpt.config["vocab_size"]
+    if tok.vocab_size > vocab:
+        raise UserError(f"{main}: {tok.vocab_size} tokens, more than config.json's vocab_size {vocab}: "
+                        "not this model's tokenizer")
+    for key in ("bos_token_id", "pad_token_id"):
+        if specials[key] is not None and not (isinstance(specials[key], int) and 0 <= specials[key] < vocab):
+            raise UserError(f"{ckpt.path}: {key} {specials[key]!r} is not a token id below vocab_size {vocab}")
+    if any(not isinstance(t, int) or not 0 <= t < vocab for t in specials["eos_token_id"]):
+        raise UserError(f"{ckpt.path}: eos_token_id {specials['eos_token_id']!r}: expected token ids below vocab_size {vocab}")
+    if tok.add_bos and specials["bos_token_id"] is not None and tok.bos_id != specials["bos_token_id"]:
+        raise UserError(f"{main}: its BOS token is id {tok.bos_id}, config says bos_token_id "
+                        f"{specials['bos_token_id']}: not this model's tokenizer")
+    return {"file": main.name, "vocab_size": tok.vocab_size, "add_bos": bool(tok.add_bos)}

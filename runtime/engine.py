@@ -41,6 +41,32 @@ def provider_list(provider: str, folder: str | Path) -> list:
     return [("TensorrtExecutionProvider", trt)] + PROVIDERS["tensorrt"][1:]
 
 
+ORT_TYPES = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32",
+             "tensor(float16)": "float16"}
+
+
+def check_session_io(session, manifest: Manifest, path: Path) -> None:
+    """The graph onnxruntime loaded must have the manifest's inputs and outputs (names, dtypes, ranks and
+    fixed sizes): another model's ONNX in the folder is refused by name, not run."""
+    for kind, got, want in (("inputs", session.get_inputs(), manifest.inputs),
+                            ("outputs", session.get_outputs(), manifest.outputs)):
+        have = {t.name: t for t in got}
+        for spec in want:
+            t = have.pop(spec.name, None)
+            if t is None:
+                raise UserError(f"{path}: the graph has no {kind[:-1]} {spec.name!r} that manifest.json lists; "
+                                "not the graph this manifest describes")
+            dtype = ORT_TYPES.get(t.type, t.type)
+            fixed = [d for d in spec.dims]
+            if dtype != spec.dtype or len(t.shape) != len(fixed) or any(
+                    isinstance(w, int) and w != g for w, g in zip(fixed, t.shape)):
+                raise UserError(f"{path}: {kind[:-1]} {spec.name!r} is {dtype} {list(t.shape)} in the graph, "
+                                f"manifest.json says {spec.dtype} {fixed}; not the graph this manifest describes")
+        if have:
+            raise UserError(f"{path}: the graph has {kind} manifest.json does not list ({', '.join(sorted(have)[:3])}); "
+                            "not the graph this manifest describes")
+
+
 class Backend(Protocol):
     """What generation needs from an engine. OrtEngine implements it over onnxruntime (CPU, CUDA and
     TensorRT execution providers), FusedEngine over the fused graph (onnxruntime CPU and CUDA, in-place
@@ -70,12 +96,19 @@ class OrtEngine:
         path = self.folder / ONNX_NAME
         if not path.is_file():
             raise UserError(f"{path}: missing (the export folder is incomplete)")
+        self.manifest.check_files(self.folder)  # weights changed after export would run and print garbage
+        providers = providers or ["CPUExecutionProvider"]
+        first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+        if first not in ort.get_available_providers():
+            raise UserError(f"--provider: this onnxruntime ({ort.__version__}) has no {first}; available: "
+                            f"{', '.join(ort.get_available_providers())} (GPU providers come with onnxruntime-gpu)")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
-            raise UserError(f"{path}: onnxruntime cannot load it: {e}") from None
+            raise UserError(f"{path}: onnxruntime cannot load it: {str(e).splitlines()[0][:300]}") from None
+        check_session_io(self.session, self.manifest, path)
         self.args = self.manifest.model
         self.kv_dtype = np.dtype(NUMPY_DTYPE[self.manifest.dtype])
         self.past_names = [n for n in self.manifest.input_names() if n.startswith("past_key_values.")]

@@ -19,3 +19,32 @@ def read_json(path):
         raise UserError(f"{path}: cannot read: {e}") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON: {e}") from None
+
+
+class Terminated(BaseException):
+    """SIGTERM, handled like Ctrl-C: it unwinds through every `finally`, so nothing half-written is left."""
+
+
+# Signals received. A handler's exception can be swallowed when the signal lands inside a weakref or gc
+# callback ("Exception ignored in ..."), so the signal is also remembered here and checked again before
+# anything is published (export/atomic.py) and between stages.
+_received: list[int] = []
+
+
+def on_signal(signum, frame):
+    import signal
+
+    _received.append(signum)
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+def check_interrupted() -> None:
+    """Raise again a SIGINT/SIGTERM whose first exception was swallowed."""
+    import signal
+
+    if _received:
+        raise KeyboardInterrupt() if _received[0] == signal.SIGINT else Terminated()
+
+
+def interrupted() -> int | None:
+    return _received[0] if _received else None

@@ -28,15 +28,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError, read_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: tokenizer record, sha256 of every file the runtime reads, a checked schema
 MANIFEST_NAME = "manifest.json"
 ONNX_NAME = "model.onnx"
+ENGINE_NAME = "model.engine"  # a TensorRT plan, in an engine folder (runtime/trt.py) instead of the ONNX
 ONNX_DATA_NAME = "model.onnx.data"  # external weights, only when the model is over protobuf's 2 GB limit
 DTYPES = ("fp32", "fp16")
 NUMPY_DTYPE = {"fp32": "float32", "fp16": "float16"}
@@ -136,9 +138,10 @@ class Manifest:
     pad_token_id: int | None  # None: pad with anything, the attention_mask hides it
     chat_format: str  # mistral-v1 | template | none
     chat_template: str | None  # jinja2 source when chat_format == "template"
+    tokenizer: dict[str, Any]  # file (the one the runtime loads), vocab_size, add_bos (the tokenizer's own rule)
     tokenizer_files: list[str]  # copied beside model.onnx
-    files: dict[str, str]  # file name -> sha256, for model.onnx (and model.onnx.data)
-    cache: dict[str, Any]  # how to manage the KV cache: position_ids, min_keep, max_context
+    files: dict[str, str]  # file name -> sha256 of every file the runtime reads (ONNX, weights, tokenizer files)
+    cache: dict[str, Any]  # how to manage the KV cache: position_ids, min_keep, max_context, layout
     source: dict[str, Any]  # where the weights came from: path, weights {file: sha256}
     versions: dict[str, str]
     verification: list[dict] = field(default_factory=list)  # rows written by `verify`
@@ -153,6 +156,11 @@ class Manifest:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
+    @property
+    def max_context(self) -> int:
+        """The model's context limit in positions (prompt + generated)."""
+        return self.cache["max_context"]
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False) + "\n"
 
@@ -164,8 +172,17 @@ class Manifest:
         tmp.replace(path)
         return path
 
+    def check_files(self, folder: str | Path, full: bool = False, names: list[str] | None = None) -> None:
+        """Refuse files that differ from the sha256 recorded at export (runtime/integrity.py: hashed in
+        full once, then remembered while the file is unchanged; `full` always hashes). `names`: only these."""
+        from .integrity import check_files
+
+        files = self.files if names is None else {n: self.files[n] for n in names}
+        check_files(folder, files, full=full, where=str(Path(folder) / MANIFEST_NAME))
+
     @classmethod
     def load(cls, folder: str | Path) -> "Manifest":
+        """Read and validate manifest.json (types, ranges, consistency with the graph's inputs)."""
         folder = Path(folder)
         path = folder / MANIFEST_NAME if folder.is_dir() or not folder.suffix == ".json" else folder
         if not path.is_file():
@@ -178,32 +195,142 @@ class Manifest:
             raise UserError(f"{where}: expected a JSON object")
         version = raw.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise UserError(f"{where}: schema_version {version!r}, this runtime reads {SCHEMA_VERSION}")
-        try:
-            model = _build(ModelArgs, raw["model"], f"{where}: model")
-            kw = {f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw}
-            kw["model"] = model
-            kw["inputs"] = [_build(TensorSpec, t, f"{where}: inputs") for t in raw["inputs"]]
-            kw["outputs"] = [_build(TensorSpec, t, f"{where}: outputs") for t in raw["outputs"]]
-            m = cls(**kw)
-        except KeyError as e:
-            raise UserError(f"{where}: missing field {e.args[0]!r}") from None
-        except TypeError as e:
-            raise UserError(f"{where}: {e}") from None
-        if m.dtype not in DTYPES:
-            raise UserError(f"{where}: dtype {m.dtype!r}, expected one of {DTYPES}")
-        if m.graph not in GRAPHS:
-            raise UserError(f"{where}: graph {m.graph!r}, expected one of {GRAPHS}")
-        if m.chat_format not in CHAT_FORMATS:
-            raise UserError(f"{where}: chat_format {m.chat_format!r}, expected one of {CHAT_FORMATS}")
+            hint = ": written by an older mistral-trt, export it again" if version in (1,) else ""
+            raise UserError(f"{where}: schema_version {version!r}, this runtime reads {SCHEMA_VERSION}{hint}")
+        check_manifest(raw, where)
+        kw = {f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw}
+        kw["model"] = ModelArgs(**{f.name: raw["model"][f.name] for f in dataclasses.fields(ModelArgs)})
+        kw["inputs"] = [TensorSpec(**t) for t in raw["inputs"]]
+        kw["outputs"] = [TensorSpec(**t) for t in raw["outputs"]]
+        m = cls(**kw)
+        want = (io_specs if m.graph == "portable" else fused_io_specs)(m.model, m.dtype)
+        for kind, got, exp in (("inputs", m.inputs, want[0]), ("outputs", m.outputs, want[1])):
+            if m.graph == "fused" and kind == "inputs" and "logits_index" not in [t.name for t in got]:
+                raise UserError(f"{where}: a fused graph without the logits_index input (exported before it existed); "
+                                "export it again with `mistral-trt export --graph fused`")
+            if got != exp:
+                i = next((i for i, (g, e) in enumerate(zip(got, exp)) if g != e), min(len(got), len(exp)))
+                shown = json.dumps(dataclasses.asdict(got[i])) if i < len(got) else "nothing"
+                expected = json.dumps(dataclasses.asdict(exp[i])) if i < len(exp) else "nothing"
+                raise UserError(f"{where}: field '{kind}[{i}]': expected {expected} for this model and graph "
+                                f"{m.graph!r}, got {shown}")
         return m
 
 
-def _build(cls, raw: Any, where: str):
-    if not isinstance(raw, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    missing = [n for n in names if n not in raw]
-    if missing:
-        raise UserError(f"{where}: missing field(s) {', '.join(sorted(missing))}")
-    return cls(**{k: v for k, v in raw.items() if k in names})
+# -- schema ----------------------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return type(v) is int  # bool is an int subclass; true is not a layer count
+
+
+def _is_num(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _plain_name(v) -> bool:
+    return isinstance(v, str) and v not in ("", ".", "..") and "/" not in v and "\\" not in v and "\0" not in v
+
+
+POS_INT = (lambda v: _is_int(v) and v > 0, "a positive integer")
+MODEL_SCHEMA = {
+    "architecture": (lambda v: v == "MistralForCausalLM", '"MistralForCausalLM"'),
+    "num_layers": POS_INT, "num_heads": POS_INT, "num_kv_heads": POS_INT, "head_dim": POS_INT,
+    "hidden_size": POS_INT, "intermediate_size": POS_INT, "vocab_size": POS_INT, "max_position_embeddings": POS_INT,
+    "rope_theta": (lambda v: _is_num(v) and v > 0, "a positive number"),
+    "sliding_window": (lambda v: v is None or (_is_int(v) and v > 0), "null or a positive integer"),
+    "rms_norm_eps": (lambda v: _is_num(v) and v > 0, "a positive number"),
+    "tie_word_embeddings": (lambda v: isinstance(v, bool), "true or false"),
+}
+SPEC_SCHEMA = {
+    "name": (lambda v: isinstance(v, str) and v != "", "a tensor name"),
+    "dtype": (lambda v: v in ("int32", "int64", "float16", "float32"), "int32, int64, float16 or float32"),
+    "dims": (lambda v: isinstance(v, list) and all(isinstance(d, str) or (_is_int(d) and d >= 0) for d in v),
+             "a list of dimension names and sizes"),
+}
+SHA256 = (lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
+          "a sha256 (64 lowercase hex digits)")
+
+
+def _check(obj: dict, schema: dict, where: str, prefix: str) -> None:
+    for key, (ok, expected) in schema.items():
+        if key not in obj:
+            raise UserError(f"{where}: missing field '{prefix}{key}'")
+        if not ok(obj[key]):
+            raise UserError(f"{where}: field '{prefix}{key}': expected {expected}, got {json.dumps(obj[key])}")
+
+
+def _fail(where: str, key: str, expected: str, got) -> UserError:
+    return UserError(f"{where}: field '{key}': expected {expected}, got {json.dumps(got, ensure_ascii=False)[:200]}")
+
+
+def check_manifest(raw: dict, where: str) -> None:
+    """Every field a runtime relies on: type, range and consistency with the others. One line per problem,
+    naming the field (a manifest edited by hand must fail here, not run and print garbage)."""
+    top = {
+        "model": (lambda v: isinstance(v, dict), "an object"),
+        "dtype": (lambda v: v in DTYPES, " or ".join(DTYPES)),
+        "graph": (lambda v: v in GRAPHS, " or ".join(GRAPHS)),
+        "inputs": (lambda v: isinstance(v, list) and len(v) > 0, "a list of tensors"),
+        "outputs": (lambda v: isinstance(v, list) and len(v) > 0, "a list of tensors"),
+        "bos_token_id": (lambda v: v is None or (_is_int(v) and v >= 0), "null or a token id"),
+        "eos_token_id": (lambda v: isinstance(v, list) and all(_is_int(t) and t >= 0 for t in v),
+                         "a list of token ids"),
+        "pad_token_id": (lambda v: v is None or (_is_int(v) and v >= 0), "null or a token id"),
+        "chat_format": (lambda v: v in CHAT_FORMATS, " or ".join(CHAT_FORMATS)),
+        "chat_template": (lambda v: v is None or isinstance(v, str), "null or a jinja2 template"),
+        "tokenizer": (lambda v: isinstance(v, dict), "an object"),
+        "tokenizer_files": (lambda v: isinstance(v, list) and len(v) > 0 and all(_plain_name(n) for n in v),
+                            "a list of file names"),
+        "files": (lambda v: isinstance(v, dict) and all(_plain_name(n) for n in v), "an object: file name -> sha256"),
+        "cache": (lambda v: isinstance(v, dict), "an object"),
+        "source": (lambda v: isinstance(v, dict), "an object"),
+        "versions": (lambda v: isinstance(v, dict), "an object"),
+    }
+    _check(raw, top, where, "")
+    for key, ok_type in (("verification", list), ("precision", dict), ("dims", dict)):
+        if key in raw and not isinstance(raw[key], ok_type):
+            raise _fail(where, key, "a list" if ok_type is list else "an object", raw[key])
+    model = raw["model"]
+    _check(model, MODEL_SCHEMA, where, "model.")
+    if model["num_heads"] % model["num_kv_heads"]:
+        raise _fail(where, "model.num_kv_heads", f"a divisor of model.num_heads ({model['num_heads']})",
+                    model["num_kv_heads"])
+    vocab = model["vocab_size"]
+    for key in ("bos_token_id", "pad_token_id"):
+        if raw[key] is not None and raw[key] >= vocab:
+            raise _fail(where, key, f"null or a token id below model.vocab_size {vocab}", raw[key])
+    if any(t >= vocab for t in raw["eos_token_id"]):
+        raise _fail(where, "eos_token_id", f"token ids below model.vocab_size {vocab}", raw["eos_token_id"])
+    if raw["chat_format"] == "template" and not raw["chat_template"]:
+        raise _fail(where, "chat_template", "a jinja2 template (chat_format is 'template')", raw["chat_template"])
+    for i, kind in enumerate(("inputs", "outputs")):
+        for j, t in enumerate(raw[kind]):
+            if not isinstance(t, dict):
+                raise _fail(where, f"{kind}[{j}]", "an object with name, dtype, dims", t)
+            _check(t, SPEC_SCHEMA, where, f"{kind}[{j}].")
+    for name, digest in raw["files"].items():
+        if not SHA256[0](digest):
+            raise _fail(where, f"files.{name}", SHA256[1], digest)
+    if ONNX_NAME not in raw["files"] and ENGINE_NAME not in raw["files"]:
+        raise UserError(f"{where}: field 'files': no sha256 for {ONNX_NAME}")
+    for name in raw["tokenizer_files"]:
+        if name not in raw["files"]:
+            raise UserError(f"{where}: field 'files': no sha256 for the tokenizer file {name}")
+    tok = raw["tokenizer"]
+    _check(tok, {"file": (lambda v: v in raw["tokenizer_files"], f"one of tokenizer_files {raw['tokenizer_files']}"),
+                 "vocab_size": (lambda v: _is_int(v) and 0 < v <= vocab, f"a positive integer <= model.vocab_size {vocab}"),
+                 "add_bos": (lambda v: isinstance(v, bool), "true or false")}, where, "tokenizer.")
+    if tok["add_bos"] and raw["bos_token_id"] is None:
+        raise _fail(where, "bos_token_id", "a token id (tokenizer.add_bos is true)", None)
+    cache = raw["cache"]
+    window = model["sliding_window"]
+    portable = raw["graph"] == "portable"
+    _check(cache, {
+        "position_ids": (lambda v: v == ("absolute" if portable else "implicit"),
+                         '"absolute"' if portable else '"implicit"'),
+        "min_keep": (lambda v: v == (None if window is None else window - 1),
+                     "null (model.sliding_window is null)" if window is None else f"{window - 1} (model.sliding_window - 1)"),
+        "max_context": (lambda v: _is_int(v) and 1 < v <= model["max_position_embeddings"],
+                        f"an integer in [2, model.max_position_embeddings = {model['max_position_embeddings']}]"),
+        "layout": (lambda v: v == ("double-buffer" if portable else "in-place"),
+                   '"double-buffer"' if portable else '"in-place"'),
+    }, where, "cache.")

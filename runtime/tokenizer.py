@@ -9,21 +9,26 @@ control tokens (sentencepiece does this by itself; for tokenizer.json, see `enco
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, read_json
 
 
 class Tokenizer:
-    def __init__(self, kind: str, impl, bos_id: int | None, eos_id: int | None, path: Path):
+    """`add_bos`: whether this tokenizer itself puts BOS before a text (sentencepiece/Mistral: yes; a
+    tokenizer.json: what its post-processor does, unless tokenizer_config.json sets `add_bos_token`, as
+    transformers reads it). `--raw` prompts follow it, so ids equal what HF, optimum and onnxruntime-genai feed."""
+
+    def __init__(self, kind: str, impl, bos_id: int | None, eos_id: int | None, path: Path, add_bos: bool):
         self.kind, self.impl, self.bos_id, self.eos_id, self.path = kind, impl, bos_id, eos_id, path
+        self.add_bos = add_bos
 
     @classmethod
     def load(cls, where: str | Path) -> "Tokenizer":
-        """A folder (tokenizer.model preferred, then tokenizer.json) or one of those files."""
+        """A tokenizer file (tokenizer.model, tokenizer.json), or a folder holding one (tokenizer.model
+        preferred). An export folder: use `for_export`, which loads the file its manifest names and checks it."""
         p = Path(where)
         if p.is_dir():
             for name in ("tokenizer.model", "tokenizer.json"):
@@ -32,8 +37,15 @@ class Tokenizer:
             raise UserError(f"{p}: no tokenizer.model or tokenizer.json")
         if not p.is_file():
             raise UserError(f"{p}: no such tokenizer file")
+        cfg_path = p.parent / "tokenizer_config.json"
+        cfg = read_json(cfg_path) if cfg_path.is_file() else {}
+        if not isinstance(cfg, dict):
+            raise UserError(f"{cfg_path}: expected a JSON object")
+        explicit_bos = cfg.get("add_bos_token")
+        if explicit_bos is not None and not isinstance(explicit_bos, bool):
+            raise UserError(f"{cfg_path}: field 'add_bos_token': expected true or false, got {explicit_bos!r}")
         if p.suffix == ".json":
-            return cls._load_json(p)
+            return cls._load_json(p, cfg, explicit_bos)
         import sentencepiece as spm
 
         try:
@@ -41,25 +53,53 @@ class Tokenizer:
         except Exception as e:
             raise UserError(f"{p}: not a sentencepiece model: {e}") from None
         bos, eos = sp.bos_id(), sp.eos_id()
-        return cls("sentencepiece", sp, bos if bos >= 0 else None, eos if eos >= 0 else None, p)
+        bos = bos if bos >= 0 else None
+        add_bos = (explicit_bos if explicit_bos is not None else True) and bos is not None  # LlamaTokenizer's default
+        return cls("sentencepiece", sp, bos, eos if eos >= 0 else None, p, add_bos)
 
     @classmethod
-    def _load_json(cls, p: Path) -> "Tokenizer":
+    def _load_json(cls, p: Path, cfg: dict, explicit_bos: bool | None) -> "Tokenizer":
         from tokenizers import Tokenizer as HFTokenizer
 
         try:
             tk = HFTokenizer.from_file(str(p))
         except Exception as e:
             raise UserError(f"{p}: not a tokenizers JSON file: {e}") from None
-        cfg_path = p.parent / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
 
         def token_id(key):
             t = cfg.get(key)
             t = t.get("content") if isinstance(t, dict) else t
             return tk.token_to_id(t) if isinstance(t, str) else None
 
-        return cls("tokenizers", tk, token_id("bos_token"), token_id("eos_token"), p)
+        bos = token_id("bos_token")
+        if explicit_bos is not None:
+            add_bos = explicit_bos and bos is not None
+        else:  # what the post-processor does to a plain text
+            with_specials = tk.encode("a", add_special_tokens=True).ids
+            add_bos = bos is not None and len(with_specials) > 1 and with_specials[0] == bos
+        return cls("tokenizers", tk, bos, token_id("eos_token"), p, add_bos)
+
+    @classmethod
+    def for_export(cls, folder: str | Path, manifest) -> "Tokenizer":
+        """The tokenizer file an export's manifest names, checked against it: the file's sha256 (with the
+        other files, runtime/integrity.py), its vocabulary size and special ids. Another model's tokenizer
+        dropped into the folder is refused instead of printing garbage."""
+        folder = Path(folder)
+        rec = manifest.tokenizer
+        where = folder / "manifest.json"
+        tok = cls.load(folder / rec["file"])
+        tok.add_bos = rec["add_bos"]
+        if tok.vocab_size != rec["vocab_size"]:
+            raise UserError(f"{tok.path}: {tok.vocab_size} tokens, {where} says tokenizer.vocab_size "
+                            f"{rec['vocab_size']}: not this model's tokenizer")
+        for name, mine, theirs in (("bos_token_id", tok.bos_id, manifest.bos_token_id),
+                                   ("eos_token_id", tok.eos_id, manifest.eos_token_id)):
+            if mine is None or theirs is None or theirs == []:
+                continue
+            if (mine not in theirs) if isinstance(theirs, list) else (mine != theirs):
+                raise UserError(f"{tok.path}: its {name.split('_')[0]} token is id {mine}, {where} says "
+                                f"{name} {theirs}: not this model's tokenizer")
+        return tok
 
     @property
     def vocab_size(self) -> int:
@@ -67,7 +107,8 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False, specials: bool = False) -> np.ndarray:
         """specials=True lets tokenizer.json's special tokens written as text (e.g. "<|im_start|>") become
-        their ids: that is how a rendered chat template is read. User text is encoded with specials=False."""
+        their ids: only for text the program itself wrote. User text is encoded with specials=False."""
+        check_text(text)
         if self.kind == "sentencepiece":
             ids = self.impl.encode(text)
         elif specials:
@@ -88,6 +129,54 @@ class Tokenizer:
         finally:
             self.impl.encode_special_tokens = False
 
+    def special_tokens(self) -> dict[str, tuple[int, bool, bool]]:
+        """Special tokens written as text -> (id, lstrip, rstrip): what a chat template may emit."""
+        if self.kind == "sentencepiece":
+            sp = self.impl
+            return {sp.id_to_piece(i): (i, False, False) for i in range(sp.get_piece_size()) if sp.is_control(i)}
+        return {t.content: (i, bool(t.lstrip), bool(t.rstrip))
+                for i, t in self.impl.get_added_tokens_decoder().items() if t.special}
+
+    def encode_segments(self, segments: list[tuple[str, bool]]) -> list[int]:
+        """Ids of a text assembled from pieces: (text, False) from the program (a chat template's markup,
+        whose special tokens become their ids) and (text, True) from the user (always text).
+
+        Cut at the program's special tokens, each stretch of text between two of them is encoded as one
+        plain text, which is what tokenizers itself does with a whole string (it splits at added tokens
+        first), so benign input gives exactly the ids of a plain encode with specials."""
+        specials = self.special_tokens()
+        # longest first, so "<|im_start|>" wins over a shorter token it contains
+        names = sorted(specials, key=len, reverse=True)
+        ids: list[int] = []
+        text = ""
+        strip_next = False
+        for chunk, from_user in segments:
+            if from_user:
+                text += chunk
+                continue
+            i = 0
+            while i < len(chunk):
+                name = next((n for n in names if chunk.startswith(n, i)), None)
+                if name is None:
+                    text += chunk[i]
+                    i += 1
+                    continue
+                tid, lstrip, rstrip = specials[name]
+                if strip_next:
+                    text = text.lstrip()
+                if lstrip:
+                    text = text.rstrip()
+                if text:
+                    ids += self.encode(text).tolist()
+                ids.append(tid)
+                text, strip_next = "", rstrip
+                i += len(name)
+        if strip_next:
+            text = text.lstrip()
+        if text:
+            ids += self.encode(text).tolist()
+        return ids
+
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
         if self.kind == "sentencepiece":
@@ -102,6 +191,17 @@ class Tokenizer:
             return self.impl.is_control(int(i))
         t = self.impl.get_added_tokens_decoder().get(int(i))
         return bool(t and t.special)
+
+
+def check_text(text: str, what: str = "text") -> str:
+    """Text from a command line or stdin may hold bytes that are not UTF-8 (Python keeps them as lone
+    surrogates); a tokenizer cannot encode those: one line instead of a TypeError deep inside it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start].encode("utf-8", "surrogateescape")
+        raise UserError(f"{what}: not valid UTF-8 (byte 0x{bad.hex()} at character {e.start})") from None
+    return text
 
 
 class StreamDecoder:

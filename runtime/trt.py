@@ -28,9 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError, read_json
-from .manifest import DTYPE_BYTES, NUMPY_DTYPE, Manifest
+from .manifest import DTYPE_BYTES, ENGINE_NAME, NUMPY_DTYPE, Manifest
 
-ENGINE_NAME = "model.engine"
 ENGINE_MANIFEST = "engine.json"
 TIMING_CACHE = "timing.cache"
 ENGINE_SCHEMA_VERSION = 1
@@ -131,12 +130,62 @@ def profile_shapes(m: Manifest, max_batch: int, max_seq: int, max_context: int) 
     return out
 
 
-def gpu_info() -> tuple[str, str]:
-    """(name, compute capability "major.minor") of the current CUDA device."""
+def gpu_info(device: int = 0) -> tuple[str, str]:
+    """(name, compute capability "major.minor") of CUDA device `device`."""
     cuda = Cuda()
-    props = cuda.check(cuda.rt.cudaGetDeviceProperties(0))
+    props = cuda.check(cuda.rt.cudaGetDeviceProperties(device))
     name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
     return name.rstrip("\x00"), f"{props.major}.{props.minor}"
+
+
+def check_cuda_versions(driver: int, runtime: int) -> None:
+    """CUDA versions as CUDA reports them (12080 = 12.8). A CUDA 13 build (TensorRT 11.2+'s plain `tensorrt`
+    wheel, cuda-python 13) on a driver that only knows CUDA 12 fails deep inside TensorRT; say it here."""
+    if driver == 0:
+        raise UserError("no NVIDIA driver found (cudaDriverGetVersion reports 0): this backend needs an NVIDIA GPU host")
+    if driver // 1000 < runtime // 1000:
+        d, r = f"{driver // 1000}.{driver % 1000 // 10}", f"{runtime // 1000}.{runtime % 1000 // 10}"
+        raise UserError(f"the NVIDIA driver supports CUDA {d}, the installed TensorRT/cuda-python are built for CUDA {r}: "
+                        f"pip install 'mistral-trt[tensorrt-cu{driver // 1000}]' (a matched pair), or update the driver "
+                        f"(CUDA {runtime // 1000} needs r{580 if runtime // 1000 == 13 else 525}+)")
+
+
+TRT_DTYPES = {"INT64": "int64", "INT32": "int32", "FLOAT": "float32", "HALF": "float16"}
+
+
+def check_plan_io(io: dict[str, tuple[str, str]], profiles: list[dict[str, list]], m: Manifest,
+                  em: "EngineManifest", where: str) -> None:
+    """A plan must have the manifest's tensors with the manifest's dtypes, and exactly engine.json's
+    profiles with its shapes; a mismatch would run and give wrong results. `io`: name -> (mode, dtype) as
+    the plan reports them ("INPUT"/"OUTPUT", TensorRT's DataType name); `profiles`: per profile, input
+    name -> [min, opt, max]."""
+    for kind, specs in (("INPUT", m.inputs), ("OUTPUT", m.outputs)):
+        for spec in specs:
+            got = io.get(spec.name)
+            if got is None or got[0] != kind:
+                raise UserError(f"{where}: the plan has no {kind.lower()} {spec.name!r} that manifest.json lists; "
+                                "rebuild it from this export")
+            if TRT_DTYPES.get(got[1], got[1]) != spec.dtype:
+                raise UserError(f"{where}: {kind.lower()} {spec.name!r} is {got[1]} in the plan, manifest.json says "
+                                f"{spec.dtype}; rebuild it from this export")
+    extra = sorted(set(io) - set(m.input_names()) - set(m.output_names()))
+    if extra:
+        raise UserError(f"{where}: the plan has tensors manifest.json does not list ({', '.join(extra[:3])})")
+    if len(profiles) != len(PROFILES):
+        raise UserError(f"{where}: the plan has {len(profiles)} optimization profiles, engine.json describes "
+                        f"{len(PROFILES)} ({', '.join(PROFILES)})")
+    for i, name in enumerate(PROFILES):
+        want = em.profiles[name]
+        for tensor, shapes in profiles[i].items():
+            if [list(x) for x in shapes] != want.get(tensor):
+                raise UserError(f"{where}: profile {name!r} input {tensor!r} is {[list(x) for x in shapes]} in the plan, "
+                                f"engine.json says {want.get(tensor)}")
+
+
+def prefill_past_max(em: "EngineManifest") -> int:
+    """Past positions the prefill profile accepts (a prefill chunk after more than this many cached
+    positions must go through the decode profile, one token per step)."""
+    return em.profiles["prefill"]["past_key_values.0.key"][2][2]
 
 
 def import_tensorrt():
@@ -244,28 +293,35 @@ class TrtEngine:
 
     def __init__(self, folder: str | Path, device: int = 0):
         self.folder = Path(folder)
-        self.engine_manifest = EngineManifest.load(self.folder)
+        self.engine_manifest = em = EngineManifest.load(self.folder)
+        trt = import_tensorrt()  # first: on a machine without it, that is the one thing to say
         self.manifest = Manifest.load(self.folder)
+        where = str(self.folder / ENGINE_NAME)
+        if self.manifest.files.get(ENGINE_NAME) != em.engine_sha256:
+            raise UserError(f"{self.folder}: manifest.json and engine.json record different plans; rebuild the engine")
+        self.manifest.check_files(self.folder)  # the plan and tokenizer files, against their sha256
         self.args = self.manifest.model
         self.kv_dtype = np.dtype(NUMPY_DTYPE[self.manifest.dtype])
-        trt = import_tensorrt()
         self.cuda = Cuda()
+        check_cuda_versions(self.cuda.check(self.cuda.rt.cudaDriverGetVersion()),
+                            self.cuda.check(self.cuda.rt.cudaRuntimeGetVersion()))
         self.cuda.check(self.cuda.rt.cudaSetDevice(device))
-        name, cc = gpu_info()
-        self.warnings = check_compatible(self.engine_manifest, trt.__version__, name, cc, where=str(self.folder))
-        plan_path = self.folder / ENGINE_NAME
-        if not plan_path.is_file():
-            raise UserError(f"{plan_path}: missing")
-        plan = plan_path.read_bytes()
-        from hashlib import sha256
-
-        if sha256(plan).hexdigest() != self.engine_manifest.engine_sha256:
-            raise UserError(f"{plan_path}: sha256 differs from engine.json's engine_sha256 (corrupt or replaced)")
+        name, cc = gpu_info(device)
+        self.warnings = check_compatible(em, trt.__version__, name, cc, where=str(self.folder))
+        plan = (self.folder / ENGINE_NAME).read_bytes()
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
-            raise UserError(f"{plan_path}: TensorRT {trt.__version__} could not deserialize it (messages above)")
+            raise UserError(f"{where}: TensorRT {trt.__version__} could not deserialize it (messages above)")
+        e = self.engine
+        names = [e.get_tensor_name(i) for i in range(e.num_io_tensors)]
+        io = {n: (e.get_tensor_mode(n).name, e.get_tensor_dtype(n).name) for n in names}
+        inputs = [n for n in names if io[n][0] == "INPUT"]
+        profiles = [{n: [tuple(x) for x in e.get_tensor_profile_shape(n, i)] for n in inputs}
+                    for i in range(e.num_optimization_profiles)]
+        check_plan_io(io, profiles, self.manifest, em, where)
+        self.prefill_past_max = prefill_past_max(em)
         self.stream = self.cuda.stream()
         self.stream_handle = int(self.stream)  # TensorRT takes the raw cudaStream_t as an int
         # one execution context per profile: prefill (index 0) and decode (index 1)
@@ -307,14 +363,26 @@ class TrtEngine:
         if s > self.max_seq or total > self.max_context or b > self.max_batch:
             raise UserError(f"batch {b}, {s} new + {cache.length} cached positions: this engine was built for "
                             f"--max-batch {self.max_batch} --max-seq {self.max_seq} --max-context {self.max_context}")
+        if s > 1 and cache.length > self.prefill_past_max:
+            raise UserError(f"a {s}-token step after {cache.length} cached positions: this engine's prefill profile "
+                            f"takes at most {self.prefill_past_max} past positions (--max-context {self.max_context} "
+                            f"minus --max-seq {self.max_seq}); feed one token per step past that (Generator does)")
         ctx = self.contexts[1 if s == 1 else 0]
+        profile = PROFILES[1 if s == 1 else 0]
+
+        def shape(name, dims):
+            if not ctx.set_input_shape(name, dims):  # out of the profile: TensorRT would fail later, unclearly
+                lo, _, hi = self.engine_manifest.profiles[profile][name]
+                raise UserError(f"input {name} {list(dims)}: outside this engine's {profile} profile "
+                                f"({lo} .. {hi}); rebuild it with larger limits (mistral-trt engine)")
+
         for name, arr in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos)):
             self.cuda.h2d(self.buf[name], arr, self.stream)
-            ctx.set_input_shape(name, arr.shape)
+            shape(name, arr.shape)
             ctx.set_tensor_address(name, self.buf[name])
         past_shape, present_shape = cache.shape_for(cache.length), cache.shape_for(total)
         for name, ptr in zip(self.input_names[3:], cache.past()):
-            ctx.set_input_shape(name, past_shape)
+            shape(name, past_shape)
             ctx.set_tensor_address(name, ptr)
         ctx.set_tensor_address("logits", self.buf["logits"])
         for name, ptr in zip(self.output_names[1:], cache.present(s)):

@@ -33,7 +33,7 @@ def logits_and_tokens(engine, ids: np.ndarray, n: int) -> tuple[np.ndarray, list
     logits = engine.step(ids[None], np.ones((1, len(ids)), np.int64), np.arange(len(ids))[None], st.cache)
     first = logits[0].astype(np.float32)
     t0 = time.perf_counter()
-    toks = [int(t[0]) for t in gen.generate([ids], n, Sampling(greedy=True), stop_on_eos=False)]
+    toks = [int(t[0]) for t in gen.generate([ids], n, Sampling(), stop_on_eos=False)]
     ms = (time.perf_counter() - t0) * 1e3 / n
     return first, toks, ms
 

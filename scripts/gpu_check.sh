@@ -12,7 +12,10 @@ CLI=.venv/bin/mistral-trt
 make setup
 # TensorRT (tensorrt + cuda-python) and onnxruntime-gpu (CUDA and TensorRT execution providers) replace
 # the CPU onnxruntime in this environment only; see README, TensorRT.
-$PY -m pip install -q -e '.[tensorrt]'
+# TensorRT and cuda-python as a pair built for the CUDA major this driver runs (r580+: CUDA 13, else 12)
+DRIVER=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1 | cut -d. -f1)
+CU=$([ "$DRIVER" -ge 580 ] && echo cu13 || echo cu12)
+$PY -m pip install -q -e ".[tensorrt-$CU]"
 $PY -m pip uninstall -y -q onnxruntime
 $PY -m pip install -q onnxruntime-gpu
 TRT_LIBS=$($PY -c "import importlib.util, os; s = importlib.util.find_spec('tensorrt_libs'); print(os.path.dirname(s.origin) if s else '')")
@@ -28,8 +31,12 @@ test -f $OUT/fp16/manifest.json || $CLI quantize $OUT/fp32 --precision fp16 -o $
 test -f $OUT/int8-w8a16/manifest.json || $CLI quantize $OUT/fp32 --precision int8-w8a16 -o $OUT/int8-w8a16
 test -f $OUT/calib/manifest.json || $CLI calibrate $OUT/fp32 -o $OUT/calib
 test -f $OUT/int8-w8a8/manifest.json || $CLI quantize $OUT/fp32 --precision int8-w8a8 --calib $OUT/calib -o $OUT/int8-w8a8
+# the engines are built for the largest batch the bench below runs (`bench` refuses a batch over --max-batch)
+BATCH=1,4
+MAX_BATCH=$(echo $BATCH | tr , '\n' | sort -n | tail -1)
 for p in fp32 fp16 int8-w8a16 int8-w8a8; do
-  $CLI engine $OUT/$p -o $OUT/engine-$p --max-seq 512 --max-context 4096 --timing-cache $OUT/timing.cache --force
+  $CLI engine $OUT/$p -o $OUT/engine-$p --max-batch $MAX_BATCH --max-seq 512 --max-context 4096 \
+    --timing-cache $OUT/timing.cache --force
 done
 $PY scripts/gpu_check.py $OUT
 $PY -m pytest -q tests/test_engine.py
@@ -42,7 +49,7 @@ BWFLAG=$([ "$BW" != 0 ] && echo "--bandwidth $BW" || true)
 # the fused graph (onnxruntime GroupQueryAttention, KV cache in place in device memory) on the CUDA provider
 test -f $OUT/fused-fp16/manifest.json || $CLI export $DEMO -o $OUT/fused-fp16 --graph fused --dtype fp16 --provider cuda
 $CLI bench $OUT/engine-fp16 $OUT/engine-int8-w8a16 $OUT/fp16 $OUT/fused-fp16 --provider cuda --prompt-len 128,512,2048 \
-  --gen-len 128 --batch 1,4 --repeat 5 $BWFLAG -o $OUT/bench-demo
+  --gen-len 128 --batch $BATCH --repeat 5 $BWFLAG -o $OUT/bench-demo
 
 if [ "${GPU_7B:-0}" = 1 ]; then
   # Mistral-7B's shapes, random init: latency does not depend on weight values (issue 5, GPU readiness)

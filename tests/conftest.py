@@ -3,13 +3,19 @@ Mistral v1 tokenizer from the mistral-common wheel, and the embedded demo model 
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
+
+# Verified-file records (runtime/integrity.py) go to a throwaway folder, never the user's ~/.cache; set before
+# any test runs so subprocesses inherit it.
+os.environ["MISTRAL_TRT_CACHE"] = tempfile.mkdtemp(prefix="mistral-trt-test-cache-")
 
 
 def mistral_tokenizer_file() -> Path:
@@ -85,17 +91,44 @@ def demo_onnx(demo_hf, tmp_path_factory) -> Path:
     return out
 
 
-def run_without_torch(code: str) -> subprocess.CompletedProcess:
-    """Run Python code in a fresh interpreter where torch and transformers cannot be imported."""
-    blocker = textwrap.dedent("""
+def run_without_torch(code: str, blocked=("torch", "transformers")) -> subprocess.CompletedProcess:
+    """Run Python code in a fresh interpreter where torch and transformers (or `blocked`) cannot be imported."""
+    blocker = textwrap.dedent(f"""
         import sys
         class Block:
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "transformers"):
+                if name.split(".")[0] in {tuple(blocked)!r}:
                     raise ImportError("blocked: " + name)
         sys.meta_path.insert(0, Block())
     """)
     return subprocess.run([sys.executable, "-c", blocker + textwrap.dedent(code)], capture_output=True, text=True)
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """Run `mistral-trt ARGS` in this process: (exit code, stdout, stderr). A non-zero exit must end stderr
+    with exactly one error line and no traceback (the project's promise for bad input); that line is returned
+    as stderr then."""
+    from mistral_trt.main import main
+
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:  # argparse
+        rc = e.code
+    out = capsys.readouterr()
+    if rc:  # progress lines may come first; the error is one line, the last
+        lines = out.err.rstrip("\n").split("\n")
+        assert "Traceback" not in out.err and lines[-1].startswith("mistral-trt "), out.err
+        assert sum("error:" in line for line in lines) == 1, out.err
+        return rc, out.out, lines[-1]
+    return rc, out.out, out.err
+
+
+def tree_state(folder: Path) -> dict:
+    """Every file under `folder` with its bytes' hash and inode: to assert that nothing was changed."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_ino)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="session")

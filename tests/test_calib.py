@@ -197,12 +197,19 @@ def test_eval_report(tiny_exports, calib, tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["eval", str(src), str(tmp_path / "w8"), str(tiny_exports["full", "fp16"]), "--text",
                  str(calib / "a" / "eval.txt"), "--max-tokens", "400", "--window", "128", "-o", str(out)]) == 0
-    rows = json.loads((out / "eval.json").read_text())
+    rows = json.loads((out / "eval.json").read_text())["rows"]
     assert [r["precision"] for r in rows] == ["fp32", "int8-w8a16", "fp16"]
     assert rows[0]["ppl_delta_pct"] == 0 and rows[0]["top1_agreement"] == 1.0 and rows[0]["mean_kl"] == 0
     assert all(r["tokens"] == 399 and r["perplexity"] > 1 for r in rows)
     assert all(0 < r["mean_kl"] for r in rows[1:])
     assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"
+    args = ["eval", str(src), "--text", str(calib / "a" / "eval.txt"), "--max-tokens", "40", "--window", "16"]
+    assert main(args + ["-o", str(out)]) == 0  # an earlier report of ours: replaced
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "eval.md").write_text("my own notes")
+    assert main(args + ["-o", str(tmp_path / "notes")]) == 2  # somebody else's eval.md: refused, kept
+    assert "holds eval.md that mistral-trt did not write" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "eval.md").read_text() == "my own notes"
 
 
 @pytest.mark.slow

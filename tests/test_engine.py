@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import subprocess
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,14 @@ import pytest
 from mistral_trt.main import main
 from mistral_trt.runtime import Manifest, UserError
 from mistral_trt.runtime.trt import EngineManifest, check_compatible, profile_shapes
+
+
+def _has_gpu() -> bool:
+    """An NVIDIA GPU with its driver on this host (whatever Python packages are installed)."""
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def _has_gpu_tensorrt() -> str | None:
@@ -28,6 +39,14 @@ def _has_gpu_tensorrt() -> str | None:
 
 
 GPU_SKIP = _has_gpu_tensorrt()
+HAS_GPU = _has_gpu()
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="no NVIDIA GPU on this host (nvidia-smi -L)")
+def test_gpu_host_can_run_the_native_backend():
+    """On a host with a GPU a broken TensorRT install (a CUDA 13 wheel on an r5xx driver, no cuda-python, ...)
+    fails here loudly instead of turning every GPU test into a skip."""
+    assert GPU_SKIP is None, f"this host has a GPU but the native TensorRT backend cannot run: {GPU_SKIP}"
 
 
 def test_profile_shapes(tiny_exports):
@@ -145,8 +164,8 @@ def test_native_tensorrt_matches_onnxruntime(tiny_exports, tmp_path, model):
     build_engine(src, tmp_path / "e2", max_batch=2, max_seq=32, max_context=256, timing_cache=tmp_path / "t.cache")
     assert EM.load(tmp_path / "e2").build["timing_cache_reused"]
     prompts = [np.random.default_rng(1).integers(3, 32000, 40), np.random.default_rng(2).integers(3, 32000, 25)]
-    ref = np.stack(list(Generator(OrtEngine(src), prefill_chunk=16).generate(prompts, 40, Sampling(greedy=True), stop_on_eos=False)))
-    got = np.stack(list(Generator(TrtEngine(tmp_path / "e"), prefill_chunk=16).generate(prompts, 40, Sampling(greedy=True), stop_on_eos=False)))
+    ref = np.stack(list(Generator(OrtEngine(src), prefill_chunk=16).generate(prompts, 40, Sampling(), stop_on_eos=False)))
+    got = np.stack(list(Generator(TrtEngine(tmp_path / "e"), prefill_chunk=16).generate(prompts, 40, Sampling(), stop_on_eos=False)))
     assert (ref == got).mean() >= 0.97  # fp32 with TF32 off: argmax ties aside, identical
     shutil.rmtree(tmp_path / "e2")
 
@@ -204,3 +223,181 @@ def test_engine_folder_without_tensorrt(tiny_exports, tmp_path, capsys):
     assert main(["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert "mistral-trt generate: error: tensorrt is not installed" in err and "Traceback" not in err
+
+
+# -- the TensorRT path's checks, on CPU (TensorRT itself cannot run here; stand-ins play its part) --------------
+def test_tensorrt_pins_are_pairs_per_cuda_major():
+    """tensorrt and cuda-python unpinned let pip pair a CUDA 13 TensorRT with a CUDA 12 driver/cuda-python."""
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for major in (12, 13):
+        deps = extras[f"tensorrt-cu{major}"]
+        assert any(d.startswith(f"tensorrt-cu{major}>=") for d in deps), deps
+        assert f"<{major + 1}" in next(d for d in deps if d.startswith("cuda-python")), deps
+        assert not any(d.startswith("tensorrt>") for d in deps)
+    assert extras["tensorrt"] == ["mistral-trt[tensorrt-cu12]"]
+
+
+def test_cuda_driver_too_old_for_the_build():
+    from mistral_trt.runtime.trt import check_cuda_versions
+
+    check_cuda_versions(12080, 12060)
+    check_cuda_versions(13000, 12080)  # a newer driver runs older builds
+    with pytest.raises(UserError, match=r"driver supports CUDA 12\.4, the installed TensorRT/cuda-python are built for "
+                                        r"CUDA 13\.0: pip install 'mistral-trt\[tensorrt-cu12\]'"):
+        check_cuda_versions(12040, 13000)
+    with pytest.raises(UserError, match="no NVIDIA driver"):
+        check_cuda_versions(0, 12080)
+
+
+def _plan_of(m: Manifest, em: EngineManifest):
+    """What a plan built from `m` with `em`'s profiles reports, as check_plan_io reads it from TensorRT."""
+    names = {"int64": "INT64", "int32": "INT32", "float32": "FLOAT", "float16": "HALF"}
+    io = {t.name: ("INPUT", names[t.dtype]) for t in m.inputs} | {t.name: ("OUTPUT", names[t.dtype]) for t in m.outputs}
+    profiles = [{k: [tuple(x) for x in v] for k, v in em.profiles[p].items()} for p in ("prefill", "decode")]
+    return io, profiles
+
+
+def test_plan_io_checked_against_both_manifests(tiny_exports):
+    from mistral_trt.runtime.trt import check_plan_io, prefill_past_max
+
+    m = Manifest.load(tiny_exports["full", "fp32"])
+    em = _engine_manifest(profiles=profile_shapes(m, 2, 64, 512))
+    io, profiles = _plan_of(m, em)
+    check_plan_io(io, profiles, m, em, "e")
+    assert prefill_past_max(em) == 512 - 64
+    bad = dict(io, logits=("OUTPUT", "HALF"))  # a plan of the fp16 export beside the fp32 manifest
+    with pytest.raises(UserError, match="output 'logits' is HALF in the plan, manifest.json says float32"):
+        check_plan_io(bad, profiles, m, em, "e")
+    with pytest.raises(UserError, match="1 optimization profiles, engine.json describes 2"):
+        check_plan_io(io, profiles[:1], m, em, "e")
+    other = [profiles[0], dict(profiles[1], input_ids=[(1, 1), (1, 1), (4, 1)])]
+    with pytest.raises(UserError, match="profile 'decode' input 'input_ids'"):
+        check_plan_io(io, other, m, em, "e")
+    with pytest.raises(UserError, match="no input 'position_ids'"):
+        check_plan_io({k: v for k, v in io.items() if k != "position_ids"}, profiles, m, em, "e")
+
+
+def test_timing_cache_damaged_or_foreign_starts_fresh():
+    from mistral_trt.export.engine import use_timing_cache
+
+    class Config:  # TensorRT's IBuilderConfig as far as the timing cache goes
+        def __init__(self):
+            self.set = []
+
+        def create_timing_cache(self, blob):
+            return None if blob == b"garbage" else ("cache", blob)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            if cache is None:
+                raise TypeError("set_timing_cache(): incompatible function arguments")  # what TensorRT does
+            self.set.append(cache)
+            return cache[1] != b"other gpu"
+
+    c = Config()
+    assert use_timing_cache(c, b"good") == "reused" and c.set == [("cache", b"good")]
+    for blob, state in ((b"garbage", "damaged"), (b"other gpu", "foreign"), (b"", "new")):
+        c = Config()
+        assert use_timing_cache(c, blob) == state and c.set[-1] == ("cache", b"")
+
+
+def test_gpu_info_reads_the_device_asked_for(monkeypatch):
+    import mistral_trt.runtime.trt as trt_mod
+
+    asked = []
+
+    class Props:
+        name, major, minor = b"NVIDIA H200", 9, 0
+
+    class Runtime:
+        def cudaGetDeviceProperties(self, device):
+            asked.append(device)
+            return (0, Props())
+
+        class cudaError_t:
+            cudaSuccess = 0
+
+    class FakeCuda(trt_mod.Cuda):
+        def __init__(self):
+            self.rt = Runtime()
+
+    monkeypatch.setattr(trt_mod, "Cuda", FakeCuda)
+    assert trt_mod.gpu_info(3) == ("NVIDIA H200", "9.0") and asked == [3]
+
+
+def test_trt_step_checks_profile_limits_before_running(tiny_exports):
+    """A prefill step past the prefill profile's past limit, and any shape TensorRT refuses (set_input_shape
+    returns False), get one line naming the limit instead of an unclear error later."""
+    from mistral_trt.runtime.trt import PROFILES, DeviceKVCache, TrtEngine
+
+    m = Manifest.load(tiny_exports["full", "fp32"])
+    em = _engine_manifest(profiles=profile_shapes(m, 1, 16, 64), limits={"max_batch": 1, "max_seq": 16, "max_context": 64})
+
+    class Context:
+        def __init__(self, limit):
+            self.limit = limit
+
+        def set_input_shape(self, name, dims):
+            return dims[0] <= self.limit
+
+        def set_tensor_address(self, name, ptr):
+            pass
+
+    class NoCopy(FakeCuda):
+        def h2d(self, *a):
+            pass
+
+    e = object.__new__(TrtEngine)  # everything TensorRT would have set up, without TensorRT
+    e.args, e.manifest, e.engine_manifest, e.kv_dtype = m.model, m, em, np.dtype(np.float32)
+    e.max_batch, e.max_seq, e.max_context, e.prefill_past_max = 1, 16, 64, 48
+    e.input_names, e.output_names = m.input_names(), m.output_names()
+    e.cuda, e.stream, e.buf = NoCopy(), None, {"input_ids": 0, "attention_mask": 0, "position_ids": 0, "logits": 0}
+    e.contexts = [Context(limit=0), Context(limit=0)]  # refuses every shape
+    cache = DeviceKVCache(e.cuda, None, m.model.num_layers, 1, m.model.num_kv_heads, m.model.head_dim, 64, np.float32)
+    cache.length = 50
+    with pytest.raises(UserError, match="prefill profile takes at most 48 past positions"):
+        e.step(np.ones((1, 4), np.int64), np.ones((1, 54)), np.arange(50, 54)[None], cache)
+    cache.length = 10
+    with pytest.raises(UserError, match=r"input input_ids \[1, 4\]: outside this engine's prefill profile"):
+        e.step(np.ones((1, 4), np.int64), np.ones((1, 14)), np.arange(10, 14)[None], cache)
+    assert PROFILES == ("prefill", "decode")
+
+
+def test_generator_feeds_one_token_per_step_past_the_prefill_profile(tiny_exports):
+    """With a plan whose prefill profile ends at 5 past positions, a long prompt still generates the same tokens:
+    past that, the prompt goes through the decode profile one token per step."""
+    from mistral_trt.runtime.engine import OrtEngine
+    from mistral_trt.runtime.generate import Generator, Sampling
+
+    prompt = np.random.default_rng(4).integers(3, 32000, 23)
+    ref = np.stack(list(Generator(OrtEngine(tiny_exports["window", "fp32"]), prefill_chunk=4).generate(
+        [prompt], 10, Sampling(), stop_on_eos=False)))
+    e = OrtEngine(tiny_exports["window", "fp32"])
+    steps = []
+    real = e.step
+
+    def step(ids, *a, **k):
+        steps.append((ids.shape[1], a[2].length))  # (tokens fed, cached positions before)
+        return real(ids, *a, **k)
+
+    e.step, e.prefill_past_max = step, 5
+    got = np.stack(list(Generator(e, prefill_chunk=4).generate([prompt], 10, Sampling(), stop_on_eos=False)))
+    assert (got == ref).all()
+    assert all(past <= 5 for n, past in steps if n > 1) and any(n == 1 for n, _ in steps[:10])
+
+
+def test_bench_refuses_shapes_an_engine_was_not_built_for(tiny_exports, tmp_path, capsys):
+    folder = shutil.copytree(tiny_exports["full", "fp32"], tmp_path / "engine")
+    _engine_manifest().save(folder)  # max_batch 1, max_context 512
+    assert main(["bench", str(folder), "--batch", "1,4", "--prompt-len", "16", "--gen-len", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch 4:" in err and "was built with --max-batch 1" in err
+    assert main(["bench", str(folder), "--prompt-len", "600", "--gen-len", "4"]) == 2
+    assert "--max-context 512" in capsys.readouterr().err
+
+
+def test_gpu_check_builds_what_its_bench_runs():
+    """scripts/gpu_check.sh built engines with --max-batch 1, then benched --batch 1,4 on them."""
+    script = (Path(__file__).parents[1] / "scripts" / "gpu_check.sh").read_text()
+    engine_lines = [ln for ln in script.splitlines() if "$CLI engine $OUT/$p" in ln]
+    assert engine_lines and all("--max-batch $MAX_BATCH" in ln for ln in engine_lines)
+    assert "--batch $BATCH" in script and 'MAX_BATCH=$(echo $BATCH' in script

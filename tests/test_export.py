@@ -26,7 +26,7 @@ def test_manifest_describes_the_export(tiny_exports, tiny_window, tiny_full, cas
     src = tiny_window if case[0] == "window" else tiny_full
     m = Manifest.load(folder)
     cfg = json.loads((src / "config.json").read_text())
-    assert m.schema_version == 1 and m.dtype == case[1]
+    assert m.schema_version == 2 and m.dtype == case[1]
     assert (m.model.num_layers, m.model.num_heads, m.model.num_kv_heads, m.model.head_dim) == (
         cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"])
     theta = cfg["rope_parameters"]["rope_theta"]  # transformers 5 writes rope_theta here
@@ -39,7 +39,8 @@ def test_manifest_describes_the_export(tiny_exports, tiny_window, tiny_full, cas
     assert m.tokenizer_files[0] == "tokenizer.model"
     for name in m.tokenizer_files:
         assert (folder / name).read_bytes() == (src / name).read_bytes()
-    assert m.files == {"model.onnx": ck.sha256(folder / "model.onnx")}
+    assert m.files == {n: ck.sha256(folder / n) for n in ["model.onnx", *m.tokenizer_files]}
+    assert m.tokenizer == {"file": "tokenizer.model", "vocab_size": 32000, "add_bos": True}  # sentencepiece: BOS
     assert m.source["weights"] == {"model.safetensors": ck.sha256(src / "model.safetensors")}
     assert {"torch", "transformers", "onnx", "onnxruntime", "mistral_trt"} <= set(m.versions)
     assert m.verification and all(r["passed"] for r in m.verification)
@@ -106,7 +107,7 @@ def test_external_data_in_one_file(tiny_full, tmp_path, monkeypatch):
     m = pipeline.export_model(str(tiny_full), out, dtype="fp16")
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("model")) == ["model.onnx", "model.onnx.data"]
     assert (out / "model.onnx").stat().st_size < 1e6 < (out / "model.onnx.data").stat().st_size
-    assert set(m.files) == {"model.onnx", "model.onnx.data"}
+    assert set(m.files) == {"model.onnx", "model.onnx.data", *m.tokenizer_files}
     assert m.files["model.onnx.data"] == ck.sha256(out / "model.onnx.data")
     assert all(r["passed"] for r in m.verification)
 
@@ -128,11 +129,11 @@ def test_runtime_runs_without_torch(tiny_exports):
 
 def test_existing_output_needs_force(tiny_full, tmp_path, capsys):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("x")
+    assert main(["export", str(tiny_full), "-o", str(out), "--no-verify"]) == 0
+    before = (out / "manifest.json").stat().st_ino
     assert main(["export", str(tiny_full), "-o", str(out), "--no-verify"]) == 2
     assert "already exists (pass --force" in capsys.readouterr().err
-    assert (out / "keep.txt").exists()
-    assert main(["export", str(tiny_full), "-o", str(out), "--no-verify", "--force"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left
+    assert (out / "manifest.json").stat().st_ino == before
+    assert main(["export", str(tiny_full), "-o", str(out), "--no-verify", "--force"]) == 0  # an export: replaced
+    assert (out / "manifest.json").stat().st_ino != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders or lock left

@@ -124,7 +124,7 @@ def test_fused_weights_stream_to_external_data(tiny_window, tmp_path, monkeypatc
 
     monkeypatch.setattr(fg, "EXTERNAL_DATA_THRESHOLD", 1000)
     m = export_model(str(tiny_window), tmp_path / "ext", graph="fused")
-    assert set(m.files) == {"model.onnx", "model.onnx.data"} and all(r["passed"] for r in m.verification)
+    assert set(m.files) == {"model.onnx", "model.onnx.data", *m.tokenizer_files} and all(r["passed"] for r in m.verification)
     assert (tmp_path / "ext" / "model.onnx").stat().st_size < 100_000
 
 

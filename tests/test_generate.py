@@ -25,7 +25,7 @@ from mistral_trt.runtime.trt import load_engine
 def ours(folder, prompts, n, **kw):
     """Greedy tokens [B, n] through the engine the folder's manifest names (portable or fused graph)."""
     gen = Generator(load_engine(folder), **kw)
-    steps = list(gen.generate(prompts, n, Sampling(greedy=True), stop_on_eos=False))
+    steps = list(gen.generate(prompts, n, Sampling(), stop_on_eos=False))
     return np.stack(steps, 1)  # [B, n]
 
 
@@ -105,17 +105,17 @@ def test_context_limit(tiny_exports):
 def test_sampling_rules():
     rng = np.random.default_rng(0)
     logits = np.array([[1.0, 3.0, 2.0, -1.0]])
-    assert sample(logits, Sampling(greedy=False, top_k=1), rng, [[]])[0] == 1
-    assert sample(logits, Sampling(greedy=False, top_p=0.01), rng, [[]])[0] == 1
+    assert sample(logits, Sampling(temperature=1.0, top_k=1), rng, [[]])[0] == 1
+    assert sample(logits, Sampling(temperature=1.0, top_p=0.01), rng, [[]])[0] == 1
     # repetition penalty 2: the seen positive logit 3.0 -> 1.5, below 2.0; a seen negative gets more negative
-    assert sample(logits, Sampling(greedy=True, repetition_penalty=2.0), rng, [[1]])[0] == 2
-    draws = [sample(logits, Sampling(greedy=False, top_k=2), rng, [[]])[0] for _ in range(400)]
+    assert sample(logits, Sampling(repetition_penalty=2.0), rng, [[1]])[0] == 2
+    draws = [sample(logits, Sampling(temperature=1.0, top_k=2), rng, [[]])[0] for _ in range(400)]
     assert set(draws) == {1, 2} and 0.6 < np.mean(np.array(draws) == 1) < 0.85  # softmax([3, 2]) = 0.73 / 0.27
 
 
 def test_seed_gives_same_tokens(tiny_exports):
     gen = Generator(OrtEngine(tiny_exports["full", "fp32"]))
-    run = lambda seed: np.stack(list(gen.generate([np.arange(3, 9)], 16, Sampling(greedy=False, temperature=1.5, seed=seed))))  # noqa: E731
+    run = lambda seed: np.stack(list(gen.generate([np.arange(3, 9)], 16, Sampling(temperature=1.5, seed=seed))))  # noqa: E731
     assert (run(7) == run(7)).all()
     assert not (run(7) == run(8)).all()
 
