@@ -1,1 +1,1 @@
-"""mistral_trt.calib: calibration data and reduced-precision models (see the precision issue)."""
+"""mistral_trt.calib: calibration data, reduced-precision exports (fp16, int8 Q/DQ, MatMulNBits) and the quality report."""

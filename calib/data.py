@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from mistral_trt.runtime.chat import format_chat
-from mistral_trt.runtime.engine import OrtEngine
+from mistral_trt.runtime.backend import open_backend
 from mistral_trt.runtime.errors import UserError, read_json
 from mistral_trt.runtime.generate import Generator, Sampling
 from mistral_trt.runtime.tokenizer import Tokenizer
@@ -103,10 +103,10 @@ def conversations(count: int) -> list[tuple[str, list[dict]]]:
 
 def build(export_dir: str | Path, out: Path, count: int = 256, reply_tokens: int = 48, batch: int = 8,
           log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
-    engine = OrtEngine(export_dir)  # checks the files against the manifest
-    m = engine.manifest
+    backend = open_backend(export_dir)  # checks the files against the manifest
+    m = backend.manifest
     tok = Tokenizer.for_export(export_dir, m)
-    gen = Generator(engine)
+    gen = Generator(backend)
     convs = conversations(count)
     seqs, sources, t0 = [], [], time.perf_counter()
     for i in range(0, len(convs), batch):

@@ -30,13 +30,14 @@ def windows(ids: np.ndarray, window: int) -> list[np.ndarray]:
 
 
 def run(folder: Path, chunks: list[np.ndarray]):
-    """Per window: log-probabilities [n, V] (float64) of the next token."""
-    from mistral_trt.runtime.trt import load_engine
+    """Per window: log-probabilities [n, V] (float64) of the next token, each window a fresh sequence."""
+    from mistral_trt.runtime.backend import open_backend
 
-    e = load_engine(folder)
+    backend = open_backend(folder)
     for c in chunks:
-        logits = e.step(c[None], np.ones((1, len(c))), np.arange(len(c))[None], e.new_cache(1, len(c), None))
-        yield log_softmax(logits[0])
+        cache = backend.new_cache(1, len(c))
+        cache.admit()
+        yield log_softmax(backend.step(cache, [c], last=False)[0])
 
 
 def evaluate(folders: list[Path], text_file: Path, reference: Path, window: int = 512, max_tokens: int | None = None,
@@ -122,7 +123,7 @@ def main_eval(a) -> None:
 
     names = ("eval.json", "eval.md", "eval.png")
     out = check_report_folder(a.output, names, "eval.json", "rows")
-    folders = [Path(f) for f in a.folders]
+    folders = [Path(f) for f in a.export_dirs]
     reference = Path(a.reference) if a.reference else folders[0]
     rows = evaluate(folders, Path(a.text), reference, a.window, a.max_tokens)
     print(table(rows))

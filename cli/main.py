@@ -28,7 +28,7 @@ def cmd_export(a):
 def cmd_verify(a):
     from mistral_trt.export.pipeline import verify_export
 
-    verify_export(a.folder, a.model, max_window_check=a.max_window_check, provider=a.provider)
+    verify_export(a.export_dir, a.model, max_window_check=a.max_window_check, provider=a.provider)
 
 
 def cmd_tokenize(a):
@@ -39,12 +39,12 @@ def cmd_tokenize(a):
     from mistral_trt.runtime.manifest import Manifest
     from mistral_trt.runtime.tokenizer import Tokenizer
 
-    if bool(a.folder) == bool(a.tokenizer):
-        raise UserError("give an export folder OUT or --tokenizer FILE (one of them)")
-    if a.folder:
-        m = Manifest.load(a.folder)
-        m.check_files(a.folder, names=m.tokenizer_files)
-        tok, fmt, template = Tokenizer.for_export(a.folder, m), m.chat_format, m.chat_template
+    if bool(a.export_dir) == bool(a.tokenizer):
+        raise UserError("give an export folder EXPORT_DIR or --tokenizer FILE (one of them)")
+    if a.export_dir:
+        m = Manifest.load(a.export_dir)
+        m.check_files(a.export_dir, names=m.tokenizer_files)
+        tok, fmt, template = Tokenizer.for_export(a.export_dir, m), m.chat_format, m.chat_template
     else:
         tok = Tokenizer.load(a.tokenizer)
         here = Path(a.tokenizer).parent
@@ -61,12 +61,12 @@ def cmd_tokenize(a):
 
 
 def _load_runtime(folder, provider="cpu"):
+    from mistral_trt.runtime.backend import open_backend
     from mistral_trt.runtime.generate import Generator
     from mistral_trt.runtime.tokenizer import Tokenizer
-    from mistral_trt.runtime.trt import load_engine
 
-    engine = load_engine(folder, provider)  # checks the files against the manifest's sha256
-    return engine.manifest, Tokenizer.for_export(folder, engine.manifest), Generator(engine)
+    backend = open_backend(folder, provider)  # checks the files against the manifest's sha256
+    return backend.manifest, Tokenizer.for_export(folder, backend.manifest), Generator(backend)
 
 
 def _sampling(a):
@@ -122,7 +122,7 @@ def cmd_generate(a):
     from mistral_trt.runtime.tokenizer import check_text
 
     check_text(a.prompt, "--prompt")
-    m, tok, gen = _load_runtime(a.folder, a.provider)
+    m, tok, gen = _load_runtime(a.export_dir, a.provider)
     if a.raw:
         prompt = tok.encode(a.prompt, bos=tok.add_bos).tolist()
     else:
@@ -155,7 +155,7 @@ def cmd_chat(a):
     from mistral_trt.runtime.chat import format_chat
     from mistral_trt.runtime.tokenizer import check_text
 
-    m, tok, gen = _load_runtime(a.folder, a.provider)
+    m, tok, gen = _load_runtime(a.export_dir, a.provider)
     for flag, text in (("--system", a.system), ("--say", a.say)):
         if text is not None:
             check_text(text, flag)
@@ -185,7 +185,7 @@ def cmd_chat(a):
 
 
 def cmd_bench(a):
-    from mistral_trt.bench import main_bench
+    from mistral_trt.bench.latency import main_bench
 
     main_bench(a)
 
@@ -196,8 +196,8 @@ def cmd_calibrate(a):
     from mistral_trt.calib.data import build
     from mistral_trt.export.atomic import atomic_folder
 
-    with atomic_folder(a.output, a.force, kind="calibration", inputs=[a.folder]) as tmp:
-        m = build(a.folder, Path(tmp), count=a.count, reply_tokens=a.reply_tokens)
+    with atomic_folder(a.output, a.force, kind="calibration", inputs=[a.export_dir]) as tmp:
+        m = build(a.export_dir, Path(tmp), count=a.count, reply_tokens=a.reply_tokens)
     print(f"{a.output}: {m['count']} sequences, {m['tokens']['total']} tokens, eval text {m['eval']['tokens']} tokens, "
           f"sha256 {m['sha256'][:16]}")
 
@@ -206,15 +206,15 @@ def cmd_quantize(a):
     from mistral_trt.calib.quantize import quantize
 
     alpha = a.smoothquant_alpha if a.smoothquant_alpha == "auto" else float(a.smoothquant_alpha)
-    m = quantize(a.folder, a.precision, a.output, force=a.force, calib=a.calib, calib_method=a.calib_method,
+    m = quantize(a.export_dir, a.precision, a.output, force=a.force, calib=a.calib, calib_method=a.calib_method,
                  alpha=alpha, outlier_ratio=a.outlier_ratio, block_size=a.block_size)
     print(f"{a.output}: {m.precision['name']} ({m.precision['method']})")
 
 
 def cmd_engine(a):
-    from mistral_trt.export.engine import build_engine
+    from mistral_trt.export.tensorrt import build_engine
 
-    build_engine(a.folder, a.output, max_batch=a.max_batch, max_seq=a.max_seq, max_context=a.max_context,
+    build_engine(a.export_dir, a.output, max_batch=a.max_batch, max_seq=a.max_seq, max_total=a.max_total,
                  timing_cache=a.timing_cache, workspace_gib=a.workspace_gib, force=a.force)
 
 
@@ -313,7 +313,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    from mistral_trt.calib.quantize import NBITS_BLOCK, PRECISIONS  # constants; quantize.py imports numpy only at top
+    from mistral_trt.calib.quantize import NBITS_BLOCK, PRECISIONS  # constants (numpy at import, no torch)
     from mistral_trt.export.verify import MAX_WINDOW_CHECK  # a constant; verify.py imports numpy only at top
     from mistral_trt.runtime.manifest import GRAPHS
 
@@ -322,13 +322,13 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("convert-gguf", help="llama-architecture GGUF -> Hugging Face folder (MistralForCausalLM)")
     s.add_argument("gguf", nargs="?", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
-    s.add_argument("-o", "--output", help="output folder (default: build/smollm2-135m-instruct)")
+    s.add_argument("-o", "--output", metavar="CHECKPOINT", help="output folder (default: build/smollm2-135m-instruct)")
     s.add_argument("--force", action="store_true", help="replace an existing output folder")
     s.set_defaults(func=cmd_convert_gguf)
 
     s = sub.add_parser("export", help="Hugging Face checkpoint -> ONNX with KV cache + manifest.json, verified")
-    s.add_argument("model", help="checkpoint folder (or a hub id where the hub is reachable)")
-    s.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
+    s.add_argument("model", metavar="CHECKPOINT", help="Hugging Face checkpoint folder (or a hub id where the hub is reachable)")
+    s.add_argument("-o", "--output", metavar="EXPORT_DIR", required=True, help="output folder (written atomically)")
     s.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     s.add_argument("--graph", choices=GRAPHS, default="portable",
                    help="portable: traced standard ONNX ops, runs anywhere incl. TensorRT; fused: onnxruntime "
@@ -342,21 +342,21 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("verify", help="run the ONNX with onnxruntime against PyTorch and print a table")
-    s.add_argument("folder", help="export folder")
+    s.add_argument("export_dir", metavar="EXPORT_DIR", help="export folder")
     s.add_argument("--model", help="checkpoint to compare with (default: the source recorded in the manifest)")
     s.add_argument("--max-window-check", type=_count(1), default=MAX_WINDOW_CHECK)
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("tokenize", help="show the exact token ids a conversation becomes, as JSON")
-    s.add_argument("folder", nargs="?", help="export folder (its manifest names the chat format)")
+    s.add_argument("export_dir", nargs="?", metavar="EXPORT_DIR", help="export folder (its manifest names the chat format)")
     s.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json instead of an export folder")
     s.add_argument("--messages", required=True, help='JSON file: [{"role": ..., "content": ...}, ...]')
     s.add_argument("--format", choices=["mistral-v1", "template"], help="override the chat format")
     s.set_defaults(func=cmd_tokenize)
 
     s = sub.add_parser("generate", help="generate a reply (streamed) from an export or engine folder")
-    s.add_argument("folder", help="export folder, or engine folder (TensorRT)")
+    s.add_argument("export_dir", metavar="EXPORT_DIR", help="export folder, or engine folder (TensorRT)")
     s.add_argument("--prompt", required=True)
     s.add_argument("--raw", action="store_true",
                    help="no chat format: the text as the model's tokenizer encodes it (with BOS only where that "
@@ -366,14 +366,14 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("chat", help="interactive multi-turn chat, streamed")
-    s.add_argument("folder", help="export folder, or engine folder (TensorRT)")
+    s.add_argument("export_dir", metavar="EXPORT_DIR", help="export folder, or engine folder (TensorRT)")
     s.add_argument("--system", help="system prompt")
     s.add_argument("--say", help="one message instead of reading stdin (for scripts and `make demo`)")
     _add_sampling_args(s)
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("bench", help="latency against baselines, side by side: table, JSON and PNG")
-    s.add_argument("folders", nargs="+", metavar="OUT", help="export folder(s)")
+    s.add_argument("export_dirs", nargs="+", metavar="EXPORT_DIR", help="export or engine folder(s); the first is \"ours\"")
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
     s.add_argument("--baseline", action="append", choices=["hf", "ort-genai"], default=[],
                    help="baseline measured in the same run (repeatable)")
@@ -389,45 +389,46 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("calibrate", help="chat-formatted calibration sequences + held-out eval text")
-    s.add_argument("folder", help="fp32 export folder (its model writes the replies)")
-    s.add_argument("-o", "--output", required=True, help="calibration folder (written atomically)")
+    s.add_argument("export_dir", metavar="EXPORT_DIR", help="fp32 export folder (its model writes the replies)")
+    s.add_argument("-o", "--output", metavar="CALIB_DIR", required=True, help="calibration folder (written atomically)")
     s.add_argument("--count", type=_count(1), default=256, help="number of sequences")
     s.add_argument("--reply-tokens", type=_count(1), default=48, help="longest generated reply per sequence")
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("engine", help="export folder -> TensorRT engine folder (needs tensorrt and a GPU)")
-    s.add_argument("folder", help="export folder (fp32, fp16 or a Q/DQ int8 artifact)")
-    s.add_argument("-o", "--output", required=True, help="engine folder (written atomically)")
+    s.add_argument("export_dir", metavar="EXPORT_DIR", help="export folder (fp32, fp16 or a Q/DQ int8 artifact)")
+    s.add_argument("-o", "--output", metavar="ENGINE_DIR", required=True, help="engine folder (written atomically)")
     s.add_argument("--max-batch", type=_count(1), default=1)
     s.add_argument("--max-seq", type=_count(1), default=512, help="longest prefill chunk (the prefill profile's seq)")
-    s.add_argument("--max-context", type=_count(2), help="longest past + seq (default: the model's limit, at most 4096)")
+    s.add_argument("--max-total", type=_count(2),
+                   help="most positions a sequence reaches on this engine: past + seq (default: the model's limit, at most 4096)")
     s.add_argument("--timing-cache", help="timing cache file to reuse and update (default: one inside the engine folder)")
     s.add_argument("--workspace-gib", type=_positive, help="TensorRT workspace limit")
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_engine)
 
     s = sub.add_parser("quantize", help="fp32 export -> fp16 or int8 (explicit Q/DQ) export")
-    s.add_argument("folder", help="fp32 export folder")
+    s.add_argument("export_dir", metavar="EXPORT_DIR", help="fp32 export folder")
     s.add_argument("--precision", required=True, choices=PRECISIONS,
                    help="int8-w8a8-dynamic: fused-graph exports (onnxruntime MatMulNBits); the others: portable exports")
     s.add_argument("--block-size", type=int, default=NBITS_BLOCK,
                    help="int8-w8a8-dynamic: input channels per weight scale (32: best quality; 64: 10-17%% faster decode)")
-    s.add_argument("--calib", help="calibration folder (int8-w8a8 calibrates its activations on it)")
+    s.add_argument("--calib", metavar="CALIB_DIR", help="calibration folder (int8-w8a8 calibrates its activations on it)")
     s.add_argument("--calib-method", choices=["max", "percentile", "mse"], default="max",
                    help="int8-w8a8 activation range: max (default, measured best), 99.99th percentile, or MSE-optimal clip")
     s.add_argument("--smoothquant-alpha", default="auto", type=_alpha,
                    help="int8-w8a8 SmoothQuant migration strength 0..1, or auto (per activation, by output error)")
     s.add_argument("--outlier-ratio", type=float, default=20.0,
                    help="int8-w8a8: activations whose max exceeds this many times their 99.99th percentile stay float")
-    s.add_argument("-o", "--output", required=True)
+    s.add_argument("-o", "--output", metavar="EXPORT_DIR", required=True)
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("eval", help="perplexity, top-1 agreement and KL against fp32 on held-out text")
-    s.add_argument("folders", nargs="+", metavar="OUT")
+    s.add_argument("export_dirs", nargs="+", metavar="EXPORT_DIR")
     s.add_argument("--text", required=True, help="held-out text file (e.g. CALIB/eval.txt)")
-    s.add_argument("--reference", help="fp32 export (default: the first OUT)")
+    s.add_argument("--reference", help="fp32 export (default: the first EXPORT_DIR)")
     s.add_argument("--window", type=_count(2), default=512)
     s.add_argument("--max-tokens", type=_count(2))
     s.add_argument("-o", "--output", default="build/eval", help="folder for eval.md, eval.json, eval.png")

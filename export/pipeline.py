@@ -2,12 +2,13 @@
 
     export_model("build/smollm2-135m-instruct", "build/onnx/smollm2-135m-instruct", dtype="fp32")
 
-writes, in a temporary folder beside OUT that is renamed to OUT only when everything passed:
+writes the export folder EXPORT_DIR, built beside it and renamed into place only when everything passed
+(export/atomic.py):
 
-    OUT/model.onnx            graph (+ weights when under 2 GB)
-    OUT/model.onnx.data       weights, only above 2 GB
-    OUT/manifest.json         everything a runtime needs (runtime/manifest.py)
-    OUT/tokenizer.*           the checkpoint's tokenizer files
+    EXPORT_DIR/model.onnx            graph (+ weights when under 2 GB)
+    EXPORT_DIR/model.onnx.data       weights, only above 2 GB
+    EXPORT_DIR/manifest.json         everything a runtime needs (docs/manifest.md)
+    EXPORT_DIR/tokenizer.*           the checkpoint's tokenizer files
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from mistral_trt.runtime.errors import UserError, check_interrupted
 from mistral_trt.runtime.integrity import hash_file
 from mistral_trt.runtime.manifest import (DTYPE_BYTES, DTYPES, GRAPHS, ONNX_DATA_NAME, ONNX_NAME, Manifest,
                                           fused_io_specs, io_specs)
-from mistral_trt.runtime.trt import load_engine
+from mistral_trt.runtime.backend import open_backend
 
 from . import checkpoint as ck
 from . import verify as vf
@@ -114,7 +115,7 @@ def check_memory(c: ck.Checkpoint, dtype: str, run_verify: bool, provider: str) 
     have = available_gib()
     for what, gib in need.items():
         if gib > have:
-            hint = ("pass --no-verify here and run `mistral-trt verify OUT --provider cuda` on a GPU host"
+            hint = ("pass --no-verify here and run `mistral-trt verify EXPORT_DIR --provider cuda` on a GPU host"
                     if what.startswith("verify") else "try --dtype fp16" if dtype == "fp32" else "use a larger machine")
             raise UserError(f"{c.path}: {what} of {params / 1e9:.2f}B parameters in {dtype} needs about {gib:.1f} GiB, "
                             f"{have:.1f} GiB available: {hint}")
@@ -173,9 +174,9 @@ def output_bytes(c: ck.Checkpoint, dtype: str) -> int:
 
 
 def _check(folder: Path, manifest: Manifest, scen, refs, provider: str) -> list[vf.CheckResult]:
-    engine = load_engine(folder, provider)
-    log(f"onnxruntime providers: {', '.join(engine.session.get_providers())}")
-    results = vf.verify(engine, scen, refs)
+    backend = open_backend(folder, provider)
+    log(f"onnxruntime providers: {', '.join(backend.session.get_providers())}")
+    results = vf.verify(backend, scen, refs)
     print(vf.table(results, manifest.dtype), flush=True)
     manifest.verification = vf.as_rows(results)
     manifest.save(folder)
@@ -189,27 +190,27 @@ class VerifyFailed(UserError):
     pass
 
 
-def verify_export(folder: str | Path, model: str | None = None, max_window_check: int = vf.MAX_WINDOW_CHECK,
+def verify_export(export_dir: str | Path, model: str | None = None, max_window_check: int = vf.MAX_WINDOW_CHECK,
                   provider: str = "cpu"):
-    """`mistral-trt verify OUT [--model MODEL]`: reload the PyTorch model and check the ONNX again."""
-    folder = Path(folder)
-    manifest = Manifest.load(folder)
+    """`mistral-trt verify EXPORT_DIR [--model CHECKPOINT]`: reload the PyTorch model and check the ONNX again."""
+    export_dir = Path(export_dir)
+    manifest = Manifest.load(export_dir)
     if manifest.graph != "portable" and provider == "tensorrt":
         raise UserError("--provider tensorrt runs the portable graph; this export is graph 'fused'")
-    log(f"checking the sha256 of every file against {folder / 'manifest.json'} ...")
-    manifest.check_files(folder, full=True)  # always in full here, whatever was remembered
+    log(f"checking the sha256 of every file against {export_dir / 'manifest.json'} ...")
+    manifest.check_files(export_dir, full=True)  # always in full here, whatever was remembered
     path = model or manifest.source.get("path")
     if not isinstance(path, str) or not path:
-        raise UserError(f"{folder / 'manifest.json'}: field 'source.path' names no checkpoint; pass --model MODEL")
+        raise UserError(f"{export_dir / 'manifest.json'}: field 'source.path' names no checkpoint; pass --model MODEL")
     src = ck.resolve(path)
     c = ck.inspect_checkpoint(src)
     if c.args != manifest.model:
-        raise UserError(f"{src}: its config.json does not describe the model in {folder}/manifest.json")
+        raise UserError(f"{src}: its config.json does not describe the model in {export_dir}/manifest.json")
     log(f"reference: {src} in {manifest.dtype}")
     scen = vf.scenarios(manifest.model, max_window_check=max_window_check)
     refs = vf.reference_logits(load_model(c, manifest.dtype), scen)
     gc.collect()
-    return _check(folder, manifest, scen, refs, provider)
+    return _check(export_dir, manifest, scen, refs, provider)
 
 
 def _write_manifest(c: ck.Checkpoint, args, dtype: str, folder: Path, graph: str, specials: dict,
@@ -233,7 +234,7 @@ def _write_manifest(c: ck.Checkpoint, args, dtype: str, folder: Path, graph: str
         files={n: hash_file(folder / n) for n in names},
         cache={
             "position_ids": "absolute" if graph == "portable" else "implicit",  # never reset when the cache is trimmed
-            "min_keep": None if args.sliding_window is None else args.sliding_window - 1,
+            "keep": None if args.sliding_window is None else args.sliding_window - 1,
             "max_context": args.max_position_embeddings,
             # fused: one buffer per layer bound as past and present, capacity >= the window when there is one
             "layout": "double-buffer" if graph == "portable" else "in-place",

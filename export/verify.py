@@ -13,8 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from mistral_trt.runtime.cache import positions
-from mistral_trt.runtime.engine import OrtEngine
+from mistral_trt.runtime.generate import ending_together
 from mistral_trt.runtime.manifest import ModelArgs
 
 FP32_MAX_ABS = 1e-3  # fp32: every argmax equal and max |logit diff| <= this
@@ -27,7 +26,7 @@ class Scenario:
     name: str
     rows: list[np.ndarray]  # token ids per sequence; shorter rows are left-padded
     schedule: list[int]  # tokens fed per step, summing to the padded length
-    keep: int | None = None  # trim the cache to its last `keep` positions after every step
+    keep: int | None = None  # the manifest's cache.keep: the cache trims itself to it (None: keeps everything)
     skipped: str = ""
 
 
@@ -77,27 +76,26 @@ def reference_logits(model, scen: list[Scenario]) -> list[list[np.ndarray] | Non
     return refs
 
 
-def run_onnx(engine: OrtEngine, s: Scenario) -> tuple[np.ndarray, np.ndarray]:
-    """Drive the graph step by step like a runtime, through the engine's own preallocated cache (the path
-    Generator uses). Returns logits [B, T, V] and the padding mask [B, T]."""
+def run_steps(backend, s: Scenario) -> tuple[np.ndarray, np.ndarray]:
+    """Drive the graph step by step like a runtime, through the backend's own cache (the path Generator
+    uses): the rows end together (runtime/generate.py, ending_together); in the window scenario the cache trims
+    itself to the manifest's `cache.keep`, in the others it keeps everything (the graph's mask applies the
+    window). Returns logits [B, T, V] on the left-padded layout and its real-token mask [B, T]."""
     b, t = len(s.rows), max(len(r) for r in s.rows)
-    ids = np.zeros((b, t), np.int64)
     mask = np.zeros((b, t), np.int64)
-    for i, r in enumerate(s.rows):  # left padding: every row ends on the last column
-        ids[i, t - len(r):] = r
+    for i, r in enumerate(s.rows):
         mask[i, t - len(r):] = 1
-    pos = positions(np.zeros(b, np.int64), mask)  # absolute position of each real token
-    cache = engine.new_cache(b, t if s.keep is None else s.keep + max(s.schedule), s.keep)
-    past_mask, logits, start = mask[:, :0], [], 0
-    for n in s.schedule:
-        end = start + n
-        step_mask = np.concatenate([past_mask, mask[:, start:end]], axis=1)
-        out = engine.step(ids[:, start:end], step_mask, pos[:, start:end], cache)
-        logits.append(out.astype(np.float32))
-        past_mask = step_mask[:, step_mask.shape[1] - cache.length:]  # the columns the (trimmed) cache still holds
-        start = end
-    assert start == t, f"schedule covers {start} of {t} tokens"
-    return np.concatenate(logits, axis=1), mask
+    cache = backend.new_cache(b, t if s.keep is None else s.keep + max(s.schedule), trim=s.keep is not None)
+    for _ in s.rows:
+        cache.admit()
+    logits = np.zeros((b, t, backend.args.vocab_size), np.float32)
+    start = 0
+    for n, tokens in zip(s.schedule, ending_together(s.rows, s.schedule)):
+        out = backend.step(cache, tokens, last=False)  # row i's logits in its first len(tokens[i]) columns
+        for i, x in enumerate(tokens):
+            logits[i, start + n - len(x):start + n] = out[i, :len(x)]
+        start += n
+    return logits, mask
 
 
 def compare(s: Scenario, got: np.ndarray, mask: np.ndarray, ref: list[np.ndarray], dtype: str) -> CheckResult:
@@ -113,15 +111,15 @@ def compare(s: Scenario, got: np.ndarray, mask: np.ndarray, ref: list[np.ndarray
     return CheckResult(s.name, n, max_abs, frac, ok)
 
 
-def verify(engine: OrtEngine, scen: list[Scenario], refs) -> list[CheckResult]:
+def verify(backend, scen: list[Scenario], refs) -> list[CheckResult]:
     results = []
     for s, ref in zip(scen, refs):
         if s.skipped:
             results.append(CheckResult(s.name, 0, float("nan"), float("nan"), True, note=f"skipped: {s.skipped}"))
             continue
-        got, mask = run_onnx(engine, s)
-        results.append(compare(s, got, mask, ref, engine.manifest.dtype))
-    if engine.manifest.dtype == "fp16":
+        got, mask = run_steps(backend, s)
+        results.append(compare(s, got, mask, ref, backend.manifest.dtype))
+    if backend.manifest.dtype == "fp16":
         ran = [r for r in results if r.tokens]
         n = sum(r.tokens for r in ran)
         frac = sum(r.argmax_agreement * r.tokens for r in ran) / n

@@ -1,15 +1,12 @@
-"""Generation over the exported graph, as small functions (gpt-fast style).
+"""Generation over runtime/backend.py's step contract, as small functions (gpt-fast style): sampling rules,
+`Generator.prefill`, `decode_one_token` and `generate`, and the context limit.
 
-    gen = Generator(OrtEngine("build/onnx/smollm2-135m-instruct-fp32"))
-    for event in gen.generate([prompt_ids], max_new_tokens=64, sampling=Sampling()):  # greedy
-        ...   # event.tokens: [B] new ids, one per sequence
+    gen = Generator(open_backend("build/onnx/smollm2-135m-instruct-fp32"))
+    for tokens in gen.generate([prompt_ids], max_new_tokens=64, sampling=Sampling()):  # greedy
+        ...   # tokens: [B] new ids, one per sequence
 
-The KV cache (runtime/cache.py) is preallocated and double-buffered: the graph reads `past` from one side
-and writes `present` into the other through onnxruntime IOBinding. With a sliding window W the cache is
-trimmed to its last `min_keep = W - 1` positions after each step, with the matching columns of the
-attention mask; position_ids stay absolute. That reproduces the full-sequence logits exactly (see
-export/verify.py) and keeps memory flat. A fused-graph export (FusedEngine) takes the same calls over an
-in-place cache (runtime/cache.py, InPlaceKVCache): nothing here changes.
+The cache (runtime/cache.py) owns positions, masks and the sliding-window trim; the backend turns a step's
+tokens per slot into logits per slot. Nothing here depends on the graph or the device.
 """
 from __future__ import annotations
 
@@ -19,8 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cache import KVCache, positions
-from .engine import Backend
+from .backend import Backend
 from .errors import UserError
 
 
@@ -120,71 +116,77 @@ def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator, seen: list
     return np.array([rng.choice(probs.shape[-1], p=p) for p in probs])
 
 
-@dataclass
-class State:
-    """Everything that changes during generation, for a batch of B sequences."""
-    cache: KVCache  # P cached positions per layer (runtime/cache.py; DeviceKVCache for TensorRT)
-    mask: np.ndarray  # [B, P] int64: which cached positions are real tokens
-    next_pos: np.ndarray  # [B] int64: absolute position of the next token
-    logits: np.ndarray | None = None  # [B, 1, V] preallocated for decode steps
+def columns(rows: list[np.ndarray], start: int, n: int) -> list[np.ndarray]:
+    """Lay rows of different lengths out left-padded to the longest (so they end together) and take
+    columns [start, start + n): each row's tokens there (empty where the row has not started yet).
+
+        columns([np.arange(5), np.arange(2)], 2, 2)    # [array([2, 3]), array([0])]
+    """
+    t = max(len(r) for r in rows)
+    return [r[max(0, start - (t - len(r))):max(0, start + n - (t - len(r)))] for r in rows]
+
+
+def ending_together(rows: list[np.ndarray], sizes: list[int]) -> list[list[np.ndarray]]:
+    """The steps that feed `rows` so that they end in the same step, `sizes[i]` columns in step i
+    (columns()): every row's last token lands in the last step, so its next-token logits come together."""
+    t, steps, a = max(len(r) for r in rows), [], 0
+    for n in sizes:
+        steps.append(columns(rows, a, n))
+        a += n
+    if a != t:
+        raise UserError(f"the step sizes cover {a} of {t} tokens")
+    return steps
 
 
 class Generator:
-    def __init__(self, engine: Backend, prefill_chunk: int = 512):
-        self.engine = engine
-        m = engine.manifest
-        self.window = m.model.sliding_window
-        self.keep = m.cache["min_keep"]
-        # The model's limit, or a TensorRT plan's smaller one (its profiles were built for fewer positions).
-        self.max_context = min(m.max_context, getattr(engine, "max_context", m.max_context))
+    """Small functions over the Backend contract (runtime/backend.py), gpt-fast style:
+
+        gen = Generator(open_backend(folder))
+        cache = gen.new_cache(slots=1, length=prompt_len + 64)
+        slot = cache.admit()
+        logits = gen.prefill(cache, [slot], [prompt])            # [1, V]
+        logits = gen.decode_one_token(cache, [slot], [token])    # [1, V]
+        for tokens in gen.generate([prompt], 64): ...            # all of it, for a static batch
+    """
+
+    def __init__(self, backend: Backend, prefill_chunk: int = 512):
+        self.backend = backend
+        m = backend.manifest
+        self.sliding_window = m.model.sliding_window
+        self.keep = m.cache["keep"]
+        self.max_context = backend.max_context  # the model's limit, or a TensorRT plan's smaller one
         # A chunk longer than the window is fine for the graph, but chunks of at most W keep the
         # trimmed cache small; without a window, chunks only bound activation memory. A TensorRT plan
         # takes at most its prefill profile's max_seq tokens per step.
-        self.chunk = min(prefill_chunk, self.window) if self.window else prefill_chunk
-        self.chunk = min(self.chunk, getattr(engine, "max_seq", self.chunk))
+        self.chunk = min(prefill_chunk, self.sliding_window or prefill_chunk, backend.max_seq or prefill_chunk)
         self.eos = set(m.eos_token_id)
 
+    def new_cache(self, slots: int, length: int):
+        """A cache for sequences of up to `length` positions (with a window: the window plus one chunk)."""
+        return self.backend.new_cache(slots, self.keep + self.chunk if self.keep is not None else length)
+
     # -- steps -----------------------------------------------------------------------------------
-    def step(self, st: State, ids: np.ndarray, new_mask: np.ndarray) -> np.ndarray:
-        """Feed ids [B, S]; returns logits of the last position [B, V]."""
-        b, s = ids.shape
-        mask = np.concatenate([st.mask, new_mask], axis=1)  # [B, P + S]
-        pos = positions(st.next_pos, new_mask)
-        out = st.logits if s == 1 and st.logits is not None else None
-        logits = self.engine.step(ids, mask, pos, st.cache, out, last_only=True)
-        dropped = mask.shape[1] - st.cache.length  # positions the window trim removed
-        st.next_pos = st.next_pos + new_mask.sum(1)
-        st.mask = mask[:, dropped:]
-        return logits[:, -1].astype(np.float32)
+    def _step(self, cache, slots: list[int], tokens: list) -> np.ndarray:
+        """tokens[i] for slots[i], every other slot idle; returns those slots' last logits [n, V] float32."""
+        full = [np.zeros(0, np.int64)] * cache.slots
+        for slot, t in zip(slots, tokens):
+            full[slot] = t
+        return self.backend.step(cache, full, last=True)[slots].astype(np.float32)
 
-    def new_state(self, batch: int, length: int) -> State:
-        """A preallocated cache for `length` positions (with a window: the window plus one chunk)."""
-        a = self.engine.args
-        capacity = self.keep + self.chunk if self.keep is not None else length
-        cache = self.engine.new_cache(batch, capacity, self.keep)
-        logits = np.empty((batch, 1, a.vocab_size), self.engine.kv_dtype)
-        return State(cache, np.zeros((batch, 0), np.int64), np.zeros(batch, np.int64), logits)
-
-    def prefill(self, prompts: list[np.ndarray], reserve: int = 0) -> tuple[State, np.ndarray]:
-        """Left-pad the prompts to one length and feed them in chunks; returns state and last logits.
-        `reserve`: decode steps to make room for in the cache."""
-        b, t = len(prompts), max(len(p) for p in prompts)
-        ids = np.zeros((b, t), np.int64)
-        mask = np.zeros((b, t), np.int64)
-        for i, p in enumerate(prompts):
-            ids[i, t - len(p):], mask[i, t - len(p):] = p, 1
-        st = self.new_state(b, t + reserve)
-        # A TensorRT plan's prefill profile takes a bounded past; beyond it, one token per step (decode profile).
-        limit = getattr(self.engine, "prefill_past_max", None)
-        a = 0
+    def prefill(self, cache, slots: list[int], prompts: list[np.ndarray]) -> np.ndarray:
+        """Feed whole prompts in chunks that end together (columns()); returns their last logits [n, V].
+        Past a TensorRT plan's prefill profile (prefill_past_max), one token per step (its decode profile)."""
+        limit = self.backend.prefill_past_max
+        t, a = max(len(p) for p in prompts), 0
         while a < t:
-            n = self.chunk if limit is None or st.cache.length <= limit else 1
-            logits = self.step(st, ids[:, a:a + n], mask[:, a:a + n])
+            n = self.chunk if limit is None or cache.length <= limit else 1
+            logits = self._step(cache, slots, columns(prompts, a, n))
             a += n
-        return st, logits
+        return logits
 
-    def decode_one_token(self, st: State, tokens: np.ndarray) -> np.ndarray:
-        return self.step(st, tokens[:, None].astype(np.int64), np.ones((len(tokens), 1), np.int64))
+    def decode_one_token(self, cache, slots: list[int], tokens) -> np.ndarray:
+        """One new token for each of `slots`; returns their logits [n, V]."""
+        return self._step(cache, slots, [np.array([t], np.int64) for t in tokens])
 
     # -- the context limit ----------------------------------------------------------------------
     def fit_context(self, prompts: list[np.ndarray], max_new_tokens: int, truncate: bool = False,
@@ -225,7 +227,9 @@ class Generator:
         prompts = self.fit_context([np.asarray(p, np.int64) for p in prompts], max_new_tokens, truncate, names)
         rng = np.random.default_rng(s.seed)
         t0 = time.perf_counter()
-        st, logits = self.prefill(prompts, reserve=max_new_tokens)
+        cache = self.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens)
+        slots = [cache.admit() for _ in prompts]
+        logits = self.prefill(cache, slots, prompts)
         self.stats = [Stats(prompt_tokens=len(p)) for p in prompts]
         seen = [list(p) for p in prompts]
         self.done = np.zeros(len(prompts), bool)
@@ -244,7 +248,11 @@ class Generator:
                         self.stats[i].decode_s = now - t0 - self.stats[i].time_to_first_token_s
             yield tokens
             if stop_on_eos:
-                self.done |= np.isin(tokens, list(self.eos))
+                ended = ~self.done & np.isin(tokens, list(self.eos))
+                for i in np.flatnonzero(ended):
+                    cache.release(slots[i])  # its slot takes no more tokens
+                self.done |= ended
             if self.done.all() or n == max_new_tokens - 1:
                 return
-            logits = self.decode_one_token(st, tokens)
+            running = np.flatnonzero(~self.done)  # finished sequences sit idle: their slots take no tokens
+            logits[running] = self.decode_one_token(cache, [slots[i] for i in running], tokens[running])

@@ -12,7 +12,7 @@ A runtime drives ``model.onnx`` from this file alone. The graph is one function
     present.{i}.key|value          kv_dtype [batch, num_kv_heads, total, head_dim]
 
 ``present`` is ``past`` with this step's keys/values appended; feed it back as the next ``past``.
-With ``model.sliding_window = W`` a runtime may keep only the last ``cache.min_keep = W - 1`` positions
+With ``model.sliding_window = W`` a runtime may keep only the last ``cache.keep = W - 1`` positions
 (and the matching columns of ``attention_mask``) and still get the full-sequence logits exactly.
 
 That is ``graph: "portable"``. ``graph: "fused"`` (onnxruntime contrib ops, export/fused_graph.py) has
@@ -38,7 +38,7 @@ from .errors import UserError, read_json
 SCHEMA_VERSION = 2  # 2: tokenizer record, sha256 of every file the runtime reads, a checked schema
 MANIFEST_NAME = "manifest.json"
 ONNX_NAME = "model.onnx"
-ENGINE_NAME = "model.engine"  # a TensorRT plan, in an engine folder (runtime/trt.py) instead of the ONNX
+ENGINE_NAME = "model.engine"  # a TensorRT plan, in an engine folder (runtime/engine.py) instead of the ONNX
 ONNX_DATA_NAME = "model.onnx.data"  # external weights, only when the model is over protobuf's 2 GB limit
 DTYPES = ("fp32", "fp16")
 NUMPY_DTYPE = {"fp32": "float32", "fp16": "float16"}
@@ -141,7 +141,7 @@ class Manifest:
     tokenizer: dict[str, Any]  # file (the one the runtime loads), vocab_size, add_bos (the tokenizer's own rule)
     tokenizer_files: list[str]  # copied beside model.onnx
     files: dict[str, str]  # file name -> sha256 of every file the runtime reads (ONNX, weights, tokenizer files)
-    cache: dict[str, Any]  # how to manage the KV cache: position_ids, min_keep, max_context, layout
+    cache: dict[str, Any]  # how to manage the KV cache: position_ids, keep, max_context, layout
     source: dict[str, Any]  # where the weights came from: path, weights {file: sha256}
     versions: dict[str, str]
     verification: list[dict] = field(default_factory=list)  # rows written by `verify`
@@ -327,7 +327,7 @@ def check_manifest(raw: dict, where: str) -> None:
     _check(cache, {
         "position_ids": (lambda v: v == ("absolute" if portable else "implicit"),
                          '"absolute"' if portable else '"implicit"'),
-        "min_keep": (lambda v: v == (None if window is None else window - 1),
+        "keep": (lambda v: v == (None if window is None else window - 1),
                      "null (model.sliding_window is null)" if window is None else f"{window - 1} (model.sliding_window - 1)"),
         "max_context": (lambda v: _is_int(v) and 1 < v <= model["max_position_embeddings"],
                         f"an integer in [2, model.max_position_embeddings = {model['max_position_embeddings']}]"),

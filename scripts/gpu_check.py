@@ -17,33 +17,33 @@ from pathlib import Path
 
 import numpy as np
 
-from mistral_trt.runtime.engine import OrtEngine, provider_list
 from mistral_trt.runtime.errors import UserError
 from mistral_trt.runtime.generate import Generator, Sampling
+from mistral_trt.runtime.manifest import Manifest
+from mistral_trt.runtime.ort import PortableBackend, provider_list
+from mistral_trt.runtime.tensorrt_backend import TensorRTBackend
 from mistral_trt.runtime.tokenizer import Tokenizer
-from mistral_trt.runtime.trt import TrtEngine
 
 PROMPT = ("Explain, step by step, how a hash map handles collisions, and compare separate chaining with open "
           "addressing in terms of memory use and cache behaviour.")
 
 
-def logits_and_tokens(engine, ids: np.ndarray, n: int) -> tuple[np.ndarray, list[int], float]:
-    gen = Generator(engine)
-    st = gen.new_state(1, len(ids) + n)
-    logits = engine.step(ids[None], np.ones((1, len(ids)), np.int64), np.arange(len(ids))[None], st.cache)
-    first = logits[0].astype(np.float32)
+def logits_and_tokens(backend, ids: np.ndarray, n: int) -> tuple[np.ndarray, list[int], float]:
+    cache = backend.new_cache(1, len(ids) + 1)
+    cache.admit()
+    first = backend.step(cache, [ids], last=False)[0].astype(np.float32)  # every position of the prefill
     t0 = time.perf_counter()
-    toks = [int(t[0]) for t in gen.generate([ids], n, Sampling(), stop_on_eos=False)]
+    toks = [int(t[0]) for t in Generator(backend).generate([ids], n, Sampling(), stop_on_eos=False)]
     ms = (time.perf_counter() - t0) * 1e3 / n
     return first, toks, ms
 
 
 def main(root: Path) -> int:
     ref_dir = root / "fp32"
-    tok = Tokenizer.load(ref_dir)
+    tok = Tokenizer.for_export(ref_dir, Manifest.load(ref_dir))
     ids = np.asarray(tok.encode(PROMPT, bos=True), np.int64)
     ids = np.resize(ids, 128)  # a 128-token prefill
-    ref_logits, ref_toks, cpu_ms = logits_and_tokens(OrtEngine(ref_dir), ids, 64)
+    ref_logits, ref_toks, cpu_ms = logits_and_tokens(PortableBackend(ref_dir), ids, 64)
     rows = [{"artifact": "fp32", "path": "onnxruntime cpu", "max_abs_dlogit": 0.0, "top1": 1.0, "greedy_equal": True,
              "decode_ms": cpu_ms}]
     for art in ("fp32", "fp16", "int8-w8a16", "int8-w8a8"):
@@ -53,13 +53,11 @@ def main(root: Path) -> int:
                 continue
             try:
                 if path == "tensorrt native":
-                    engine = TrtEngine(folder)
+                    backend = TensorRTBackend(folder)
                 else:
                     provider = path.split()[1]
-                    engine = OrtEngine(folder, providers=provider_list(provider, folder))
-                    if engine.session.get_providers()[0] == "CPUExecutionProvider":
-                        raise UserError(f"onnxruntime has no {provider} provider here")
-                got, toks, ms = logits_and_tokens(engine, ids, 64)
+                    backend = PortableBackend(folder, providers=provider_list(provider, folder))
+                got, toks, ms = logits_and_tokens(backend, ids, 64)
             except (UserError, RuntimeError) as e:
                 rows.append({"artifact": art, "path": path, "error": str(e)[:160]})
                 print(f"{art} / {path}: {e}", file=sys.stderr)

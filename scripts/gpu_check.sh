@@ -35,7 +35,7 @@ test -f $OUT/int8-w8a8/manifest.json || $CLI quantize $OUT/fp32 --precision int8
 BATCH=1,4
 MAX_BATCH=$(echo $BATCH | tr , '\n' | sort -n | tail -1)
 for p in fp32 fp16 int8-w8a16 int8-w8a8; do
-  $CLI engine $OUT/$p -o $OUT/engine-$p --max-batch $MAX_BATCH --max-seq 512 --max-context 4096 \
+  $CLI engine $OUT/$p -o $OUT/engine-$p --max-batch $MAX_BATCH --max-seq 512 --max-total 4096 \
     --timing-cache $OUT/timing.cache --force
 done
 $PY scripts/gpu_check.py $OUT
@@ -55,7 +55,7 @@ if [ "${GPU_7B:-0}" = 1 ]; then
   # Mistral-7B's shapes, random init: latency does not depend on weight values (issue 5, GPU readiness)
   test -f $OUT/ckpt-7b/config.json || $PY scripts/measure_export.py --make $OUT/ckpt-7b --layers 32 --dtype fp16
   test -f $OUT/7b-fp16/manifest.json || $CLI export $OUT/ckpt-7b -o $OUT/7b-fp16 --dtype fp16 --no-verify
-  $CLI engine $OUT/7b-fp16 -o $OUT/engine-7b-fp16 --max-seq 512 --max-context 4096 --timing-cache $OUT/timing-7b.cache --force
+  $CLI engine $OUT/7b-fp16 -o $OUT/engine-7b-fp16 --max-seq 512 --max-total 4096 --timing-cache $OUT/timing-7b.cache --force
   test -f $OUT/7b-fused-fp16/manifest.json || $CLI export $OUT/ckpt-7b -o $OUT/7b-fused-fp16 --graph fused --dtype fp16 --no-verify
   $CLI bench $OUT/engine-7b-fp16 $OUT/7b-fp16 $OUT/7b-fused-fp16 --provider cuda --prompt-len 128,512,2048 --gen-len 128 \
     --batch 1 --repeat 3 $BWFLAG -o $OUT/bench-7b

@@ -20,24 +20,24 @@ import numpy as np
 def profile(folder: Path, context: int, steps: int) -> tuple[dict[str, float], float, int]:
     import onnxruntime as ort
 
-    from mistral_trt.runtime.trt import load_engine
+    from mistral_trt.runtime.backend import open_backend
 
-    e = load_engine(folder)  # portable (OrtEngine) or fused (FusedEngine)
+    e = open_backend(folder)  # portable or fused
     with tempfile.TemporaryDirectory() as tmp:
         opts = ort.SessionOptions()
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "decode")
         opts.log_severity_level = 3
         e.session = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-        cache = e.new_cache(1, context + steps + 1, None)
-        ids = np.random.default_rng(0).integers(3, e.args.vocab_size, (1, context))
-        e.step(ids, np.ones((1, context), np.int64), np.arange(context)[None], cache)
+        cache = e.new_cache(1, context + steps + 1)
+        cache.admit()
+        ids = np.random.default_rng(0).integers(3, e.args.vocab_size, context)
+        e.step(cache, [ids])
         e.session.end_profiling()  # the prefill's profile is discarded: a fresh session times the decode steps
         e.session = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-        e._bound = None  # FusedEngine: its IOBinding belonged to the first session
-        for k in range(steps):
-            p = context + k
-            e.step(ids[:, :1], np.ones((1, p + 1), np.int64), np.array([[p]]), cache)
+        e._bound = None  # FusedBackend: its IOBinding belonged to the first session
+        for _ in range(steps):
+            e.step(cache, [ids[:1]])
         events = json.loads(Path(e.session.end_profiling()).read_text())
     by_op: dict[str, float] = defaultdict(float)
     nodes = set()

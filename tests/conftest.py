@@ -142,3 +142,18 @@ def tiny_fused(tmp_path_factory, tiny_window, tiny_full) -> dict:
         out[name] = root / f"{name}-fused"
         export_model(str(ckpt), out[name], graph="fused")
     return out
+
+
+def score(backend, ids):
+    """Logits [n, V] (float32) of every token of one sequence, through the public step contract: a fresh
+    cache, one slot, one step. `backend`: a Backend or an export folder."""
+    import numpy as np
+
+    from mistral_trt.runtime.backend import open_backend
+
+    if not hasattr(backend, "step"):
+        backend = open_backend(backend)
+    ids = np.asarray(ids, np.int64)
+    cache = backend.new_cache(1, len(ids), trim=False)
+    cache.admit()
+    return backend.step(cache, [ids], last=False)[0].astype(np.float32)

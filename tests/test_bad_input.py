@@ -117,26 +117,24 @@ def test_manifest_errors(tmp_path):
 
 
 def test_graph_failing_at_run_time_is_named(tiny_exports):
-    """A failure inside onnxruntime while running (inputs already checked against the manifest, so the graph
-    is at fault) becomes one line naming the file, from forward() and from the IOBinding step()."""
+    """A failure inside onnxruntime while running (the inputs come from the cache and the manifest, so the graph
+    is at fault) becomes one line naming the file."""
     import numpy as np
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
-    from mistral_trt.runtime.engine import OrtEngine
+    from mistral_trt.runtime.backend import open_backend
 
-    src = tiny_exports["full", "fp32"]
-    e = OrtEngine(src)
+    e = open_backend(tiny_exports["full", "fp32"])
 
     def broken(*a, **k):
         raise Fail("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Cast node. "
                    "Status Message: Shape mismatch attempting to re-use buffer.")
 
-    e.session.run = broken
     e.session.run_with_iobinding = broken
+    cache = e.new_cache(1, 8)
+    cache.admit()
     with pytest.raises(UserError, match=r"model\.onnx: onnxruntime failed running the graph \(Shape mismatch"):
-        e.forward(np.ones((1, 3), np.int64), np.ones((1, 3)), np.arange(3)[None], e.empty_past(1))
-    with pytest.raises(UserError, match="onnxruntime failed running the graph"):
-        e.step(np.ones((1, 3), np.int64), np.ones((1, 3)), np.arange(3)[None], e.new_cache(1, 8, None))
+        e.step(cache, [np.ones(3, np.int64)])
 
 
 # -- silent wrong results ------------------------------------------------------------------------------------
@@ -341,7 +339,7 @@ def test_chat_stdin_invalid_utf8_and_closed(export_copy):
 @pytest.mark.parametrize("field,value,named", [
     ("model__num_layers", "30", "model.num_layers"), ("eos_token_id", 2, "eos_token_id"),
     ("cache__max_context", "8192", "cache.max_context"), ("model__vocab_size", True, "model.vocab_size"),
-    ("tokenizer_files", ["../../etc/passwd"], "tokenizer_files"), ("cache__min_keep", 7, "cache.min_keep"),
+    ("tokenizer_files", ["../../etc/passwd"], "tokenizer_files"), ("cache__keep", 7, "cache.keep"),
     ("inputs__0__dtype", "float32", "inputs[0]"), ("tokenizer__add_bos", "yes", "tokenizer.add_bos"),
 ])
 def test_manifest_fields_of_a_wrong_type(export_copy, capsys, field, value, named):

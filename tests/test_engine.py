@@ -14,7 +14,7 @@ import pytest
 
 from mistral_trt.main import main
 from mistral_trt.runtime import Manifest, UserError
-from mistral_trt.runtime.trt import EngineManifest, check_compatible, profile_shapes
+from mistral_trt.runtime.engine import EngineManifest, check_compatible, profile_shapes
 
 
 def _has_gpu() -> bool:
@@ -30,7 +30,7 @@ def _has_gpu_tensorrt() -> str | None:
     if importlib.util.find_spec("tensorrt") is None:
         return "tensorrt is not installed (TensorRT wheels need an NVIDIA host: README, TensorRT)"
     try:
-        from mistral_trt.runtime.trt import gpu_info
+        from mistral_trt.runtime.cuda import gpu_info
 
         gpu_info()
     except Exception as e:  # no driver, no device, no cuda-python
@@ -52,7 +52,7 @@ def test_gpu_host_can_run_the_native_backend():
 def test_profile_shapes(tiny_exports):
     m = Manifest.load(tiny_exports["full", "fp32"])
     kv, d = m.model.num_kv_heads, m.model.head_dim
-    p = profile_shapes(m, max_batch=2, max_seq=64, max_context=1024)
+    p = profile_shapes(m, max_batch=2, max_seq=64, max_total=1024)
     assert p["prefill"]["input_ids"] == [[1, 1], [1, 32], [2, 64]]
     assert p["prefill"]["attention_mask"] == [[1, 1], [1, 32 + 480], [2, 1024]]
     assert p["prefill"]["past_key_values.0.key"] == [[1, kv, 0, d], [1, kv, 480, d], [2, kv, 960, d]]
@@ -63,21 +63,21 @@ def test_profile_shapes(tiny_exports):
 
 
 def test_profile_shapes_with_window(tiny_exports):
-    """The runtime trims a windowed cache to min_keep = W - 1 positions: past never needs more."""
+    """The runtime trims a windowed cache to keep = W - 1 positions: past never needs more."""
     m = Manifest.load(tiny_exports["window", "fp32"])
-    keep = m.cache["min_keep"]
+    keep = m.cache["keep"]
     assert keep == m.model.sliding_window - 1
-    p = profile_shapes(m, max_batch=1, max_seq=16, max_context=1024)
+    p = profile_shapes(m, max_batch=1, max_seq=16, max_total=1024)
     assert p["decode"]["past_key_values.0.key"][2][2] == keep
     assert p["prefill"]["attention_mask"][2] == [1, keep + 16]
 
 
 def test_profile_limits_are_checked(tiny_exports):
     m = Manifest.load(tiny_exports["full", "fp32"])
-    limit = m.cache.get("max_context") or m.model.max_position_embeddings
-    with pytest.raises(UserError, match=f"the model's limit is {limit}"):
+    limit = m.max_context
+    with pytest.raises(UserError, match=rf"the model's limit \(cache.max_context\) is {limit}"):
         profile_shapes(m, 1, 64, limit + 1)
-    with pytest.raises(UserError, match="must be below --max-context"):
+    with pytest.raises(UserError, match="must be below --max-total"):
         profile_shapes(m, 1, 512, 512)
     with pytest.raises(UserError, match="expected >= 1"):
         profile_shapes(m, 0, 64, 512)
@@ -85,7 +85,7 @@ def test_profile_limits_are_checked(tiny_exports):
 
 def _engine_manifest(**over) -> EngineManifest:
     fields = dict(tensorrt_version="11.4.0", gpu={"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
-                  profiles={"prefill": {}, "decode": {}}, limits={"max_batch": 1, "max_seq": 64, "max_context": 512},
+                  profiles={"prefill": {}, "decode": {}}, limits={"max_batch": 1, "max_seq": 64, "max_total": 512},
                   source={"onnx_sha256": "0" * 64}, engine_sha256="1" * 64)
     fields.update(over)
     return EngineManifest(**fields)
@@ -143,8 +143,8 @@ def test_engine_command_without_tensorrt(tiny_exports, tmp_path, capsys):
     assert not out.exists()
     # bad limits are reported before TensorRT is needed
     assert main(["engine", str(tiny_exports["full", "fp32"]), "-o", str(out), "--max-seq", "4096",
-                 "--max-context", "1024"]) == 2
-    assert "must be below --max-context" in capsys.readouterr().err
+                 "--max-total", "1024"]) == 2
+    assert "must be below --max-total" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(GPU_SKIP is not None, reason=str(GPU_SKIP))
@@ -152,26 +152,26 @@ def test_engine_command_without_tensorrt(tiny_exports, tmp_path, capsys):
 def test_native_tensorrt_matches_onnxruntime(tiny_exports, tmp_path, model):
     """Build an engine from the fp32 export and generate with it: the same greedy tokens as onnxruntime,
     logits within fp32 kernel noise, through prefill (profile 0), decode (profile 1) and window trims."""
-    from mistral_trt.export.engine import build_engine
-    from mistral_trt.runtime.engine import OrtEngine
+    from mistral_trt.export.tensorrt import build_engine
+    from mistral_trt.runtime.engine import EngineManifest as EM
     from mistral_trt.runtime.generate import Generator, Sampling
-    from mistral_trt.runtime.trt import EngineManifest as EM
-    from mistral_trt.runtime.trt import TrtEngine
+    from mistral_trt.runtime.ort import PortableBackend
+    from mistral_trt.runtime.tensorrt_backend import TensorRTBackend
 
     src = tiny_exports[model, "fp32"]
-    build_engine(src, tmp_path / "e", max_batch=2, max_seq=32, max_context=256, timing_cache=tmp_path / "t.cache")
+    build_engine(src, tmp_path / "e", max_batch=2, max_seq=32, max_total=256, timing_cache=tmp_path / "t.cache")
     assert (tmp_path / "t.cache").stat().st_size > 0
-    build_engine(src, tmp_path / "e2", max_batch=2, max_seq=32, max_context=256, timing_cache=tmp_path / "t.cache")
+    build_engine(src, tmp_path / "e2", max_batch=2, max_seq=32, max_total=256, timing_cache=tmp_path / "t.cache")
     assert EM.load(tmp_path / "e2").build["timing_cache_reused"]
     prompts = [np.random.default_rng(1).integers(3, 32000, 40), np.random.default_rng(2).integers(3, 32000, 25)]
-    ref = np.stack(list(Generator(OrtEngine(src), prefill_chunk=16).generate(prompts, 40, Sampling(), stop_on_eos=False)))
-    got = np.stack(list(Generator(TrtEngine(tmp_path / "e"), prefill_chunk=16).generate(prompts, 40, Sampling(), stop_on_eos=False)))
+    ref = np.stack(list(Generator(PortableBackend(src), prefill_chunk=16).generate(prompts, 40, Sampling(), stop_on_eos=False)))
+    got = np.stack(list(Generator(TensorRTBackend(tmp_path / "e"), prefill_chunk=16).generate(prompts, 40, Sampling(), stop_on_eos=False)))
     assert (ref == got).mean() >= 0.97  # fp32 with TF32 off: argmax ties aside, identical
     shutil.rmtree(tmp_path / "e2")
 
 
 class FakeCuda:
-    """Host memory behind the three calls DeviceKVCache makes, to check its pointer arithmetic on CPU."""
+    """Host memory behind the calls DeviceColumns makes, to check its pointer arithmetic on CPU."""
 
     def __init__(self):
         self.mem = np.zeros(1 << 20, np.uint8)
@@ -190,28 +190,32 @@ class FakeCuda:
         return self.mem[ptr:ptr + n].view(dtype).reshape(shape)
 
 
-def test_device_kv_cache_trim_matches_host_cache():
-    """The device cache's window trim (one strided copy per tensor) leaves exactly what runtime/cache.py's
-    host cache leaves: the last `keep` positions of every (batch, head) row, in order."""
-    from mistral_trt.runtime.cache import KVCache
-    from mistral_trt.runtime.trt import DeviceKVCache
+def test_device_columns_trim_like_host_columns():
+    """The same ColumnCache over device memory (one strided copy per tensor for the window trim) holds exactly
+    what it holds over host memory: the last `keep` positions of every (batch, head) row, in order."""
+    from mistral_trt.runtime.cache import ColumnCache, ColumnStorage
+    from mistral_trt.runtime.cuda import DeviceColumns
 
     cuda = FakeCuda()
-    dev = DeviceKVCache(cuda, None, num_layers=2, batch=2, kv_heads=3, head_dim=4, capacity=20, dtype=np.float32, keep=7)
-    host = KVCache(2, 2, 3, 4, 20, np.float32, keep=7)
+    dev_store = DeviceColumns(cuda, None, tensors=4, shape=(2, 3, 4), capacity=20, dtype=np.float32)
+    dev = ColumnCache(dev_store, slots=2, capacity=20, keep=7)
+    host = ColumnCache(ColumnStorage(4, (2, 3, 4), 20, np.float32), slots=2, capacity=20, keep=7)
+    for c in (dev, host):
+        c.admit(), c.admit()
     rng = np.random.default_rng(0)
     for new in (5, 1, 9, 1, 1, 12):  # under the window, crossing it, chunks longer than it
+        plans = [c.plan(np.array([new, new])) for c in (dev, host)]
         total = dev.length + new
-        assert dev.shape_for(total) == (2, 3, total, 4)
-        for ptr, past_ptr, h_present, h_past in zip(dev.present(new), dev.past(), host.present(new), host.past()):
+        for ptr, past_ptr, h_present, h_past in zip(dev.present(plans[0]), dev.past(), host.present(plans[1]), host.past()):
             step = rng.standard_normal((2, 3, new, 4)).astype(np.float32)
-            full = np.concatenate([cuda.view(past_ptr, dev.shape_for(dev.length)), step], axis=2)  # the graph's Concat
-            cuda.view(ptr, dev.shape_for(total))[...] = full
+            full = np.concatenate([cuda.view(past_ptr, dev_store.shape_for(dev.length)), step], axis=2)  # the Concat
+            cuda.view(ptr, dev_store.shape_for(total))[...] = full
             np.copyto(h_present, np.concatenate([h_past, step], axis=2))
-        assert dev.commit(new) == host.commit(new)
-        assert dev.length == host.length
+        dev.commit(plans[0])
+        host.commit(plans[1])
+        assert dev.length == host.length == min(total, 7) and (dev.mask == host.mask).all()
         for ptr, h in zip(dev.past(), host.past()):
-            np.testing.assert_array_equal(cuda.view(ptr, dev.shape_for(dev.length)), h)
+            np.testing.assert_array_equal(cuda.view(ptr, dev_store.shape_for(dev.length)), h)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
@@ -238,7 +242,7 @@ def test_tensorrt_pins_are_pairs_per_cuda_major():
 
 
 def test_cuda_driver_too_old_for_the_build():
-    from mistral_trt.runtime.trt import check_cuda_versions
+    from mistral_trt.runtime.cuda import check_cuda_versions
 
     check_cuda_versions(12080, 12060)
     check_cuda_versions(13000, 12080)  # a newer driver runs older builds
@@ -258,7 +262,7 @@ def _plan_of(m: Manifest, em: EngineManifest):
 
 
 def test_plan_io_checked_against_both_manifests(tiny_exports):
-    from mistral_trt.runtime.trt import check_plan_io, prefill_past_max
+    from mistral_trt.runtime.engine import check_plan_io, prefill_past_max
 
     m = Manifest.load(tiny_exports["full", "fp32"])
     em = _engine_manifest(profiles=profile_shapes(m, 2, 64, 512))
@@ -278,7 +282,7 @@ def test_plan_io_checked_against_both_manifests(tiny_exports):
 
 
 def test_timing_cache_damaged_or_foreign_starts_fresh():
-    from mistral_trt.export.engine import use_timing_cache
+    from mistral_trt.export.tensorrt import use_timing_cache
 
     class Config:  # TensorRT's IBuilderConfig as far as the timing cache goes
         def __init__(self):
@@ -301,7 +305,7 @@ def test_timing_cache_damaged_or_foreign_starts_fresh():
 
 
 def test_gpu_info_reads_the_device_asked_for(monkeypatch):
-    import mistral_trt.runtime.trt as trt_mod
+    import mistral_trt.runtime.cuda as trt_mod
 
     asked = []
 
@@ -327,10 +331,13 @@ def test_gpu_info_reads_the_device_asked_for(monkeypatch):
 def test_trt_step_checks_profile_limits_before_running(tiny_exports):
     """A prefill step past the prefill profile's past limit, and any shape TensorRT refuses (set_input_shape
     returns False), get one line naming the limit instead of an unclear error later."""
-    from mistral_trt.runtime.trt import PROFILES, DeviceKVCache, TrtEngine
+    from mistral_trt.runtime.cache import ColumnCache
+    from mistral_trt.runtime.cuda import DeviceColumns
+    from mistral_trt.runtime.engine import PROFILES
+    from mistral_trt.runtime.tensorrt_backend import TensorRTBackend
 
     m = Manifest.load(tiny_exports["full", "fp32"])
-    em = _engine_manifest(profiles=profile_shapes(m, 1, 16, 64), limits={"max_batch": 1, "max_seq": 16, "max_context": 64})
+    em = _engine_manifest(profiles=profile_shapes(m, 1, 16, 64), limits={"max_batch": 1, "max_seq": 16, "max_total": 64})
 
     class Context:
         def __init__(self, limit):
@@ -346,38 +353,41 @@ def test_trt_step_checks_profile_limits_before_running(tiny_exports):
         def h2d(self, *a):
             pass
 
-    e = object.__new__(TrtEngine)  # everything TensorRT would have set up, without TensorRT
+    e = object.__new__(TensorRTBackend)  # everything TensorRT would have set up, without TensorRT
     e.args, e.manifest, e.engine_manifest, e.kv_dtype = m.model, m, em, np.dtype(np.float32)
-    e.max_batch, e.max_seq, e.max_context, e.prefill_past_max = 1, 16, 64, 48
-    e.input_names, e.output_names = m.input_names(), m.output_names()
+    e.max_batch, e.max_seq, e.max_total, e.prefill_past_max = 1, 16, 64, 48
+    e.past_names, e.present_names = m.input_names()[3:], m.output_names()[1:]
     e.cuda, e.stream, e.buf = NoCopy(), None, {"input_ids": 0, "attention_mask": 0, "position_ids": 0, "logits": 0}
     e.contexts = [Context(limit=0), Context(limit=0)]  # refuses every shape
-    cache = DeviceKVCache(e.cuda, None, m.model.num_layers, 1, m.model.num_kv_heads, m.model.head_dim, 64, np.float32)
-    cache.length = 50
+    a = m.model
+    cache = ColumnCache(DeviceColumns(e.cuda, None, 2 * a.num_layers, (1, a.num_kv_heads, a.head_dim), 64, np.float32),
+                        slots=1, capacity=64, keep=None)
+    cache.admit()
+    cache.length, cache.mask = 50, np.ones((1, 50), np.int64)  # as after 50 positions
     with pytest.raises(UserError, match="prefill profile takes at most 48 past positions"):
-        e.step(np.ones((1, 4), np.int64), np.ones((1, 54)), np.arange(50, 54)[None], cache)
-    cache.length = 10
+        e.step(cache, [np.ones(4, np.int64)])
+    cache.length, cache.mask = 10, np.ones((1, 10), np.int64)
     with pytest.raises(UserError, match=r"input input_ids \[1, 4\]: outside this engine's prefill profile"):
-        e.step(np.ones((1, 4), np.int64), np.ones((1, 14)), np.arange(10, 14)[None], cache)
+        e.step(cache, [np.ones(4, np.int64)])
     assert PROFILES == ("prefill", "decode")
 
 
 def test_generator_feeds_one_token_per_step_past_the_prefill_profile(tiny_exports):
     """With a plan whose prefill profile ends at 5 past positions, a long prompt still generates the same tokens:
     past that, the prompt goes through the decode profile one token per step."""
-    from mistral_trt.runtime.engine import OrtEngine
+    from mistral_trt.runtime.backend import open_backend
     from mistral_trt.runtime.generate import Generator, Sampling
 
     prompt = np.random.default_rng(4).integers(3, 32000, 23)
-    ref = np.stack(list(Generator(OrtEngine(tiny_exports["window", "fp32"]), prefill_chunk=4).generate(
+    ref = np.stack(list(Generator(open_backend(tiny_exports["window", "fp32"]), prefill_chunk=4).generate(
         [prompt], 10, Sampling(), stop_on_eos=False)))
-    e = OrtEngine(tiny_exports["window", "fp32"])
+    e = open_backend(tiny_exports["window", "fp32"])
     steps = []
     real = e.step
 
-    def step(ids, *a, **k):
-        steps.append((ids.shape[1], a[2].length))  # (tokens fed, cached positions before)
-        return real(ids, *a, **k)
+    def step(cache, tokens, last=True):
+        steps.append((max(len(t) for t in tokens), cache.length))  # (tokens fed, cached positions before)
+        return real(cache, tokens, last)
 
     e.step, e.prefill_past_max = step, 5
     got = np.stack(list(Generator(e, prefill_chunk=4).generate([prompt], 10, Sampling(), stop_on_eos=False)))
@@ -387,12 +397,12 @@ def test_generator_feeds_one_token_per_step_past_the_prefill_profile(tiny_export
 
 def test_bench_refuses_shapes_an_engine_was_not_built_for(tiny_exports, tmp_path, capsys):
     folder = shutil.copytree(tiny_exports["full", "fp32"], tmp_path / "engine")
-    _engine_manifest().save(folder)  # max_batch 1, max_context 512
+    _engine_manifest().save(folder)  # max_batch 1, max_total 512
     assert main(["bench", str(folder), "--batch", "1,4", "--prompt-len", "16", "--gen-len", "4"]) == 2
     err = capsys.readouterr().err
     assert "--batch 4:" in err and "was built with --max-batch 1" in err
     assert main(["bench", str(folder), "--prompt-len", "600", "--gen-len", "4"]) == 2
-    assert "--max-context 512" in capsys.readouterr().err
+    assert "--max-total 512" in capsys.readouterr().err
 
 
 def test_gpu_check_builds_what_its_bench_runs():

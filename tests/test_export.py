@@ -15,7 +15,7 @@ from mistral_trt.export import checkpoint as ck
 from mistral_trt.export import pipeline
 from mistral_trt.main import main
 from mistral_trt.runtime import Manifest, UserError
-from mistral_trt.runtime.engine import OrtEngine
+from mistral_trt.runtime.backend import open_backend
 
 CASES = [("window", "fp32"), ("window", "fp16"), ("full", "fp32"), ("full", "fp16")]
 
@@ -32,7 +32,7 @@ def test_manifest_describes_the_export(tiny_exports, tiny_window, tiny_full, cas
     theta = cfg["rope_parameters"]["rope_theta"]  # transformers 5 writes rope_theta here
     assert (m.model.hidden_size, m.model.vocab_size, m.model.rope_theta) == (cfg["hidden_size"], cfg["vocab_size"], theta)
     assert m.model.sliding_window == cfg["sliding_window"]
-    assert m.cache["min_keep"] == (None if cfg["sliding_window"] is None else cfg["sliding_window"] - 1)
+    assert m.cache["keep"] == (None if cfg["sliding_window"] is None else cfg["sliding_window"] - 1)
     assert m.cache["position_ids"] == "absolute" and m.cache["max_context"] == cfg["max_position_embeddings"]
     assert (m.bos_token_id, m.eos_token_id, m.pad_token_id) == (1, [2], None)
     assert m.chat_format == "mistral-v1" and m.chat_template is None  # Mistral's v1 sentencepiece tokenizer
@@ -65,28 +65,39 @@ def test_graph_io_matches_manifest(tiny_exports, case):
 def test_window_mask_is_in_the_graph(tiny_exports, tiny_window):
     """Untrimmed cache, 4x the window in one prefill and then decode steps: only an in-graph sliding-window
     mask gives HF's logits (a trace that baked the window away would attend to every key)."""
-    engine = OrtEngine(tiny_exports["window", "fp32"])
-    ids = np.random.default_rng(3).integers(3, 32000, (1, 40))
+    backend = open_backend(tiny_exports["window", "fp32"])
+    ids = np.random.default_rng(3).integers(3, 32000, 40)
     model = MistralForCausalLM.from_pretrained(tiny_window, attn_implementation="eager").eval()
     with torch.no_grad():
-        ref = model(torch.from_numpy(ids)).logits[0].numpy()
-    logits, past = engine.forward(ids[:, :32], np.ones((1, 32)), np.arange(32)[None], engine.empty_past(1))
-    got = [logits[0]]
+        ref = model(torch.from_numpy(ids)[None]).logits[0].numpy()
+    cache = backend.new_cache(1, 40, trim=False)
+    cache.admit()
+    got = [backend.step(cache, [ids[:32]], last=False)[0].copy()]
     for t in range(32, 40):
-        logits, past = engine.forward(ids[:, t:t + 1], np.ones((1, t + 1)), [[t]], past)
-        got.append(logits[0])
+        got.append(backend.step(cache, [ids[t:t + 1]], last=False)[0].copy())
+    assert cache.length == 40  # nothing trimmed: the graph's mask did the window
     np.testing.assert_allclose(np.concatenate(got), ref, atol=1e-4)
 
 
-def test_engine_rejects_bad_feeds_by_name(tiny_exports):
-    engine = OrtEngine(tiny_exports["full", "fp32"])
-    past = engine.empty_past(1)
-    with pytest.raises(UserError, match="attention_mask: expected shape"):
-        engine.forward([[5, 6]], np.ones((1, 3)), [[0, 1]], past)
-    with pytest.raises(UserError, match=r"input_ids: ids must lie in \[0, 32000\)"):
-        engine.forward([[5, 32000]], np.ones((1, 2)), [[0, 1]], past)
-    with pytest.raises(UserError, match="past_key_values.0.key: expected float32"):
-        engine.forward([[5]], np.ones((1, 1)), [[0]], [p.astype(np.float16) for p in past])
+def test_step_contract_refuses_bad_use_by_name(tiny_exports):
+    backend = open_backend(tiny_exports["full", "fp32"])
+    cache = backend.new_cache(2, 16)
+    with pytest.raises(UserError, match=r"tokens for slot\(s\) \[0\], which hold no sequence: admit\(\) first"):
+        backend.step(cache, [[5], []])
+    a = cache.admit()
+    with pytest.raises(UserError, match="expected 2 counts >= 0, one per slot"):
+        backend.step(cache, [[5]])
+    with pytest.raises(UserError, match=r"tokens for slot 0: ids must lie in \[0, 32000\), got 5..32000"):
+        backend.step(cache, [[5, 32000], []])
+    with pytest.raises(UserError, match="tokens for slot 0: expected a 1-D list of integer ids"):
+        backend.step(cache, [[[5]], []])
+    backend.step(cache, [[5, 6], []])
+    with pytest.raises(UserError, match="starts a batch together"):  # a ColumnCache: no joining a running batch
+        cache.admit()
+    with pytest.raises(UserError, match="overflow"):
+        backend.step(cache, [np.arange(3, 18), []])
+    cache.release(a)
+    assert cache.admit() == 0 and cache.length == 0  # the batch ended: the cache starts empty
 
 
 def test_verify_fails_against_other_weights(tiny_exports, tmp_path, capsys):
@@ -117,10 +128,12 @@ def test_runtime_runs_without_torch(tiny_exports):
     r = run_without_torch(f"""
         import sys
         import numpy as np
-        from mistral_trt.runtime.engine import OrtEngine
-        e = OrtEngine({str(tiny_exports["window", "fp16"])!r})
-        logits, present = e.forward([[1, 415, 2936]], np.ones((1, 3)), [[0, 1, 2]], e.empty_past(1))
-        assert logits.shape == (1, 3, 32000) and present[0].shape == (1, 2, 3, 16), (logits.shape, present[0].shape)
+        from mistral_trt.runtime.backend import open_backend
+        e = open_backend({str(tiny_exports["window", "fp16"])!r})
+        cache = e.new_cache(1, 8)
+        cache.admit()
+        logits = e.step(cache, [[1, 415, 2936]], last=False)
+        assert logits.shape == (1, 3, 32000) and cache.past()[0].shape == (1, 2, 3, 16), (logits.shape, cache.length)
         assert not any(m.split(".")[0] in ("torch", "transformers") for m in sys.modules)
         print("ok")
     """)

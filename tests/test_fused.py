@@ -11,9 +11,11 @@ from mistral_trt.calib.quantize import quantize
 from mistral_trt.export.pipeline import export_model
 from mistral_trt.main import main
 from mistral_trt.runtime import UserError
-from mistral_trt.runtime.engine import FusedEngine, OrtEngine
+from mistral_trt.runtime.backend import open_backend
+from mistral_trt.runtime.generate import ending_together
 from mistral_trt.runtime.manifest import Manifest
-from mistral_trt.runtime.trt import load_engine
+from mistral_trt.runtime.ort import FusedBackend, PortableBackend
+from conftest import score
 from test_generate import hf_greedy
 from test_generate import ours as greedy
 
@@ -26,7 +28,7 @@ def test_fused_is_fused_and_verified(tiny_fused):
         assert any(r["name"] == "batch 2, chunked prefill, idle row" for r in m.verification)
         ops = [n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node]
         assert ops.count("GroupQueryAttention") == m.model.num_layers and "Concat" not in ops
-        assert isinstance(load_engine(folder), FusedEngine)
+        assert isinstance(open_backend(folder), FusedBackend)
     assert any(r["name"].startswith("window 8") for r in Manifest.load(tiny_fused["window"]).verification)
 
 
@@ -49,24 +51,25 @@ def test_fused_batch_equals_alone(tiny_fused):
             assert batched[i].tolist() == greedy(folder, [p], 12)[0].tolist()
 
 
-def test_last_only_is_the_last_column(tiny_fused, tiny_exports):
-    """step(last_only=True), what generation uses, equals the last column of the all-columns step on a ragged
-    left-padded batch (an idle row in the first chunk, one real token in the second); the fused graph runs
-    lm_head on that column alone (logits [B, 1, V] straight from the graph)."""
+def test_last_is_the_last_column(tiny_fused, tiny_exports):
+    """step(last=True), what generation uses, equals each row's last token of the all-tokens step, on a ragged
+    batch (one row idle in the first step, one real token in the second); the fused graph runs lm_head on that
+    column alone (logits_index)."""
     rng = np.random.default_rng(6)
-    ids = rng.integers(3, 32000, (3, 9))
-    mask = np.ones((3, 9), np.int64)
-    mask[1, :8] = 0  # row 1: idle for the first chunk, one token in the second
-    mask[2, :2] = 0
-    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    rows = [rng.integers(3, 32000, n) for n in (9, 1, 7)]
     for folder in (tiny_fused["window"], tiny_exports["window", "fp32"]):
-        e = load_engine(folder)
-        caches = [e.new_cache(3, 16, None) for _ in range(2)]
-        for a, b in ((0, 5), (5, 9)):
-            full = e.step(ids[:, a:b], mask[:, :b], pos[:, a:b], caches[0])
-            last = e.step(ids[:, a:b], mask[:, :b], pos[:, a:b], caches[1], last_only=True)
-            assert last.shape == (3, 1, e.args.vocab_size)
-            np.testing.assert_allclose(last, full[:, -1:], rtol=0, atol=1e-5)
+        e = open_backend(folder)
+        caches = [e.new_cache(3, 16) for _ in range(2)]
+        for c in caches:
+            for _ in rows:
+                c.admit()
+        for tokens in ending_together(rows, [5, 4]):
+            n = [len(t) for t in tokens]
+            full = e.step(caches[0], tokens, last=False).copy()
+            last = e.step(caches[1], tokens, last=True)
+            assert last.shape == (3, e.args.vocab_size)
+            for b in range(3):
+                np.testing.assert_allclose(last[b], full[b, n[b] - 1] if n[b] else 0, rtol=0, atol=1e-5)
 
 
 def test_fused_export_before_logits_index_is_refused(tiny_fused, tmp_path):
@@ -78,38 +81,37 @@ def test_fused_export_before_logits_index_is_refused(tiny_fused, tmp_path):
     m["inputs"] = [t for t in m["inputs"] if t["name"] != "logits_index"]
     (old / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(UserError, match="export it again"):
-        load_engine(old)
+        open_backend(old)
 
 
 def test_cache_is_updated_in_place(tiny_fused):
-    e = load_engine(tiny_fused["full"])
-    cache = e.new_cache(1, 16, None)
+    e = open_backend(tiny_fused["full"])
+    cache = e.new_cache(1, 16)
+    slot = cache.admit()
     first = [b.ctypes.data for b in cache.buffers]
-    e.step(np.array([[5, 6, 7]]), np.ones((1, 3)), np.arange(3)[None], cache)
-    binding = e._bound[1]
+    e.step(cache, [[5, 6, 7]])
     k0 = cache.buffers[0][0, :, :3].copy()
     assert np.abs(k0).sum() > 0 and not cache.buffers[0][0, :, 3:].any()  # three positions written, no more
-    e.step(np.array([[8]]), np.ones((1, 4)), np.array([[3]]), cache)
-    assert e._bound[1] is binding and [b.ctypes.data for b in cache.buffers] == first  # bound once, never copied
+    e.step(cache, [[8]])
+    assert [b.ctypes.data for b in cache.buffers] == first  # never reallocated, never copied
     assert cache.buffers[0][0, :, 3].any() and np.array_equal(cache.buffers[0][0, :, :3], k0)
-    assert cache.tokens.tolist() == [4]
+    assert cache.next_pos.tolist() == [4] and slot == 0
 
 
 def test_fused_bad_use_is_one_line(tiny_fused, tiny_exports, tmp_path):
-    e = load_engine(tiny_fused["full"])
-    cache = e.new_cache(1, 8, None)
-    with pytest.raises(UserError, match="left-padded"):
-        e.step(np.array([[5, 6]]), np.array([[1, 0]]), np.array([[0, 0]]), cache)
-    with pytest.raises(UserError, match="position_ids"):
-        e.step(np.array([[5, 6]]), np.ones((1, 2)), np.array([[3, 4]]), cache)
+    e = open_backend(tiny_fused["full"])
+    cache = e.new_cache(1, 8)
+    with pytest.raises(UserError, match="admit"):
+        e.step(cache, [[5, 6]])  # no sequence in the slot
+    cache.admit()
     with pytest.raises(UserError, match="overflow"):
-        e.step(np.arange(3, 12)[None], np.ones((1, 9)), np.arange(9)[None], cache)
-    with pytest.raises(UserError, match="in place"):
-        e.forward(np.array([[5]]), np.ones((1, 1)), np.array([[0]]), [])
+        e.step(cache, [np.arange(3, 12)])
+    with pytest.raises(UserError, match=r"ids must lie in \[0, 32000\)"):
+        e.step(cache, [[5, 32000]])
     with pytest.raises(UserError, match="graph 'fused'"):
-        OrtEngine(tiny_fused["full"])
+        PortableBackend(tiny_fused["full"])
     with pytest.raises(UserError, match="portable graph for TensorRT"):
-        load_engine(tiny_fused["full"], "tensorrt")
+        open_backend(tiny_fused["full"], "tensorrt")
     with pytest.raises(UserError, match="needs a --graph portable export"):
         quantize(tiny_fused["full"], "int8-w8a16", tmp_path / "q")
     with pytest.raises(UserError, match="needs a --graph fused export"):
@@ -137,10 +139,7 @@ def test_int8_dynamic_structure_and_closeness(tiny_fused, tmp_path):
     assert len(nbits) == 5 * a.num_layers + 1 and not [n for n in nodes if n.op_type == "MatMul"]
     assert all({x.name: x.i for x in n.attribute}["bits"] == 8 for n in nbits)
     prompt = np.random.default_rng(5).integers(3, 32000, 40)
-    ref = load_engine(tiny_fused["window"])
-    got = load_engine(tmp_path / "q8")
-    lr = ref.step(prompt[None], np.ones((1, 40)), np.arange(40)[None], ref.new_cache(1, 40, None))[0]
-    lq = got.step(prompt[None], np.ones((1, 40)), np.arange(40)[None], got.new_cache(1, 40, None))[0]
+    lr, lq = score(tiny_fused["window"], prompt), score(tmp_path / "q8", prompt)
     assert (lr.argmax(-1) == lq.argmax(-1)).mean() >= 0.9
     assert np.abs(lr - lq).max() < 0.1 * np.abs(lr).max()
 
@@ -148,7 +147,7 @@ def test_int8_dynamic_structure_and_closeness(tiny_fused, tmp_path):
 def test_fused_graph_weight_bytes_by_hand(tiny_fused, tmp_path):
     """The fused graph's decode reads exactly the checkpoint's weights (the embedding and the rotary tables
     are only gathered from); int8-w8a8-dynamic: one int8 byte per weight + one fp32 scale per 32 or 64."""
-    from mistral_trt.bench import decode_weight_bytes, graph_decode_bytes
+    from mistral_trt.bench.latency import decode_weight_bytes, graph_decode_bytes
 
     a = Manifest.load(tiny_fused["full"]).model
     fp32 = graph_decode_bytes(tiny_fused["full"])

@@ -12,19 +12,19 @@ import pytest
 import torch
 from transformers import MistralForCausalLM
 
-from conftest import run_without_torch
+from conftest import run_without_torch, score
 from mistral_trt.main import main
 from mistral_trt.runtime import UserError
 from mistral_trt.runtime.chat import format_chat
-from mistral_trt.runtime.engine import OrtEngine
+from mistral_trt.runtime.backend import open_backend
 from mistral_trt.runtime.generate import Generator, Sampling, sample
+from mistral_trt.runtime.manifest import Manifest
 from mistral_trt.runtime.tokenizer import Tokenizer
-from mistral_trt.runtime.trt import load_engine
 
 
 def ours(folder, prompts, n, **kw):
     """Greedy tokens [B, n] through the engine the folder's manifest names (portable or fused graph)."""
-    gen = Generator(load_engine(folder), **kw)
+    gen = Generator(open_backend(folder), **kw)
     steps = list(gen.generate(prompts, n, Sampling(), stop_on_eos=False))
     return np.stack(steps, 1)  # [B, n]
 
@@ -40,7 +40,7 @@ def hf_greedy(ckpt, prompt, n):
 @pytest.mark.slow
 def test_demo_greedy_equals_hf_generate(demo_onnx, demo_hf):
     tok = Tokenizer.load(demo_onnx)
-    m = OrtEngine(demo_onnx).manifest
+    m = Manifest.load(demo_onnx)
     questions = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion to a child."]
     for q in questions:
         prompt = format_chat(tok, [{"role": "user", "content": q}], m.chat_format, m.chat_template)
@@ -55,19 +55,21 @@ def test_window_greedy_equals_hf_generate(tiny_exports, tiny_window):
     assert got == hf_greedy(tiny_window, prompt, 48)
 
 
-@pytest.mark.parametrize("case", [("window", "fp32"), ("full", "fp32")], ids=lambda c: c[0])
-def test_incremental_equals_full_prefill(tiny_exports, case):
-    engine = OrtEngine(tiny_exports[case])
-    gen = Generator(engine, prefill_chunk=5)
+@pytest.mark.parametrize("folder", ["window", "full", "fused-window"])
+def test_incremental_equals_full_prefill(tiny_exports, tiny_fused, folder):
+    """mistral-inference's test: a chunked prefill then decode steps give the logits of one full prefill."""
+    backend = open_backend(tiny_fused["window"] if folder == "fused-window" else tiny_exports[folder, "fp32"])
+    gen = Generator(backend, prefill_chunk=5)
     prompt = np.random.default_rng(1).integers(3, 32000, 17)
-    st, logits = gen.prefill([prompt], reserve=24)
-    seq, steps = list(prompt), [logits[0]]
+    cache = gen.new_cache(1, len(prompt) + 24)
+    slot = cache.admit()
+    seq, steps = list(prompt), [gen.prefill(cache, [slot], [prompt])[0]]
     for _ in range(24):
         t = int(np.argmax(steps[-1]))
         seq.append(t)
-        steps.append(gen.decode_one_token(st, np.array([t]))[0])
-    full, _ = engine.forward(np.array([seq]), np.ones((1, len(seq))), np.arange(len(seq))[None], engine.empty_past(1))
-    np.testing.assert_allclose(np.stack(steps), full[0, len(prompt) - 1:], atol=1e-4)
+        steps.append(gen.decode_one_token(cache, [slot], [t])[0])
+    full = score(backend, seq)  # one step over the whole sequence, nothing cached, no window trim
+    np.testing.assert_allclose(np.stack(steps), full[len(prompt) - 1:], atol=1e-4)
 
 
 def test_batch_left_padding_equals_alone(tiny_exports):
@@ -80,22 +82,23 @@ def test_batch_left_padding_equals_alone(tiny_exports):
 
 
 def test_cache_stays_bounded_past_the_window(tiny_exports):
-    engine = OrtEngine(tiny_exports["window", "fp16"])
-    gen = Generator(engine)
-    st, logits = gen.prefill([np.arange(3, 40)])
-    assert st.cache.capacity == 7 + 8  # the window's 7 positions plus one chunk (chunk = W = 8)
+    gen = Generator(open_backend(tiny_exports["window", "fp16"]))
+    cache = gen.new_cache(1, 10_000)
+    slot = cache.admit()
+    assert cache.capacity == 7 + 8  # the window's 7 positions plus one chunk (chunk = W = 8), whatever the length
+    logits = gen.prefill(cache, [slot], [np.arange(3, 40)])
     rss = []
     for i in range(900):
-        logits = gen.decode_one_token(st, np.array([int(np.argmax(logits[0]))]))
-        assert st.cache.length == 7 and st.mask.shape == (1, 7)  # W - 1 = 7 positions, always
+        logits = gen.decode_one_token(cache, [slot], [int(np.argmax(logits[0]))])
+        assert cache.length == 7 and cache.mask.shape == (1, 7)  # W - 1 = 7 positions, always
         if i in (300, 899):
             rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    assert st.next_pos[0] == 37 + 900  # positions stay absolute
+    assert cache.next_pos[0] == 37 + 900  # positions stay absolute
     assert rss[1] - rss[0] < 20 * 1024, f"peak RSS grew by {(rss[1] - rss[0]) / 1024:.1f} MiB"
 
 
 def test_context_limit(tiny_exports):
-    gen = Generator(OrtEngine(tiny_exports["full", "fp32"]))  # max_context 1024
+    gen = Generator(open_backend(tiny_exports["full", "fp32"]))  # max_context 1024
     with pytest.raises(UserError, match="context limit 1024"):
         next(gen.generate([np.arange(3, 1003)], 30))
     steps = list(gen.generate([np.arange(3, 1003)], 30, truncate=True))
@@ -114,7 +117,7 @@ def test_sampling_rules():
 
 
 def test_seed_gives_same_tokens(tiny_exports):
-    gen = Generator(OrtEngine(tiny_exports["full", "fp32"]))
+    gen = Generator(open_backend(tiny_exports["full", "fp32"]))
     run = lambda seed: np.stack(list(gen.generate([np.arange(3, 9)], 16, Sampling(temperature=1.5, seed=seed))))  # noqa: E731
     assert (run(7) == run(7)).all()
     assert not (run(7) == run(8)).all()
@@ -127,10 +130,13 @@ def test_generate_cli_json_and_stop(tiny_exports, capsys):
     assert len(out["ids"]) == 12 and out["stats"]["prompt_tokens"] > 5 and out["stats"]["new_tokens"] == 12
     tok = Tokenizer.load(folder)
     assert out["text"] == tok.decode(out["ids"])
-    stop = out["text"][len(out["text"]) // 2:][:3]
-    if stop.strip():
-        assert main(["generate", folder, "--prompt", "Hello", "--max-new-tokens", "12", "--json", "--stop", stop]) == 0
-        assert stop not in json.loads(capsys.readouterr().out)["text"]
+    # a stop string: the text of the 7th token onwards (decoded alone, so it is surely in the text)
+    k = next(k for k in range(6, 12) if tok.decode(out["ids"][:k]).strip() and tok.decode(out["ids"][k:k + 2]).strip())
+    head, stop = tok.decode(out["ids"][:k]), tok.decode(out["ids"][:k + 2])[len(tok.decode(out["ids"][:k])):]
+    assert stop in out["text"]
+    assert main(["generate", folder, "--prompt", "Hello", "--max-new-tokens", "12", "--json", "--stop", stop]) == 0
+    got = json.loads(capsys.readouterr().out)["text"]
+    assert got == out["text"][:out["text"].index(stop)] and len(got) <= len(head)
 
 
 def test_generate_without_torch(tiny_exports):

@@ -44,7 +44,7 @@ FIELDS = {
     "tokenizer.vocab_size": ANY_JSON.filter(lambda v: not (type(v) is int and 0 < v <= 32000)),
     "tokenizer.file": ANY_JSON.filter(lambda v: v != "tokenizer.model" and v != "generation_config.json"),
     "cache.max_context": ANY_JSON.filter(lambda v: not (type(v) is int and 1 < v <= 1024)),
-    "cache.min_keep": ANY_JSON.filter(lambda v: v is not None),
+    "cache.keep": ANY_JSON.filter(lambda v: v is not None),
     "files.model.onnx": NOT_HEX64.filter(lambda v: not (isinstance(v, str) and len(v) == 64
                                                         and all(c in "0123456789abcdef" for c in v))),
     "tokenizer_files": ANY_JSON.filter(lambda v: v != ["tokenizer.model", "generation_config.json"]),

@@ -66,7 +66,7 @@ def graph_decode_bytes(folder: Path) -> int:
     import onnx
     from onnx import helper
 
-    from mistral_trt.runtime.trt import ENGINE_MANIFEST, EngineManifest
+    from mistral_trt.runtime.engine import ENGINE_MANIFEST, EngineManifest
 
     if (Path(folder) / ENGINE_MANIFEST).is_file():  # a TensorRT engine reads what its source ONNX holds
         folder = Path(EngineManifest.load(folder).source["export"])
@@ -129,7 +129,7 @@ REPORT_FILES = ("bench.md", "bench.json", "bench.png")
 
 def check_engine_limits(folder: Path, batches: list[int], prompt_lens: list[int], gen_len: int) -> None:
     """A TensorRT engine folder runs only the shapes it was built for: say so before measuring anything."""
-    from mistral_trt.runtime.trt import ENGINE_MANIFEST, EngineManifest
+    from mistral_trt.runtime.engine import ENGINE_MANIFEST, EngineManifest
 
     if not (folder / ENGINE_MANIFEST).is_file():
         return
@@ -137,20 +137,21 @@ def check_engine_limits(folder: Path, batches: list[int], prompt_lens: list[int]
     if max(batches) > lim["max_batch"]:
         raise UserError(f"--batch {max(batches)}: {folder} was built with --max-batch {lim['max_batch']} "
                         "(mistral-trt engine ... --max-batch N)")
-    if max(prompt_lens) + gen_len > lim["max_context"]:
+    if max(prompt_lens) + gen_len > lim["max_total"]:
         raise UserError(f"--prompt-len {max(prompt_lens)} + --gen-len {gen_len}: {folder} was built with "
-                        f"--max-context {lim['max_context']}")
+                        f"--max-total {lim['max_total']}")
 
 
 # -- systems ---------------------------------------------------------------------------------------
 class Ours:
     def __init__(self, folder: Path, provider: str):
+        from mistral_trt.runtime.backend import open_backend
+        from mistral_trt.runtime.engine import ENGINE_MANIFEST
         from mistral_trt.runtime.generate import Generator
-        from mistral_trt.runtime.trt import ENGINE_MANIFEST, load_engine
 
         native = (folder / ENGINE_MANIFEST).is_file()
         self.name = f"ours:{folder.name}" + (":tensorrt-native" if native else "" if provider == "cpu" else f":{provider}")
-        self.gen = Generator(load_engine(folder, provider))
+        self.gen = Generator(open_backend(folder, provider))
 
     def run(self, prompts: np.ndarray, n: int) -> list[float]:
         """Returns the timestamps of each new token, the call's start first."""
@@ -296,7 +297,7 @@ def report(results: list[Result], gen_len: int, args: ModelArgs, dtype: str, ban
         + ", ".join(f"{n} {b / 1e6:.0f} MB" for n, b in weight_bytes.items())
         + (", " if weight_bytes else "") + f"{dtype} checkpoint {decode_weight_bytes(args, dtype) / 1e6:.0f} MB of weights per step",
         "",
-        "| system | prompt | batch | TTFT ms | decode p50 ms | p90 | p99 | decode tok/s | prefill tok/s | floor ms | p50/floor | time / first OUT's (decode, TTFT) | RSS added GiB |",
+        "| system | prompt | batch | TTFT ms | decode p50 ms | p90 | p99 | decode tok/s | prefill tok/s | floor ms | p50/floor | time / first EXPORT_DIR's (decode, TTFT) | RSS added GiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -363,7 +364,7 @@ def main_bench(a) -> None:
     from mistral_trt.export.atomic import check_report_folder
 
     out = check_report_folder(a.output, REPORT_FILES, "bench.json", "bandwidth_probes_bytes_s")
-    folders = [Path(f) for f in a.folders]
+    folders = [Path(f) for f in a.export_dirs]
     m = Manifest.load(folders[0])
     for f in folders:
         Manifest.load(f)  # a bad folder fails now, not after minutes of measuring

@@ -1,13 +1,13 @@
-"""`mistral-trt engine OUT -o ENGINE_DIR`: build a TensorRT engine from an export folder.
+"""`mistral-trt engine EXPORT_DIR -o ENGINE_DIR`: build a TensorRT engine from an export folder.
 
 The ONNX is parsed into a strongly typed network (TensorRT 11 has no other kind; TensorRT 10.12+ takes the
 STRONGLY_TYPED creation flag), so precision comes from the artifact itself: the fp16 export gives fp16
 kernels, a Q/DQ export gives int8 kernels, no builder precision flags. Two optimization profiles
-(runtime/trt.py: prefill with seq up to --max-seq, decode with seq = 1) cover batch/seq/past. The timing
+(runtime/engine.py: prefill with seq up to --max-seq, decode with seq = 1) cover batch/seq/past. The timing
 cache is loaded before and saved after the build (--timing-cache to share one across engines), so a
 rebuild on the same GPU skips kernel timing.
 
-    mistral-trt engine build/onnx/smollm2-135m-instruct-fp16 --max-seq 512 --max-context 4096 -o build/engine/fp16
+    mistral-trt engine build/onnx/smollm2-135m-instruct-fp16 --max-seq 512 --max-total 4096 -o build/engine/fp16
 """
 from __future__ import annotations
 
@@ -20,26 +20,28 @@ from pathlib import Path
 from mistral_trt.runtime.errors import UserError
 from mistral_trt.runtime.integrity import hash_file
 from mistral_trt.runtime.manifest import ONNX_NAME, Manifest
-from mistral_trt.runtime.trt import (ENGINE_NAME, PROFILES, TIMING_CACHE, EngineManifest, gpu_info, import_tensorrt,
-                                     profile_shapes)
+from mistral_trt.runtime.cuda import gpu_info
+from mistral_trt.runtime.engine import PROFILES, TIMING_CACHE, EngineManifest, profile_shapes
+from mistral_trt.runtime.manifest import ENGINE_NAME
+from mistral_trt.runtime.tensorrt_backend import import_tensorrt
 
 
-def build_engine(src: str | Path, out: str | Path, max_batch: int = 1, max_seq: int = 512, max_context: int | None = None,
+def build_engine(export_dir: str | Path, out: str | Path, max_batch: int = 1, max_seq: int = 512, max_total: int | None = None,
                  timing_cache: str | Path | None = None, workspace_gib: float | None = None, force: bool = False,
                  log=lambda s: print(s, file=sys.stderr, flush=True)) -> EngineManifest:
     from mistral_trt.export.atomic import atomic_folder, check_target
 
-    src = Path(src)
-    m = Manifest.load(src)
-    check_target(out, "engine", force, inputs=[src])  # before minutes of building
+    export_dir = Path(export_dir)
+    m = Manifest.load(export_dir)
+    check_target(out, "engine", force, inputs=[export_dir])  # before minutes of building
     if m.graph != "portable":
-        raise UserError(f"{src}: graph {m.graph!r} uses onnxruntime contrib ops TensorRT does not have; build from "
+        raise UserError(f"{export_dir}: graph {m.graph!r} uses onnxruntime contrib ops TensorRT does not have; build from "
                         "a --graph portable export")
-    if max_context is None:  # the model's limit, at most 4096 (a 32k profile costs device memory for nothing)
-        max_context = min(4096, m.max_context)
-    shapes = profile_shapes(m, max_batch, max_seq, max_context)  # bad limits fail before TensorRT is needed
-    onnx_path = src / ONNX_NAME
-    m.check_files(src)  # building a plan from weights changed after export would hide the change under a new hash
+    if max_total is None:  # the model's limit, at most 4096 (a 32k profile costs device memory for nothing)
+        max_total = min(4096, m.max_context)
+    shapes = profile_shapes(m, max_batch, max_seq, max_total)  # bad limits fail before TensorRT is needed
+    onnx_path = export_dir / ONNX_NAME
+    m.check_files(export_dir)  # building a plan from weights changed after export would hide the change under a new hash
     onnx_sha = m.files[ONNX_NAME]
     trt = import_tensorrt()
     gpu_name, cc = gpu_info(0)  # the builder uses the current device, 0 unless CUDA_VISIBLE_DEVICES says otherwise
@@ -62,7 +64,7 @@ def build_engine(src: str | Path, out: str | Path, max_batch: int = 1, max_seq: 
         config.clear_flag(trt.BuilderFlag.TF32)  # fp32 artifacts are the reference: no 10-bit-mantissa matmuls
     if workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
-    for name in PROFILES:  # profile index = position in PROFILES; runtime/trt.py relies on it
+    for name in PROFILES:  # profile index = position in PROFILES; runtime/tensorrt_backend.py relies on it
         profile = builder.create_optimization_profile()
         for tensor, (lo, opt, hi) in shapes[name].items():
             profile.set_shape(tensor, lo, opt, hi)
@@ -88,7 +90,7 @@ def build_engine(src: str | Path, out: str | Path, max_batch: int = 1, max_seq: 
     log(f"[2/3] built: {len(plan) / 2**20:.1f} MiB in {build_s:.0f}s")
 
     log("[3/3] save engine, timing cache, manifests ...")
-    with atomic_folder(out, force, kind="engine", inputs=[src], need_bytes=2 * len(plan)) as tmp:
+    with atomic_folder(out, force, kind="engine", inputs=[export_dir], need_bytes=2 * len(plan)) as tmp:
         (tmp / ENGINE_NAME).write_bytes(plan)
         timing = bytes(config.get_timing_cache().serialize())
         (tmp / TIMING_CACHE).write_bytes(timing)
@@ -100,7 +102,7 @@ def build_engine(src: str | Path, out: str | Path, max_batch: int = 1, max_seq: 
         elif cache_path:
             log(f"  {cache_path} left as it was (not a timing cache); the new one is {out}/{TIMING_CACHE}")
         for name in m.tokenizer_files:
-            shutil.copy2(src / name, tmp / name)
+            shutil.copy2(export_dir / name, tmp / name)
         # the export's manifest (model args, IO names, tokenizer, chat format); its files: the plan, the tokenizer
         m.files = {n: hash_file(tmp / n) for n in [ENGINE_NAME, *m.tokenizer_files]}
         m.save(tmp)
@@ -108,8 +110,8 @@ def build_engine(src: str | Path, out: str | Path, max_batch: int = 1, max_seq: 
             tensorrt_version=trt.__version__,
             gpu={"name": gpu_name, "compute_capability": cc},
             profiles=shapes,
-            limits={"max_batch": max_batch, "max_seq": max_seq, "max_context": max_context},
-            source={"export": str(src.absolute()), "onnx_sha256": onnx_sha, "precision": m.precision.get("name", m.dtype)},
+            limits={"max_batch": max_batch, "max_seq": max_seq, "max_total": max_total},
+            source={"export": str(export_dir.absolute()), "onnx_sha256": onnx_sha, "precision": m.precision.get("name", m.dtype)},
             engine_sha256=hashlib.sha256(plan).hexdigest(),
             build={"seconds": round(build_s, 1), "timing_cache": str(cache_path) if cache_path else TIMING_CACHE,
                    "timing_cache_reused": cache_state == "reused", "network_layers": network.num_layers},

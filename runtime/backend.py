@@ -1,0 +1,107 @@
+"""One step contract for every way of running an export: `Backend`.
+
+    backend = open_backend("build/onnx/smollm2-135m-instruct-fused-fp32")  # portable, fused or a TensorRT engine
+    cache = backend.new_cache(slots=2, capacity=256)                       # runtime/cache.py
+    a, b = cache.admit(), cache.admit()
+    logits = backend.step(cache, [prompt_a, prompt_b])   # tokens per slot -> [2, V]: each row's next-token logits
+    logits = backend.step(cache, [[5], []])              # slot b idle this step: its row is zeros
+    all_ = backend.step(cache, [[7, 8], [9]], last=False)  # [2, 2, V]: logits of every token, row b's first n_b
+
+Three siblings implement it: `PortableBackend` and `FusedBackend` (runtime/ort.py, onnxruntime) and
+`TensorRTBackend` (runtime/tensorrt_backend.py, a native engine). Each asks its cache for the step's plan
+(positions, mask or sequence lengths: the cache owns them), packs the tokens on the side its graph wants,
+binds, runs and commits. `ragged` says whether slots advance independently: the fused graph's do (a sequence
+may join a running batch; one step may prefill one slot and decode another); the portable graph's and
+TensorRT's share a column axis, so a batch starts together (runtime/cache.py says why), and a caller with
+new sequences waits for the batch to end.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from .errors import UserError
+from .manifest import Manifest, ModelArgs
+
+
+class Backend(Protocol):
+    manifest: Manifest
+    args: ModelArgs
+    kv_dtype: np.dtype  # of the KV cache and the logits
+    ragged: bool  # slots advance independently (module docstring)
+    max_context: int  # positions one sequence may reach: the model's limit, or a TensorRT plan's max_total
+    max_seq: int | None  # tokens per slot in one step (a TensorRT plan's prefill profile); None: any
+    prefill_past_max: int | None  # past positions a multi-token step may follow (a plan's prefill profile)
+
+    def new_cache(self, slots: int, capacity: int, trim: bool = True):
+        """A cache of `slots` sequences of up to `capacity` positions. trim=False keeps every position even with
+        a sliding window (the graph's own window mask then applies: export/verify.py checks both ways)."""
+        ...
+
+    def step(self, cache, tokens: Sequence, last: bool = True) -> np.ndarray:
+        """tokens[b]: the ids slot b gets this step (empty: idle). Returns logits [B, V] of each row's last
+        token (last=True; idle rows zeros) or [B, S, V] of every token, row b's in its first seqlens[b]
+        columns (last=False; the rest zeros). The array is valid until the next step."""
+        ...
+
+
+def left_padded_logits(logits: np.ndarray, seqlens: np.ndarray, last: bool) -> np.ndarray:
+    """A left-padded graph's logits [B, S, V] (row b's tokens in its last seqlens[b] columns) in the contract's
+    layout (Backend.step)."""
+    if last:
+        out = logits[:, -1]
+        out[seqlens == 0] = 0
+        return out
+    s = logits.shape[1]
+    out = np.zeros_like(logits)
+    for b, n in enumerate(seqlens):
+        out[b, :n] = logits[b, s - n:]
+    return out
+
+
+def right_padded_logits(logits: np.ndarray, seqlens: np.ndarray, last: bool) -> np.ndarray:
+    """A right-padded graph's logits [B, L, V] (L = 1 with last) in the contract's layout."""
+    if last:
+        out = logits[:, 0]
+        out[seqlens == 0] = 0
+        return out
+    for b, n in enumerate(seqlens):
+        logits[b, n:] = 0
+    return logits
+
+
+class Buffers:
+    """Output arrays reused while their shape repeats (every decode step): no allocation, and a bound
+    output's address stays the same, so an IOBinding need not be redone. One-column outputs (decode steps,
+    `last` logits) are held apart from wider ones, so a prefill between two decode steps does not evict them."""
+
+    def __init__(self, dtype):
+        self.dtype, self.held = np.dtype(dtype), {}
+
+    def get(self, name: str, shape: tuple) -> np.ndarray:
+        key = (name, shape[1] == 1)
+        arr = self.held.get(key)
+        if arr is None or arr.shape != shape:
+            arr = self.held[key] = np.empty(shape, self.dtype)
+        return arr
+
+
+def open_backend(folder: str | Path, provider: str = "cpu"):
+    """An engine folder (engine.json) -> TensorRTBackend; an export folder -> PortableBackend or FusedBackend
+    (by the manifest's graph) on onnxruntime's `provider`. The files are checked against the manifest first."""
+    from .engine import ENGINE_MANIFEST
+
+    if (Path(folder) / ENGINE_MANIFEST).is_file():
+        from .tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(folder)
+    from .ort import FusedBackend, PortableBackend, provider_list
+
+    m = Manifest.load(folder)
+    if m.graph == "fused" and provider == "tensorrt":
+        raise UserError(f"{folder}: the fused graph uses onnxruntime contrib ops TensorRT does not have; "
+                        "export the portable graph for TensorRT (mistral-trt export --graph portable)")
+    cls = FusedBackend if m.graph == "fused" else PortableBackend
+    return cls(folder, providers=provider_list(provider, folder), manifest=m)

@@ -1,0 +1,215 @@
+"""The two onnxruntime backends (runtime/backend.py's contract), siblings sharing one session loader:
+
+    PortableBackend   the traced graph (standard ONNX ops): ColumnCache, rows left-padded, the graph's Concat
+                      appends to the cache, bound with IOBinding so present lands straight in the other side
+    FusedBackend      the fused graph (onnxruntime contrib ops): InPlaceCache, rows right-padded,
+                      GroupQueryAttention writes the cache in place; ragged rows
+
+    backend = PortableBackend("build/onnx/smollm2-135m-instruct-fp32")
+    cache = backend.new_cache(slots=1, capacity=256); cache.admit()
+    logits = backend.step(cache, [prompt_ids])     # [1, V]
+
+Either session is checked before it runs: the folder's files against the manifest's sha256, the provider
+against what this onnxruntime has, the graph's inputs and outputs against the manifest.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .backend import Buffers, left_padded_logits, right_padded_logits
+from .cache import ColumnCache, ColumnStorage, InPlaceCache
+from .errors import UserError
+from .manifest import NUMPY_DTYPE, ONNX_NAME, Manifest
+
+
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def provider_list(provider: str, folder: str | Path) -> list:
+    """onnxruntime providers for --provider. TensorRT EP: engines and timing cache are cached in
+    FOLDER/ort-trt-cache (the first session builds them, later ones load them); the graph's own types
+    decide precision (fp16 artifact -> fp16 kernels, Q/DQ artifact -> int8 kernels), as TensorRT 11
+    requires, so no fp16/int8 builder flags are passed."""
+    if provider not in PROVIDERS:
+        raise UserError(f"--provider {provider!r}: expected one of {', '.join(PROVIDERS)}")
+    if provider != "tensorrt":
+        return list(PROVIDERS[provider])
+    cache = Path(folder) / "ort-trt-cache"
+    trt = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+           "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}
+    return [("TensorrtExecutionProvider", trt)] + PROVIDERS["tensorrt"][1:]
+
+
+ORT_TYPES = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32",
+             "tensor(float16)": "float16"}
+
+
+def check_session_io(session, manifest: Manifest, path: Path) -> None:
+    """The graph onnxruntime loaded must have the manifest's inputs and outputs (names, dtypes, ranks and
+    fixed sizes): another model's ONNX in the folder is refused by name, not run."""
+    for kind, got, want in (("inputs", session.get_inputs(), manifest.inputs),
+                            ("outputs", session.get_outputs(), manifest.outputs)):
+        have = {t.name: t for t in got}
+        for spec in want:
+            t = have.pop(spec.name, None)
+            if t is None:
+                raise UserError(f"{path}: the graph has no {kind[:-1]} {spec.name!r} that manifest.json lists; "
+                                "not the graph this manifest describes")
+            dtype = ORT_TYPES.get(t.type, t.type)
+            fixed = [d for d in spec.dims]
+            if dtype != spec.dtype or len(t.shape) != len(fixed) or any(
+                    isinstance(w, int) and w != g for w, g in zip(fixed, t.shape)):
+                raise UserError(f"{path}: {kind[:-1]} {spec.name!r} is {dtype} {list(t.shape)} in the graph, "
+                                f"manifest.json says {spec.dtype} {fixed}; not the graph this manifest describes")
+        if have:
+            raise UserError(f"{path}: the graph has {kind} manifest.json does not list ({', '.join(sorted(have)[:3])}); "
+                            "not the graph this manifest describes")
+
+
+def open_session(folder: Path, manifest: Manifest, providers: list | None, graph: str):
+    """An onnxruntime session on folder/model.onnx, after every check (module docstring)."""
+    import onnxruntime as ort  # imported here: `import mistral_trt.runtime` stays cheap
+
+    if manifest.graph != graph:
+        raise UserError(f"{folder}/manifest.json: graph {manifest.graph!r}; this backend runs graph {graph!r} "
+                        "(open it with runtime.backend.open_backend)")
+    path = folder / ONNX_NAME
+    if not path.is_file():
+        raise UserError(f"{path}: missing (the export folder is incomplete)")
+    manifest.check_files(folder)  # weights changed after export would run and print garbage
+    providers = providers or ["CPUExecutionProvider"]
+    first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    if first not in ort.get_available_providers():
+        raise UserError(f"--provider: this onnxruntime ({ort.__version__}) has no {first}; available: "
+                        f"{', '.join(ort.get_available_providers())} (GPU providers come with onnxruntime-gpu)")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise UserError(f"{path}: onnxruntime cannot load it: {str(e).splitlines()[0][:300]}") from None
+    check_session_io(session, manifest, path)
+    return session
+
+
+def _run(backend, io) -> None:
+    """Run a bound step. The inputs come from the cache and the manifest, so a failure is the graph's: name it."""
+    try:
+        backend.session.run_with_iobinding(io)
+    except Exception as e:  # onnxruntime's own exception types
+        msg = str(e).split("Status Message:")[-1].strip().splitlines()[0][:300]
+        raise UserError(f"{backend.folder / ONNX_NAME}: onnxruntime failed running the graph ({msg}); "
+                        "the ONNX does not match its manifest or was edited after export") from None
+
+
+def _open(backend, folder, providers, manifest: Manifest | None, graph: str) -> None:
+    """What both onnxruntime backends set up: the manifest, the checked session, the names they bind."""
+    backend.folder = Path(folder)
+    backend.manifest = m = manifest or Manifest.load(backend.folder)
+    backend.session = open_session(backend.folder, m, providers, graph)
+    backend.args, backend.kv_dtype = m.model, np.dtype(NUMPY_DTYPE[m.dtype])
+    backend.past_names = [n for n in m.input_names() if n.startswith("past_key_values.")]
+    backend.present_names = m.output_names()[1:]
+    backend.max_context, backend.max_seq, backend.prefill_past_max = m.max_context, None, None
+
+
+class PortableBackend:
+    ragged = False
+
+    def __init__(self, folder: str | Path, providers: list | None = None, manifest: Manifest | None = None):
+        _open(self, folder, providers, manifest, "portable")
+        self.buffers = Buffers(self.kv_dtype)
+
+    def new_cache(self, slots: int, capacity: int, trim: bool = True) -> ColumnCache:
+        a = self.args
+        storage = ColumnStorage(2 * a.num_layers, (slots, a.num_kv_heads, a.head_dim), capacity, self.kv_dtype)
+        return ColumnCache(storage, slots, capacity, self.manifest.cache["keep"] if trim else None,
+                           self.args.sliding_window)
+
+    def step(self, cache: ColumnCache, tokens, last: bool = True) -> np.ndarray:
+        """One step through IOBinding: past bound from the cache's side, present written into the other.
+        The graph computes logits for every column anyway; `last` only picks them."""
+        plan = cache.plan([len(t) for t in tokens], last)
+        ids = cache.pack(tokens, plan, self.args.vocab_size)
+        b, s = ids.shape
+        logits = self.buffers.get("logits", (b, s, self.args.vocab_size))
+        io = self.session.io_binding()
+        for name, arr in (("input_ids", ids), ("attention_mask", plan.attention_mask), ("position_ids", plan.position_ids)):
+            arr = np.ascontiguousarray(arr)
+            io.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+        for name, arr in zip(self.past_names, cache.past()):
+            io.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+        io.bind_output("logits", "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
+        for name, arr in zip(self.present_names, cache.present(plan)):
+            io.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+        _run(self, io)
+        cache.commit(plan)
+        return left_padded_logits(logits, plan.seqlens, last)
+
+
+class FusedBackend:
+    """The fused graph (export/fused_graph.py): the in-place cache is bound once per cache and reused every
+    step; small inputs of a decode step are copied into the arrays already bound (binding again costs
+    0.5-0.9 ms a step). With the CUDA provider the cache lives in device memory as OrtValues."""
+
+    ragged = True
+
+    def __init__(self, folder: str | Path, providers: list | None = None, manifest: Manifest | None = None):
+        _open(self, folder, providers, manifest, "fused")
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.buffers = Buffers(self.kv_dtype)
+        self._bound = None  # (cache, IOBinding, {name: bound array}, bound logits)
+
+    def new_cache(self, slots: int, capacity: int, trim: bool = True) -> InPlaceCache:
+        """(`trim` has no meaning here: the op keeps the window itself.)"""
+        a = self.args
+        w = a.sliding_window
+        shape = (slots, a.num_kv_heads, max(capacity, w or 0), a.head_dim)
+        if self.device == "cpu":
+            buffers = [np.zeros(shape, self.kv_dtype) for _ in range(2 * a.num_layers)]
+        else:  # the cache never crosses PCIe
+            import onnxruntime as ort
+
+            buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
+                       for _ in range(2 * a.num_layers)]
+        return InPlaceCache(buffers, slots, shape[2], w)
+
+    def _binding(self, cache: InPlaceCache):
+        if self._bound is None or self._bound[0] is not cache:
+            io = self.session.io_binding()
+            for name, out, buf in zip(self.past_names, self.present_names, cache.buffers):
+                if isinstance(buf, np.ndarray):
+                    io.bind_input(name, "cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
+                    io.bind_output(out, "cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
+                else:  # an OrtValue in device memory
+                    io.bind_ortvalue_input(name, buf)
+                    io.bind_ortvalue_output(out, buf)
+            self._bound = [cache, io, {}, None]
+        return self._bound
+
+    def step(self, cache: InPlaceCache, tokens, last: bool = True) -> np.ndarray:
+        plan = cache.plan([len(t) for t in tokens], last)
+        small = {"input_ids": cache.pack(tokens, plan, self.args.vocab_size), "seqlens_k": plan.seqlens_k,
+                 "query_seqlens": plan.query_seqlens, "total_sequence_length": plan.total_sequence_length,
+                 "logits_index": plan.logits_index}
+        _, io, held, bound_logits = bound = self._binding(cache)
+        for name, arr in small.items():  # the engine keeps bound arrays alive: no dangling pointers
+            h = held.get(name)
+            if h is not None and h.shape == arr.shape:
+                np.copyto(h, arr)
+                continue
+            h = held[name] = np.ascontiguousarray(arr)
+            io.bind_input(name, "cpu", 0, h.dtype, h.shape, h.ctypes.data)
+        logits = self.buffers.get("logits", (plan.logits_index.shape[0], plan.logits_index.shape[1], self.args.vocab_size))
+        if logits is not bound_logits:
+            io.bind_output("logits", "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
+            bound[3] = logits
+        _run(self, io)
+        cache.commit(plan)
+        return right_padded_logits(logits, plan.seqlens, last)

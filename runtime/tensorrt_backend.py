@@ -1,0 +1,148 @@
+"""The TensorRT backend (runtime/backend.py's contract) over a native engine folder (runtime/engine.py).
+
+    backend = TensorRTBackend("build/engine/smollm2")     # ENGINE_DIR written by `mistral-trt engine`
+    gen = Generator(backend)                              # the same Generator that drives onnxruntime
+
+The engine is built from the portable graph, so its cache is runtime/cache.py's ColumnCache with the
+columns in device memory (runtime/cuda.py's DeviceColumns): the same plan, the same trim. Two execution
+contexts, one per optimization profile (prefill: seq up to max_seq; decode: seq = 1), share the engine's
+weights, so switching between prefill and decode costs nothing per step. Before anything runs, engine.json
+is checked against this machine (TensorRT version, compute capability, driver) and the plan's tensors and
+profiles against both manifests.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .backend import left_padded_logits
+from .cache import ColumnCache
+from .cuda import Cuda, DeviceColumns, check_cuda_versions, gpu_info
+from .engine import PROFILES, EngineManifest, check_compatible, check_plan_io, prefill_past_max
+from .errors import UserError
+from .manifest import DTYPE_BYTES, ENGINE_NAME, NUMPY_DTYPE, Manifest
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise UserError("tensorrt is not installed: on a host with an NVIDIA GPU run "
+                        "pip install 'mistral-trt[tensorrt-cu12]' (or -cu13; README: TensorRT)") from None
+    return trt
+
+
+class TensorRTBackend:
+    ragged = False  # the portable graph: a batch starts together (runtime/cache.py)
+
+    def __init__(self, folder: str | Path, device: int = 0):
+        self.folder = Path(folder)
+        self.engine_manifest = em = EngineManifest.load(self.folder)
+        trt = import_tensorrt()  # first: on a machine without it, that is the one thing to say
+        self.manifest = Manifest.load(self.folder)
+        where = str(self.folder / ENGINE_NAME)
+        if self.manifest.files.get(ENGINE_NAME) != em.engine_sha256:
+            raise UserError(f"{self.folder}: manifest.json and engine.json record different plans; rebuild the engine")
+        self.manifest.check_files(self.folder)  # the plan and tokenizer files, against their sha256
+        self.args = self.manifest.model
+        self.kv_dtype = np.dtype(NUMPY_DTYPE[self.manifest.dtype])
+        self.cuda = Cuda()
+        check_cuda_versions(self.cuda.check(self.cuda.rt.cudaDriverGetVersion()),
+                            self.cuda.check(self.cuda.rt.cudaRuntimeGetVersion()))
+        self.cuda.check(self.cuda.rt.cudaSetDevice(device))
+        name, cc = gpu_info(device)
+        self.warnings = check_compatible(em, trt.__version__, name, cc, where=str(self.folder))
+        plan = (self.folder / ENGINE_NAME).read_bytes()
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise UserError(f"{where}: TensorRT {trt.__version__} could not deserialize it (messages above)")
+        e = self.engine
+        names = [e.get_tensor_name(i) for i in range(e.num_io_tensors)]
+        io = {n: (e.get_tensor_mode(n).name, e.get_tensor_dtype(n).name) for n in names}
+        inputs = [n for n in names if io[n][0] == "INPUT"]
+        profiles = [{n: [tuple(x) for x in e.get_tensor_profile_shape(n, i)] for n in inputs}
+                    for i in range(e.num_optimization_profiles)]
+        check_plan_io(io, profiles, self.manifest, em, where)
+        self.stream = self.cuda.stream()
+        self.stream_handle = int(self.stream)  # TensorRT takes the raw cudaStream_t as an int
+        self.contexts = []  # one execution context per profile, in PROFILES order
+        for i in range(len(PROFILES)):
+            ctx = self.engine.create_execution_context()
+            ctx.set_optimization_profile_async(i, self.stream_handle)
+            self.contexts.append(ctx)
+        lim = em.limits
+        self.max_batch, self.max_seq, self.max_total = lim["max_batch"], lim["max_seq"], lim["max_total"]
+        self.max_context = min(self.max_total, self.manifest.max_context)
+        self.prefill_past_max = prefill_past_max(em)
+        self.past_names = self.manifest.input_names()[3:]
+        self.present_names = self.manifest.output_names()[1:]
+        # device staging for the small inputs and the logits, sized for the largest call
+        self.buf = {
+            "input_ids": self.cuda.malloc(self.max_batch * self.max_seq * 8),
+            "position_ids": self.cuda.malloc(self.max_batch * self.max_seq * 8),
+            "attention_mask": self.cuda.malloc(self.max_batch * self.max_total * 8),
+            "logits": self.cuda.malloc(self.max_batch * self.max_seq * self.args.vocab_size
+                                       * DTYPE_BYTES[self.manifest.dtype]),
+        }
+
+    def new_cache(self, slots: int, capacity: int, trim: bool = True) -> ColumnCache:
+        if slots > self.max_batch:
+            raise UserError(f"{slots} slots: this engine was built for --max-batch {self.max_batch}")
+        a = self.args
+        capacity = min(capacity, self.max_total)
+        storage = DeviceColumns(self.cuda, self.stream, 2 * a.num_layers, (slots, a.num_kv_heads, a.head_dim),
+                                capacity, self.kv_dtype)
+        return ColumnCache(storage, slots, capacity, self.manifest.cache["keep"] if trim else None,
+                           self.args.sliding_window)
+
+    def step(self, cache: ColumnCache, tokens, last: bool = True) -> np.ndarray:
+        plan = cache.plan([len(t) for t in tokens], last)
+        ids = cache.pack(tokens, plan, self.args.vocab_size)
+        b, s = ids.shape
+        total = cache.length + s
+        if s > self.max_seq or total > self.max_total:
+            raise UserError(f"{s} new + {cache.length} cached positions: this engine was built for "
+                            f"--max-seq {self.max_seq} --max-total {self.max_total}")
+        if s > 1 and cache.length > self.prefill_past_max:
+            raise UserError(f"a {s}-token step after {cache.length} cached positions: this engine's prefill profile "
+                            f"takes at most {self.prefill_past_max} past positions (--max-total {self.max_total} "
+                            f"minus --max-seq {self.max_seq}); feed one token per step past that (Generator does)")
+        profile = PROFILES[1 if s == 1 else 0]
+        ctx = self.contexts[PROFILES.index(profile)]
+
+        def shape(name, dims):
+            if not ctx.set_input_shape(name, dims):  # out of the profile: TensorRT would fail later, unclearly
+                lo, _, hi = self.engine_manifest.profiles[profile][name]
+                raise UserError(f"input {name} {list(dims)}: outside this engine's {profile} profile "
+                                f"({lo} .. {hi}); rebuild it with larger limits (mistral-trt engine)")
+
+        mask, pos = np.ascontiguousarray(plan.attention_mask), np.ascontiguousarray(plan.position_ids)
+        for name, arr in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos)):
+            self.cuda.h2d(self.buf[name], arr, self.stream)
+            shape(name, arr.shape)
+            ctx.set_tensor_address(name, self.buf[name])
+        past_shape, present_shape = cache.storage.shape_for(cache.length), cache.storage.shape_for(total)
+        for name, ptr in zip(self.past_names, cache.past()):
+            shape(name, past_shape)
+            ctx.set_tensor_address(name, ptr)
+        ctx.set_tensor_address("logits", self.buf["logits"])
+        for name, ptr in zip(self.present_names, cache.present(plan)):
+            ctx.set_tensor_address(name, ptr)
+        if tuple(ctx.get_tensor_shape(self.present_names[0])) != present_shape:
+            raise RuntimeError(f"engine's present shape {tuple(ctx.get_tensor_shape(self.present_names[0]))} "
+                               f"!= expected {present_shape}")
+        if not ctx.execute_async_v3(self.stream_handle):
+            raise RuntimeError("TensorRT execute_async_v3 failed (messages above)")
+        logits = np.empty((b, s, self.args.vocab_size), self.kv_dtype)
+        self.cuda.d2h(logits, self.buf["logits"], self.stream)
+        cache.commit(plan)
+        self.cuda.sync(self.stream)
+        return left_padded_logits(logits, plan.seqlens, last)
+
+    def close(self) -> None:
+        for p in self.buf.values():
+            self.cuda.free(p)
+        self.buf = {}

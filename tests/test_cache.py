@@ -1,0 +1,102 @@
+"""The cache owns each sequence (runtime/cache.py): slots that are admitted and released between steps, and, on
+the fused graph, ragged steps that mix one slot's prefill with another's decode. The reference is each
+sequence generated alone through the same Generator."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mistral_trt.runtime import UserError
+from mistral_trt.runtime.backend import open_backend
+from mistral_trt.runtime.cache import ColumnCache, ColumnStorage, positions
+from mistral_trt.runtime.generate import Generator, Sampling
+
+
+def alone(backend, prompt, n) -> list[int]:
+    return [int(t[0]) for t in Generator(backend).generate([prompt], n, Sampling(), stop_on_eos=False)]
+
+
+@pytest.mark.parametrize("name", ["window", "full"])
+def test_sequences_join_and_leave_a_running_batch(tiny_fused, name):
+    """Three sequences, two slots: B joins while A decodes (B's whole prompt in the same step as A's token),
+    A ends and C takes A's slot while B decodes. Each gets exactly the tokens it gets alone."""
+    backend = open_backend(tiny_fused[name])
+    rng = np.random.default_rng(7)
+    prompts = {"A": rng.integers(3, 32000, 11), "B": rng.integers(3, 32000, 6), "C": rng.integers(3, 32000, 9)}
+    want = {k: alone(backend, p, 12) for k, p in prompts.items()}
+    cache = backend.new_cache(2, 64)
+    assert cache.ragged
+    got = {k: [] for k in prompts}
+    slot = {}
+    pending = {}  # slot -> tokens to feed next step
+
+    def admit(k):
+        slot[k] = cache.admit()
+        pending[slot[k]] = prompts[k]
+
+    def step():
+        tokens = [pending.pop(s, np.zeros(0, np.int64)) for s in range(cache.slots)]
+        logits = backend.step(cache, tokens)
+        for k, s in slot.items():
+            if len(tokens[s]):
+                t = int(np.argmax(logits[s]))
+                got[k].append(t)
+                if len(got[k]) < 12:
+                    pending[s] = np.array([t])
+
+    admit("A")
+    for _ in range(4):
+        step()
+    admit("B")  # joins: this step prefills B and decodes A
+    while len(got["A"]) < 12:
+        step()
+    cache.release(slot.pop("A"))
+    admit("C")  # reuses A's slot; what A left there is never read
+    assert slot["C"] == 0
+    while len(got["B"]) < 12 or len(got["C"]) < 12:
+        step()
+    assert got == want
+
+
+@pytest.mark.parametrize("name", ["full", "window"])
+def test_portable_rows_advance_together(tiny_exports, name):
+    """A ColumnCache refuses a sequence joining a running batch. A row may sit out a step only without a
+    window (its padding column is masked); with one, the column would widen its window, so that is refused
+    too, while a released (finished) row idles freely."""
+    backend = open_backend(tiny_exports[name, "fp32"])
+    rng = np.random.default_rng(8)
+    p1, p2 = rng.integers(3, 32000, 10), rng.integers(3, 32000, 4)
+    want1 = alone(backend, p1, 20)
+    gen = Generator(backend, prefill_chunk=4)
+    cache = gen.new_cache(2, 64)
+    a, b = cache.admit(), cache.admit()
+    logits = gen.prefill(cache, [a, b], [p1, p2])
+    got1 = [int(np.argmax(logits[0]))]
+    if name == "window":
+        with pytest.raises(UserError, match=r"slot\(s\) \[0\] take no token this step: with a sliding window"):
+            gen.decode_one_token(cache, [b], [int(np.argmax(logits[1]))])
+    else:
+        gen.decode_one_token(cache, [b], [int(np.argmax(logits[1]))])  # a sits this one out
+    cache.release(b)  # b is done; a goes on alone
+    with pytest.raises(UserError, match="starts a batch together"):
+        cache.admit()  # a free slot, but the batch is running
+    for _ in range(19):
+        got1.append(int(np.argmax(gen.decode_one_token(cache, [a], [got1[-1]])[0])))
+    assert got1 == want1
+    if name == "window":
+        assert cache.length == 7  # trimmed to W - 1 all along
+
+
+def test_plan_of_a_column_step():
+    """Worked example: two rows, the second left-padded; positions continue per row, padding masked."""
+    cache = ColumnCache(ColumnStorage(2, (2, 1, 4), 16, np.float32), slots=2, capacity=16, keep=None)
+    cache.admit(), cache.admit()
+    plan = cache.plan(np.array([3, 1]))
+    assert plan.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert plan.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert cache.pack([[7, 8, 9], [5]], plan).tolist() == [[7, 8, 9], [0, 0, 5]]
+    cache.commit(plan)
+    plan = cache.plan(np.array([1, 2]))
+    assert plan.attention_mask.tolist() == [[1, 1, 1, 0, 1], [0, 0, 1, 1, 1]]
+    assert plan.position_ids.tolist() == [[3, 3], [1, 2]]
+    assert positions(np.array([0, 5]), np.array([[0, 1, 1], [1, 1, 1]])).tolist() == [[0, 0, 1], [5, 6, 7]]
