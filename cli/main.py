@@ -190,6 +190,31 @@ def cmd_bench(a):
     main_bench(a)
 
 
+def cmd_serve(a):
+    from mistral_trt.serve.server import serve
+
+    serve(a.export_dir, host=a.host, port=a.port, max_batch=a.max_batch, max_queue=a.max_queue,
+          api_key=a.api_key or os.environ.get("MISTRAL_TRT_API_KEY"), model_name=a.model_name,
+          safe_prompt=a.safe_prompt, max_model_len=a.max_model_len, prefill_chunk=a.prefill_chunk,
+          itl_slack=a.itl_slack, provider=a.provider, shutdown_timeout=a.shutdown_timeout)
+
+
+def cmd_bench_serve(a):
+    from mistral_trt.bench.serving import main_bench_serve
+
+    main_bench_serve(a)
+
+
+def _range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split("-"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW-HIGH, e.g. 32-1024, got {text!r}") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LOW <= HIGH, got {text!r}")
+    return lo, hi
+
+
 def cmd_calibrate(a):
     from pathlib import Path
 
@@ -371,6 +396,36 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--say", help="one message instead of reading stdin (for scripts and `make demo`)")
     _add_sampling_args(s)
     s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (streaming, continuous batching)")
+    s.add_argument("export_dir", metavar="EXPORT_DIR", help="export folder (fused graph: continuous batching), or engine folder")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=_count(0), default=8000, help="0: any free port (the address is printed)")
+    s.add_argument("--max-batch", type=_count(1), default=8, help="sequences generated at once (KV-cache slots)")
+    s.add_argument("--max-queue", type=_count(0), default=64, help="requests waiting for a slot; beyond it, 429")
+    s.add_argument("--max-model-len", type=_count(2), help="positions per sequence, prompt + completion "
+                   "(default: the model's limit); each slot's cache is sized for it")
+    s.add_argument("--prefill-chunk", type=_count(1), default=512, help="most prompt tokens of one sequence per step")
+    s.add_argument("--itl-slack", type=_positive, default=2.5, help="a step that prefills beside decoding may take "
+                   "this many times a decode-only step (lower: smoother streams, slower prompts)")
+    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $MISTRAL_TRT_API_KEY, else none)")
+    s.add_argument("--model-name", help="the name clients pass as `model` (default: the folder's name)")
+    s.add_argument("--safe-prompt", action="store_true", help="prepend Mistral's guardrail system prompt unless a "
+                   "request says safe_prompt: false")
+    s.add_argument("--shutdown-timeout", type=_positive, default=30.0, help="seconds running streams get to finish "
+                   "after SIGTERM")
+    s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="onnxruntime execution provider")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("bench-serve", help="the server under 1..N concurrent streaming clients: table, JSON and PNG")
+    s.add_argument("export_dirs", nargs="+", metavar="EXPORT_DIR")
+    s.add_argument("--concurrency", type=_ints, default=[1, 4, 16], help="concurrent streams (1: one at a time)")
+    s.add_argument("--rounds", type=_count(1), default=2, help="requests per level = rounds x concurrency (at least 4)")
+    s.add_argument("--prompt-len", type=_range, default=(32, 1024), help="prompt lengths, uniform in LOW-HIGH tokens")
+    s.add_argument("--max-tokens", type=_count(2), default=128, help="tokens generated per request")
+    s.add_argument("--long-prompt", type=_count(1), default=1024, help="the prompt that arrives while streams decode")
+    s.add_argument("-o", "--output", default="build/bench-serve", help="folder for bench-serve.md, .json, .png")
+    s.set_defaults(func=cmd_bench_serve)
 
     s = sub.add_parser("bench", help="latency against baselines, side by side: table, JSON and PNG")
     s.add_argument("export_dirs", nargs="+", metavar="EXPORT_DIR", help="export or engine folder(s); the first is \"ours\"")

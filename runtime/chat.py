@@ -45,9 +45,29 @@ def check_messages(messages) -> list[dict]:
     return messages
 
 
-def mistral_v1(tok: Tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation ending in a user turn, ready for the assistant's reply."""
+def final_prefix(messages: list[dict]) -> str | None:
+    """The content of a final assistant message marked `"prefix": true` (Mistral's API: the reply continues
+    it), else None."""
     check_messages(messages)
+    last = messages[-1]
+    if last.get("prefix") is not None and not isinstance(last["prefix"], bool):
+        raise UserError(f"conversation message {len(messages) - 1}: \"prefix\" must be true or false")
+    if not last.get("prefix"):
+        return None
+    if last["role"] != "assistant":
+        raise UserError(f"conversation message {len(messages) - 1}: \"prefix\": true is for a final assistant message")
+    return last["content"]
+
+
+def mistral_v1(tok: Tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation ending in a user turn, ready for the assistant's reply; or ending in an
+    assistant message with `"prefix": true`, whose content the reply continues (encoded on its own, no EOS:
+    mistral-common's rule)."""
+    prefix = final_prefix(messages)
+    if prefix is not None:
+        if len(messages) < 2:
+            raise UserError("conversation: a prefix assistant message needs a user message before it")
+        return mistral_v1(tok, messages[:-1]) + tok.encode(prefix).tolist()
     for i in range(1, len(messages)):
         prev, cur = messages[i - 1]["role"], messages[i]["role"]
         if cur not in MAY_FOLLOW[prev]:
@@ -84,8 +104,9 @@ def mistral_v1(tok: Tokenizer, messages: list[dict]) -> list[int]:
     return ids
 
 
-def render_template(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "") -> str:
-    """Render a Hugging Face chat template with the generation prompt, as transformers does."""
+def render_template(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "",
+                    add_generation_prompt: bool = True) -> str:
+    """Render a Hugging Face chat template (with the generation prompt), as transformers does."""
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -99,7 +120,7 @@ def render_template(template: str, messages: list[dict], bos_token: str = "", eo
     env.globals["raise_exception"] = raise_exception
     try:
         return env.from_string(template).render(
-            messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token)
     except TemplateError as e:
         raise UserError(f"chat template: {e}") from None
 
@@ -116,11 +137,12 @@ def template_segments(template: str, messages: list[dict], bos_token: str = "", 
         >>> template_segments(CHATML, [{"role": "user", "content": "hi"}])      # doctest: +SKIP
         [('<|im_start|>user\n', False), ('hi', True), ('<|im_end|>\n<|im_start|>assistant\n', False)]
     """
-    check_messages(messages)
-    real = render_template(template, messages, bos_token, eos_token)
+    prefix = final_prefix(messages)
+    gen = prefix is None  # a prefix message is continued (transformers' continue_final_message), not answered
+    real = render_template(template, messages, bos_token, eos_token, gen)
     nonce = secrets.token_hex(8)
     marks = [{**m, "content": f"\x00{nonce}:{i}\x00"} for i, m in enumerate(messages)]
-    parts = re.split(f"\x00{nonce}:(\\d+)\x00", render_template(template, marks, bos_token, eos_token))
+    parts = re.split(f"\x00{nonce}:(\\d+)\x00", render_template(template, marks, bos_token, eos_token, gen))
     # parts: template text, content index, template text, ..., template text
     out: list[tuple[str, bool]] = []
     pos = 0
@@ -141,8 +163,12 @@ def template_segments(template: str, messages: list[dict], bos_token: str = "", 
                             "cannot follow (only trimming is supported)")
         out.append((cand, True))
         pos += len(cand)
+        if prefix is not None and int(part) == len(messages) - 1:
+            return [(t, u) for t, u in out if t]  # the reply continues right after the final message's text
     if pos != len(real):
         raise UserError("chat template: renders differently from one call to the next")
+    if prefix is not None:
+        raise UserError("chat template: it does not render the final assistant message, so it cannot be continued")
     return [(t, u) for t, u in out if t]
 
 

@@ -36,6 +36,8 @@ SAMPLING_RULES = {
     "top_k": (lambda v: _is_count(v) and v >= 0, "an integer >= 0 (0: off)"),
     "repetition_penalty": (lambda v: _is_real(v) and v > 0, "a finite number > 0 (1: off)"),
     "seed": (lambda v: v is None or (_is_count(v) and 0 <= v < 2**64), "an integer in [0, 2**64)"),
+    "frequency_penalty": (lambda v: _is_real(v) and -2 <= v <= 2, "a number in [-2, 2] (0: off)"),
+    "presence_penalty": (lambda v: _is_real(v) and -2 <= v <= 2, "a number in [-2, 2] (0: off)"),
 }
 
 
@@ -58,6 +60,9 @@ class Sampling:
     top_p: float = 1.0  # 1.0: off
     repetition_penalty: float = 1.0  # 1.0: off (HF's rule: divide positive logits, multiply negative ones)
     seed: int | None = None
+    # OpenAI's rule, over the generated tokens only: logit[j] -= count[j] * frequency + (count[j] > 0) * presence
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def __post_init__(self):
         for name in SAMPLING_RULES:
@@ -88,14 +93,21 @@ class Stats:
                 "decode_tokens_per_s": round(self.decode_tokens_per_s, 2)}
 
 
-def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator, seen: list[list[int]]) -> np.ndarray:
-    """logits: [B, V] float -> next ids [B]."""
+def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator, seen: list[list[int]],
+           generated: list[list[int]] | None = None) -> np.ndarray:
+    """logits: [B, V] float -> next ids [B]. seen[b]: row b's prompt and generated ids (repetition penalty);
+    generated[b]: its generated ids only (frequency and presence penalties)."""
     logits = logits.astype(np.float64)
     if s.repetition_penalty != 1.0:
         for b, ids in enumerate(seen):
             idx = np.unique(ids)
             v = logits[b, idx]
             logits[b, idx] = np.where(v > 0, v / s.repetition_penalty, v * s.repetition_penalty)
+    if (s.frequency_penalty or s.presence_penalty) and generated:
+        for b, ids in enumerate(generated):
+            if ids:
+                idx, counts = np.unique(ids, return_counts=True)
+                logits[b, idx] -= counts * s.frequency_penalty + s.presence_penalty
     if s.greedy:
         return logits.argmax(-1)
     with np.errstate(over="ignore"):  # a tiny temperature sends all but the top logit to -inf: fine
@@ -235,7 +247,7 @@ class Generator:
         self.done = np.zeros(len(prompts), bool)
         pad = next(iter(self.eos), 0)
         for n in range(max_new_tokens):
-            tokens = sample(logits, s, rng, seen)
+            tokens = sample(logits, s, rng, seen, [x[len(p):] for x, p in zip(seen, prompts)])
             tokens = np.where(self.done, pad, tokens)
             now = time.perf_counter()
             for i, tok in enumerate(tokens):

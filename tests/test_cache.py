@@ -100,3 +100,14 @@ def test_plan_of_a_column_step():
     assert plan.attention_mask.tolist() == [[1, 1, 1, 0, 1], [0, 0, 1, 1, 1]]
     assert plan.position_ids.tolist() == [[3, 3], [1, 2]]
     assert positions(np.array([0, 5]), np.array([[0, 1, 1], [1, 1, 1]])).tolist() == [[0, 0, 1], [5, 6, 7]]
+
+
+def test_fused_runs_split_a_mixed_step():
+    """A one-token row padded to a prefill chunk's width would cost the chunk: such steps run apart."""
+    from mistral_trt.runtime.ort import runs
+
+    as_lists = lambda q: [g.tolist() for g in runs(np.array(q))]  # noqa: E731
+    assert as_lists([1, 1, 0, 1]) == [[0, 1, 3]] and as_lists([5, 0, 9]) == [[0, 2]] and as_lists([0, 0]) == []
+    assert as_lists([1, 1, 0, 40, 0, 1]) == [[0, 1, 5], [3]]
+    assert as_lists([1, 30, 30, 1]) == [[0, 3], [1, 2]]  # neighbouring chunks: one run
+    assert as_lists([40, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 40]) == [list(range(1, 11)), [0], [11]]  # far apart: two

@@ -132,3 +132,24 @@ def test_tokenize_cli(tmp_path, capsys, ref):
     (tmp_path / "bad.json").write_text(json.dumps([{"role": "robot", "content": "x"}]))
     assert main(["tokenize", "--tokenizer", str(mistral_tokenizer_file()), "--messages", str(tmp_path / "bad.json")]) == 2
     assert "unknown role 'robot'" in capsys.readouterr().err
+
+
+def test_prefix_final_assistant_message(tok, ref, demo_hf):
+    """Mistral's `prefix: true` on a final assistant message: the reply continues it. mistral-v1 equals
+    mistral-common (no EOS after it); a template equals transformers' continue_final_message."""
+    from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
+    from transformers import AutoTokenizer
+
+    conv = [{"role": "user", "content": "Write a haiku."}, {"role": "assistant", "content": "Soft rain on", "prefix": True}]
+    want = ref.encode_chat_completion(ChatCompletionRequest(messages=[
+        UserMessage(content="Write a haiku."), AssistantMessage(content="Soft rain on", prefix=True)])).tokens
+    assert mistral_v1(tok, conv) == want and want[-1] != tok.eos_id
+    with pytest.raises(UserError, match="for a final assistant message"):
+        mistral_v1(tok, [{"role": "user", "content": "x", "prefix": True}])
+    hf = AutoTokenizer.from_pretrained(demo_hf)
+    t = Tokenizer.load(demo_hf / "tokenizer.json")
+    template = (demo_hf / "chat_template.jinja").read_text()
+    plain = [{k: v for k, v in m.items() if k != "prefix"} for m in conv]
+    ids = hf.apply_chat_template(plain, tokenize=True, continue_final_message=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert format_chat(t, conv, "template", template) == list(ids)

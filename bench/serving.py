@@ -1,0 +1,271 @@
+"""`mistral-trt bench-serve`: the server under concurrent streaming clients, over real HTTP, in one run.
+
+For each export folder a `mistral-trt serve` process is started on 127.0.0.1, then, for each concurrency c,
+c client threads send streaming /v1/completions requests back to back (prompts of mixed lengths cut from
+held-out text, the same for every system; `ignore_eos` so each yields exactly --max-tokens tokens) until
+--rounds x c requests are done. Measured per level:
+
+    throughput   generated tokens / wall time, all clients together
+    TTFT         request sent -> first token, p50 / p99
+    ITL          time between a stream's consecutive tokens, p50 / p99
+    one at a time  concurrency 1 is the baseline every other level is compared with
+
+and one interference run: short streams decoding while a long prompt arrives; their ITL before and while it
+is prefilled (chunked prefill bounds it). Writes bench-serve.md, bench-serve.json and bench-serve.png.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mistral_trt.runtime.errors import UserError
+from mistral_trt.runtime.manifest import DTYPE_BYTES, Manifest
+
+from .latency import percentile
+
+# Mistral-7B-Instruct-v0.2's config.json numbers, for the slots-per-GPU estimate on paper
+MISTRAL_7B = {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128, "params": 7.24e9, "max_context": 32768}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class ServerProcess:
+    def __init__(self, export_dir: Path, slots: int, max_model_len: int, extra=()):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mistral_trt.main", "serve", str(export_dir), "--port", "0", "--max-batch", str(slots),
+             "--max-queue", "1000", "--max-model-len", str(max_model_len), "--model-name", "bench", *extra],
+            stderr=subprocess.PIPE, text=True)
+        self.port = None
+        for line in self.proc.stderr:
+            if "listening on" in line:
+                self.port = int(line.split("127.0.0.1:")[1].split()[0].split("/")[0]) if "127.0.0.1:" in line else None
+            if line.startswith("model ready"):
+                break
+            if "error" in line:
+                raise UserError(f"the server did not start: {line.strip()}")
+        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
+        if self.port is None:
+            raise UserError("the server did not start")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=120)
+
+
+def stream(port: int, prompt: list[int], max_tokens: int) -> dict:
+    """One streaming request; returns sent time, token times."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                       "ignore_eos": True, "stream_options": {"include_usage": True}})
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise UserError(f"the server answered {resp.status}: {resp.read()[:200]}")
+    times, tokens = [], 0
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        ev = json.loads(line[6:])
+        now = time.perf_counter()
+        if ev.get("usage"):
+            tokens = ev["usage"]["completion_tokens"]
+        elif ev["choices"] and ev["choices"][0]["text"]:
+            times.append(now)
+    conn.close()
+    return {"sent": t0, "times": times, "tokens": tokens}
+
+
+def run_level(port: int, prompts: list[list[int]], clients: int, max_tokens: int) -> dict:
+    results, lock = [], threading.Lock()
+    todo = list(prompts)
+
+    def client():
+        while True:
+            with lock:
+                if not todo:
+                    return
+                p = todo.pop()
+            r = stream(port, p, max_tokens)
+            with lock:
+                results.append(r)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ttft = [r["times"][0] - r["sent"] for r in results if r["times"]]
+    itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
+    tokens = sum(r["tokens"] for r in results)
+    return {"concurrency": clients, "requests": len(results), "tokens": tokens, "wall_s": wall,
+            "throughput_tok_s": tokens / wall, "ttft_p50_ms": 1e3 * percentile(ttft, 50),
+            "ttft_p99_ms": 1e3 * percentile(ttft, 99), "itl_p50_ms": 1e3 * percentile(itl, 50),
+            "itl_p99_ms": 1e3 * percentile(itl, 99)}
+
+
+def interference(port: int, short: list[list[int]], long_prompt: list[int], max_tokens: int) -> dict:
+    """Short streams decode; once they run, a long prompt arrives. Their ITL before it and while it is in."""
+    out, lock = [], threading.Lock()
+
+    def run(p, n):
+        r = stream(port, p, n)
+        with lock:
+            out.append((p is long_prompt, r))
+
+    threads = [threading.Thread(target=run, args=(p, max_tokens)) for p in short]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # the short ones are decoding
+    arrive = time.perf_counter()
+    tl = threading.Thread(target=run, args=(long_prompt, 8))
+    tl.start()
+    for t in threads + [tl]:
+        t.join()
+    long_r = next(r for is_long, r in out if is_long)
+    first = long_r["times"][0] if long_r["times"] else arrive
+    before, during = [], []
+    for is_long, r in out:
+        if is_long:
+            continue
+        for a, b in zip(r["times"], r["times"][1:]):
+            (during if arrive <= b <= first else before if b < arrive else []).append(b - a)
+    return {"streams": len(short), "long_prompt_tokens": len(long_prompt), "long_ttft_ms": 1e3 * (first - arrive),
+            "itl_before_p50_ms": 1e3 * percentile(before, 50) if before else None,
+            "itl_during_p50_ms": 1e3 * percentile(during, 50) if during else None,
+            "itl_during_p99_ms": 1e3 * percentile(during, 99) if during else None, "intervals_during": len(during)}
+
+
+def prompts_from_text(export_dir: Path, lengths: list[int]) -> list[list[int]]:
+    from mistral_trt.calib.data import eval_text
+    from mistral_trt.runtime.tokenizer import Tokenizer
+
+    ids = Tokenizer.for_export(export_dir, Manifest.load(export_dir)).encode(eval_text()).tolist()
+    out, at = [], 0
+    for n in lengths:
+        if at + n > len(ids):
+            at = 0
+        out.append(ids[at:at + n])
+        at += n
+    return out
+
+
+def slots_on_paper(m: Manifest, max_model_len: int) -> list[str]:
+    a = m.model
+    kv_token = 2 * a.num_layers * a.num_kv_heads * a.head_dim * DTYPE_BYTES[m.dtype]
+    b7 = MISTRAL_7B
+    kv7 = 2 * b7["num_layers"] * b7["num_kv_heads"] * b7["head_dim"] * 2  # fp16
+    free = 80e9 - b7["params"] * 2 - 4e9  # an 80 GB GPU, fp16 weights, ~4 GB activations and workspace
+    lines = [f"- this export: {kv_token / 1024:.1f} KiB of KV cache per position, {kv_token * max_model_len / 2**20:.0f} MiB "
+             f"per slot at {max_model_len} positions"]
+    for ctx in (4096, b7["max_context"]):
+        lines.append(f"- Mistral-7B fp16 on an 80 GB GPU (on paper): {kv7 / 1024:.0f} KiB per position, "
+                     f"{kv7 * ctx / 2**30:.2f} GiB per slot at {ctx} positions: {int(free // (kv7 * ctx))} slots "
+                     f"beside {b7['params'] * 2 / 1e9:.1f} GB of weights")
+    return lines
+
+
+def report(data: dict) -> str:
+    lines = ["| export | concurrency | requests | tokens/s (all streams) | x one stream | TTFT p50 ms | TTFT p99 ms | "
+             "ITL p50 ms | ITL p99 ms | ITL p99 / one-stream p50 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, sysd in data["systems"].items():
+        one = sysd["levels"][0]
+        for lv in sysd["levels"]:
+            lines.append(f"| {name} | {lv['concurrency']} | {lv['requests']} | {lv['throughput_tok_s']:.1f} | "
+                         f"{lv['throughput_tok_s'] / one['throughput_tok_s']:.2f}x | {lv['ttft_p50_ms']:.0f} | "
+                         f"{lv['ttft_p99_ms']:.0f} | {lv['itl_p50_ms']:.1f} | {lv['itl_p99_ms']:.1f} | "
+                         f"{lv['itl_p99_ms'] / one['itl_p50_ms']:.2f} |")
+    lines += ["", "A long prompt arriving while short streams decode (their inter-token latency):", "",
+              "| export | streams | long prompt | its TTFT ms | ITL p50 before | ITL p50 during | ITL p99 during | p99 during / p50 before |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, sysd in data["systems"].items():
+        x = sysd["interference"]
+        ratio = x["itl_during_p99_ms"] / x["itl_before_p50_ms"] if x["itl_during_p99_ms"] and x["itl_before_p50_ms"] else float("nan")
+        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        lines.append(f"| {name} | {x['streams']} | {x['long_prompt_tokens']} | {x['long_ttft_ms']:.0f} | "
+                     f"{fmt(x['itl_before_p50_ms'])} | {fmt(x['itl_during_p50_ms'])} | {fmt(x['itl_during_p99_ms'])} | "
+                     f"{ratio:.2f} |")
+    lines += ["", "KV-cache memory per slot:", ""] + data["slots_on_paper"]
+    return "\n".join(lines)
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mistral_trt.calib.evaluate import save_png
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, sysd in data["systems"].items():
+        c = [lv["concurrency"] for lv in sysd["levels"]]
+        a.plot(c, [lv["throughput_tok_s"] for lv in sysd["levels"]], "o-", label=name)
+        b.plot(c, [lv["itl_p50_ms"] for lv in sysd["levels"]], "o-", label=f"{name} p50")
+        b.plot(c, [lv["itl_p99_ms"] for lv in sysd["levels"]], "x--", label=f"{name} p99")
+    for ax, title in ((a, "generated tokens/s, all streams"), (b, "inter-token latency, ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    save_png(fig, path)
+
+
+def main_bench_serve(a) -> None:
+    from mistral_trt.export.atomic import check_report_folder
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("bench-serve draws bench-serve.png with matplotlib: pip install 'mistral-trt[bench]'") from None
+    names = ("bench-serve.md", "bench-serve.json", "bench-serve.png")
+    out = check_report_folder(a.output, names, "bench-serve.json", "systems")
+    lo, hi = a.prompt_len
+    rng = np.random.default_rng(0)
+    levels = sorted(set(a.concurrency))
+    max_model_len = max(hi, a.long_prompt) + a.max_tokens + 8
+    data = {"max_tokens": a.max_tokens, "prompt_len": [lo, hi], "rounds": a.rounds, "systems": {}}
+    for folder in map(Path, a.export_dirs):
+        m = Manifest.load(folder)
+        n_req = max(a.rounds * max(levels), 4)
+        lengths = rng.integers(lo, hi + 1, n_req).tolist()
+        prompts = prompts_from_text(folder, lengths + [a.long_prompt] + [32] * 4)
+        long_prompt, shorts, prompts = prompts[n_req], prompts[n_req + 1:], prompts[:n_req]
+        log(f"{folder.name}: starting the server ({max(levels)} slots of {max_model_len} positions) ...")
+        srv = ServerProcess(folder, max(levels), max_model_len)
+        try:
+            stream(srv.port, prompts[0], 4)  # warm-up
+            sysd = {"levels": []}
+            for c in levels:
+                n = max(a.rounds * c, 4)
+                lv = run_level(srv.port, prompts[:n], c, a.max_tokens)
+                sysd["levels"].append(lv)
+                log(f"  concurrency {c}: {lv['throughput_tok_s']:.1f} tok/s, TTFT p50 {lv['ttft_p50_ms']:.0f} ms, "
+                    f"ITL p50 {lv['itl_p50_ms']:.1f} / p99 {lv['itl_p99_ms']:.1f} ms ({n} requests)")
+            sysd["interference"] = interference(srv.port, shorts, long_prompt, a.max_tokens)
+            log(f"  long prompt: {sysd['interference']}")
+        finally:
+            srv.stop()
+        data["systems"][folder.name] = sysd
+        data["slots_on_paper"] = slots_on_paper(m, max_model_len)
+    table = report(data)
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench-serve.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / "bench-serve.md").write_text(table + "\n")
+    plot(data, out / "bench-serve.png")
+    log(f"wrote {out}/bench-serve.md, bench-serve.json, bench-serve.png")

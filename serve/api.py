@@ -1,0 +1,358 @@
+"""The OpenAI-compatible HTTP API over the scheduler (Starlette): the shapes vLLM, TGI, llama.cpp's server and
+trtllm-serve speak, so the `openai` client and curl work unchanged.
+
+    POST /v1/chat/completions   messages -> the model's chat format; streamed (SSE) or not
+    POST /v1/completions        a raw prompt (text, or token ids)
+    GET  /v1/models             the one model served
+    GET  /health                200 when the model is loaded, 503 before
+    GET  /metrics               Prometheus text
+
+Errors are OpenAI's JSON, `{"error": {"message", "type", "param", "code"}}`, never a 500 for bad input:
+400 malformed or unsupported, 401 wrong API key, 404 unknown model, 429 queue full (Retry-After), 503 loading.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from mistral_trt.runtime.chat import format_chat
+from mistral_trt.runtime.errors import UserError
+from mistral_trt.runtime.generate import SAMPLING_RULES, Sampling
+
+from .scheduler import Event, QueueFull, Request
+
+# Mistral's documented guardrail system prompt (docs.mistral.ai, "Guardrailing"); the model card says the
+# model has no moderation of its own. `safe_prompt: true` prepends it.
+SAFE_PROMPT = ("Always assist with care, respect, and truth. Respond with utmost utility yet securely. Avoid harmful, "
+               "unethical, prejudiced, or negative content. Ensure replies promote fairness and positivity.")
+UNSUPPORTED = {  # parameter -> why (a 400 instead of silently ignoring what the caller asked for)
+    "tools": "tool calls are not supported", "tool_choice": "tool calls are not supported",
+    "functions": "function calls are not supported", "function_call": "function calls are not supported",
+    "logit_bias": "logit_bias is not supported", "response_format": "response_format other than text is not supported",
+    "audio": "audio output is not supported", "modalities": "only text output is supported",
+    "suffix": "suffix is not supported", "echo": "echo is not supported", "best_of": "best_of is not supported",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type, self.headers = status, message, param, code, type_, headers
+
+
+@dataclass
+class ServerState:
+    """What the app serves; `scheduler` is None while the model loads."""
+
+    model_name: str
+    max_model_len: int = 0
+    api_key: str | None = None
+    safe_prompt: bool = False
+    scheduler: object = None
+    tokenizer: object = None
+    manifest: object = None
+    metrics: object = None
+    load_error: str | None = None
+
+
+# -- request parsing --------------------------------------------------------------------------------
+def _number(body: dict, name: str, default, low: float, high: float, integer: bool = False):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    ok = (isinstance(v, int) if integer else isinstance(v, (int, float))) and not isinstance(v, bool)
+    if not ok or not (low <= v <= high) or v != v:
+        kind = "an integer" if integer else "a number"
+        raise ApiError(400, f"{name}: expected {kind} in [{low:g}, {high:g}], got {json.dumps(v)}", param=name)
+    return v
+
+
+def _sampling(body: dict) -> Sampling:
+    temperature = _number(body, "temperature", 1.0, 0, 2)  # OpenAI's default and range; 0 = greedy
+    kw = {"temperature": float(temperature), "top_p": float(_number(body, "top_p", 1.0, 0, 1)),
+          "top_k": int(_number(body, "top_k", 0, 0, 10**9, integer=True)),  # extension, as vLLM
+          "repetition_penalty": float(_number(body, "repetition_penalty", 1.0, 0, 100)),
+          "frequency_penalty": float(_number(body, "frequency_penalty", 0.0, -2, 2)),
+          "presence_penalty": float(_number(body, "presence_penalty", 0.0, -2, 2)),
+          "seed": _number(body, "seed", None, 0, 2**64 - 1, integer=True)}
+    for name, value in kw.items():
+        ok, expected = SAMPLING_RULES[name]
+        if not ok(value):
+            raise ApiError(400, f"{name}: expected {expected}, got {json.dumps(value)}", param=name)
+    return Sampling(**kw)
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
+        raise ApiError(400, "stop: expected a non-empty string or a list of up to 16 of them", param="stop")
+    return stop
+
+
+def _common(body: dict, state: ServerState) -> None:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise ApiError(400, "model: expected the model's name (GET /v1/models)", param="model")
+    if model != state.model_name:
+        raise ApiError(404, f"The model `{model}` does not exist (this server serves `{state.model_name}`).",
+                       param="model", code="model_not_found")
+    for name, why in UNSUPPORTED.items():
+        v = body.get(name)
+        if v not in (None, [], {}, False) and not (name == "response_format" and v == {"type": "text"}):
+            raise ApiError(400, f"{name}: {why} by this server", param=name, code="unsupported_parameter")
+    if _number(body, "n", 1, 1, 1, integer=True) != 1:
+        raise ApiError(400, "n: only 1 completion per request is supported", param="n")
+    if not isinstance(body.get("stream", False), bool):
+        raise ApiError(400, "stream: expected true or false", param="stream")
+    opts = body.get("stream_options")
+    if opts is not None and not (isinstance(opts, dict) and isinstance(opts.get("include_usage", False), bool)):
+        raise ApiError(400, "stream_options: expected {\"include_usage\": true|false}", param="stream_options")
+
+
+def _max_tokens(body: dict, prompt_len: int, state: ServerState) -> int:
+    room = state.max_model_len - prompt_len
+    names = [n for n in ("max_completion_tokens", "max_tokens") if body.get(n) is not None]
+    if not names:
+        if room < 1:
+            raise ApiError(400, f"This model's maximum context length is {state.max_model_len} tokens. However, your "
+                           f"messages resulted in {prompt_len} tokens. Please reduce the length of the messages.",
+                           param="messages", code="context_length_exceeded")
+        return room
+    return int(_number(body, names[0], None, 1, 10**9, integer=True))
+
+
+def _messages(body: dict, state: ServerState) -> list[dict]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError(400, "messages: expected a non-empty list of {role, content}", param="messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}]: expected an object", param=f"messages[{i}]")
+        role = {"developer": "system"}.get(m.get("role"), m.get("role"))
+        if role not in ("system", "user", "assistant"):
+            raise ApiError(400, f"messages[{i}].role: {json.dumps(m.get('role'))} is not supported (system, developer, "
+                           "user, assistant)", param=f"messages[{i}].role")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported", param=f"messages[{i}].content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content: expected a string", param=f"messages[{i}].content")
+        msg = {"role": role, "content": content}
+        if m.get("prefix") is not None:
+            msg["prefix"] = m["prefix"]
+        out.append(msg)
+    safe = body.get("safe_prompt", state.safe_prompt)
+    if not isinstance(safe, bool):
+        raise ApiError(400, "safe_prompt: expected true or false", param="safe_prompt")
+    return ([{"role": "system", "content": SAFE_PROMPT}] if safe else []) + out
+
+
+# -- responses --------------------------------------------------------------------------------------
+def _sse(obj) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+def _usage(ev: Event) -> dict:
+    return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+            "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+
+
+class Completion:
+    """One request's life: submit, then collect or stream its events in OpenAI's shapes."""
+
+    def __init__(self, state: ServerState, req: Request, chat: bool, body: dict):
+        self.state, self.req, self.chat = state, req, chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        self.queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        try:
+            self.handle = state.scheduler.submit(req, emit=lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev))
+        except QueueFull as e:
+            self._count(429, "none")
+            raise ApiError(429, f"Too many requests: {e}; retry shortly", type_="rate_limit_error",
+                           code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
+        except UserError as e:
+            raise ApiError(400, str(e), param="messages" if chat else "prompt", code="context_length_exceeded") from None
+
+    def _count(self, status: int, reason: str) -> None:
+        if self.state.metrics:
+            self.state.metrics.requests.labels(status=str(status), finish_reason=reason).inc()
+
+    def _choice(self, text: str, logprobs: list, finish, delta: bool) -> dict:
+        c = {"index": 0, "finish_reason": finish}
+        if self.chat:
+            c["delta" if delta else "message"] = {"content": text} if delta else {"role": "assistant", "content": text}
+            c["logprobs"] = {"content": logprobs} if self.req.logprobs is not None else None
+        else:
+            c["text"], c["logprobs"] = text, None
+        return c
+
+    def _envelope(self, choices: list, chunk: bool) -> dict:
+        obj = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.state.model_name, "choices": choices}
+
+    async def collect(self) -> dict:
+        text, logprobs = [], []
+        while True:
+            ev: Event = await self.queue.get()
+            text.append(ev.delta)
+            logprobs += ev.logprobs
+            if ev.finish_reason:
+                break
+        if ev.error:
+            self._count(500, "error")
+            raise ApiError(503, ev.error, type_="server_error", code="generation_failed")
+        self._count(200, ev.finish_reason)
+        out = self._envelope([self._choice("".join(text), logprobs, ev.finish_reason, delta=False)], chunk=False)
+        out["usage"] = _usage(ev)
+        return out
+
+    async def stream(self):
+        finished = False
+        try:
+            if self.chat:  # the role comes first, as OpenAI sends it
+                yield _sse(self._envelope([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}], chunk=True))
+            while True:
+                ev: Event = await self.queue.get()
+                if ev.error:
+                    self._count(500, "error")
+                    yield _sse({"error": {"message": ev.error, "type": "server_error", "param": None, "code": None}})
+                    break
+                if ev.delta or ev.logprobs:
+                    yield _sse(self._envelope([self._choice(ev.delta, ev.logprobs, None, delta=True)], chunk=True))
+                if ev.finish_reason:
+                    self._count(200, ev.finish_reason)
+                    last = self._choice("", [], ev.finish_reason, delta=True)
+                    if self.chat:
+                        last["delta"] = {}  # as OpenAI's last chunk
+                    yield _sse(self._envelope([last], chunk=True))
+                    if self.include_usage:
+                        yield _sse({**self._envelope([], chunk=True), "usage": _usage(ev)})
+                    break
+            finished = True
+            yield b"data: [DONE]\n\n"
+        finally:
+            if not finished:  # the client went away: free its slot at the next step
+                self.handle.cancel()
+                self._count(499, "cancelled")
+
+
+# -- the app ---------------------------------------------------------------------------------------
+def create_app(state: ServerState):
+    from starlette.applications import Starlette
+    from starlette.requests import Request as HttpRequest
+    from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    def error(e: ApiError) -> JSONResponse:
+        return JSONResponse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}},
+                            status_code=e.status, headers=e.headers)
+
+    async def guarded(http: HttpRequest, chat: bool):
+        if state.api_key is not None and http.headers.get("authorization") != f"Bearer {state.api_key}":
+            return error(ApiError(401, "Incorrect API key provided.", code="invalid_api_key"))
+        if state.scheduler is None:
+            why = state.load_error or "the model is loading"
+            return error(ApiError(503, why, type_="server_error", code="model_not_ready", headers={"Retry-After": "5"}))
+        try:
+            try:
+                body = json.loads(await http.body())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+            _common(body, state)
+            c = Completion(state, _request(body, state, chat), chat, body)
+        except ApiError as e:
+            return error(e)
+        if body.get("stream"):
+            return StreamingResponse(c.stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            return JSONResponse(await c.collect())
+        except ApiError as e:
+            return error(e)
+
+    async def chat_completions(http):
+        return await guarded(http, chat=True)
+
+    async def completions(http):
+        return await guarded(http, chat=False)
+
+    async def models(http):
+        if state.api_key is not None and http.headers.get("authorization") != f"Bearer {state.api_key}":
+            return error(ApiError(401, "Incorrect API key provided.", code="invalid_api_key"))
+        return JSONResponse({"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
+                                                         "owned_by": "mistral-trt", "max_model_len": state.max_model_len}]})
+
+    async def health(http):
+        if state.scheduler is None:
+            return JSONResponse({"status": "loading" if not state.load_error else "failed",
+                                 "error": state.load_error}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def metrics(http):
+        if state.metrics is None:
+            return PlainTextResponse("", status_code=503)
+        return Response(state.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return Starlette(routes=[
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ])
+
+
+def _request(body: dict, state: ServerState, chat: bool) -> Request:
+    m, tok = state.manifest, state.tokenizer
+    try:
+        if chat:
+            prompt = format_chat(tok, _messages(body, state), m.chat_format, m.chat_template)
+        else:
+            p = body.get("prompt")
+            if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
+                p = p[0]
+            if isinstance(p, str):
+                prompt = tok.encode(p, bos=tok.add_bos).tolist()
+            elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                if min(p) < 0 or max(p) >= m.model.vocab_size:
+                    raise ApiError(400, f"prompt: token ids must lie in [0, {m.model.vocab_size})", param="prompt")
+                prompt = p
+            else:
+                raise ApiError(400, "prompt: expected a string or a list of token ids (one prompt per request)",
+                               param="prompt")
+    except UserError as e:
+        raise ApiError(400, str(e), param="messages" if chat else "prompt") from None
+    logprobs = None
+    if chat and body.get("logprobs"):
+        if not isinstance(body["logprobs"], bool):
+            raise ApiError(400, "logprobs: expected true or false", param="logprobs")
+        logprobs = int(_number(body, "top_logprobs", 0, 0, 20, integer=True))
+    elif chat and body.get("top_logprobs") is not None:
+        raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+    elif not chat and body.get("logprobs") is not None:
+        raise ApiError(400, "logprobs: not supported on /v1/completions (use /v1/chat/completions)", param="logprobs")
+    sampling = _sampling(body)
+    stop = _stop(body)
+    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: exactly max_tokens tokens (benchmarks)
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, "ignore_eos: expected true or false", param="ignore_eos")
+    return Request(prompt=np.asarray(prompt, np.int64), max_tokens=_max_tokens(body, len(prompt), state),
+                   sampling=sampling, stop=stop, logprobs=logprobs, stop_on_eos=not ignore_eos)

@@ -1,0 +1,317 @@
+"""`mistral-trt serve` against the real `openai` client (and raw HTTP where the client hides the response):
+a real server process on 127.0.0.1, the demo model's fused export, continuous batching."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from mistral_trt.runtime.backend import open_backend
+from mistral_trt.runtime.chat import format_chat
+from mistral_trt.runtime.generate import Generator, Sampling
+from mistral_trt.runtime.manifest import Manifest
+from mistral_trt.runtime.tokenizer import Tokenizer
+from mistral_trt.serve.api import SAFE_PROMPT
+
+openai = pytest.importorskip("openai", reason="the [test] extra installs the openai client")
+KEY = "sk-test-123"
+
+
+class Server:
+    """A `mistral-trt serve` process on 127.0.0.1, any free port; stopped with SIGTERM."""
+
+    def __init__(self, export_dir, *args):
+        self.proc = subprocess.Popen([sys.executable, "-m", "mistral_trt.main", "serve", str(export_dir), "--port", "0",
+                                      *map(str, args)], stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        assert self.ready.wait(120), "".join(self.lines)
+        url = next(ln for ln in self.lines if "listening on" in ln).split("listening on ")[1].split()[0]
+        self.url = url
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if line.startswith(("model ready", "mistral-trt serve: error")):
+                self.ready.set()
+
+    def client(self, key=KEY, **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120, **kw)
+
+    def post(self, path, body, key=KEY, raw: bytes | None = None):
+        """(status, JSON body, headers) of a raw request."""
+        req = urllib.request.Request(self.url + path, data=raw if raw is not None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, json.loads(r.read()), {k.lower(): v for k, v in r.headers.items()}
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read()), {k.lower(): v for k, v in e.headers.items()}
+
+    def get(self, path):
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=30) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def demo_fused_dir(demo_hf, tmp_path_factory):
+    from mistral_trt.export.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("serve") / "demo"
+    export_model(str(demo_hf), out, graph="fused", run_verify=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(demo_fused_dir):
+    s = Server(demo_fused_dir, "--max-batch", 16, "--max-model-len", 512, "--api-key", KEY, "--model-name", "demo")
+    yield s
+    assert s.stop() == 0
+
+
+def alone(export_dir, prompt_ids, n):
+    """The reference: the same ids through the runtime's own Generator, one sequence, greedy."""
+    gen = Generator(open_backend(export_dir))
+    out = []
+    for t in gen.generate([prompt_ids], n, Sampling()):
+        if int(t[0]) in gen.eos:
+            break
+        out.append(int(t[0]))
+    return out
+
+
+def chat_ids(export_dir, messages):
+    m = Manifest.load(export_dir)
+    return format_chat(Tokenizer.for_export(export_dir, m), messages, m.chat_format, m.chat_template)
+
+
+def test_chat_streamed_and_not(server, demo_fused_dir):
+    c = server.client()
+    msgs = [{"role": "user", "content": "Name three colours of the rainbow, then say why the sky is blue."}]
+    full = c.chat.completions.create(model="demo", messages=msgs, max_tokens=40, temperature=0)
+    assert full.object == "chat.completion" and full.choices[0].message.role == "assistant"
+    assert full.choices[0].finish_reason in ("stop", "length")
+    tok = Tokenizer.for_export(demo_fused_dir, Manifest.load(demo_fused_dir))
+    want = alone(demo_fused_dir, chat_ids(demo_fused_dir, msgs), 40)
+    assert full.choices[0].message.content == tok.decode(want)
+    assert full.usage.prompt_tokens == len(chat_ids(demo_fused_dir, msgs))
+    assert full.usage.completion_tokens == len(want) and full.usage.total_tokens == full.usage.prompt_tokens + len(want)
+    chunks = list(c.chat.completions.create(model="demo", messages=msgs, max_tokens=40, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [ch.choices[0].delta.content or "" for ch in chunks if ch.choices]
+    assert "".join(deltas) == full.choices[0].message.content and not any("\ufffd" in d for d in deltas)
+    assert sum(bool(d) for d in deltas) > 5  # really streamed, piece by piece
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == full.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_completions_with_stop_and_seed(server, demo_fused_dir):
+    c = server.client()
+    base = c.completions.create(model="demo", prompt="The capital of France is", max_tokens=24, temperature=0)
+    text = base.choices[0].text
+    stop = text.split()[2]  # a word in the middle
+    r = c.completions.create(model="demo", prompt="The capital of France is", max_tokens=24, temperature=0, stop=[stop])
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == text[:text.index(stop)]
+    s = [c.completions.create(model="demo", prompt="Once upon a time", max_tokens=16, temperature=1.0, seed=seed)
+         .choices[0].text for seed in (1, 1, 2)]
+    assert s[0] == s[1] != s[2]  # a seed gives the same sample, another seed another
+
+
+def test_prefix_logprobs_and_safe_prompt(server, demo_fused_dir):
+    c = server.client()
+    msgs = [{"role": "user", "content": "Write a haiku about rain."}, {"role": "assistant", "content": "Soft rain", "prefix": True}]
+    r = c.chat.completions.create(model="demo", messages=msgs, max_tokens=12, temperature=0)
+    want = alone(demo_fused_dir, chat_ids(demo_fused_dir, msgs), 12)  # continues the assistant's text
+    tok = Tokenizer.for_export(demo_fused_dir, Manifest.load(demo_fused_dir))
+    assert r.choices[0].message.content == tok.decode(want)
+    r = c.chat.completions.create(model="demo", messages=msgs[:1], max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    lp = r.choices[0].logprobs.content
+    assert len(lp) >= 1 and all(len(x.top_logprobs) == 3 for x in lp)
+    for x in lp:  # greedy: the chosen token is the most likely one, log-probabilities sorted and <= 0
+        assert x.logprob <= 0 and x.logprob == pytest.approx(x.top_logprobs[0].logprob)
+        assert [t.logprob for t in x.top_logprobs] == sorted((t.logprob for t in x.top_logprobs), reverse=True)
+    safe = c.chat.completions.create(model="demo", messages=msgs[:1], max_tokens=1, extra_body={"safe_prompt": True})
+    guarded = [{"role": "system", "content": SAFE_PROMPT}] + msgs[:1]  # Mistral's guardrail prompt, a system message
+    assert safe.usage.prompt_tokens == len(chat_ids(demo_fused_dir, guarded))
+
+
+def test_errors_are_openai_shaped(server):
+    c = server.client()
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key="wrong").chat.completions.create(model="demo", messages=msgs)
+    with pytest.raises(openai.NotFoundError) as e:
+        c.chat.completions.create(model="gpt-4", messages=msgs)
+    assert e.value.status_code == 404 and "The model `gpt-4` does not exist" in str(e.value)
+    cases = [({"n": 2}, "n"), ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+             ({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_tokens": 600}, "messages"),
+             ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"), ({"stop": [""]}, "stop"),
+             ({"logit_bias": {"5": 1}}, "logit_bias")]
+    for extra, param in cases:
+        status, body, _ = server.post("/v1/chat/completions", {"model": "demo", "messages": msgs, **extra})
+        assert status == 400 and body["error"]["param"] == param and body["error"]["type"] == "invalid_request_error", body
+    status, body, _ = server.post("/v1/chat/completions", {"model": "demo", "messages": msgs, "max_tokens": 600})
+    assert "maximum context length is 512 tokens" in body["error"]["message"] and "600 for the completion" in body["error"]["message"]
+    status, body, _ = server.post("/v1/chat/completions", None, raw=b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body, _ = server.post("/v1/chat/completions", {"model": "demo", "messages": msgs}, key="nope")
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+
+
+def test_models_health_metrics(server):
+    assert [m.id for m in server.client().models.list().data] == ["demo"]
+    assert server.get("/health") == (200, '{"status":"ok"}')
+    status, text = server.get("/metrics")
+    assert status == 200
+    for name in ("mistral_trt_requests_total", "mistral_trt_requests_waiting", "mistral_trt_requests_running",
+                 "mistral_trt_prompt_tokens_total", "mistral_trt_generation_tokens_total", "mistral_trt_kv_slots_in_use",
+                 "mistral_trt_time_to_first_token_seconds_bucket", "mistral_trt_inter_token_latency_seconds_bucket"):
+        assert name in text, name
+    assert 'mistral_trt_requests_total{finish_reason="stop",status="200"}' in text or \
+        'mistral_trt_requests_total{finish_reason="length",status="200"}' in text
+
+
+def _metric(server, name) -> float:
+    text = server.get("/metrics")[1]
+    return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith(name + " ")))
+
+
+def test_disconnect_frees_the_slot(server):
+    stream = server.client().chat.completions.create(model="demo", messages=[{"role": "user", "content": "Count to 500."}],
+                                                     max_tokens=400, temperature=0, stream=True)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    assert _metric(server, "mistral_trt_kv_slots_in_use") >= 1
+    stream.close()  # the client goes away mid-stream
+    t0 = time.time()
+    while _metric(server, "mistral_trt_kv_slots_in_use") > 0:
+        assert time.time() - t0 < 10, "the slot was not freed"
+        time.sleep(0.05)
+
+
+def test_greedy_does_not_depend_on_the_batch(server, demo_fused_dir):
+    """Each request served among 15 others (mixed prompt lengths: prefill chunks beside decode steps) gives the
+    tokens it gives alone."""
+    topics = ["the sea", "a cat", "winter", "coffee", "trains", "the moon", "bread", "rivers", "music", "chess",
+              "gardens", "rain", "bicycles", "mountains", "libraries", "fire"]
+    msgs = [[{"role": "user", "content": f"Write {2 + i % 3} sentences about {t}." + " Please." * (i * 3)}]
+            for i, t in enumerate(topics)]
+    c = server.client()
+
+    def ask(m):
+        return c.chat.completions.create(model="demo", messages=m, max_tokens=24, temperature=0).choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(ask, msgs))
+    tok = Tokenizer.for_export(demo_fused_dir, Manifest.load(demo_fused_dir))
+    for m, got in zip(msgs, together):
+        assert got == tok.decode(alone(demo_fused_dir, chat_ids(demo_fused_dir, m), 24)), m
+
+
+def test_queue_full_and_sigterm_finishes_running_streams(demo_fused_dir):
+    """--max-batch 1 --max-queue 1: a third request gets 429 with Retry-After. SIGTERM: the running stream
+    finishes, the waiting one ends with an error event, the process exits 0."""
+    s = Server(demo_fused_dir, "--max-batch", 1, "--max-queue", 1, "--max-model-len", 512, "--model-name", "demo")
+    body = {"model": "demo", "prompt": [504, 3458, 314], "max_tokens": 300, "temperature": 0, "stream": True,
+            "stop": ["<never>"]}
+    first = urllib.request.urlopen(urllib.request.Request(s.url + "/v1/completions", data=json.dumps(body).encode(),
+                                                          headers={"Content-Type": "application/json"}), timeout=60)
+    assert first.readline().startswith(b"data: ")  # running
+    second = urllib.request.urlopen(urllib.request.Request(s.url + "/v1/completions", data=json.dumps(body).encode(),
+                                                           headers={"Content-Type": "application/json"}), timeout=60)
+    status, err, headers = s.post("/v1/completions", {**body, "stream": False})
+    assert status == 429 and headers.get("retry-after") == "1" and err["error"]["type"] == "rate_limit_error"
+    s.proc.send_signal(signal.SIGTERM)
+    rest = first.read().decode()
+    assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason": "length"' in rest  # ran to the end
+    assert '"error"' in second.read().decode()  # the waiting one was told
+    assert s.proc.wait(timeout=60) == 0
+
+
+def test_prefill_budget_follows_measured_costs(tiny_fused):
+    """Chunked prefill: with nothing decoding a prompt goes in whole chunks; beside decoding streams, a step may
+    grow to itl_slack x a decode step, by the measured fixed + per-token cost of prefilling (never below 16)."""
+    from mistral_trt.serve.scheduler import Scheduler
+
+    backend = open_backend(tiny_fused["full"])
+    s = Scheduler(backend, Tokenizer.for_export(tiny_fused["full"], backend.manifest), max_batch=2, max_model_len=256,
+                  prefill_chunk=512, itl_slack=2.5)
+    assert s._prefill_budget(decoding=0) == 512
+    assert s._prefill_budget(decoding=1) == 32  # nothing measured yet
+    s._measure(0.020, decoding=1, prefilled=0)  # a decode step: 20 ms
+    for n in (8, 16, 32, 64):  # prefill beside it costs 10 ms + 1 ms a token
+        s._measure(0.020 + 0.010 + 0.001 * n, decoding=1, prefilled=n)
+    assert s._prefill_budget(decoding=1) == 20  # (2.5 - 1) * 20 ms = 30 ms of room: (30 - 10) / 1
+    s.itl_slack = 1.2
+    assert s._prefill_budget(decoding=1) == 16  # no room: still progress
+
+
+def test_health_says_503_while_loading_and_a_model_that_cannot_load_exits_2(demo_fused_dir, tmp_path):
+    """The port answers at once; /health is 503 until the model is ready (here: its 0.5 GB hashed first, with
+    no remembered hash), then 200. A model whose files changed after export: one line, exit 2."""
+    import os
+    import shutil
+
+    folder = shutil.copytree(demo_fused_dir, tmp_path / "demo")
+    env = dict(os.environ, MISTRAL_TRT_CACHE=str(tmp_path / "fresh-cache"))
+    cmd = [sys.executable, "-m", "mistral_trt.main", "serve", str(folder), "--port", "0"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    line = proc.stderr.readline()
+    url = line.split("listening on ")[1].split()[0]
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=30):
+            pytest.fail("ready before the model was loaded")
+    except urllib.error.HTTPError as e:
+        assert e.code == 503 and json.loads(e.read())["status"] == "loading"
+    t0 = time.time()
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=30) as r:
+                assert r.status == 200
+                break
+        except urllib.error.HTTPError:
+            assert time.time() - t0 < 120
+            time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    data = bytearray((folder / "model.onnx").read_bytes())
+    data[-64] ^= 1
+    (folder / "model.onnx").write_bytes(bytes(data))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("mistral-trt serve: error: ")
+    assert "model.onnx: sha256" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_serve_end_to_end(tiny_fused, tmp_path, capsys):
+    from mistral_trt.main import main
+
+    out = tmp_path / "bs"
+    assert main(["bench-serve", str(tiny_fused["full"]), "--concurrency", "1,2", "--rounds", "1", "--prompt-len", "8-16",
+                 "--max-tokens", "6", "--long-prompt", "40", "-o", str(out)]) == 0
+    data = json.loads((out / "bench-serve.json").read_text())
+    levels = data["systems"]["full-fused"]["levels"]
+    assert [lv["concurrency"] for lv in levels] == [1, 2]
+    for lv in levels:  # ignore_eos: every request gives exactly max_tokens tokens
+        assert lv["tokens"] == lv["requests"] * 6 and lv["throughput_tok_s"] == pytest.approx(lv["tokens"] / lv["wall_s"])
+        assert 0 < lv["itl_p50_ms"] <= lv["itl_p99_ms"]
+    assert data["systems"]["full-fused"]["interference"]["long_prompt_tokens"] == 40
+    assert "| full-fused | 2 |" in capsys.readouterr().out and (out / "bench-serve.png").read_bytes()[:4] == b"\x89PNG"
