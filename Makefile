@@ -13,7 +13,7 @@ DEMO_HF  := build/smollm2-135m-instruct
 DEMO_OUT := build/onnx/smollm2-135m-instruct-$(DTYPE)
 OUT      ?= $(if $(MODEL),build/onnx/$(notdir $(abspath $(MODEL)))-$(DTYPE),$(DEMO_OUT))
 
-.PHONY: setup demo export test clean measure-export bench bench-serve serve gpu-check
+.PHONY: setup demo export test test-interop clean measure-export measure-7b bench bench-serve serve gpu-check
 
 setup: $(VENV)/.installed
 
@@ -44,9 +44,32 @@ endif
 test: setup
 	$(PY) -m pytest -q tests
 
+# Third-party clients on our export folder as written: onnxruntime-genai and transformers 5 here, optimum (which
+# needs transformers < 4.58) in its own venv. .ci/run runs it after `make test`.
+INTEROP_DIR := build/interop/smollm2-135m-instruct-fp32
+OPT_VENV    := build/venv-optimum
+INTEROP_ENV  = MISTRAL_TRT_INTEROP=$(abspath $(INTEROP_DIR)) MISTRAL_TRT_CLI=$(abspath $(CLI))
+$(OPT_VENV)/.installed: tests/interop/requirements-optimum.txt
+	$(PYTHON) -m venv $(OPT_VENV)
+	$(OPT_VENV)/bin/python -m pip install -q $(TORCH)
+	$(OPT_VENV)/bin/python -m pip install -q -r tests/interop/requirements-optimum.txt
+	touch $@
+
+test-interop: setup $(OPT_VENV)/.installed
+	@test -f $(DEMO_HF)/config.json || $(CLI) convert-gguf -o $(DEMO_HF)
+	@test -f $(INTEROP_DIR)/manifest.json || $(CLI) export $(DEMO_HF) -o $(INTEROP_DIR) --no-verify
+	$(INTEROP_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/interop/test_main_venv_clients.py
+	$(INTEROP_ENV) $(OPT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/interop/test_optimum.py
+
 # Time and peak memory of a 7B-wide fp16 export (random init), 4 and 8 layers, extrapolated to 32.
 measure-export: setup
 	PATH=$(VENV)/bin:$$PATH $(PY) scripts/measure_export.py --layers 4 8 --dtype fp16
+
+# Mistral-7B on this machine: a 7B-shaped bf16 checkpoint (random init, 14 GB, kept in build/measure-7b) streamed
+# into fused int8 / int4 and portable int8-w8a16 exports; export time and memory, decode and TTFT against the
+# demo model's in the same run (about 30 minutes on 2 cores; needs ~25 GB of disk).
+measure-7b: setup
+	PATH=$(VENV)/bin:$$PATH $(PY) scripts/measure_7b.py
 
 # Latency of the demo exports (fused fp32 first = "ours", portable fp32, fused int8) against HF eager and
 # onnxruntime-genai, side by side.

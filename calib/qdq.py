@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mistral_trt.export.weights import int8_per_channel, int8_scale
 from mistral_trt.runtime.manifest import ONNX_DATA_NAME
 
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
@@ -51,8 +52,7 @@ def weight_only_int8_model(model) -> dict:
                 if w.ndim != 2 or w.dtype != np.float32:
                     new_nodes.append(node)
                     continue
-                scale = weight_scale(w)
-                q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)  # symmetric: -128 unused
+                q, scale = int8_per_channel(w)
                 g.initializer.extend([
                     numpy_helper.from_array(q, f"{name}_int8"),
                     numpy_helper.from_array(scale, f"{name}_scale"),
@@ -75,9 +75,7 @@ def weight_only_int8_model(model) -> dict:
 
 def weight_scale(w: np.ndarray) -> np.ndarray:
     """Per output column of W [K, N]: max |W[:, n]| / 127 (an all-zero column gets 1)."""
-    scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
-    scale[scale == 0] = 1.0
-    return scale
+    return int8_scale(w)
 
 
 def fold_weight_transposes(model) -> int:

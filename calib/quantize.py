@@ -19,6 +19,11 @@
                 run time (accuracy_level 4: integer dot products). One fused kernel per MatMul, lm_head included;
                 the embedding table stays float for its Gather. Quantized by onnxruntime's own
                 MatMulNBitsQuantizer. Needs no calibration set.
+    int4        (fused graph only) the same with 4-bit weights (round to nearest, symmetric, block 32).
+
+The fused precisions also come straight from the checkpoint, tensor by tensor and to the same bits:
+`mistral-trt export CHECKPOINT -o OUT --graph fused --precision P` (export/fused_graph.py); that is the road
+for models whose fp32 export does not fit (Mistral-7B).
 
 The first three are what TensorRT 10/11 wants (strongly typed fp16; explicit symmetric Q/DQ) and run on onnxruntime's
 CPU provider, so CI checks them.
@@ -34,13 +39,13 @@ import sys
 from pathlib import Path
 
 from mistral_trt.runtime.errors import UserError
-from mistral_trt.runtime.manifest import ONNX_DATA_NAME, ONNX_NAME, Manifest
+from mistral_trt.runtime.manifest import NBITS_PRECISIONS, ONNX_NAME, Manifest
 
 from .qdq import save_model, weight_only_int8
 from .smoothquant import ACTIVATION_GROUPS, CALIB_METHODS, GROUPS, int8_w8a8
 
-PRECISIONS = ("fp16", "int8-w8a16", "int8-w8a8", "int8-w8a8-dynamic")
-FUSED_PRECISIONS = ("fp16", "int8-w8a8-dynamic")  # what a --graph fused export takes; the others are Q/DQ graphs
+PRECISIONS = ("fp16", "int8-w8a16", "int8-w8a8", "int8-w8a8-dynamic", "int4")
+FUSED_PRECISIONS = ("fp16", "int8-w8a8-dynamic", "int4")  # what a --graph fused export takes; the others are Q/DQ graphs
 NBITS_BLOCK = 32  # int8-w8a8-dynamic's default block: the best quality of 32/64/128 (README table); 64 decodes 10-17 % faster
 
 
@@ -48,15 +53,18 @@ def quantize(export_dir: str | Path, precision: str, out: str | Path, force: boo
              calib_method: str = "max", alpha: str | float = "auto", outlier_ratio: float = 20.0,
              block_size: int = NBITS_BLOCK, log=lambda s: print(s, file=sys.stderr, flush=True)) -> Manifest:
     from mistral_trt.export.atomic import atomic_folder, check_target
-    from mistral_trt.runtime.integrity import hash_file
+    from mistral_trt.export.pipeline import save_with_files
 
     export_dir = Path(export_dir)
     m = Manifest.load(export_dir)
     check_target(out, "export", force, inputs=[export_dir, calib])  # before any work
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if m.dtype != "fp32":
-        raise UserError(f"{export_dir}: quantize starts from an fp32 export, this one is {m.dtype}")
+    if m.dtype != "fp32" or m.precision:
+        hint = (f"; or write it from the checkpoint: mistral-trt export {m.source.get('path', 'CHECKPOINT')} -o OUT "
+                f"--graph fused --precision {precision}") if precision in NBITS_PRECISIONS else ""
+        raise UserError(f"{export_dir}: quantize starts from an fp32 export, this one is "
+                        f"{m.precision.get('name', m.dtype)}{hint}")
     if not (outlier_ratio > 1 and outlier_ratio != float("inf")):
         raise UserError(f"--outlier-ratio {outlier_ratio}: expected a finite number > 1")
     if block_size < 16 or block_size & (block_size - 1):
@@ -84,11 +92,12 @@ def quantize(export_dir: str | Path, precision: str, out: str | Path, force: boo
         return new
     need = sum((export_dir / n).stat().st_size for n in m.files)
     with atomic_folder(out, force, kind="export", inputs=[export_dir, calib], need_bytes=need) as tmp:
-        if precision == "int8-w8a8-dynamic":
-            stats = nbits_int8(export_dir / ONNX_NAME, tmp / ONNX_NAME, block_size)
-            m.precision = {"name": precision, "method": f"onnxruntime MatMulNBits: symmetric int8 weights per block of "
-                           f"{block_size}, int8 activations per block at run time (accuracy_level 4)", "calibration": None,
-                           "block_size": block_size}
+        if precision in NBITS_PRECISIONS:
+            bits = NBITS_PRECISIONS[precision]
+            stats = nbits(export_dir / ONNX_NAME, tmp / ONNX_NAME, bits, block_size)
+            m.precision = {"name": precision, "method": f"onnxruntime MatMulNBits: symmetric int{bits} weights per block of "
+                           f"{block_size}, int8 activations per block at run time (accuracy_level 4), round to nearest",
+                           "calibration": None, "block_size": block_size}
         elif precision == "int8-w8a16":
             stats = weight_only_int8(export_dir / ONNX_NAME, tmp / ONNX_NAME)
             m.precision = {"name": precision, "method": "per-channel symmetric int8 weights (DequantizeLinear, zero point 0)",
@@ -112,22 +121,20 @@ def quantize(export_dir: str | Path, precision: str, out: str | Path, force: boo
             }
         for name in m.tokenizer_files:
             shutil.copy2(export_dir / name, tmp / name)
-        names = [n for n in (ONNX_NAME, ONNX_DATA_NAME) if (tmp / n).exists()] + m.tokenizer_files
-        m.files = {n: hash_file(tmp / n) for n in names}
         m.precision.update({"from": str(export_dir.absolute()), "quantized_matmuls": stats["matmuls"], "weight_bytes": stats["bytes"]})
         m.verification = []
-        m.save(tmp)
+        save_with_files(m, tmp)
     return Manifest.load(out)
 
 
-def nbits_int8(src: Path, dst: Path, block_size: int = NBITS_BLOCK) -> dict:
+def nbits(src: Path, dst: Path, bits: int = 8, block_size: int = NBITS_BLOCK) -> dict:
     import logging
 
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=8, block_size=block_size, is_symmetric=True, accuracy_level=4)
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4)
     q.process()
     model = q.model.model
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]

@@ -22,7 +22,8 @@ def cmd_export(a):
     from mistral_trt.export.pipeline import export_model
 
     export_model(a.model, a.output, dtype=a.dtype, force=a.force, run_verify=not a.no_verify,
-                 max_window_check=a.max_window_check, provider=a.provider, graph=a.graph)
+                 max_window_check=a.max_window_check, provider=a.provider, graph=a.graph, precision=a.precision,
+                 block_size=a.block_size)
 
 
 def cmd_verify(a):
@@ -56,7 +57,7 @@ def cmd_tokenize(a):
         fmt = "mistral-v1" if tok.kind == "sentencepiece" else "template"
     fmt = a.format or fmt
     messages = read_json(a.messages)
-    ids = format_chat(tok, messages, fmt, template)
+    ids = format_chat(tok, messages, fmt, template, complete=True)  # a finished last reply: the training form
     print(json.dumps({"ids": ids, "pieces": [tok.id_to_piece(i) for i in ids]}, ensure_ascii=False))
 
 
@@ -118,18 +119,29 @@ def _stream(gen, tok, prompt_ids, a, out):
 def cmd_generate(a):
     import json
 
-    from mistral_trt.runtime.chat import format_chat
+    from mistral_trt.runtime.chat import check_messages, format_chat
     from mistral_trt.runtime.tokenizer import check_text
 
-    check_text(a.prompt, "--prompt")
+    if a.raw and a.prompt is None:
+        raise UserError("--raw goes with --prompt (a conversation has its chat format; --ids are ids already)")
+    if a.prompt is not None:
+        check_text(a.prompt, "--prompt")
+    messages = check_messages(read_json(a.messages)) if a.messages else None
     m, tok, gen = _load_runtime(a.export_dir, a.provider)
-    if a.raw:
+    if a.ids is not None:
+        if not a.ids or min(a.ids) < 0 or max(a.ids) >= m.model.vocab_size:
+            raise UserError(f"--ids: expected token ids in [0, {m.model.vocab_size})")
+        prompt = list(a.ids)
+    elif messages is not None:
+        prompt = format_chat(tok, messages, m.chat_format, m.chat_template)  # a final "prefix": true is continued
+    elif a.raw:
         prompt = tok.encode(a.prompt, bos=tok.add_bos).tolist()
     else:
         prompt = format_chat(tok, [{"role": "user", "content": a.prompt}], m.chat_format, m.chat_template)
     ids, text = _stream(gen, tok, prompt, a, None if a.json else sys.stdout)
     if a.json:
-        print(json.dumps({"ids": ids, "text": text, "stats": gen.stats[0].as_dict()}, ensure_ascii=False))
+        print(json.dumps({"prompt_ids": prompt, "ids": ids, "text": text, "stats": gen.stats[0].as_dict()},
+                         ensure_ascii=False))
     else:
         print()
         st = gen.stats[0].as_dict()
@@ -152,14 +164,32 @@ def _read_line(prompt: str) -> str | None:
 
 
 def cmd_chat(a):
-    from mistral_trt.runtime.chat import format_chat
+    from mistral_trt.runtime.chat import check_messages, format_chat
     from mistral_trt.runtime.tokenizer import check_text
 
-    m, tok, gen = _load_runtime(a.export_dir, a.provider)
     for flag, text in (("--system", a.system), ("--say", a.say)):
         if text is not None:
             check_text(text, flag)
     history = [{"role": "system", "content": a.system}] if a.system else []
+    if a.messages:  # an earlier conversation to go on with
+        history += check_messages(read_json(a.messages))
+    m, tok, gen = _load_runtime(a.export_dir, a.provider)
+
+    def reply():
+        prompt = format_chat(tok, history, m.chat_format, m.chat_template)
+        while len(prompt) + a.max_new_tokens > gen.max_context and len(history) > 2:
+            first = 1 if history[0]["role"] == "system" else 0  # keep the system prompt
+            del history[first:first + 2]  # drop the oldest exchange
+            prompt = format_chat(tok, history, m.chat_format, m.chat_template)
+        prefix = history.pop()["content"] if history[-1].get("prefix") else ""  # a reply to continue
+        if prefix:
+            print(prefix, end="", flush=True)
+        _, text = _stream(gen, tok, prompt, a, sys.stdout)
+        print()
+        history.append({"role": "assistant", "content": (prefix + text).strip() or " "})
+
+    if history and (history[-1]["role"] == "user" or history[-1].get("prefix")):
+        reply()
     inputs = [a.say] if a.say else None
     while True:
         if inputs is not None:
@@ -174,14 +204,7 @@ def cmd_chat(a):
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        prompt = format_chat(tok, history, m.chat_format, m.chat_template)
-        while len(prompt) + a.max_new_tokens > gen.max_context and len(history) > 2:
-            first = 1 if history[0]["role"] == "system" else 0  # keep the system prompt
-            del history[first:first + 2]  # drop the oldest exchange
-            prompt = format_chat(tok, history, m.chat_format, m.chat_template)
-        _, text = _stream(gen, tok, prompt, a, sys.stdout)
-        print()
-        history.append({"role": "assistant", "content": text.strip() or " "})
+        reply()
 
 
 def cmd_bench(a):
@@ -340,7 +363,7 @@ class Parser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     from mistral_trt.calib.quantize import NBITS_BLOCK, PRECISIONS  # constants (numpy at import, no torch)
     from mistral_trt.export.verify import MAX_WINDOW_CHECK  # a constant; verify.py imports numpy only at top
-    from mistral_trt.runtime.manifest import GRAPHS
+    from mistral_trt.runtime.manifest import EXPORT_PRECISIONS, GRAPHS
 
     p = Parser(prog="mistral-trt", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -355,6 +378,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("model", metavar="CHECKPOINT", help="Hugging Face checkpoint folder (or a hub id where the hub is reachable)")
     s.add_argument("-o", "--output", metavar="EXPORT_DIR", required=True, help="output folder (written atomically)")
     s.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    s.add_argument("--precision", choices=EXPORT_PRECISIONS,
+                   help="weights as written, straight from the checkpoint (fused graph streams tensor by tensor): fp32, "
+                        "fp16, int8-w8a8-dynamic or int4 (onnxruntime MatMulNBits, --graph fused)")
+    s.add_argument("--block-size", type=int, default=NBITS_BLOCK,
+                   help="int8-w8a8-dynamic / int4: input channels per weight scale")
     s.add_argument("--graph", choices=GRAPHS, default="portable",
                    help="portable: traced standard ONNX ops, runs anywhere incl. TensorRT; fused: onnxruntime "
                         "contrib ops (GroupQueryAttention with an in-place KV cache), fastest on onnxruntime")
@@ -373,7 +401,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
     s.set_defaults(func=cmd_verify)
 
-    s = sub.add_parser("tokenize", help="show the exact token ids a conversation becomes, as JSON")
+    s = sub.add_parser("tokenize", help="show the exact token ids a conversation becomes, as JSON (ending with a user "
+                       "message: ready for the reply; with an assistant message: the training form, its EOS included; "
+                       "\"prefix\": true: the continuation form)")
     s.add_argument("export_dir", nargs="?", metavar="EXPORT_DIR", help="export folder (its manifest names the chat format)")
     s.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json instead of an export folder")
     s.add_argument("--messages", required=True, help='JSON file: [{"role": ..., "content": ...}, ...]')
@@ -382,11 +412,15 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("generate", help="generate a reply (streamed) from an export or engine folder")
     s.add_argument("export_dir", metavar="EXPORT_DIR", help="export folder, or engine folder (TensorRT)")
-    s.add_argument("--prompt", required=True)
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="a user message (in the model's chat format unless --raw)")
+    src.add_argument("--messages", metavar="CONV.json", help='a conversation [{"role", "content"}, ...] ending with a '
+                     'user message, or with an assistant message marked "prefix": true, whose text the reply continues')
+    src.add_argument("--ids", type=_ints, help="prompt token ids, comma-separated (as `tokenize` prints them)")
     s.add_argument("--raw", action="store_true",
                    help="no chat format: the text as the model's tokenizer encodes it (with BOS only where that "
                         "tokenizer adds one: manifest tokenizer.add_bos; Mistral: yes, the demo model: no)")
-    s.add_argument("--json", action="store_true", help='print {"ids", "text", "stats"} as JSON')
+    s.add_argument("--json", action="store_true", help='print {"prompt_ids", "ids", "text", "stats"} as JSON')
     _add_sampling_args(s)
     s.set_defaults(func=cmd_generate)
 
@@ -394,6 +428,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("export_dir", metavar="EXPORT_DIR", help="export folder, or engine folder (TensorRT)")
     s.add_argument("--system", help="system prompt")
     s.add_argument("--say", help="one message instead of reading stdin (for scripts and `make demo`)")
+    s.add_argument("--messages", metavar="CONV.json", help="a conversation to go on with (answered first if it ends "
+                   "with a user message or a \"prefix\": true assistant message)")
     _add_sampling_args(s)
     s.set_defaults(func=cmd_chat)
 

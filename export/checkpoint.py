@@ -16,7 +16,7 @@ from mistral_trt.runtime.manifest import ModelArgs
 
 SUPPORTED = {"mistral": "MistralForCausalLM"}  # model_type -> architecture
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # at least one is required
-TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 @dataclass

@@ -29,70 +29,112 @@ Only onnxruntime runs this (CPU and CUDA providers); TensorRT takes the portable
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mistral_trt.runtime.manifest import NUMPY_DTYPE, ONNX_DATA_NAME, ONNX_NAME, ModelArgs, fused_io_specs
+from mistral_trt.runtime.manifest import NUMPY_DTYPE, ONNX_NAME, ModelArgs, fused_io_specs
 
-from .onnx_export import EXTERNAL_DATA_THRESHOLD
+from .weights import CheckpointWeights, TensorSink, rotary_tables
+
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26  # protobuf's 2 GB limit, with room for the graph itself
 
 OPSET = 18
 MS = "com.microsoft"
 
 
-def rotary_tables(model, args: ModelArgs, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [length, D/2] from the model's own rotary module, so the values are Hugging Face's to the bit."""
-    import torch
+@dataclass(frozen=True)
+class NBits:
+    """Weights written as onnxruntime MatMulNBits: symmetric integer blocks of `block_size` input channels, one
+    float32 scale per block, activations quantized per block at run time (accuracy_level 4: int8 dot products)."""
+    bits: int = 8
+    block_size: int = 32
+    accuracy_level: int = 4
 
-    pos = torch.arange(length)[None]
-    x = torch.zeros(1, dtype=torch.float32)
-    with torch.no_grad():
-        cos, sin = model.model.rotary_emb(x, pos)
-    half = args.head_dim // 2
-    return cos[0, :, :half].numpy(), sin[0, :, :half].numpy()
+    def quantize(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """W [K, N] float32 -> (packed uint8 [N, K/block, block*bits/8], scales float32 [N, K/block]), by the
+        same onnxruntime kernel its MatMulNBitsQuantizer calls, so the bits equal `quantize`'s."""
+        from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+        rows, cols = w.shape
+        kpack = 8 // self.bits
+        blocks = -(-rows // self.block_size)
+        if blocks * self.block_size != rows:
+            w = np.pad(w, ((0, blocks * self.block_size - rows), (0, 0)))
+        packed = np.zeros((cols, blocks, (self.block_size + kpack - 1) // kpack), np.uint8)
+        scales = np.zeros((cols, blocks), np.float32)
+        zero_points = np.zeros((cols, (blocks + kpack - 1) // kpack), np.uint8)  # symmetric: unused
+        fn = {8: quantize_matmul_8bits, 4: quantize_matmul_4bits}[self.bits]
+        fn(packed, np.ascontiguousarray(w, np.float32), scales, zero_points, self.block_size, cols, rows, True)
+        return packed, scales
+
+    def nbytes(self, k: int, n: int) -> int:
+        blocks = -(-k // self.block_size)
+        return n * blocks * (self.block_size * self.bits // 8 + 4)
 
 
-def build_graph(model, args: ModelArgs, dtype: str, folder: Path) -> Path:
-    """Write folder/model.onnx from a loaded MistralForCausalLM (torch, any dtype).
+def output_bytes(weights: CheckpointWeights, args: ModelArgs, dtype: str, nbits: NBits | None) -> int:
+    """Bytes of the weights this writer will produce (the tied embedding is written twice: Gather and lm_head)."""
+    item = np.dtype(NUMPY_DTYPE[dtype]).itemsize
+    total = 0
+    for name, t in weights.index.items():
+        n = math.prod(t.shape)
+        total += nbits.nbytes(t.shape[1], t.shape[0]) if nbits and len(t.shape) == 2 and name != "model.embed_tokens.weight" \
+            else n * item
+    return total + args.max_position_embeddings * args.head_dim * item  # cos/sin caches
 
-    Weights are converted one tensor at a time; above protobuf's 2 GB limit they stream straight into
-    folder/model.onnx.data, so peak memory stays near the torch model itself (7B in fp16 fits in 24 GiB)."""
+
+def build_graph(weights: CheckpointWeights, config: dict, args: ModelArgs, dtype: str, folder: Path,
+                nbits: NBits | None = None, progress=lambda layer, total: None) -> dict:
+    """Write folder/model.onnx straight from the checkpoint, one tensor at a time (export/weights.py).
+
+    Each weight is read, converted (transposed to [in, out] for MatMul; with `nbits`, quantized to MatMulNBits
+    blocks), written and freed before the next is read; above protobuf's 2 GB limit they stream into
+    folder/model.onnx.data. Peak memory is a few copies of the largest tensor, not the model.
+    Returns {"matmuls": quantized MatMuls, "bytes": their packed weight + scale bytes}."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
+    if nbits is not None and dtype != "fp32":
+        raise ValueError("MatMulNBits weights come with float32 activations (dtype fp32)")
     np_dtype = np.dtype(NUMPY_DTYPE[dtype])
-    sd = model.state_dict()  # references, no copies
-    big = sum(t.numel() * np_dtype.itemsize for t in sd.values()) >= EXTERNAL_DATA_THRESHOLD
-    data = open(folder / ONNX_DATA_NAME, "wb") if big else None  # closed below; on an error the export folder goes
+    sink = TensorSink(folder, external=output_bytes(weights, args, dtype, nbits) >= EXTERNAL_DATA_THRESHOLD)
     inits: list = []
     nodes: list = []
+    stats = {"matmuls": 0, "bytes": 0}
 
     def init(name: str, arr: np.ndarray) -> str:
-        arr = np.ascontiguousarray(arr)
-        if data is None or arr.nbytes < 1024:  # shape constants stay inline: shape inference reads them
-            inits.append(numpy_helper.from_array(arr, name))
-            return name
-        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape)
-        offset = data.tell()
-        data.write(arr.tobytes())
-        data.write(b"\0" * (-data.tell() % 64))  # keep every tensor 64-byte aligned for mmap
-        for key, value in (("location", ONNX_DATA_NAME), ("offset", offset), ("length", arr.nbytes)):
-            t.external_data.add(key=key, value=str(value))
-        t.data_location = TensorProto.EXTERNAL
-        inits.append(t)
+        inits.append(sink.add(name, arr))
         return name
 
     def w(name: str) -> np.ndarray:
-        return sd[name].detach().numpy().astype(np_dtype, copy=False)  # fp16 stays fp16: no fp32 detour
+        return weights.get(name, np_dtype.name)  # fp16 stays fp16: no fp32 detour
 
     def node(op: str, ins: list[str], outs: list[str], domain: str = "", **attrs) -> list[str]:
         nodes.append(helper.make_node(op, ins, outs, name=f"{op}_{len(nodes)}", domain=domain, **attrs))
         return outs
 
+    def matmul(x: str, name: str, wt: np.ndarray, out: str) -> str:
+        """x @ wt (wt [in, out]); with nbits the weight is quantized here and never stored as float."""
+        if nbits is None:
+            return node("MatMul", [x, init(name, wt)], [out])[0]
+        packed, scales = nbits.quantize(wt)
+        k, n = wt.shape
+        del wt
+        stats["matmuls"] += 1
+        stats["bytes"] += packed.nbytes + scales.nbytes
+        # names as onnxruntime's MatMulNBitsQuantizer gives them, so the two artifacts read alike
+        ins = [x, init(f"{name}_Q{nbits.bits}", packed), init(f"{name}_scales", scales)]
+        nodes.append(helper.make_node("MatMulNBits", ins, [out], name=f"MatMul_{len(nodes)}_Q{nbits.bits}", domain=MS,
+                                      K=k, N=n, bits=nbits.bits, block_size=nbits.block_size,
+                                      accuracy_level=nbits.accuracy_level))
+        return out
+
     a = args
     eps = float(a.rms_norm_eps)
-    cos, sin = rotary_tables(model, a, a.max_position_embeddings)
+    cos, sin = rotary_tables(config, a.head_dim, a.max_position_embeddings)
     init("cos_cache", cos.astype(np_dtype))
     init("sin_cache", sin.astype(np_dtype))
     init("embed_tokens", w("model.embed_tokens.weight"))
@@ -112,22 +154,23 @@ def build_graph(model, args: ModelArgs, dtype: str, folder: Path) -> Path:
             x, _, _, residual = node("SkipSimplifiedLayerNormalization", [down, residual, g_in],
                                      [f"l{i}.x", "", "", f"l{i}.res_attn"], domain=MS, epsilon=eps)
         wqkv = np.concatenate([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"], axis=0).T  # [H, (N+2KV)D]
-        qkv = node("MatMul", [x, init(f"{p}qkv_proj", wqkv)], [f"l{i}.qkv"])[0]
+        qkv = matmul(x, f"{p}qkv_proj", wqkv, f"l{i}.qkv")
         attn = node("GroupQueryAttention",
                     [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
                      "total_sequence_length", "cos_cache", "sin_cache"] + [""] * 7 + ["query_seqlens"],
                     [f"l{i}.attn", f"present.{i}.key", f"present.{i}.value"], domain=MS, **gqa)[0]
-        o = node("MatMul", [attn, init(f"{p}o_proj", w(p + "self_attn.o_proj.weight").T)], [f"l{i}.o"])[0]
+        o = matmul(attn, f"{p}o_proj", w(p + "self_attn.o_proj.weight").T, f"l{i}.o")
         g_post = init(f"{p}post_attention_layernorm", w(p + "post_attention_layernorm.weight"))
         x, _, _, residual = node("SkipSimplifiedLayerNormalization", [o, residual, g_post],
                                  [f"l{i}.x2", "", "", f"l{i}.res_mlp"], domain=MS, epsilon=eps)
         # gate and up as two MatMuls, not one packed MatMul + Split: the Split's copy cost more than it saved
-        gate = node("MatMul", [x, init(f"{p}gate_proj", w(p + "mlp.gate_proj.weight").T)], [f"l{i}.gate"])[0]
-        up = node("MatMul", [x, init(f"{p}up_proj", w(p + "mlp.up_proj.weight").T)], [f"l{i}.up"])[0]
+        gate = matmul(x, f"{p}gate_proj", w(p + "mlp.gate_proj.weight").T, f"l{i}.gate")
+        up = matmul(x, f"{p}up_proj", w(p + "mlp.up_proj.weight").T, f"l{i}.up")
         sig = node("Sigmoid", [gate], [f"l{i}.sig"])[0]
         silu = node("Mul", [gate, sig], [f"l{i}.silu"])[0]
         act = node("Mul", [silu, up], [f"l{i}.act"])[0]
-        down = node("MatMul", [act, init(f"{p}down_proj", w(p + "mlp.down_proj.weight").T)], [f"l{i}.down"])[0]
+        down = matmul(act, f"{p}down_proj", w(p + "mlp.down_proj.weight").T, f"l{i}.down")
+        progress(i + 1, a.num_layers)
 
     g = init("model.norm", w("model.norm.weight"))
     x = node("SkipSimplifiedLayerNormalization", [down, residual, g], ["final_norm"], domain=MS, epsilon=eps)[0]
@@ -135,8 +178,7 @@ def build_graph(model, args: ModelArgs, dtype: str, folder: Path) -> Path:
     # whole prompt is a fifth of a prefill's work (576 x 49152 per token on the demo model).
     idx = node("Unsqueeze", ["logits_index", init("axis_2", np.array([2], np.int64))], ["logits_index_3d"])[0]
     x = node("GatherND", [x, idx], ["final_norm_kept"], batch_dims=1)[0]  # [B, logits_len, H]
-    lm = w("model.embed_tokens.weight" if a.tie_word_embeddings else "lm_head.weight")
-    node("MatMul", [x, init("lm_head", lm.T)], ["logits"])
+    matmul(x, "lm_head", w("lm_head.weight").T, "logits")  # a tied lm_head reads the embedding (weights.py)
 
     inputs, outputs = fused_io_specs(a, dtype)
     elem = {"int64": TensorProto.INT64, "int32": TensorProto.INT32, "float32": TensorProto.FLOAT,
@@ -145,8 +187,7 @@ def build_graph(model, args: ModelArgs, dtype: str, folder: Path) -> Path:
     graph = helper.make_graph(nodes, "mistral", [vi(t) for t in inputs], [vi(t) for t in outputs], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="mistral-trt")
-    if data is not None:
-        data.close()
+    sink.close()
     path = folder / ONNX_NAME
     onnx.save_model(proto, str(path))
-    return path
+    return stats

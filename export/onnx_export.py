@@ -8,13 +8,15 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from mistral_trt.runtime.manifest import ONNX_NAME, ModelArgs, io_specs
+from mistral_trt.runtime.manifest import DTYPE_BYTES, NUMPY_DTYPE, ONNX_NAME, ModelArgs, io_specs
 
 from . import attention
 
@@ -59,52 +61,127 @@ def trace_inputs(args: ModelArgs, dtype: torch.dtype, batch: int = 2, seq: int =
     return (ids, mask, pos, *kv)
 
 
-def export_onnx(model: nn.Module, args: ModelArgs, dtype: str, folder: Path) -> Path:
-    """Export into folder/model.onnx; weights over 2 GB go to one folder/model.onnx.data.
-
-    torch.export (dynamo) rather than the TorchScript tracer: it keeps references to the model's own
-    tensors and streams them to disk, so peak memory stays near one copy of the weights (the tracer
-    held about four), and the sliding-window mask stays symbolic.
-    """
-    from torch.export import Dim
-
-    inputs, outputs = io_specs(args, dtype)
-    batch, seq, past = Dim("batch"), Dim("seq"), Dim("past")
-    dynamic_shapes = (
-        {0: batch, 1: seq},  # input_ids
-        {0: batch, 1: Dim.AUTO},  # attention_mask: total = past + seq, derived
-        {0: batch, 1: seq},  # position_ids
-        tuple({0: batch, 2: past} for _ in range(2 * args.num_layers)),
-    )
-    path = folder / ONNX_NAME
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(attention.register())  # GQA without repeat_kv copies (export/attention.py)
-    try:
-        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                KVCacheWrapper(model, args.num_layers).eval(),
-                trace_inputs(args, DTYPE[dtype]),
-                input_names=[t.name for t in inputs],
-                output_names=[t.name for t in outputs],
-                dynamic_shapes=dynamic_shapes,
-                opset_version=OPSET,
-                dynamo=True,
-                optimize=True,
-                verbose=False,
-            )
-    finally:
-        model.set_attn_implementation(previous)  # verification compares against HF's own attention
-    _rename_dims(program.model, inputs + outputs)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    program.save(str(path), external_data=weight_bytes >= EXTERNAL_DATA_THRESHOLD)
-    return path
-
-
 def _rename_dims(model, specs) -> None:
     """torch.export names dynamic dims s0, s1, ...: give them the manifest's names (batch, seq, past, total)."""
     by_name = {t.name: t for t in specs}
     for value in list(model.graph.inputs) + list(model.graph.outputs):
         spec = by_name[value.name]
         value.shape = type(value.shape)([d if isinstance(d, int) else spec_d for d, spec_d in zip(value.shape, spec.dims)])
+
+
+def skeleton(config: dict, dtype: str) -> nn.Module:
+    """MistralForCausalLM for `config` with no weights in memory: its parameters are uninitialised CPU storage
+    (`to_empty`: reserved, never touched, so never resident) that the trace reads only the shapes of. The
+    rotary module holds no checkpoint weight: it is built for real, so inv_freq is Hugging Face's own."""
+    from transformers import MistralConfig, MistralForCausalLM
+    from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
+
+    cfg = MistralConfig(**config)
+    cfg._attn_implementation = "eager"
+    with torch.device("meta"):
+        model = MistralForCausalLM(cfg).to(DTYPE[dtype])
+    model = model.to_empty(device="cpu").eval()
+    model.model.rotary_emb = MistralRotaryEmbedding(config=cfg)  # float32 inv_freq, as from_pretrained keeps it
+    return model
+
+
+def export_streaming(config: dict, args: ModelArgs, dtype: str, weights, folder: Path, int8_weights: bool = False,
+                     progress=lambda done, total: None) -> dict:
+    """The portable graph straight from the checkpoint, one tensor at a time (export/weights.py).
+
+    The graph is traced from `skeleton` (shapes only) by torch.export (dynamo: the sliding-window mask stays
+    symbolic) and optimized by onnxscript's pass, with the weights held out so nothing folds them; then each weight is read from the
+    safetensors files, written and freed. What the optimizer would have folded, this writer folds itself:
+    MatMul(x, Transpose(W)) -> MatMul(x, W^T), W^T a new initializer. With `int8_weights` each such W^T becomes
+    int8-w8a16's per-channel symmetric int8 behind DequantizeLinear (calib/quantize.py), as it is written.
+    Returns {"matmuls": quantized MatMuls, "bytes": their int8 + scale bytes}."""
+    import onnx
+    import onnx_ir as ir
+    from onnx import helper
+    from torch.export import Dim
+
+    from .weights import TensorSink, int8_per_channel
+
+    model = skeleton(config, dtype)
+    inputs, outputs = io_specs(args, dtype)
+    batch, seq, past = Dim("batch"), Dim("seq"), Dim("past")
+    dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, {0: batch, 1: seq},
+                      tuple({0: batch, 2: past} for _ in range(2 * args.num_layers)))
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    logging.getLogger("onnxscript").setLevel(logging.ERROR)  # "skipped deduplication" per held-out weight
+    model.set_attn_implementation(attention.register())
+    wrapper = KVCacheWrapper(model, args.num_layers).eval()
+    params = {name for name, _ in wrapper.named_parameters()}  # "model.model.layers.0...": the wrapper's prefix
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapper, trace_inputs(args, DTYPE[dtype]), input_names=[t.name for t in inputs],
+                                    output_names=[t.name for t in outputs], dynamic_shapes=dynamic_shapes,
+                                    opset_version=OPSET, dynamo=True, optimize=False, verbose=False)
+        held = {}
+        for name, value in list(program.model.graph.initializers.items()):
+            if name in params:  # the checkpoint's weights: out of the optimizer's reach, and never read
+                held[name] = value.shape
+                value.const_value = None
+        program.optimize()
+    _rename_dims(program.model, inputs + outputs)
+    for name in held:
+        if name in program.model.graph.initializers:
+            program.model.graph.initializers.pop(name)  # written below, from the checkpoint
+    proto = ir.serde.serialize_model(program.model)
+    del program, model, wrapper
+    g = proto.graph
+    for i, n in enumerate(g.node):
+        n.name = n.name or f"node_{i}"
+    position = {n.name: i for i, n in enumerate(g.node)}
+    assert len(position) == len(g.node), "node names must be unique"
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    np_dtype = NUMPY_DTYPE[dtype]
+    item = 1 if int8_weights else DTYPE_BYTES[dtype]
+    sink = TensorSink(folder, external=sum(math.prod(s) for s in held.values()) * item >= EXTERNAL_DATA_THRESHOLD)
+    stats = {"matmuls": 0, "bytes": 0}
+    new_inits, dead, extra_nodes = [], set(), {}
+    order = sorted((n for n in held if n in consumers), key=lambda n: min(position[c.name] for c in consumers[n]))
+    for k, name in enumerate(order):
+        w = weights.get(name[len("model."):], np_dtype)  # checkpoint name: without the wrapper's prefix
+        users = consumers[name]
+        folds = [u for u in users if u.op_type == "Transpose" and all(c.op_type == "MatMul" for c in consumers.get(u.output[0], []))
+                 and w.ndim == 2 and [list(a.ints) for a in u.attribute if a.name == "perm"] in ([], [[1, 0]])]
+        if len(folds) < len(users):  # read as it is (embedding Gather, norm Mul)
+            new_inits.append(sink.add(name, w))
+        if folds:
+            wt = np.ascontiguousarray(w.T)
+            del w
+            t_name = f"{name}.T"
+            if int8_weights:
+                q, scale = int8_per_channel(wt.astype(np.float32, copy=False))
+                new_inits += [sink.add(f"{t_name}_int8", q), sink.add(f"{t_name}_scale", scale),
+                              sink.add(f"{t_name}_zero_point", np.zeros(scale.shape, np.int8))]
+                extra_nodes[folds[0].name] = helper.make_node(
+                    "DequantizeLinear", [f"{t_name}_int8", f"{t_name}_scale", f"{t_name}_zero_point"], [f"{t_name}_dq"],
+                    name=f"{t_name}_DequantizeLinear", axis=1)
+                stats["matmuls"] += 1
+                stats["bytes"] += q.nbytes + scale.nbytes
+                t_name = f"{t_name}_dq"
+            else:
+                new_inits.append(sink.add(t_name, wt))
+            del wt
+            for t in folds:
+                dead.add(t.name)
+                for c in consumers[t.output[0]]:
+                    c.input[:] = [t_name if i == t.output[0] else i for i in c.input]
+        progress(k + 1, len(order))
+    sink.close()
+    nodes = []
+    for n in g.node:  # the DequantizeLinear takes the place of the Transpose it replaces: order stays topological
+        if n.name in extra_nodes:
+            nodes.append(extra_nodes[n.name])
+        if n.name not in dead:
+            nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(new_inits)
+    onnx.save_model(proto, str(folder / ONNX_NAME))
+    return stats

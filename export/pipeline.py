@@ -23,8 +23,8 @@ from pathlib import Path
 
 from mistral_trt.runtime.errors import UserError, check_interrupted
 from mistral_trt.runtime.integrity import hash_file
-from mistral_trt.runtime.manifest import (DTYPE_BYTES, DTYPES, GRAPHS, ONNX_DATA_NAME, ONNX_NAME, Manifest,
-                                          fused_io_specs, io_specs)
+from mistral_trt.runtime.manifest import (DTYPE_BYTES, DTYPES, EXPORT_PRECISIONS, GRAPHS, NBITS_PRECISIONS, ONNX_DATA_NAME,
+                                          ONNX_NAME, Manifest, fused_io_specs, io_specs)
 from mistral_trt.runtime.backend import open_backend
 
 from . import checkpoint as ck
@@ -103,30 +103,54 @@ def available_gib() -> float:
 def check_memory(c: ck.Checkpoint, dtype: str, run_verify: bool, provider: str) -> None:
     """Refuse early, not after minutes of work, when the machine cannot hold the model.
 
-    Measured on Mistral-7B widths (README): export peaks at about one copy of the weights in `dtype`
-    plus 1 GiB; onnxruntime's CPU provider holds the weights in float32 (it upcasts fp16 MatMuls),
+    Both writers stream the checkpoint tensor by tensor: a few float32 copies of the largest tensor plus a fixed
+    part (torch, the graph; measured on Mistral-7B shapes: docs/precision.md). Verifying on CPU loads the
+    PyTorch model, and onnxruntime's CPU provider holds the weights in float32 (it upcasts fp16 MatMuls),
     plus about 1.5 GiB.
     """
     shapes, _ = ck.expected_shapes(c.config)
     params = sum(math.prod(s) for s in shapes.values())
-    need = {"export": params * DTYPE_BYTES[dtype] / 2**30 + 1.0}
+    largest = max(math.prod(s) for s in shapes.values())
+    need = {"export": 4 * largest * 4 / 2**30 + 1.5}
     if run_verify and provider == "cpu":
         need["verify on CPU"] = params * 4 / 2**30 + 1.5
     have = available_gib()
     for what, gib in need.items():
         if gib > have:
             hint = ("pass --no-verify here and run `mistral-trt verify EXPORT_DIR --provider cuda` on a GPU host"
-                    if what.startswith("verify") else "try --dtype fp16" if dtype == "fp32" else "use a larger machine")
+                    if what.startswith("verify") else "use a larger machine")
             raise UserError(f"{c.path}: {what} of {params / 1e9:.2f}B parameters in {dtype} needs about {gib:.1f} GiB, "
                             f"{have:.1f} GiB available: {hint}")
 
 
 def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool = False, run_verify: bool = True,
-                 max_window_check: int = vf.MAX_WINDOW_CHECK, provider: str = "cpu", graph: str = "portable") -> Manifest:
+                 max_window_check: int = vf.MAX_WINDOW_CHECK, provider: str = "cpu", graph: str = "portable",
+                 precision: str | None = None, block_size: int = 32) -> Manifest:
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if graph not in GRAPHS:
         raise UserError(f"--graph {graph!r}: expected one of {', '.join(GRAPHS)}")
+    if precision is not None:
+        if precision not in EXPORT_PRECISIONS:
+            raise UserError(f"--precision {precision!r}: expected one of {', '.join(EXPORT_PRECISIONS)} (portable Q/DQ "
+                            "precisions for TensorRT come from `mistral-trt quantize` on an fp32 export)")
+        want = "fp16" if precision == "fp16" else "fp32"
+        if dtype != want and dtype != "fp32":
+            raise UserError(f"--precision {precision} computes in {want}; leave out --dtype {dtype}")
+        dtype = want
+        if precision in NBITS_PRECISIONS and graph != "fused":
+            raise UserError(f"--precision {precision} writes onnxruntime MatMulNBits weights: add --graph fused")
+        if precision == "int8-w8a16" and graph != "portable":
+            raise UserError("--precision int8-w8a16 writes explicit Q/DQ (TensorRT): it takes --graph portable")
+    nbits = None
+    if precision in NBITS_PRECISIONS:
+        from .fused_graph import NBits
+
+        if block_size < 16 or block_size & (block_size - 1):
+            raise UserError(f"--block-size {block_size}: expected a power of two >= 16 (onnxruntime MatMulNBits)")
+        nbits = NBits(bits=NBITS_PRECISIONS[precision], block_size=block_size)
+    if precision not in (None, "fp32", "fp16"):
+        run_verify = False  # quantized weights are not PyTorch's: `mistral-trt eval` measures their quality
     if graph == "fused" and provider == "tensorrt":
         raise UserError("--graph fused runs on onnxruntime's cpu or cuda provider; TensorRT takes --graph portable")
     if max_window_check < 1:
@@ -137,31 +161,68 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
     ck.check_weights(c)
     specials = ck.special_tokens(c)
     tokenizer = ck.tokenizer_record(c, specials)
-    check_memory(c, dtype, run_verify, provider)
-    with atomic_folder(out, force, kind="export", inputs=[src], need_bytes=output_bytes(c, dtype)) as tmp:
-        total = 4 if run_verify else 3
-        with stage(1, total, f"load {src} ({dtype})"):
-            args = c.args
-            torch_model = load_model(c, dtype)
-        if graph == "portable":
-            with stage(2, total, f"trace {args.num_layers} layers into ONNX (opset 18, KV-cache inputs)"):
-                from .onnx_export import export_onnx
+    args = c.args
+    from .weights import CheckpointWeights
 
-                export_onnx(torch_model, args, dtype, tmp)
+    weights = CheckpointWeights(c.weight_files, args.tie_word_embeddings)
+    if graph == "fused":
+        from .fused_graph import output_bytes as fused_bytes
+
+        need_bytes = fused_bytes(weights, args, dtype, nbits) + (64 << 20)
+    else:
+        need_bytes = output_bytes(c, "fp16" if precision == "int8-w8a16" else dtype)  # int8 + scales < fp16
+    check_memory(c, dtype, run_verify, provider)
+    kinds = ", ".join(sorted({t.dtype for t in weights.index.values()}))
+    what = (f"{precision} (MatMulNBits, block {block_size})" if nbits else
+            "int8-w8a16 (per-channel int8 weights behind DequantizeLinear)" if precision == "int8-w8a16" else dtype)
+    with atomic_folder(out, force, kind="export", inputs=[src], need_bytes=need_bytes) as tmp:
+        total = 3 if run_verify else 2
+        t0 = time.perf_counter()
+
+        def progress(i, n):
+            check_interrupted()
+            if i == n or i % max(1, n // 8) == 0:
+                log(f"  {i}/{n} {'layers' if graph == 'fused' else 'weights'} written ({time.perf_counter() - t0:.0f}s, "
+                    f"peak RSS {peak_rss_gib():.2f} GiB)")
+
+        if graph == "portable":
+            with stage(1, total, f"trace {args.num_layers} layers into ONNX (opset 18, KV-cache inputs) and stream "
+                                 f"{src} ({kinds}) into it as {what}, tensor by tensor"):
+                from .onnx_export import export_streaming
+
+                stats = export_streaming(c.config, args, dtype, weights, tmp, int8_weights=precision == "int8-w8a16",
+                                         progress=progress)
         else:
-            with stage(2, total, f"write {args.num_layers} layers as onnxruntime fused ops (in-place KV cache)"):
+            with stage(1, total, f"stream {src} ({kinds}) into {what}: {args.num_layers} layers of onnxruntime fused "
+                                 "ops, tensor by tensor"):
                 from .fused_graph import build_graph
 
-                build_graph(torch_model, args, dtype, tmp)
-        with stage(3, total, "save manifest, tokenizer files and sha256 hashes"):
-            manifest = _write_manifest(c, args, dtype, tmp, graph, specials, tokenizer)
+                stats = build_graph(weights, c.config, args, dtype, tmp, nbits=nbits, progress=progress)
+        with stage(2, total, "save manifest, tokenizer files and sha256 hashes"):
+            precision_record = None
+            if nbits is not None:
+                precision_record = {
+                    "name": precision, "calibration": None, "block_size": block_size,
+                    "method": (f"onnxruntime MatMulNBits: symmetric int{nbits.bits} weights per block of {block_size}, "
+                               "int8 activations per block at run time (accuracy_level 4), round to nearest"),
+                    "from": str(src.absolute()), "quantized_matmuls": stats["matmuls"], "weight_bytes": stats["bytes"]}
+            elif precision == "int8-w8a16":
+                precision_record = {"name": precision, "calibration": None, "from": str(src.absolute()),
+                                    "method": "per-channel symmetric int8 weights (DequantizeLinear, zero point 0)",
+                                    "quantized_matmuls": stats["matmuls"], "weight_bytes": stats["bytes"]}
+            elif precision == "fp16":
+                precision_record = {"name": "fp16", "method": "export --dtype fp16 (HF modelling code, fp32 norms/RoPE/"
+                                    "softmax)", "from": str(src.absolute())}
+            manifest = _write_manifest(c, args, dtype, tmp, graph, specials, tokenizer, precision_record)
         if run_verify:
-            with stage(4, total, "verify against PyTorch"):
+            with stage(3, total, "verify against PyTorch"):
                 scen = vf.scenarios(args, max_window_check=max_window_check)
-                refs = vf.reference_logits(torch_model, scen)
-                del torch_model  # free it before onnxruntime maps the weights: a 7B model fits only once
-                gc.collect()
+                refs = vf.reference_logits(load_model(c, dtype), scen)
+                gc.collect()  # free the model before onnxruntime maps the weights: a 7B model fits only once
                 _check(tmp, manifest, scen, refs, provider)
+        elif precision not in (None, "fp32", "fp16"):
+            log("not checked against PyTorch: quantized weights differ from it by design; "
+                "`mistral-trt eval` measures their quality")
     log(f"wrote {out}")
     return manifest
 
@@ -214,13 +275,14 @@ def verify_export(export_dir: str | Path, model: str | None = None, max_window_c
 
 
 def _write_manifest(c: ck.Checkpoint, args, dtype: str, folder: Path, graph: str, specials: dict,
-                    tokenizer: dict) -> Manifest:
+                    tokenizer: dict, precision: dict | None = None) -> Manifest:
     for f in c.tokenizer_files:
         shutil.copy2(f, folder / f.name)
     fmt, template = ck.chat_format(c)
     inputs, outputs = (io_specs if graph == "portable" else fused_io_specs)(args, dtype)
-    # every file a runtime reads, so it can refuse one changed after export (runtime/integrity.py)
-    names = [n for n in (ONNX_NAME, ONNX_DATA_NAME) if (folder / n).exists()] + [f.name for f in c.tokenizer_files]
+    tokenizer_files = [f.name for f in c.tokenizer_files]
+    if "tokenizer_config.json" not in tokenizer_files:
+        tokenizer_files.append("tokenizer_config.json")  # written below (export/interop.py)
     m = Manifest(
         model=args,
         dtype=dtype,
@@ -230,8 +292,8 @@ def _write_manifest(c: ck.Checkpoint, args, dtype: str, folder: Path, graph: str
         chat_format=fmt,
         chat_template=template,
         tokenizer=tokenizer,
-        tokenizer_files=[f.name for f in c.tokenizer_files],
-        files={n: hash_file(folder / n) for n in names},
+        tokenizer_files=tokenizer_files,
+        files={},
         cache={
             "position_ids": "absolute" if graph == "portable" else "implicit",  # never reset when the cache is trimmed
             "keep": None if args.sliding_window is None else args.sliding_window - 1,
@@ -242,6 +304,22 @@ def _write_manifest(c: ck.Checkpoint, args, dtype: str, folder: Path, graph: str
         graph=graph,
         source={"path": str(c.path.absolute()), "weights": {f.name: ck.sha256(f) for f in c.weight_files}},
         versions=versions(),
+        precision=precision or {},
     )
+    return save_with_files(m, folder)
+
+
+def save_with_files(m: Manifest, folder: Path) -> Manifest:
+    """Write the files other clients read (export/interop.py), hash every file a runtime reads into the
+    manifest, save it and read it back: the schema check runs on what every runtime will read, now."""
+    from mistral_trt.runtime.tokenizer import Tokenizer
+
+    from .interop import write_interop_files
+
+    tok = Tokenizer.load(folder / m.tokenizer["file"])
+    interop = write_interop_files(folder, m, tok.id_to_piece)
+    names = [n for n in (ONNX_NAME, ONNX_DATA_NAME) if (folder / n).exists()]
+    names += [n for n in dict.fromkeys(m.tokenizer_files + interop)]
+    m.files = {n: hash_file(folder / n) for n in names}
     m.save(folder)
-    return Manifest.load(folder)  # what every runtime will read: the schema check runs on it now, not later
+    return Manifest.load(folder)

@@ -59,10 +59,15 @@ def final_prefix(messages: list[dict]) -> str | None:
     return last["content"]
 
 
-def mistral_v1(tok: Tokenizer, messages: list[dict]) -> list[int]:
+FINISHED = ("conversation: it ends with a finished assistant message, so there is nothing to answer; end it with a "
+            "user message, or mark the assistant message \"prefix\": true to continue it")
+
+
+def mistral_v1(tok: Tokenizer, messages: list[dict], complete: bool = False) -> list[int]:
     """Token ids of a conversation ending in a user turn, ready for the assistant's reply; or ending in an
     assistant message with `"prefix": true`, whose content the reply continues (encoded on its own, no EOS:
-    mistral-common's rule)."""
+    mistral-common's rule). complete=True also takes a conversation ending in a finished assistant message:
+    the form used for training and scoring (its EOS included), mistral-common's "finetuning" validation."""
     prefix = final_prefix(messages)
     if prefix is not None:
         if len(messages) < 2:
@@ -89,8 +94,8 @@ def mistral_v1(tok: Tokenizer, messages: list[dict]) -> list[int]:
         prev = m["role"]
     if not turns or turns[0][0] != "user":
         turns.insert(0, ["user", [""]])
-    if turns[-1][0] != "user":
-        raise UserError("conversation: the last message must be from the user (the model answers it)")
+    if turns[-1][0] != "user" and not complete:
+        raise UserError(FINISHED)
 
     ids = [tok.bos_id]
     for n, (role, parts) in enumerate(turns):
@@ -125,7 +130,8 @@ def render_template(template: str, messages: list[dict], bos_token: str = "", eo
         raise UserError(f"chat template: {e}") from None
 
 
-def template_segments(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "") -> list[tuple[str, bool]]:
+def template_segments(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "",
+                      complete: bool = False) -> list[tuple[str, bool]]:
     """The rendered conversation as pieces (text, from_user): which characters the template wrote and which
     are message contents. Only the template's own markup may become special tokens; a user who types
     "<|im_start|>system" gets those characters as text (prompt injection otherwise).
@@ -138,7 +144,11 @@ def template_segments(template: str, messages: list[dict], bos_token: str = "", 
         [('<|im_start|>user\n', False), ('hi', True), ('<|im_end|>\n<|im_start|>assistant\n', False)]
     """
     prefix = final_prefix(messages)
-    gen = prefix is None  # a prefix message is continued (transformers' continue_final_message), not answered
+    finished = prefix is None and messages[-1]["role"] == "assistant"
+    if finished and not complete:
+        raise UserError(FINISHED)
+    # a prefix message is continued (transformers' continue_final_message), a finished one closed; neither answered
+    gen = prefix is None and not finished
     real = render_template(template, messages, bos_token, eos_token, gen)
     nonce = secrets.token_hex(8)
     marks = [{**m, "content": f"\x00{nonce}:{i}\x00"} for i, m in enumerate(messages)]
@@ -172,13 +182,17 @@ def template_segments(template: str, messages: list[dict], bos_token: str = "", 
     return [(t, u) for t, u in out if t]
 
 
-def format_chat(tok: Tokenizer, messages: list[dict], chat_format: str, template: str | None = None) -> list[int]:
+def format_chat(tok: Tokenizer, messages: list[dict], chat_format: str, template: str | None = None,
+                complete: bool = False) -> list[int]:
+    """Ids the model sees for `messages`: ready for its reply (the conversation ends with a user message), or
+    continuing a final assistant message marked `"prefix": true`; complete=True also takes one ending with a
+    finished assistant message (training / scoring form)."""
     if chat_format == "mistral-v1":
-        return mistral_v1(tok, messages)
+        return mistral_v1(tok, messages, complete)
     if chat_format == "template":
         if not template:
             raise UserError("chat_format 'template' but no chat template in the manifest")
         bos = tok.id_to_piece(tok.bos_id) if tok.bos_id is not None else ""
         eos = tok.id_to_piece(tok.eos_id) if tok.eos_id is not None else ""
-        return tok.encode_segments(template_segments(template, messages, bos, eos))
+        return tok.encode_segments(template_segments(template, messages, bos, eos, complete))
     raise UserError(f"chat format {chat_format!r}: this model has no chat format; use a raw prompt")

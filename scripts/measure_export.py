@@ -32,7 +32,7 @@ def make_checkpoint(folder: Path, layers: int, dtype: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import mistral_tokenizer_file
 
-    torch.set_default_dtype({"fp16": torch.float16, "fp32": torch.float32}[dtype])
+    torch.set_default_dtype({"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     model = MistralForCausalLM(MistralConfig(num_hidden_layers=layers, **MISTRAL_7B))
     model.save_pretrained(folder)
     shutil.copy(mistral_tokenizer_file(), folder / "tokenizer.model")

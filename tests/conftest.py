@@ -16,6 +16,8 @@ import pytest
 # Verified-file records (runtime/integrity.py) go to a throwaway folder, never the user's ~/.cache; set before
 # any test runs so subprocesses inherit it.
 os.environ["MISTRAL_TRT_CACHE"] = tempfile.mkdtemp(prefix="mistral-trt-test-cache-")
+# Third-party clients in their own venvs: `make test-interop`, not `make test`.
+collect_ignore = [] if os.environ.get("MISTRAL_TRT_INTEROP") else ["interop"]
 
 
 def mistral_tokenizer_file() -> Path:

@@ -81,6 +81,27 @@ def test_w8a16_runs_close_to_fp32(tiny_exports, tmp_path):
     assert np.abs(outs[0] - outs[1]).max() < 0.1 * np.abs(outs[0]).max()
 
 
+def test_export_precision_w8a16_equals_export_then_quantize(tiny_exports, tiny_full, tmp_path):
+    """`export --precision int8-w8a16` quantizes each weight as it streams from the checkpoint into the portable
+    graph: the artifact equals export + quantize (every initializer to the bit, the same nodes, the same logits)."""
+    direct, two_step = tmp_path / "direct", tmp_path / "two-step"
+    assert main(["export", str(tiny_full), "-o", str(direct), "--precision", "int8-w8a16"]) == 0
+    quantize(tiny_exports["full", "fp32"], "int8-w8a16", two_step)
+    graphs = [onnx.load(str(f / "model.onnx")).graph for f in (direct, two_step)]
+    a, b = ({t.name: numpy_helper.to_array(t) for t in g.initializer} for g in graphs)
+    assert a.keys() == b.keys() and any(k.endswith("_int8") for k in a)
+    assert all(a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes() for k in a)
+    nodes = [sorted((n.op_type, tuple(n.input), tuple(n.output)) for n in g.node) for g in graphs]
+    assert nodes[0] == nodes[1]
+    m = Manifest.load(direct)
+    other = Manifest.load(two_step).precision
+    assert m.precision["name"] == "int8-w8a16" and m.precision["from"] == str(tiny_full.absolute())
+    assert {k: v for k, v in m.precision.items() if k != "from"} == {k: v for k, v in other.items() if k != "from"}
+    m.check_files(direct, full=True)
+    ids = np.random.default_rng(5).integers(3, 32000, 24)
+    np.testing.assert_array_equal(score(direct, ids), score(two_step, ids))
+
+
 @pytest.fixture(scope="module")
 def w8a8(tiny_exports, calib, tmp_path_factory):
     out = tmp_path_factory.mktemp("w8a8") / "w8a8"
@@ -183,6 +204,8 @@ def test_quantize_rejects_bad_input(tiny_exports, tmp_path):
     with pytest.raises(UserError, match="starts from an fp32 export"):
         quantize(tiny_exports["full", "fp16"], "int8-w8a16", tmp_path / "x")
     with pytest.raises(UserError, match="expected one of fp16, int8-w8a16, int8-w8a8"):
+        quantize(tiny_exports["full", "fp32"], "int3", tmp_path / "x")
+    with pytest.raises(UserError, match="--precision int4 needs a --graph fused export"):
         quantize(tiny_exports["full", "fp32"], "int4", tmp_path / "x")
     assert not (tmp_path / "x").exists()
 

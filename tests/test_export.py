@@ -37,9 +37,11 @@ def test_manifest_describes_the_export(tiny_exports, tiny_window, tiny_full, cas
     assert (m.bos_token_id, m.eos_token_id, m.pad_token_id) == (1, [2], None)
     assert m.chat_format == "mistral-v1" and m.chat_template is None  # Mistral's v1 sentencepiece tokenizer
     assert m.tokenizer_files[0] == "tokenizer.model"
-    for name in m.tokenizer_files:
-        assert (folder / name).read_bytes() == (src / name).read_bytes()
-    assert m.files == {n: ck.sha256(folder / n) for n in ["model.onnx", *m.tokenizer_files]}
+    for name in m.tokenizer_files:  # copied as they are, but tokenizer_config.json: written for other clients (interop)
+        if name != "tokenizer_config.json":
+            assert (folder / name).read_bytes() == (src / name).read_bytes()
+    names = ["model.onnx", *m.tokenizer_files, "config.json", "generation_config.json", "genai_config.json"]
+    assert m.files == {n: ck.sha256(folder / n) for n in names}
     assert m.tokenizer == {"file": "tokenizer.model", "vocab_size": 32000, "add_bos": True}  # sentencepiece: BOS
     assert m.source["weights"] == {"model.safetensors": ck.sha256(src / "model.safetensors")}
     assert {"torch", "transformers", "onnx", "onnxruntime", "mistral_trt"} <= set(m.versions)
@@ -111,6 +113,7 @@ def test_verify_fails_against_other_weights(tiny_exports, tmp_path, capsys):
 
 def test_external_data_in_one_file(tiny_full, tmp_path, monkeypatch):
     """Above the 2 GB threshold the weights go to one model.onnx.data (threshold lowered to exercise it)."""
+    from mistral_trt.export.interop import INTEROP_FILES
     import mistral_trt.export.onnx_export as ox
 
     monkeypatch.setattr(ox, "EXTERNAL_DATA_THRESHOLD", 0)
@@ -118,7 +121,7 @@ def test_external_data_in_one_file(tiny_full, tmp_path, monkeypatch):
     m = pipeline.export_model(str(tiny_full), out, dtype="fp16")
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("model")) == ["model.onnx", "model.onnx.data"]
     assert (out / "model.onnx").stat().st_size < 1e6 < (out / "model.onnx.data").stat().st_size
-    assert set(m.files) == {"model.onnx", "model.onnx.data", *m.tokenizer_files}
+    assert set(m.files) == {"model.onnx", "model.onnx.data", *m.tokenizer_files, *INTEROP_FILES}
     assert m.files["model.onnx.data"] == ck.sha256(out / "model.onnx.data")
     assert all(r["passed"] for r in m.verification)
 
@@ -150,3 +153,28 @@ def test_existing_output_needs_force(tiny_full, tmp_path, capsys):
     assert main(["export", str(tiny_full), "-o", str(out), "--no-verify", "--force"]) == 0  # an export: replaced
     assert (out / "manifest.json").stat().st_ino != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders or lock left
+
+
+def test_files_for_other_clients(tiny_exports, tiny_fused, tmp_path):
+    """config.json, generation_config.json, tokenizer_config.json and (portable graph) genai_config.json are derived
+    from the manifest and covered by its hashes; transformers loads the config, and our own tokenizer rules
+    (BOS) read the same from tokenizer_config.json. Clients themselves: tests/interop (make test-interop)."""
+    from transformers import AutoConfig
+
+    from mistral_trt.calib.quantize import quantize
+
+    folder = tiny_exports["window", "fp32"]
+    m = Manifest.load(folder)
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json", "genai_config.json"):
+        assert m.files[name] == ck.sha256(folder / name), name
+    cfg = AutoConfig.from_pretrained(folder)
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.sliding_window, cfg.num_key_value_heads) == (
+        "mistral", m.model.num_layers, m.model.sliding_window, m.model.num_kv_heads)
+    tcfg = json.loads((folder / "tokenizer_config.json").read_text())
+    assert tcfg["tokenizer_class"] == "LlamaTokenizer" and tcfg["add_bos_token"] is True and tcfg["bos_token"] == "<s>"
+    genai = json.loads((folder / "genai_config.json").read_text())["model"]
+    assert genai["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key" and genai["context_length"] == m.max_context
+    fused = Manifest.load(tiny_fused["full"])
+    assert "genai_config.json" not in fused.files and not (tiny_fused["full"] / "genai_config.json").exists()
+    q = quantize(tiny_exports["full", "fp32"], "int8-w8a16", tmp_path / "w8")
+    assert {"config.json", "genai_config.json", "tokenizer_config.json"} <= set(q.files)

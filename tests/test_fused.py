@@ -126,7 +126,8 @@ def test_fused_weights_stream_to_external_data(tiny_window, tmp_path, monkeypatc
 
     monkeypatch.setattr(fg, "EXTERNAL_DATA_THRESHOLD", 1000)
     m = export_model(str(tiny_window), tmp_path / "ext", graph="fused")
-    assert set(m.files) == {"model.onnx", "model.onnx.data", *m.tokenizer_files} and all(r["passed"] for r in m.verification)
+    assert {"model.onnx", "model.onnx.data", *m.tokenizer_files, "config.json"} <= set(m.files)
+    assert all(r["passed"] for r in m.verification)
     assert (tmp_path / "ext" / "model.onnx").stat().st_size < 100_000
 
 
@@ -227,3 +228,75 @@ def test_demo_int8_dynamic_quality(demo_fused, tmp_path):
     (tmp_path / "eval.txt").write_text(data.eval_text())
     rows = evaluate([tmp_path / "q8"], tmp_path / "eval.txt", demo_fused, max_tokens=2048)
     assert abs(rows[1]["ppl_delta_pct"]) <= 1.0 and rows[1]["top1_agreement"] >= 0.93, rows[1]
+
+
+def _initializers(folder) -> dict:
+    from onnx import numpy_helper
+
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(folder / "model.onnx")).graph.initializer}
+
+
+def test_streamed_weights_are_hf_weights_to_the_bit(tiny_window, tmp_path):
+    """The fused writer reads the safetensors files itself (no model in memory). From a bf16 checkpoint (the real
+    Mistral-7B-Instruct-v0.2's dtype) its fp16 and fp32 weights equal what Hugging Face loads for that dtype, bit for
+    bit, and the fp16 export still passes verify against PyTorch."""
+    import torch
+    from transformers import MistralForCausalLM
+
+    bf16 = tmp_path / "bf16"
+    MistralForCausalLM.from_pretrained(tiny_window, dtype=torch.bfloat16).save_pretrained(bf16)
+    for f in tiny_window.glob("tokenizer*"):
+        (bf16 / f.name).write_bytes(f.read_bytes())
+    for dtype, tdtype in (("fp16", torch.float16), ("fp32", torch.float32)):
+        m = export_model(str(bf16), tmp_path / dtype, graph="fused", dtype=dtype, run_verify=dtype == "fp16")
+        got = _initializers(tmp_path / dtype)
+        sd = {k: v.numpy() for k, v in MistralForCausalLM.from_pretrained(bf16, dtype=tdtype).state_dict().items()}
+        p = "model.layers.1."
+        pairs = {"embed_tokens": sd["model.embed_tokens.weight"], "lm_head": sd["lm_head.weight"].T,
+                 f"{p}o_proj": sd[p + "self_attn.o_proj.weight"].T, f"{p}down_proj": sd[p + "mlp.down_proj.weight"].T,
+                 f"{p}qkv_proj": np.concatenate([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]).T,
+                 f"{p}post_attention_layernorm": sd[p + "post_attention_layernorm.weight"]}
+        for name, want in pairs.items():
+            assert got[name].dtype == want.dtype and got[name].tobytes() == np.ascontiguousarray(want).tobytes(), name
+        if dtype == "fp16":
+            assert m.verification and all(r["passed"] for r in m.verification), m.verification
+
+
+@pytest.mark.parametrize("precision", ["int8-w8a8-dynamic", "int4"])
+def test_export_precision_equals_export_then_quantize(tiny_full, tiny_fused, tmp_path, precision):
+    """`export --precision P` (weights quantized as they stream from the checkpoint) gives the artifact that
+    `export` + `quantize` gives: every initializer equal to the bit, the same nodes, the same logits."""
+    direct = tmp_path / "direct"
+    assert main(["export", str(tiny_full), "-o", str(direct), "--graph", "fused", "--precision", precision]) == 0
+    quantize(tiny_fused["full"], precision, tmp_path / "two-step")
+    a, b = _initializers(direct), _initializers(tmp_path / "two-step")
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes() for k in a)
+    ops = lambda f: [(n.op_type, list(n.input), list(n.output)) for n in onnx.load(str(f / "model.onnx")).graph.node]  # noqa: E731
+    assert ops(direct) == ops(tmp_path / "two-step")
+    m = Manifest.load(direct)
+    assert m.precision["name"] == precision and m.precision["quantized_matmuls"] == 5 * m.model.num_layers + 1
+    assert m.precision["weight_bytes"] == Manifest.load(tmp_path / "two-step").precision["weight_bytes"]
+    m.check_files(direct, full=True)
+    prompt = np.random.default_rng(8).integers(3, 32000, 24)
+    np.testing.assert_array_equal(score(direct, prompt), score(tmp_path / "two-step", prompt))
+    bits = {x.name: x.i for x in next(n for n in onnx.load(str(direct / "model.onnx")).graph.node
+                                      if n.op_type == "MatMulNBits").attribute}["bits"]
+    assert bits == {"int8-w8a8-dynamic": 8, "int4": 4}[precision]
+
+
+def test_export_precision_bad_input(tiny_full, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    cases = [(["--precision", "int4"], "--precision int4 writes onnxruntime MatMulNBits weights: add --graph fused"),
+             (["--graph", "fused", "--precision", "int4", "--dtype", "fp16"], "computes in fp32; leave out --dtype fp16"),
+             (["--graph", "fused", "--precision", "int4", "--block-size", "24"], "--block-size 24: expected a power of two")]
+    for flags, message in cases:
+        assert main(["export", str(tiny_full), "-o", out, *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+    q = tmp_path / "q8"
+    export_model(str(tiny_full), q, graph="fused", precision="int8-w8a8-dynamic")
+    with pytest.raises(UserError, match=f"this one is int8-w8a8-dynamic; or write it from the checkpoint: mistral-trt "
+                                        f"export {tiny_full.absolute()} -o OUT --graph fused --precision int4"):
+        quantize(q, "int4", tmp_path / "x")

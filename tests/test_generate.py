@@ -164,3 +164,39 @@ def test_prompt_over_context_cli(tiny_exports, capsys):
     assert "context limit 1024" in capsys.readouterr().err
     assert main(["generate", folder, "--raw", "--prompt", long, "--max-new-tokens", "4", "--json", "--truncate"]) == 0
     assert json.loads(capsys.readouterr().out)["stats"]["prompt_tokens"] == 1020
+
+
+def test_generate_from_a_conversation_or_ids(tiny_exports, tmp_path, capsys):
+    """--messages: a reply to the conversation, or the continuation of a final "prefix": true assistant message;
+    a finished last reply has nothing to answer (one line, exit 2). --ids: the same tokens as the text they are."""
+    folder = str(tiny_exports["full", "fp32"])
+    conv = [{"role": "user", "content": "Hello"}]
+    (tmp_path / "u.json").write_text(json.dumps(conv))
+    assert main(["generate", folder, "--messages", str(tmp_path / "u.json"), "--max-new-tokens", "6", "--json"]) == 0
+    by_messages = json.loads(capsys.readouterr().out)
+    assert main(["generate", folder, "--prompt", "Hello", "--max-new-tokens", "6", "--json"]) == 0
+    by_prompt = json.loads(capsys.readouterr().out)
+    assert by_messages["prompt_ids"] == by_prompt["prompt_ids"] and by_messages["ids"] == by_prompt["ids"]
+    ids = ",".join(map(str, by_prompt["prompt_ids"]))
+    assert main(["generate", folder, "--ids", ids, "--max-new-tokens", "6", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ids"] == by_prompt["ids"]
+    cont = conv + [{"role": "assistant", "content": "Hi there", "prefix": True}]
+    (tmp_path / "p.json").write_text(json.dumps(cont))
+    assert main(["generate", folder, "--messages", str(tmp_path / "p.json"), "--max-new-tokens", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    tok = Tokenizer.load(folder)
+    assert out["prompt_ids"] == by_prompt["prompt_ids"] + tok.encode("Hi there").tolist()  # no EOS: continued
+    (tmp_path / "f.json").write_text(json.dumps(conv + [{"role": "assistant", "content": "Hi there"}]))
+    assert main(["generate", folder, "--messages", str(tmp_path / "f.json")]) == 2
+    err = capsys.readouterr().err
+    assert "ends with a finished assistant message" in err and err.count("\n") == 1
+
+
+def test_chat_goes_on_with_a_conversation(tiny_exports, tmp_path):
+    conv = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi", "prefix": True}]
+    (tmp_path / "c.json").write_text(json.dumps(conv))
+    r = subprocess.run([sys.executable, "-m", "mistral_trt.main", "chat", str(tiny_exports["full", "fp32"]), "--messages",
+                        str(tmp_path / "c.json"), "--max-new-tokens", "3"], input="And again\n", capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Hi") and r.stdout.count("> ") == 2  # the continued reply, one more turn, then EOF

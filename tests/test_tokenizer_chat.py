@@ -153,3 +153,40 @@ def test_prefix_final_assistant_message(tok, ref, demo_hf):
     ids = hf.apply_chat_template(plain, tokenize=True, continue_final_message=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     assert format_chat(t, conv, "template", template) == list(ids)
+
+
+def test_full_conversations_equal_mistral_common_finetuning(tok):
+    """A conversation ending with an assistant message, in the form used for training and scoring: mistral-common's
+    finetuning validation (the final reply and its EOS included); the serving form refuses it with one line."""
+    from mistral_common.protocol.instruct.validator import ValidationMode
+
+    ref = MistralTokenizer.from_file(str(mistral_tokenizer_file()), mode=ValidationMode.finetuning)
+    agreed = 0
+    for conv in conversations(400, seed=3):
+        try:
+            want = ref.encode_chat_completion(ChatCompletionRequest(messages=conv)).tokens
+        except Exception:
+            continue
+        assert mistral_v1(tok, conv, complete=True) == want, conv
+        assert want[-1] == tok.eos_id
+        with pytest.raises(UserError, match="ends with a finished assistant message"):
+            mistral_v1(tok, conv)
+        agreed += 1
+    assert agreed > 50
+
+
+def test_full_conversation_template_equals_transformers(demo_hf, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(demo_hf)
+    t = Tokenizer.load(demo_hf / "tokenizer.json")
+    template = (demo_hf / "chat_template.jinja").read_text()
+    conv = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    want = hf.apply_chat_template(conv, tokenize=True, add_generation_prompt=False)
+    want = want["input_ids"] if hasattr(want, "keys") else want
+    assert format_chat(t, conv, "template", template, complete=True) == list(want)
+    with pytest.raises(UserError, match="ends with a finished assistant message"):
+        format_chat(t, conv, "template", template)
+    (tmp_path / "c.json").write_text(json.dumps(conv))
+    assert main(["tokenize", "--tokenizer", str(demo_hf / "tokenizer.json"), "--messages", str(tmp_path / "c.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["ids"] == list(want)
