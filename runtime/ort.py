@@ -90,6 +90,12 @@ def open_session(folder: Path, manifest: Manifest, providers: list | None, graph
                         f"{', '.join(ort.get_available_providers())} (GPU providers come with onnxruntime-gpu)")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if (manifest.precision or {}).get("name") == "int8-w8a8" and first == "CPUExecutionProvider":
+        # int8-w8a8 is a TensorRT artifact (int8 GEMMs, int32 accumulation). onnxruntime's CPU provider would fuse
+        # its Q/DQ pairs into integer kernels that saturate 16-bit intermediates on CPUs without VNNI (AVX2 only:
+        # microsoft/onnxruntime#6004), a different answer per machine; unfused, DequantizeLinear -> float MatMul
+        # computes what TensorRT's exact int8 GEMM does, on every CPU.
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     try:
         session = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types
