@@ -13,7 +13,7 @@ DEMO_HF  := build/smollm2-135m-instruct
 DEMO_OUT := build/onnx/smollm2-135m-instruct-$(DTYPE)
 OUT      ?= $(if $(MODEL),build/onnx/$(notdir $(abspath $(MODEL)))-$(DTYPE),$(DEMO_OUT))
 
-.PHONY: setup demo export test test-interop clean measure-export measure-7b bench bench-serve serve gpu-check
+.PHONY: setup demo export test test-quality test-interop cpp cpp-asan bench-cpp clean measure-export measure-7b bench bench-serve serve gpu-check
 
 setup: $(VENV)/.installed
 
@@ -41,8 +41,38 @@ else
 endif
 	@echo "export ready: $(OUT)"
 
-test: setup
-	$(PY) -m pytest -q tests
+# make test: everything but the demo model's quality targets (about 12 minutes on 2 cores); those take their own
+# target (about 12 more: each calibrates or evaluates on the demo model). .ci/run runs both, then test-interop.
+test: setup cpp
+	$(PY) -m pytest -q -m "not quality" tests
+
+test-quality: setup
+	$(PY) -m pytest -q -m quality tests
+
+# The embedded C++ runtime (cpp/): build/cpp/mistral-trt-cpp, libmistral_trt.so and the C example `embed`.
+# cpp/scripts/deps.sh installs libsentencepiece-dev and nlohmann-json3-dev (Debian), fetches onnxruntime's headers
+# (Debian 13's libonnxruntime-dev, pinned by sha256) and links the venv's onnxruntime library beside them.
+CPP_DEPS := build/cpp-deps
+CPP_CMAKE = cmake -S cpp -DORT_INCLUDE_DIR=$(abspath $(CPP_DEPS))/include \
+            -DORT_LIBRARY=$(abspath $(CPP_DEPS))/lib/libonnxruntime.so.1
+cpp: setup
+	@bash cpp/scripts/deps.sh $(CPP_DEPS) $(PY)
+	@$(CPP_CMAKE) -B build/cpp -DCMAKE_BUILD_TYPE=Release > build/cpp-cmake.log || (cat build/cpp-cmake.log; false)
+	@cmake --build build/cpp -j2 > build/cpp-build.log 2>&1 || (cat build/cpp-build.log; false)
+	@ln -sf $(abspath $(CPP_DEPS))/lib/libonnxruntime.so.1 build/cpp/libonnxruntime.so.1
+
+# The C++ suite again, built with AddressSanitizer + UndefinedBehaviorSanitizer, then valgrind's memcheck on one
+# short generation of the C example (about 5 minutes). .ci/run runs it.
+cpp-asan: setup
+	@bash cpp/scripts/deps.sh $(CPP_DEPS) $(PY)
+	@$(CPP_CMAKE) -B build/cpp-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMTRT_SANITIZE=ON > build/cpp-asan-cmake.log \
+	  || (cat build/cpp-asan-cmake.log; false)
+	@cmake --build build/cpp-asan -j2 > build/cpp-asan-build.log 2>&1 || (cat build/cpp-asan-build.log; false)
+	@ln -sf $(abspath $(CPP_DEPS))/lib/libonnxruntime.so.1 build/cpp-asan/libonnxruntime.so.1
+	$(MAKE) -s cpp
+	MISTRAL_TRT_CPP_BUILD=$(abspath build/cpp-asan) MISTRAL_TRT_CPP_SANITIZED=1 MISTRAL_TRT_VALGRIND=1 \
+	  ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests/test_cpp.py
 
 # Third-party clients on our export folder as written: onnxruntime-genai and transformers 5 here, optimum (which
 # needs transformers < 4.58) in its own venv. .ci/run runs it after `make test`.
@@ -80,6 +110,13 @@ bench: export
 	@test -f $(FUSED_Q8)/manifest.json || $(CLI) quantize $(FUSED_OUT) --precision int8-w8a8-dynamic -o $(FUSED_Q8)
 	$(CLI) bench $(FUSED_OUT) $(OUT) $(FUSED_Q8) --baseline hf --baseline ort-genai --prompt-len 128,512,2048 \
 	  --gen-len 64 --repeat 3 -o build/bench
+
+# The C++ runtime beside the Python one on the same demo exports (fused fp32, portable fp32, fused int8): decode p50
+# and TTFT at prompts 128/512/2048, in one run.
+bench-cpp: export cpp
+	@test -f $(FUSED_OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_OUT) --graph fused
+	@test -f $(FUSED_Q8)/manifest.json || $(CLI) quantize $(FUSED_OUT) --precision int8-w8a8-dynamic -o $(FUSED_Q8)
+	$(CLI) bench $(FUSED_OUT) $(OUT) $(FUSED_Q8) --cpp --prompt-len 128,512,2048 --gen-len 64 --repeat 3 -o build/bench-cpp
 
 # The OpenAI-compatible server on the demo model's fused export, 127.0.0.1:$(PORT) (Ctrl-C or SIGTERM stops it).
 PORT ?= 8000

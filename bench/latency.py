@@ -163,6 +163,23 @@ class Ours:
         return t
 
 
+class Cpp:
+    """The C++ runtime (cpp/) on the same export, through its C ABI: the timestamps are taken in C++ (no callback),
+    so the difference to `Ours` on the same folder is the Python runtime's overhead per step."""
+
+    def __init__(self, folder: Path, library: Path):
+        from .cpp import CppRuntime
+
+        self.name = f"cpp:{folder.name}"
+        self.rt = CppRuntime(library, folder)
+
+    def run(self, prompts: np.ndarray, n: int) -> list[float]:
+        if prompts.shape[0] != 1:
+            raise UserError("--cpp: the C++ runtime generates one sequence per handle; use --batch 1")
+        t0 = time.perf_counter()
+        return [t0] + [t0 + t for t in self.rt.time_tokens(prompts[0], n)]
+
+
 class HF:
     """transformers eager `generate` on the same checkpoint and dtype; a logits processor timestamps each token."""
 
@@ -370,12 +387,17 @@ def main_bench(a) -> None:
         Manifest.load(f)  # a bad folder fails now, not after minutes of measuring
         check_engine_limits(f, a.batch, a.prompt_len, a.gen_len)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if a.cpp and (a.provider != "cpu" or a.batch != [1]):
+        raise UserError("--cpp runs the C++ runtime on onnxruntime's CPU provider, one sequence: --provider cpu --batch 1")
     systems = []
     for f in folders:
         before = rss_bytes()
         systems.append(load_system(Ours, (f, a.provider), before))
         if sum(s.name == systems[-1].name for s in systems) > 1:
             systems[-1].name += f"#{len(systems)}"
+        if a.cpp:
+            before = rss_bytes()
+            systems.append(load_system(Cpp, (f, Path(a.cpp_lib)), before))
     for base in a.baseline:
         before = rss_bytes()
         if base == "hf":
@@ -396,7 +418,8 @@ def main_bench(a) -> None:
     bandwidth = max(probes)
     how = ("given with --bandwidth" if a.bandwidth else
            f"read, all cores: the highest of {len(probes)} probes during the run, lowest {min(probes) / 1e9:.1f} GB/s")
-    weight_bytes = {s.name: graph_decode_bytes(f) for s, f in zip(systems, folders)}  # ours: counted from each ONNX
+    per_folder = [f for f in folders for _ in range(2 if a.cpp else 1)]  # a C++ system follows each folder's own
+    weight_bytes = {s.name: graph_decode_bytes(f) for s, f in zip(systems, per_folder)}  # counted from each ONNX
     table, data = report(results, a.gen_len, m.model, m.dtype, bandwidth, weight_bytes, how)
     data["bandwidth_probes_bytes_s"] = probes
     print(table)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mistral_trt.export.weights import int8_per_channel, int8_scale
+from mistral_trt.export.weights import int8_per_channel
 from mistral_trt.runtime.manifest import ONNX_DATA_NAME
 
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
@@ -71,11 +71,6 @@ def weight_only_int8_model(model) -> dict:
     del g.initializer[:]
     g.initializer.extend(keep)
     return {"matmuls": len(done), "bytes": nbytes}
-
-
-def weight_scale(w: np.ndarray) -> np.ndarray:
-    """Per output column of W [K, N]: max |W[:, n]| / 127 (an all-zero column gets 1)."""
-    return int8_scale(w)
 
 
 def fold_weight_transposes(model) -> int:

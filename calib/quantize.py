@@ -42,7 +42,7 @@ from mistral_trt.runtime.errors import UserError
 from mistral_trt.runtime.manifest import NBITS_PRECISIONS, ONNX_NAME, Manifest
 
 from .qdq import save_model, weight_only_int8
-from .smoothquant import ACTIVATION_GROUPS, CALIB_METHODS, GROUPS, int8_w8a8
+from .smoothquant import ACTIVATION_GROUPS, CALIB_METHODS, GROUPS, Recipe, int8_w8a8
 
 PRECISIONS = ("fp16", "int8-w8a16", "int8-w8a8", "int8-w8a8-dynamic", "int4")
 FUSED_PRECISIONS = ("fp16", "int8-w8a8-dynamic", "int4")  # what a --graph fused export takes; the others are Q/DQ graphs
@@ -61,26 +61,19 @@ def quantize(export_dir: str | Path, precision: str, out: str | Path, force: boo
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if m.dtype != "fp32" or m.precision:
-        hint = (f"; or write it from the checkpoint: mistral-trt export {m.source.get('path', 'CHECKPOINT')} -o OUT "
-                f"--graph fused --precision {precision}") if precision in NBITS_PRECISIONS else ""
+        flags = ("--graph fused " if precision in NBITS_PRECISIONS else "") + f"--precision {precision}" + (
+            " --calib CALIB" if precision == "int8-w8a8" else "")
+        hint = f"; or write it from the checkpoint: mistral-trt export {m.source.get('path', 'CHECKPOINT')} -o OUT {flags}"
         raise UserError(f"{export_dir}: quantize starts from an fp32 export, this one is "
                         f"{m.precision.get('name', m.dtype)}{hint}")
-    if not (outlier_ratio > 1 and outlier_ratio != float("inf")):
-        raise UserError(f"--outlier-ratio {outlier_ratio}: expected a finite number > 1")
     if block_size < 16 or block_size & (block_size - 1):
         raise UserError(f"--block-size {block_size}: expected a power of two >= 16 (onnxruntime MatMulNBits)")
     if (m.graph == "fused") != (precision in FUSED_PRECISIONS) and precision != "fp16":
         need = "a --graph fused export" if precision in FUSED_PRECISIONS else "a --graph portable export (Q/DQ for TensorRT)"
         raise UserError(f"{export_dir}: --precision {precision} needs {need}; this one is graph {m.graph!r}")
     if precision == "int8-w8a8":
-        if calib is None:
-            raise UserError("--precision int8-w8a8 calibrates activations: pass --calib CALIB (from `mistral-trt calibrate`)")
-        if calib_method not in CALIB_METHODS:
-            raise UserError(f"--calib-method {calib_method!r}: expected one of {', '.join(CALIB_METHODS)}")
-        from mistral_trt.calib.data import load, load_manifest
-
-        calib_manifest = load_manifest(calib)
-        seqs = load(calib)
+        recipe = w8a8_recipe(calib, calib_method, alpha, outlier_ratio)
+        calib_manifest, seqs = load_calibration(calib, m.model.vocab_size)
     m.check_files(export_dir)  # quantizing weights that changed after export would publish garbage with a new hash
     if precision == "fp16":
         from mistral_trt.export.pipeline import export_model
@@ -103,28 +96,81 @@ def quantize(export_dir: str | Path, precision: str, out: str | Path, force: boo
             m.precision = {"name": precision, "method": "per-channel symmetric int8 weights (DequantizeLinear, zero point 0)",
                            "calibration": None}
         else:
-            alphas = {} if alpha == "auto" else {g: float(alpha) for g in GROUPS}
-            stats = int8_w8a8(export_dir, tmp / ONNX_NAME, seqs, alphas, calib_method, groups=ACTIVATION_GROUPS,
-                              outlier_ratio=outlier_ratio, log=log)
+            stats = int8_w8a8(export_dir, tmp / ONNX_NAME, seqs, recipe, log=log)
             acts = stats.pop("activations")
             (tmp / "quantization.json").write_text(json.dumps(acts, indent=1) + "\n")
-            kept = [r["activation"] for r in acts if r.get("kept_float")]
-            m.precision = {
-                "name": precision,
-                "method": (f"SmoothQuant (alpha {alpha}{' per activation, by output error' if alpha == 'auto' else ''}) + "
-                           f"per-tensor symmetric int8 activations ({calib_method} calibration, QuantizeLinear/"
-                           "DequantizeLinear, zero point 0) + per-channel symmetric int8 weights"),
-                "calibration": {"path": str(Path(calib).absolute()), "sha256": calib_manifest["sha256"],
-                                "sequences": len(seqs), "method": calib_method},
-                "quantized_activations": len(acts) - len(kept),
-                "float_activations": kept, "outlier_ratio": outlier_ratio, "details": "quantization.json",
-            }
+            m.precision = w8a8_record(recipe, alpha, calib, calib_manifest, len(seqs), acts, ONNX_STATISTICS)
         for name in m.tokenizer_files:
             shutil.copy2(export_dir / name, tmp / name)
         m.precision.update({"from": str(export_dir.absolute()), "quantized_matmuls": stats["matmuls"], "weight_bytes": stats["bytes"]})
         m.verification = []
         save_with_files(m, tmp)
     return Manifest.load(out)
+
+
+ONNX_STATISTICS = "an fp32 export, run by onnxruntime"
+CHECKPOINT_STATISTICS = "the checkpoint, one decoder layer at a time, run by torch"
+
+
+def w8a8_recipe(calib, calib_method: str, alpha, outlier_ratio: float) -> Recipe:
+    """int8-w8a8's settings from the command's flags, checked (both roads: `quantize` and `export`)."""
+    if calib is None:
+        raise UserError("--precision int8-w8a8 calibrates activations: pass --calib CALIB (from `mistral-trt calibrate`)")
+    if calib_method not in CALIB_METHODS:
+        raise UserError(f"--calib-method {calib_method!r}: expected one of {', '.join(CALIB_METHODS)}")
+    if not (outlier_ratio > 1 and outlier_ratio != float("inf")):
+        raise UserError(f"--outlier-ratio {outlier_ratio}: expected a finite number > 1")
+    alphas = {} if alpha == "auto" else {g: float(alpha) for g in GROUPS}
+    return Recipe(alpha=alphas, method=calib_method, groups=ACTIVATION_GROUPS, outlier_ratio=outlier_ratio)
+
+
+def load_calibration(calib, vocab_size: int) -> tuple[dict, list]:
+    """The calibration folder's manifest and sequences (hash-checked), refused if its ids do not fit this model."""
+    from mistral_trt.calib.data import load, load_manifest
+
+    calib_manifest = load_manifest(calib)
+    seqs = load(calib)
+    top = max((int(x.max()) for x in seqs if len(x)), default=0)
+    if top >= vocab_size:
+        raise UserError(f"{calib}: token id {top} is outside this model's vocabulary ({vocab_size}); calibrate with an "
+                        "export of this model")
+    return calib_manifest, seqs
+
+
+def w8a8_record(recipe: Recipe, alpha, calib, calib_manifest: dict, sequences: int, acts: list[dict],
+                statistics: str) -> dict:
+    """The manifest's precision record of an int8-w8a8 artifact (`quantize` and `export` alike)."""
+    kept = [r["activation"] for r in acts if r.get("kept_float")]
+    return {
+        "name": "int8-w8a8",
+        "method": (f"SmoothQuant (alpha {alpha}{' per activation, by output error' if alpha == 'auto' else ''}) + "
+                   f"per-tensor symmetric int8 activations ({recipe.method} calibration, QuantizeLinear/"
+                   "DequantizeLinear, zero point 0) + per-channel symmetric int8 weights"),
+        "calibration": {"path": str(Path(calib).absolute()), "sha256": calib_manifest["sha256"],
+                        "sequences": sequences, "method": recipe.method, "statistics": statistics},
+        "quantized_activations": len(acts) - len(kept),
+        "float_activations": kept, "outlier_ratio": recipe.outlier_ratio, "details": "quantization.json",
+    }
+
+
+def checkpoint_w8a8(calib, calib_method: str = "max", alpha="auto", outlier_ratio: float = 20.0):
+    """int8-w8a8 straight from the checkpoint (`export --precision int8-w8a8 --calib CALIB`): the statistics come
+    from the checkpoint one decoder layer at a time (calib/layerwise.py), the edits are applied to each weight as
+    export/onnx_export.py streams it. Returns the `calibrate(weights, checkpoint, log) -> edits` export_model
+    runs as its first stage; the edits carry the manifest's precision record and quantization.json."""
+    recipe = w8a8_recipe(calib, calib_method, alpha, outlier_ratio)
+
+    def calibrate(weights, c, log):
+        from .layerwise import layerwise_plans
+        from .smoothquant import SmoothQuantEdits
+
+        calib_manifest, seqs = load_calibration(calib, c.args.vocab_size)
+        log(f"  {len(seqs)} calibration sequences, {sum(len(x) for x in seqs)} tokens, {c.args.num_layers} layers")
+        plans = layerwise_plans(weights, c.config, c.args, seqs, recipe, log=log)
+        return SmoothQuantEdits(c.args, plans, describe=lambda report: w8a8_record(
+            recipe, alpha, calib, calib_manifest, len(seqs), report, CHECKPOINT_STATISTICS))
+
+    return calibrate
 
 
 def nbits(src: Path, dst: Path, bits: int = 8, block_size: int = NBITS_BLOCK) -> dict:

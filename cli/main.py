@@ -21,9 +21,20 @@ def cmd_convert_gguf(a):
 def cmd_export(a):
     from mistral_trt.export.pipeline import export_model
 
+    calibrate = None
+    if a.precision == "int8-w8a8":  # calibrated on the checkpoint, one decoder layer at a time
+        from mistral_trt.calib.quantize import checkpoint_w8a8
+
+        calibrate = checkpoint_w8a8(a.calib, a.calib_method, _alpha_value(a), a.outlier_ratio)
+    elif a.calib:
+        raise UserError("--calib goes with --precision int8-w8a8 (the only precision that calibrates activations)")
     export_model(a.model, a.output, dtype=a.dtype, force=a.force, run_verify=not a.no_verify,
                  max_window_check=a.max_window_check, provider=a.provider, graph=a.graph, precision=a.precision,
-                 block_size=a.block_size)
+                 block_size=a.block_size, calibrate=calibrate)
+
+
+def _alpha_value(a):
+    return a.smoothquant_alpha if a.smoothquant_alpha == "auto" else float(a.smoothquant_alpha)
 
 
 def cmd_verify(a):
@@ -253,9 +264,8 @@ def cmd_calibrate(a):
 def cmd_quantize(a):
     from mistral_trt.calib.quantize import quantize
 
-    alpha = a.smoothquant_alpha if a.smoothquant_alpha == "auto" else float(a.smoothquant_alpha)
     m = quantize(a.export_dir, a.precision, a.output, force=a.force, calib=a.calib, calib_method=a.calib_method,
-                 alpha=alpha, outlier_ratio=a.outlier_ratio, block_size=a.block_size)
+                 alpha=_alpha_value(a), outlier_ratio=a.outlier_ratio, block_size=a.block_size)
     print(f"{a.output}: {m.precision['name']} ({m.precision['method']})")
 
 
@@ -353,6 +363,16 @@ def _add_sampling_args(s):
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="onnxruntime execution provider")
 
 
+def _add_w8a8_args(s):
+    s.add_argument("--calib", metavar="CALIB_DIR", help="calibration folder (int8-w8a8 calibrates its activations on it)")
+    s.add_argument("--calib-method", choices=["max", "percentile", "mse"], default="max",
+                   help="int8-w8a8 activation range: max (default, measured best), 99.99th percentile, or MSE-optimal clip")
+    s.add_argument("--smoothquant-alpha", default="auto", type=_alpha,
+                   help="int8-w8a8 SmoothQuant migration strength 0..1, or auto (per activation, by output error)")
+    s.add_argument("--outlier-ratio", type=float, default=20.0,
+                   help="int8-w8a8: activations whose max exceeds this many times their 99.99th percentile stay float")
+
+
 class Parser(argparse.ArgumentParser):
     """Bad arguments get one line and exit code 2, like every other bad input (argparse prints the usage too)."""
 
@@ -379,10 +399,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", metavar="EXPORT_DIR", required=True, help="output folder (written atomically)")
     s.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     s.add_argument("--precision", choices=EXPORT_PRECISIONS,
-                   help="weights as written, straight from the checkpoint (fused graph streams tensor by tensor): fp32, "
-                        "fp16, int8-w8a8-dynamic or int4 (onnxruntime MatMulNBits, --graph fused)")
+                   help="weights as written, straight from the checkpoint, tensor by tensor: fp32, fp16, int8-w8a16 or "
+                        "int8-w8a8 (explicit Q/DQ for TensorRT; w8a8 takes --calib), int8-w8a8-dynamic or int4 "
+                        "(onnxruntime MatMulNBits, --graph fused)")
     s.add_argument("--block-size", type=int, default=NBITS_BLOCK,
                    help="int8-w8a8-dynamic / int4: input channels per weight scale")
+    _add_w8a8_args(s)
     s.add_argument("--graph", choices=GRAPHS, default="portable",
                    help="portable: traced standard ONNX ops, runs anywhere incl. TensorRT; fused: onnxruntime "
                         "contrib ops (GroupQueryAttention with an in-place KV cache), fastest on onnxruntime")
@@ -477,6 +499,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s for the floor (GPUs: the card's "
                    "data-sheet figure, e.g. 3350 for an H100 SXM); default: host memory, measured in the run")
     s.add_argument("--genai-cache", default="build/ort-genai", help="where onnxruntime-genai models are built")
+    s.add_argument("--cpp", action="store_true", help="also run each EXPORT_DIR on the C++ runtime (make cpp), "
+                   "side by side with the Python runtime")
+    s.add_argument("--cpp-lib", default="build/cpp/libmistral_trt.so", help="the C++ runtime's library (--cpp)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("calibrate", help="chat-formatted calibration sequences + held-out eval text")
@@ -505,13 +530,7 @@ def parser() -> argparse.ArgumentParser:
                    help="int8-w8a8-dynamic: fused-graph exports (onnxruntime MatMulNBits); the others: portable exports")
     s.add_argument("--block-size", type=int, default=NBITS_BLOCK,
                    help="int8-w8a8-dynamic: input channels per weight scale (32: best quality; 64: 10-17%% faster decode)")
-    s.add_argument("--calib", metavar="CALIB_DIR", help="calibration folder (int8-w8a8 calibrates its activations on it)")
-    s.add_argument("--calib-method", choices=["max", "percentile", "mse"], default="max",
-                   help="int8-w8a8 activation range: max (default, measured best), 99.99th percentile, or MSE-optimal clip")
-    s.add_argument("--smoothquant-alpha", default="auto", type=_alpha,
-                   help="int8-w8a8 SmoothQuant migration strength 0..1, or auto (per activation, by output error)")
-    s.add_argument("--outlier-ratio", type=float, default=20.0,
-                   help="int8-w8a8: activations whose max exceeds this many times their 99.99th percentile stay float")
+    _add_w8a8_args(s)
     s.add_argument("-o", "--output", metavar="EXPORT_DIR", required=True)
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_quantize)

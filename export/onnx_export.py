@@ -86,7 +86,7 @@ def skeleton(config: dict, dtype: str) -> nn.Module:
 
 
 def export_streaming(config: dict, args: ModelArgs, dtype: str, weights, folder: Path, int8_weights: bool = False,
-                     progress=lambda done, total: None) -> dict:
+                     edits=None, progress=lambda done, total: None) -> dict:
     """The portable graph straight from the checkpoint, one tensor at a time (export/weights.py).
 
     The graph is traced from `skeleton` (shapes only) by torch.export (dynamo: the sliding-window mask stays
@@ -94,6 +94,11 @@ def export_streaming(config: dict, args: ModelArgs, dtype: str, weights, folder:
     safetensors files, written and freed. What the optimizer would have folded, this writer folds itself:
     MatMul(x, Transpose(W)) -> MatMul(x, W^T), W^T a new initializer. With `int8_weights` each such W^T becomes
     int8-w8a16's per-channel symmetric int8 behind DequantizeLinear (calib/quantize.py), as it is written.
+
+    `edits` (int8-w8a8: calib/smoothquant.py's SmoothQuantEdits) changes the graph and its weights as they
+    stream: edits.prepare(nodes, shapes) once the structure is known (MatMuls read their W^T by name, shapes
+    of every float initializer as written), edits.weight(name, w) for every weight before it is written (and
+    before int8), edits.finish(graph, add) for the nodes and small initializers it adds.
     Returns {"matmuls": quantized MatMuls, "bytes": their int8 + scale bytes}."""
     import onnx
     import onnx_ir as ir
@@ -108,7 +113,8 @@ def export_streaming(config: dict, args: ModelArgs, dtype: str, weights, folder:
     dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, {0: batch, 1: seq},
                       tuple({0: batch, 2: past} for _ in range(2 * args.num_layers)))
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    logging.getLogger("onnxscript").setLevel(logging.ERROR)  # "skipped deduplication" per held-out weight
+    for name in ("onnxscript", "onnx_ir"):  # "skipped deduplication" per held-out weight
+        logging.getLogger(name).setLevel(logging.ERROR)
     model.set_attn_implementation(attention.register())
     wrapper = KVCacheWrapper(model, args.num_layers).eval()
     params = {name for name, _ in wrapper.named_parameters()}  # "model.model.layers.0...": the wrapper's prefix
@@ -138,42 +144,57 @@ def export_streaming(config: dict, args: ModelArgs, dtype: str, weights, folder:
     for n in g.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    np_dtype = NUMPY_DTYPE[dtype]
-    item = 1 if int8_weights else DTYPE_BYTES[dtype]
-    sink = TensorSink(folder, external=sum(math.prod(s) for s in held.values()) * item >= EXTERNAL_DATA_THRESHOLD)
-    stats = {"matmuls": 0, "bytes": 0}
-    new_inits, dead, extra_nodes = [], set(), {}
     order = sorted((n for n in held if n in consumers), key=lambda n: min(position[c.name] for c in consumers[n]))
-    for k, name in enumerate(order):
-        w = weights.get(name[len("model."):], np_dtype)  # checkpoint name: without the wrapper's prefix
-        users = consumers[name]
+    # The structure first (no weight read yet): which weights are read as they are (embedding Gather, norm Mul),
+    # which reach MatMuls through a Transpose (folded: W^T becomes the initializer), and the shapes as written.
+    plain, folded, readers, shapes, dead = set(), {}, {}, {}, set()
+    for name in order:
+        users, shape = consumers[name], tuple(held[name])
         folds = [u for u in users if u.op_type == "Transpose" and all(c.op_type == "MatMul" for c in consumers.get(u.output[0], []))
-                 and w.ndim == 2 and [list(a.ints) for a in u.attribute if a.name == "perm"] in ([], [[1, 0]])]
-        if len(folds) < len(users):  # read as it is (embedding Gather, norm Mul)
-            new_inits.append(sink.add(name, w))
+                 and len(shape) == 2 and [list(a.ints) for a in u.attribute if a.name == "perm"] in ([], [[1, 0]])]
+        if len(folds) < len(users):
+            plain.add(name)
+            shapes[name] = shape
         if folds:
-            wt = np.ascontiguousarray(w.T)
-            del w
-            t_name = f"{name}.T"
-            if int8_weights:
-                q, scale = int8_per_channel(wt.astype(np.float32, copy=False))
-                new_inits += [sink.add(f"{t_name}_int8", q), sink.add(f"{t_name}_scale", scale),
-                              sink.add(f"{t_name}_zero_point", np.zeros(scale.shape, np.int8))]
-                extra_nodes[folds[0].name] = helper.make_node(
-                    "DequantizeLinear", [f"{t_name}_int8", f"{t_name}_scale", f"{t_name}_zero_point"], [f"{t_name}_dq"],
-                    name=f"{t_name}_DequantizeLinear", axis=1)
-                stats["matmuls"] += 1
-                stats["bytes"] += q.nbytes + scale.nbytes
-                t_name = f"{t_name}_dq"
-            else:
-                new_inits.append(sink.add(t_name, wt))
-            del wt
+            t_name = folded[name] = f"{name}.T"
+            shapes[t_name] = shape[::-1]
+            readers[name] = [c for t in folds for c in consumers[t.output[0]]]
             for t in folds:
                 dead.add(t.name)
                 for c in consumers[t.output[0]]:
                     c.input[:] = [t_name if i == t.output[0] else i for i in c.input]
+    if edits is not None:
+        edits.prepare([n for n in g.node if n.name not in dead], shapes)
+    edit = edits.weight if edits is not None else (lambda name, w: w)
+    np_dtype = NUMPY_DTYPE[dtype]
+    item = 1 if int8_weights else DTYPE_BYTES[dtype]
+    sink = TensorSink(folder, external=sum(math.prod(s) for s in held.values()) * item >= EXTERNAL_DATA_THRESHOLD)
+    stats = {"matmuls": 0, "bytes": 0}
+    new_inits, extra_nodes = [], {}
+    first_transpose = {name: next(u.name for u in consumers[name] if u.name in dead) for name in folded}
+    for k, name in enumerate(order):
+        w = weights.get(name[len("model."):], np_dtype)  # checkpoint name: without the wrapper's prefix
+        if name in plain:
+            new_inits.append(sink.add(name, edit(name, w)))
+        if name in folded:
+            t_name = folded[name]
+            wt = edit(t_name, np.ascontiguousarray(w.T))
+            del w
+            if int8_weights:
+                q, scale = int8_per_channel(wt.astype(np.float32, copy=False))
+                new_inits += [sink.add(f"{t_name}_int8", q), sink.add(f"{t_name}_scale", scale),
+                              sink.add(f"{t_name}_zero_point", np.zeros(scale.shape, np.int8))]
+                extra_nodes[first_transpose[name]] = helper.make_node(
+                    "DequantizeLinear", [f"{t_name}_int8", f"{t_name}_scale", f"{t_name}_zero_point"], [f"{t_name}_dq"],
+                    name=f"{t_name}_DequantizeLinear", axis=1)
+                stats["matmuls"] += 1
+                stats["bytes"] += q.nbytes + scale.nbytes
+                for c in readers[name]:
+                    c.input[:] = [f"{t_name}_dq" if i == t_name else i for i in c.input]
+            else:
+                new_inits.append(sink.add(t_name, wt))
+            del wt
         progress(k + 1, len(order))
-    sink.close()
     nodes = []
     for n in g.node:  # the DequantizeLinear takes the place of the Transpose it replaces: order stays topological
         if n.name in extra_nodes:
@@ -182,6 +203,9 @@ def export_streaming(config: dict, args: ModelArgs, dtype: str, weights, folder:
             nodes.append(n)
     del g.node[:]
     g.node.extend(nodes)
+    if edits is not None:
+        edits.finish(g, lambda name, arr: new_inits.append(sink.add(name, arr)))
+    sink.close()
     g.initializer.extend(new_inits)
     onnx.save_model(proto, str(folder / ONNX_NAME))
     return stats

@@ -24,7 +24,7 @@ from pathlib import Path
 from mistral_trt.runtime.errors import UserError, check_interrupted
 from mistral_trt.runtime.integrity import hash_file
 from mistral_trt.runtime.manifest import (DTYPE_BYTES, DTYPES, EXPORT_PRECISIONS, GRAPHS, NBITS_PRECISIONS, ONNX_DATA_NAME,
-                                          ONNX_NAME, Manifest, fused_io_specs, io_specs)
+                                          ONNX_NAME, QDQ_PRECISIONS, Manifest, fused_io_specs, io_specs)
 from mistral_trt.runtime.backend import open_backend
 
 from . import checkpoint as ck
@@ -125,23 +125,27 @@ def check_memory(c: ck.Checkpoint, dtype: str, run_verify: bool, provider: str) 
 
 def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool = False, run_verify: bool = True,
                  max_window_check: int = vf.MAX_WINDOW_CHECK, provider: str = "cpu", graph: str = "portable",
-                 precision: str | None = None, block_size: int = 32) -> Manifest:
+                 precision: str | None = None, block_size: int = 32, calibrate=None) -> Manifest:
+    """`calibrate` (int8-w8a8 only; calib/quantize.py's checkpoint_w8a8 makes it): calibrate(weights, checkpoint,
+    log) -> the graph and weight edits export_streaming applies (export/onnx_export.py), run as the first stage."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if graph not in GRAPHS:
         raise UserError(f"--graph {graph!r}: expected one of {', '.join(GRAPHS)}")
     if precision is not None:
         if precision not in EXPORT_PRECISIONS:
-            raise UserError(f"--precision {precision!r}: expected one of {', '.join(EXPORT_PRECISIONS)} (portable Q/DQ "
-                            "precisions for TensorRT come from `mistral-trt quantize` on an fp32 export)")
+            raise UserError(f"--precision {precision!r}: expected one of {', '.join(EXPORT_PRECISIONS)}")
         want = "fp16" if precision == "fp16" else "fp32"
         if dtype != want and dtype != "fp32":
             raise UserError(f"--precision {precision} computes in {want}; leave out --dtype {dtype}")
         dtype = want
         if precision in NBITS_PRECISIONS and graph != "fused":
             raise UserError(f"--precision {precision} writes onnxruntime MatMulNBits weights: add --graph fused")
-        if precision == "int8-w8a16" and graph != "portable":
-            raise UserError("--precision int8-w8a16 writes explicit Q/DQ (TensorRT): it takes --graph portable")
+        if precision in QDQ_PRECISIONS and graph != "portable":
+            raise UserError(f"--precision {precision} writes explicit Q/DQ (TensorRT): it takes --graph portable")
+    if (precision == "int8-w8a8") != (calibrate is not None):
+        raise UserError("--precision int8-w8a8 calibrates activations: pass --calib CALIB (from `mistral-trt calibrate`)"
+                        if calibrate is None else "--calib goes with --precision int8-w8a8")
     nbits = None
     if precision in NBITS_PRECISIONS:
         from .fused_graph import NBits
@@ -170,35 +174,43 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
 
         need_bytes = fused_bytes(weights, args, dtype, nbits) + (64 << 20)
     else:
-        need_bytes = output_bytes(c, "fp16" if precision == "int8-w8a16" else dtype)  # int8 + scales < fp16
+        need_bytes = output_bytes(c, "fp16" if precision in QDQ_PRECISIONS else dtype)  # int8 + scales < fp16
     check_memory(c, dtype, run_verify, provider)
     kinds = ", ".join(sorted({t.dtype for t in weights.index.values()}))
     what = (f"{precision} (MatMulNBits, block {block_size})" if nbits else
-            "int8-w8a16 (per-channel int8 weights behind DequantizeLinear)" if precision == "int8-w8a16" else dtype)
+            "int8-w8a16 (per-channel int8 weights behind DequantizeLinear)" if precision == "int8-w8a16" else
+            "int8-w8a8 (SmoothQuant, int8 weights and activations as Q/DQ)" if precision == "int8-w8a8" else dtype)
     with atomic_folder(out, force, kind="export", inputs=[src], need_bytes=need_bytes) as tmp:
-        total = 3 if run_verify else 2
-        t0 = time.perf_counter()
+        total = (3 if run_verify else 2) + (calibrate is not None)
+        n, edits = 0, None
+        if calibrate is not None:
+            n += 1
+            with stage(n, total, f"calibrate activations on {src}, one decoder layer at a time (torch)"):
+                edits = calibrate(weights, c, log)
 
-        def progress(i, n):
+        def progress(i, count):
             check_interrupted()
-            if i == n or i % max(1, n // 8) == 0:
-                log(f"  {i}/{n} {'layers' if graph == 'fused' else 'weights'} written ({time.perf_counter() - t0:.0f}s, "
+            if i == count or i % max(1, count // 8) == 0:
+                log(f"  {i}/{count} {'layers' if graph == 'fused' else 'weights'} written ({time.perf_counter() - t0:.0f}s, "
                     f"peak RSS {peak_rss_gib():.2f} GiB)")
 
+        n += 1
+        t0 = time.perf_counter()
         if graph == "portable":
-            with stage(1, total, f"trace {args.num_layers} layers into ONNX (opset 18, KV-cache inputs) and stream "
+            with stage(n, total, f"trace {args.num_layers} layers into ONNX (opset 18, KV-cache inputs) and stream "
                                  f"{src} ({kinds}) into it as {what}, tensor by tensor"):
                 from .onnx_export import export_streaming
 
-                stats = export_streaming(c.config, args, dtype, weights, tmp, int8_weights=precision == "int8-w8a16",
-                                         progress=progress)
+                stats = export_streaming(c.config, args, dtype, weights, tmp, int8_weights=precision in QDQ_PRECISIONS,
+                                         edits=edits, progress=progress)
         else:
-            with stage(1, total, f"stream {src} ({kinds}) into {what}: {args.num_layers} layers of onnxruntime fused "
+            with stage(n, total, f"stream {src} ({kinds}) into {what}: {args.num_layers} layers of onnxruntime fused "
                                  "ops, tensor by tensor"):
                 from .fused_graph import build_graph
 
                 stats = build_graph(weights, c.config, args, dtype, tmp, nbits=nbits, progress=progress)
-        with stage(2, total, "save manifest, tokenizer files and sha256 hashes"):
+        n += 1
+        with stage(n, total, "save manifest, tokenizer files and sha256 hashes"):
             precision_record = None
             if nbits is not None:
                 precision_record = {
@@ -210,12 +222,17 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
                 precision_record = {"name": precision, "calibration": None, "from": str(src.absolute()),
                                     "method": "per-channel symmetric int8 weights (DequantizeLinear, zero point 0)",
                                     "quantized_matmuls": stats["matmuls"], "weight_bytes": stats["bytes"]}
+            elif precision == "int8-w8a8":
+                for name, text in edits.files().items():
+                    (tmp / name).write_text(text)
+                precision_record = {**edits.record(), "from": str(src.absolute()), "quantized_matmuls": stats["matmuls"],
+                                    "weight_bytes": stats["bytes"]}
             elif precision == "fp16":
                 precision_record = {"name": "fp16", "method": "export --dtype fp16 (HF modelling code, fp32 norms/RoPE/"
                                     "softmax)", "from": str(src.absolute())}
             manifest = _write_manifest(c, args, dtype, tmp, graph, specials, tokenizer, precision_record)
         if run_verify:
-            with stage(3, total, "verify against PyTorch"):
+            with stage(n + 1, total, "verify against PyTorch"):
                 scen = vf.scenarios(args, max_window_check=max_window_check)
                 refs = vf.reference_logits(load_model(c, dtype), scen)
                 gc.collect()  # free the model before onnxruntime maps the weights: a 7B model fits only once

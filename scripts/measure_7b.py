@@ -6,8 +6,13 @@
    (scripts/measure_export.py --make; kept in WORK for the next run).
 2. For each precision: `mistral-trt export CKPT --graph G --precision P` as its own process (wall time and
    peak RSS from GNU time), and the same export of the demo model (G: fused for MatMulNBits precisions,
-   portable for int8-w8a16, the TensorRT Q/DQ artifact that onnxruntime's CPU provider also runs).
-3. Each artifact in a fresh process: one 512-token prefill (TTFT) and 32 greedy decode steps, driven through
+   portable for the Q/DQ ones: int8-w8a16, which onnxruntime's CPU provider also runs, and int8-w8a8, calibrated
+   on the checkpoint one decoder layer at a time). int8-w8a8 needs a calibration set of the model's tokenizer:
+   for the 7B shapes it is made by `calibrate` with a tiny random model carrying the same Mistral v1 tokenizer
+   (a random 7B's replies would be noise too; what costs is the set's size, --calib-count sequences), for the
+   demo by its own fp32 export.
+3. Each CPU-runnable artifact in a fresh process (int8-w8a8 is TensorRT's: onnxruntime's CPU provider would
+   hold its weights in float32): one 512-token prefill (TTFT) and 32 greedy decode steps, driven through
    the runtime's step contract directly (random weights would hit EOS at random; the step contract has none).
    Bytes per token are counted from the ONNX itself (bench/latency.py), so "effective read bandwidth" =
    bytes per token / decode time per token; the 7B's over the demo's says whether a model 50x larger decodes
@@ -68,14 +73,37 @@ def run_timed(cmd: list[str]) -> tuple[float, float, str]:
     return wall, int(re.findall(r"MAXRSS_KB=(\d+)", p.stderr)[-1]) / 2**20, p.stdout
 
 
+def tiny_with_tokenizer(work: Path) -> Path:
+    """A tiny random Mistral with the 7B checkpoint's tokenizer (Mistral v1): it writes the calibration replies."""
+    folder = work / "tiny-mistral-v1"
+    if not (folder / "config.json").is_file():
+        sys.path.insert(0, str(ROOT / "tests"))
+        from conftest import make_tiny_mistral
+
+        make_tiny_mistral(folder, sliding_window=None)
+    return folder
+
+
+def calibration(work: Path, name: str, ckpt: Path, count: int) -> Path:
+    """A calibration set of `count` chat-formatted sequences, replies written by an fp32 export of `ckpt`."""
+    out = work / f"calib-{name}-{count}"
+    if not (out / "manifest.json").is_file():
+        export = work / f"{name}-calib-model-fp32"
+        if not (export / "manifest.json").is_file():
+            subprocess.run([cli(), "export", str(ckpt), "-o", str(export), "--no-verify", "--force"], check=True)
+        subprocess.run([cli(), "calibrate", str(export), "-o", str(out), "--count", str(count), "--force"], check=True)
+    return out
+
+
 def cli() -> str:
     return str(Path(sys.executable).parent / "mistral-trt")
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--precision", nargs="+", default=["int8-w8a8-dynamic", "int4", "int8-w8a16"],
-                    help="int8-w8a16 is the portable graph (Q/DQ, for TensorRT; onnxruntime's CPU provider runs it too)")
+    ap.add_argument("--precision", nargs="+", default=["int8-w8a8-dynamic", "int4", "int8-w8a16", "int8-w8a8"],
+                    help="int8-w8a16 and int8-w8a8 are the portable graph (Q/DQ, for TensorRT)")
+    ap.add_argument("--calib-count", type=int, default=32, help="calibration sequences for int8-w8a8")
     ap.add_argument("--work", default=str(ROOT / "build" / "measure-7b"))
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=32)
@@ -90,33 +118,42 @@ def main():
                         "--dtype", "bf16"], check=True)
     if not (DEMO_HF / "config.json").is_file():
         subprocess.run([cli(), "convert-gguf", "-o", str(DEMO_HF)], check=True)
+    calib = {}
+    if "int8-w8a8" in a.precision:
+        calib = {ckpt: calibration(work, "7b", tiny_with_tokenizer(work), a.calib_count),
+                 DEMO_HF: calibration(work, "demo", DEMO_HF, a.calib_count)}
     rows = []
     for precision in a.precision:
         for model, src in (("Mistral-7B shapes", ckpt), ("demo (SmolLM2-135M)", DEMO_HF)):
-            graph = "portable" if precision == "int8-w8a16" else "fused"
+            graph = "portable" if precision in ("int8-w8a16", "int8-w8a8") else "fused"
             out = work / f"{'7b' if src == ckpt else 'demo'}-{graph}-{precision}"
             cost_file = work / f"{out.name}.cost.json"
             if (out / "manifest.json").is_file() and cost_file.is_file():
                 cost = json.loads(cost_file.read_text())
             else:
                 print(f"export {model} -> {precision} ...", file=sys.stderr, flush=True)
+                flags = ["--calib", str(calib[src])] if precision == "int8-w8a8" else []
                 wall, rss, _ = run_timed([cli(), "export", str(src), "-o", str(out), "--graph", graph,
-                                          "--precision", precision, "--force"])
+                                          "--precision", precision, "--force", *flags])
                 cost = {"export_s": wall, "export_rss_gib": rss,
                         "size_gib": sum(f.stat().st_size for f in out.iterdir()) / 2**30}
                 cost_file.write_text(json.dumps(cost))
-            print(f"run {model} {precision}: {a.prompt_len}-token prefill + {a.steps} decode steps ...", file=sys.stderr, flush=True)
-            _, _, stdout = run_timed([sys.executable, "-c", CHILD, str(out), str(a.prompt_len), str(a.steps)])
-            run = json.loads(stdout)
-            rows.append({"model": model, "precision": precision, "graph": graph, **cost, **run,
-                         "read_gb_s": run["bytes_per_token"] / (run["decode_ms"] / 1000) / 1e9})
+            run = {}
+            if precision != "int8-w8a8":
+                print(f"run {model} {precision}: {a.prompt_len}-token prefill + {a.steps} decode steps ...",
+                      file=sys.stderr, flush=True)
+                _, _, stdout = run_timed([sys.executable, "-c", CHILD, str(out), str(a.prompt_len), str(a.steps)])
+                run = json.loads(stdout)
+                run["read_gb_s"] = run["bytes_per_token"] / (run["decode_ms"] / 1000) / 1e9
+            rows.append({"model": model, "precision": precision, "graph": graph, **cost, **run})
             if src == ckpt and not a.keep:
                 import shutil
 
                 shutil.rmtree(out), cost_file.unlink()
     for r in rows:
         demo = next(d for d in rows if d["precision"] == r["precision"] and d["model"].startswith("demo"))
-        r["read_vs_demo"] = r["read_gb_s"] / demo["read_gb_s"]
+        if "read_gb_s" in r:
+            r["read_vs_demo"] = r["read_gb_s"] / demo["read_gb_s"]
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     head = ("| model | graph | precision | export (s) | export peak RSS (GiB) | size (GiB) | run peak RSS (GiB) | load (s) "
@@ -125,9 +162,11 @@ def main():
     print(head)
     print("|" + "---|" * head.count(" | ") + "---|")
     for r in rows:
-        print(f"| {r['model']} | {r['graph']} | {r['precision']} | {r['export_s']:.0f} | {r['export_rss_gib']:.2f} | {r['size_gib']:.2f} "
-              f"| {r['rss_gib']:.2f} | {r['load_s']:.1f} | {r['ttft_s']:.2f} | {r['decode_ms']:.1f} "
-              f"| {r['bytes_per_token'] / 1e9:.3f} | {r['read_gb_s']:.2f} | {r['read_vs_demo']:.2f}x |")
+        run = (f"| {r['rss_gib']:.2f} | {r['load_s']:.1f} | {r['ttft_s']:.2f} | {r['decode_ms']:.1f} "
+               f"| {r['bytes_per_token'] / 1e9:.3f} | {r['read_gb_s']:.2f} | {r['read_vs_demo']:.2f}x |") if "read_gb_s" in r \
+            else "| TensorRT artifact: not run on CPU" + " |" * 7
+        print(f"| {r['model']} | {r['graph']} | {r['precision']} | {r['export_s']:.0f} | {r['export_rss_gib']:.2f} "
+              f"| {r['size_gib']:.2f} {run}")
     (work / "measure-7b.json").write_text(json.dumps({"cpu": cpu, "rows": rows}, indent=1))
     try:
         import matplotlib
@@ -137,7 +176,9 @@ def main():
 
         fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
         labels = [f"{r['model'].split(' ')[0]}\n{r['precision']}" for r in rows]
-        ax[0].bar(labels, [r["read_gb_s"] for r in rows], color=["C0" if "7B" in r["model"] else "C1" for r in rows])
+        ran = [r for r in rows if "read_gb_s" in r]
+        ax[0].bar([f"{r['model'].split(' ')[0]}\n{r['precision']}" for r in ran], [r["read_gb_s"] for r in ran],
+                  color=["C0" if "7B" in r["model"] else "C1" for r in ran])
         ax[0].set_ylabel("effective weight read (GB/s)")
         ax[0].set_title("decode: bytes per token / time per token")
         ax[1].bar(labels, [r["export_rss_gib"] for r in rows], color=["C0" if "7B" in r["model"] else "C1" for r in rows])

@@ -93,6 +93,16 @@ def demo_onnx(demo_hf, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_fused(demo_hf, tmp_path_factory) -> Path:
+    """The demo model's fused graph (onnxruntime contrib ops, in-place cache), fp32, verified."""
+    from mistral_trt.export.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("demo-fused") / "smollm2-fused"
+    export_model(str(demo_hf), out, graph="fused")
+    return out
+
+
 def run_without_torch(code: str, blocked=("torch", "transformers")) -> subprocess.CompletedProcess:
     """Run Python code in a fresh interpreter where torch and transformers (or `blocked`) cannot be imported."""
     blocker = textwrap.dedent(f"""

@@ -196,13 +196,6 @@ def test_fused_generate_cli_without_torch(tiny_fused):
     assert len(json.loads(r.stdout)["ids"]) == 40
 
 
-@pytest.fixture(scope="session")
-def demo_fused(demo_hf, tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo-fused") / "smollm2-fused"
-    export_model(str(demo_hf), out, graph="fused")
-    return out
-
-
 @pytest.mark.slow
 def test_demo_fused_greedy_equals_hf_generate(demo_fused, demo_hf):
     """The issue's bar for an optimized variant: verify passed (at export) and greedy equals HF generate."""
@@ -217,7 +210,7 @@ def test_demo_fused_greedy_equals_hf_generate(demo_fused, demo_hf):
         assert greedy(demo_fused, [prompt], 64)[0].tolist() == hf_greedy(demo_hf, prompt, 64), q
 
 
-@pytest.mark.slow
+@pytest.mark.quality
 def test_demo_int8_dynamic_quality(demo_fused, tmp_path):
     """int8-w8a8-dynamic on the demo: ppl change <= 1 % on the first 2048 held-out tokens (the README's row is
     the whole text: +0.36 %), against the fused fp32 export."""

@@ -1,0 +1,106 @@
+"""Activation statistics straight from the checkpoint, one decoder layer at a time (torch): the road for models
+whose fp32 export does not fit in memory (Mistral-7B: 29 GB), as llm-compressor's and AutoAWQ's sequential
+pipelines handle models larger than memory.
+
+    plans = layerwise_plans(weights, config, args, seqs, recipe)     # (layer, group) -> Smoothing
+
+The calibration set's hidden states stay in memory, one [b, s, H] float32 tensor per batch (Mistral-7B, 64
+sequences of ~250 tokens: 260 MB). Each layer is built from its own checkpoint tensors (export/weights.py: read,
+never the whole file mapped), every batch is pushed through it with the inputs of its four weight-MatMul groups
+captured (calib/smoothquant.py's RowSampler: the same rows the onnxruntime road samples), the layer's decisions are
+made from those statistics and its own weights, and the layer is freed; its float outputs feed the next layer,
+so every layer sees what the fp32 model computes, as on the onnxruntime road. Peak memory: one layer's weights
+(Mistral-7B: 0.9 GB in float32), the hidden states, one layer's sampled rows, and torch.
+
+    >>> plans[0, "qkv"].alpha, plans[0, "qkv"].clip      # doctest: +SKIP
+    (0.85, 4.12)
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .smoothquant import (CALIB_BATCH, ActivationStats, Recipe, RowSampler, Smoothing, calibration_batches,
+                          plan_activation)
+
+# Where each group's input is captured (its first MatMul), and the weights reading it, in the graph's order.
+GROUP_WEIGHTS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+                 "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+
+
+def attention_mask(lengths: np.ndarray, s: int, window: int | None):
+    """Additive mask [b, 1, s, s] of a right-padded batch: query i sees key j iff j <= i, i - j < window and j is
+    a real token (HF's rule; a padding query sees real keys too, so no row is all -inf; padding rows are dropped)."""
+    import torch
+
+    i = torch.arange(s)
+    allowed = i[None, :] <= i[:, None]
+    if window is not None:
+        allowed &= (i[:, None] - i[None, :]) < window
+    allowed = allowed[None] & (i[None, None, :] < torch.as_tensor(lengths)[:, None, None])
+    mask = torch.zeros(len(lengths), 1, s, s)
+    return mask.masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+
+
+def layerwise_stats(weights, config: dict, args, seqs: list[np.ndarray], on_layer, groups=tuple(GROUP_WEIGHTS),
+                    batch: int = CALIB_BATCH, log=print) -> None:
+    """For each decoder layer i: on_layer(i, {group: ActivationStats}, {module: weight [K, N] float32}), the
+    weights transposed and contiguous as the ONNX graph holds them (the layer is freed after the call)."""
+    import torch
+    from transformers import MistralConfig
+    from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralRotaryEmbedding
+
+    cfg = MistralConfig(**config)
+    cfg._attn_implementation = "eager"
+    batches = calibration_batches(seqs, batch)
+    emb = weights.get("model.embed_tokens.weight", "float32")
+    hidden = [torch.from_numpy(emb[ids]) for ids, _ in batches]  # [b, s, H] per batch
+    del emb
+    rope = MistralRotaryEmbedding(config=cfg)
+    extras = []  # per batch: mask, (cos, sin), which of the b * s rows are real
+    for ids, lengths in batches:
+        b, s = ids.shape
+        with torch.no_grad():
+            rot = rope(hidden[0], torch.arange(s)[None].expand(b, s))
+        valid = (np.arange(s)[None] < lengths[:, None]).reshape(-1)
+        extras.append((attention_mask(lengths, s, args.sliding_window), rot, valid))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for li in range(args.num_layers):
+            with torch.device("meta"):
+                layer = MistralDecoderLayer(cfg, li)
+            prefix = f"model.layers.{li}."
+            layer.load_state_dict({k: torch.from_numpy(weights.get(prefix + k, "float32")) for k in layer.state_dict()},
+                                  assign=True)
+            layer.eval()
+            captured: dict[str, torch.Tensor] = {}
+            hooks = [layer.get_submodule(GROUP_WEIGHTS[g][0]).register_forward_pre_hook(
+                lambda mod, inp, g=g: captured.__setitem__(g, inp[0])) for g in groups]
+            samplers = {g: RowSampler((li, g)) for g in groups}
+            for bi, ((ids, lengths), (mask, rot, valid)) in enumerate(zip(batches, extras)):
+                hidden[bi] = layer(hidden[bi], attention_mask=mask, position_embeddings=rot)
+                for g, x in captured.items():
+                    samplers[g].add(bi, x.reshape(-1, x.shape[-1]).numpy()[valid], len(lengths))
+                captured.clear()
+            for h in hooks:
+                h.remove()
+            ws = {name: np.ascontiguousarray(layer.get_submodule(name).weight.numpy().T)
+                  for g in groups for name in GROUP_WEIGHTS[g]}
+            del layer
+            on_layer(li, {g: sm.finish() for g, sm in samplers.items()}, ws)
+            log(f"calibration, layer by layer: {li + 1}/{args.num_layers} layers ({time.perf_counter() - t0:.0f}s)")
+
+
+def layerwise_plans(weights, config: dict, args, seqs: list[np.ndarray], recipe: Recipe, log=print) -> dict:
+    """(layer, group) -> Smoothing for every group of recipe.groups that a decoder layer has (lm_head's input is
+    never smoothed on this road: it is not in ACTIVATION_GROUPS)."""
+    groups = tuple(g for g in GROUP_WEIGHTS if g in recipe.groups)
+    plans: dict[tuple[int, str], Smoothing] = {}
+
+    def on_layer(li: int, stats: dict[str, ActivationStats], ws: dict[str, np.ndarray]) -> None:
+        for g, st in stats.items():
+            plans[li, g] = plan_activation(st, [ws[n] for n in GROUP_WEIGHTS[g]], g, recipe)
+
+    layerwise_stats(weights, config, args, seqs, on_layer, groups, log=log)
+    return plans

@@ -1,0 +1,345 @@
+"""The embedded C++ runtime (cpp/): the same exports driven from C++ through the manifest, tested against the
+Python runtime, HF transformers and mistral-common, not against itself.
+
+The binaries come from `make cpp` (build/cpp), run here once per session; MISTRAL_TRT_CPP_BUILD points the suite
+at another build (`make cpp-asan`: the same tests under AddressSanitizer + UBSan)."""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import mistral_tokenizer_file
+from mistral_trt.main import main
+from mistral_trt.runtime.chat import format_chat
+from mistral_trt.runtime.manifest import Manifest
+from mistral_trt.runtime.tokenizer import Tokenizer
+from test_generate import hf_greedy
+
+ROOT = Path(__file__).resolve().parents[1]
+SANITIZED = bool(os.environ.get("MISTRAL_TRT_CPP_SANITIZED"))
+
+
+@pytest.fixture(scope="session")
+def cpp() -> Path:
+    """The build folder: mistral-trt-cpp, libmistral_trt.so, embed (the C embedding example)."""
+    given = os.environ.get("MISTRAL_TRT_CPP_BUILD")
+    if given:
+        build = Path(given)
+    else:
+        r = subprocess.run(["make", "-s", "cpp"], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        build = ROOT / "build" / "cpp"
+    assert (build / "mistral-trt-cpp").is_file() and (build / "libmistral_trt.so").is_file()
+    return build
+
+
+def run_cpp(cpp: Path, *args, ok: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(cpp / "mistral-trt-cpp"), *map(str, args)], capture_output=True, text=True, timeout=600)
+    if ok:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def cpp_generate(cpp: Path, folder, *args) -> dict:
+    return json.loads(run_cpp(cpp, "generate", folder, *args, "--json").stdout)
+
+
+def py_generate(capsys, folder, *args) -> dict:
+    capsys.readouterr()
+    assert main(["generate", str(folder), *map(str, args), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def error_line(r: subprocess.CompletedProcess) -> str:
+    """A refused command: exit 2, no crash, its last stderr line the one error (argparse-style usage may precede)."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = r.stderr.rstrip("\n").split("\n")
+    assert lines[-1].startswith("mistral-trt-cpp ") and sum("error:" in x for x in lines) == 1, r.stderr
+    assert "AddressSanitizer" not in r.stderr and "runtime error" not in r.stderr
+    return lines[-1]
+
+
+# -- greedy tokens against the Python runtime and HF ---------------------------------------------------------
+@pytest.mark.parametrize("graph", ["portable", "fused"])
+def test_greedy_equals_python_and_hf_with_a_window(cpp, graph, tiny_exports, tiny_fused, tiny_window, capsys):
+    """A tiny random Mistral with the real v1 tokenizer and a window of 8, run to 6x the window and beyond: the
+    prompt through sentencepiece and the mistral-v1 formatter in C++, the trimmed double-buffered cache (portable)
+    or the in-place one (fused); the same ids as the Python runtime and HF's own generate."""
+    folder = tiny_exports["window", "fp32"] if graph == "portable" else tiny_fused["window"]
+    args = ["--prompt", "Tell me a long story about the sea and the sky.", "--max-new-tokens", 48]
+    got, want = cpp_generate(cpp, folder, *args), py_generate(capsys, folder, *args)
+    assert got["prompt_ids"] == want["prompt_ids"] and len(got["prompt_ids"]) > 8
+    assert got["ids"] == want["ids"] and got["text"] == want["text"]
+    n = len(got["ids"])
+    assert len(got["prompt_ids"]) + n >= 6 * 8
+    hf = hf_greedy(tiny_window, got["prompt_ids"], 48)
+    assert hf[:n] == got["ids"] and (n == 48 or hf[n] == 2)  # stopped early only at EOS
+    assert got["stats"]["prompt_tokens"] == len(got["prompt_ids"]) and got["stats"]["new_tokens"] >= n
+
+
+@pytest.mark.parametrize("graph", ["portable", "fused"])
+def test_greedy_equals_python_without_a_window_raw_and_messages(cpp, graph, tiny_exports, tiny_fused, tmp_path, capsys):
+    folder = tiny_exports["full", "fp32"] if graph == "portable" else tiny_fused["full"]
+    conv = tmp_path / "conv.json"
+    conv.write_text(json.dumps([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi ✓"},
+                                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "More"}]))
+    for args in (["--prompt", "Once upon a time", "--raw"], ["--messages", conv], ["--ids", "1,733,16289,28793"]):
+        got, want = cpp_generate(cpp, folder, *args, "--max-new-tokens", 20), py_generate(capsys, folder, *args,
+                                                                                          "--max-new-tokens", 20)
+        assert (got["prompt_ids"], got["ids"], got["text"]) == (want["prompt_ids"], want["ids"], want["text"]), args
+
+
+def test_fp16_export_equals_python(cpp, tiny_exports, capsys):
+    """fp16 KV cache and logits (converted to float32 for sampling, as the Python runtime does)."""
+    folder = tiny_exports["full", "fp16"]
+    args = ["--prompt", "Count to ten", "--max-new-tokens", 16]
+    assert cpp_generate(cpp, folder, *args)["ids"] == py_generate(capsys, folder, *args)["ids"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("graph", ["portable", "fused"])
+def test_demo_greedy_equals_python_and_hf_via_ids(cpp, graph, demo_onnx, demo_fused, demo_hf, capsys):
+    """The demo model (tokenizer.json: the C++ runtime decodes it, prompts come as ids), 64 tokens, both graphs."""
+    folder = demo_onnx if graph == "portable" else demo_fused
+    tok = Tokenizer.load(demo_onnx)
+    m = Manifest.load(demo_onnx)
+    prompt = format_chat(tok, [{"role": "user", "content": "Explain recursion to a child."}], m.chat_format,
+                         m.chat_template)
+    ids = ",".join(map(str, prompt))
+    got = cpp_generate(cpp, folder, "--ids", ids, "--max-new-tokens", 64)
+    want = py_generate(capsys, folder, "--ids", ids, "--max-new-tokens", 64)
+    assert got["ids"] == want["ids"] and len(got["ids"]) == 64
+    assert got["text"] == want["text"] == tok.decode(got["ids"])  # byte-level BPE decoded in C++
+    assert got["ids"] == hf_greedy(demo_hf, prompt, 64)
+
+
+def test_sampling_is_seeded_and_stop_strings_end_the_text(cpp, tiny_exports, capsys):
+    folder = tiny_exports["full", "fp32"]
+    args = ["--prompt", "Hi", "--max-new-tokens", 24, "--temperature", 0.8, "--top-p", 0.9, "--top-k", 50]
+    a, b = (cpp_generate(cpp, folder, *args, "--seed", 7) for _ in range(2))
+    c = cpp_generate(cpp, folder, *args, "--seed", 8)
+    greedy = cpp_generate(cpp, folder, "--prompt", "Hi", "--max-new-tokens", 24)
+    assert a["ids"] == b["ids"] and a["ids"] != c["ids"] and a["ids"] != greedy["ids"]
+    text = greedy["text"]
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert len(stop) == 3
+    cut = cpp_generate(cpp, folder, "--prompt", "Hi", "--max-new-tokens", 24, "--stop", stop)
+    assert cut["text"] == text[:text.index(stop)] and cut["stop_reason"] == "stop"
+    want = py_generate(capsys, folder, "--prompt", "Hi", "--max-new-tokens", 24, "--stop", stop)
+    assert cut["text"] == want["text"]
+    streamed = run_cpp(cpp, "generate", folder, "--prompt", "Hi", "--max-new-tokens", 24, "--stop", stop).stdout
+    assert streamed == cut["text"] + "\n"  # a possible stop string is held back, never printed and taken back
+
+
+# -- tokenize against mistral-common -----------------------------------------------------------------------
+def test_tokenize_equals_mistral_common(cpp, tmp_path):
+    """The conversations the Python tests use (test_tokenizer_chat): served form against mistral-common's default
+    validation (refused where it refuses, with one line and exit 2), the training form (a final assistant reply)
+    against its finetuning validation."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.validator import ValidationMode
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from test_tokenizer_chat import conversations
+
+    refs = {mode: MistralTokenizer.from_file(str(mistral_tokenizer_file()), mode=mode)
+            for mode in (ValidationMode.test, ValidationMode.finetuning)}
+    tok_file = tmp_path / "tokenizer.model"
+    shutil.copy(mistral_tokenizer_file(), tok_file)
+    agreed = refused = 0
+    for i, conv in enumerate(list(conversations(120)) + list(conversations(60, seed=3))):
+        f = tmp_path / f"c{i}.json"
+        f.write_text(json.dumps(conv))
+        mode = ValidationMode.finetuning if conv[-1]["role"] == "assistant" else ValidationMode.test
+        try:
+            want = refs[mode].encode_chat_completion(ChatCompletionRequest(messages=conv)).tokens
+        except Exception:
+            want = None
+        if want is None and mode == ValidationMode.finetuning:
+            continue  # stricter than ours for training forms (test_tokenizer_chat compares only what it accepts)
+        r = run_cpp(cpp, "tokenize", "--tokenizer", tok_file, "--messages", f, "--format", "mistral-v1", ok=False)
+        if want is None:
+            assert "conversation" in error_line(r)
+            refused += 1
+        else:
+            assert r.returncode == 0 and json.loads(r.stdout)["ids"] == want, conv
+            agreed += 1
+    assert agreed > 60 and refused > 20
+
+
+def test_tokenize_export_equals_python(cpp, tiny_exports, tmp_path, capsys):
+    conv = tmp_path / "conv.json"
+    conv.write_text(json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello ✓",
+                                                                      "prefix": True}]))
+    folder = tiny_exports["full", "fp32"]
+    got = json.loads(run_cpp(cpp, "tokenize", folder, "--messages", conv).stdout)
+    capsys.readouterr()
+    assert main(["tokenize", str(folder), "--messages", str(conv)]) == 0
+    assert got == json.loads(capsys.readouterr().out)
+
+
+# -- bad input: one line, exit 2, the Python runtime's words ---------------------------------------------------
+CORRUPTIONS = [  # (field path, new value or "DELETE")
+    (("schema_version",), 1), (("schema_version",), "2"), (("model",), "DELETE"), (("model", "num_layers"), "30"),
+    (("model", "num_kv_heads"), 3), (("model", "rope_theta"), -1.5), (("model", "sliding_window"), 0),
+    (("model", "architecture"), "LlamaForCausalLM"), (("dtype",), "bf16"), (("eos_token_id",), [2, 99999]),
+    (("bos_token_id",), True), (("tokenizer", "vocab_size"), 0), (("tokenizer", "file"), "other.model"),
+    (("cache", "max_context"), 10**9), (("cache", "keep"), 7), (("cache", "layout"), "in-place"),
+    (("files", "model.onnx"), "abc"), (("inputs", 0, "dtype"), "int32"), (("inputs", 1, "dims"), ["batch", "seq"]),
+    (("outputs",), []), (("tokenizer_files",), ["../x"]),
+]
+
+
+@pytest.mark.parametrize("path,value", CORRUPTIONS, ids=lambda x: str(x)[:30])
+def test_bad_manifest_gets_the_python_runtimes_error(cpp, tiny_exports, tmp_path, capsys, path, value):
+    folder = shutil.copytree(tiny_exports["full", "fp32"], tmp_path / "out")
+    raw = json.loads((folder / "manifest.json").read_text())
+    obj = raw
+    for key in path[:-1]:
+        obj = obj[key]
+    if value == "DELETE":
+        del obj[path[-1]]
+    else:
+        obj[path[-1]] = value
+    (folder / "manifest.json").write_text(json.dumps(raw, indent=2))
+    args = ["generate", folder, "--prompt", "Hi", "--max-new-tokens", "2"]
+    line = error_line(run_cpp(cpp, *args, ok=False))
+    capsys.readouterr()
+    assert main(list(map(str, args))) == 2
+    py = capsys.readouterr().err.strip().split("\n")[-1]
+    assert line.split(": error: ", 1)[1] == py.split(": error: ", 1)[1]
+
+
+def test_bad_input_is_one_line_and_exit_2(cpp, tiny_exports, tiny_fused, tmp_path):
+    good = tiny_exports["full", "fp32"]
+    missing = error_line(run_cpp(cpp, "generate", tmp_path / "nothing", "--prompt", "Hi", ok=False))
+    assert "manifest.json: no manifest" in missing
+    broken = shutil.copytree(good, tmp_path / "broken")
+    (broken / "manifest.json").write_text("{not json")
+    assert "manifest.json: not valid JSON" in error_line(run_cpp(cpp, "generate", broken, "--prompt", "Hi", ok=False))
+    other = shutil.copytree(good, tmp_path / "other")
+    shutil.copy(tiny_fused["full"] / "model.onnx", other / "model.onnx")  # another graph in the folder
+    assert "model.onnx: sha256" in error_line(run_cpp(cpp, "generate", other, "--prompt", "Hi", ok=False))
+    from mistral_trt.runtime.integrity import sha256
+
+    raw = json.loads((other / "manifest.json").read_text())
+    raw["files"]["model.onnx"] = sha256(other / "model.onnx")  # the hash "fixed" by hand
+    (other / "manifest.json").write_text(json.dumps(raw))
+    line = error_line(run_cpp(cpp, "generate", other, "--prompt", "Hi", ok=False))
+    assert "the graph has no input 'attention_mask' that manifest.json lists" in line
+    limit = Manifest.load(good).max_context
+    line = error_line(run_cpp(cpp, "generate", good, "--prompt", "word " * limit, "--max-new-tokens", 8, ok=False))
+    assert f"the context limit {limit} leaves room for {limit - 8} (--truncate keeps the last ones)" in line
+    truncated = cpp_generate(cpp, good, "--prompt", "word " * (limit - 200), "--max-new-tokens", 300, "--truncate")
+    assert truncated["stats"]["prompt_tokens"] == limit - 300
+    for args, says in ((["--prompt", "Hi", "--temperature", "-1"], "argument --temperature: expected a finite number"),
+                       (["--prompt", "Hi", "--top-p", "0.5"], "--top-p applies to sampling"),
+                       (["--prompt", "Hi", "--max-new-tokens", "0"], "argument --max-new-tokens: expected an integer >= 1"),
+                       (["--ids", "1,x"], "argument --ids: expected comma-separated integers"),
+                       (["--ids", "99999999"], "--ids: expected token ids in [0, 32000)"),
+                       (["--prompt", "Hi", "--ids", "1"], "give one of them"),
+                       (["--raw", "--ids", "1"], "--raw goes with --prompt"),
+                       (["--prompt", b"\xff".decode("utf-8", "surrogateescape")], "--prompt: not valid UTF-8"),
+                       (["--messages", tmp_path / "none.json"], "none.json: missing")):
+        r = subprocess.run([str(cpp / "mistral-trt-cpp"), "generate", str(good)] + [
+            a if isinstance(a, str) else str(a) for a in args], capture_output=True, timeout=120)
+        r = subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode("utf-8", "replace"))
+        assert says in error_line(r), (args, r.stderr)
+
+
+# -- the C ABI: ctypes (Python embedding) and the C example --------------------------------------------------
+@pytest.mark.skipif(SANITIZED, reason="a sanitized library loads only into a sanitized process (the C example covers it)")
+def test_c_abi_from_python_ctypes(cpp, tiny_exports, capsys):
+    """The C ABI from Python (mistral_trt/bench/cpp.py's ctypes declarations): errors as strings, the id buffer
+    protocol, the per-token callback, stats and timestamps; the Python runtime's greedy reply."""
+    from mistral_trt.bench.cpp import ON_TOKEN, Params, Stats, load_library
+
+    lib = load_library(cpp / "libmistral_trt.so")
+    assert lib.mtrt_open(str(tiny_exports["full", "fp32"] / "missing").encode()) is None
+    assert b"no manifest" in lib.mtrt_last_error()
+    m = lib.mtrt_open(str(tiny_exports["full", "fp32"]).encode())
+    assert m, lib.mtrt_last_error()
+    try:
+        assert lib.mtrt_info(m, b"vocab_size") == 32000 and lib.mtrt_info(m, b"nothing") == -1
+        ids, n = (ctypes.c_int64 * 2)(), ctypes.c_size_t()
+        assert lib.mtrt_tokenize(m, 0, "Tell me a story".encode(), ids, 2, ctypes.byref(n)) == 3  # too small
+        buf = (ctypes.c_int64 * n.value)()
+        assert lib.mtrt_tokenize(m, 0, "Tell me a story".encode(), buf, n.value, ctypes.byref(n)) == 0
+        pieces, got = [], []
+
+        @ON_TOKEN
+        def on_token(user, tid, text, size):
+            if tid >= 0:
+                got.append(tid)
+            pieces.append(ctypes.string_at(text, size).decode())
+            return 0
+
+        p, st = Params(), Stats()
+        lib.mtrt_default_params(ctypes.byref(p))
+        p.max_new_tokens = 12
+        times = (ctypes.c_double * 12)()
+        assert lib.mtrt_generate(m, buf, n.value, ctypes.byref(p), on_token, None, ctypes.byref(st), times) == 0
+        want = py_generate(capsys, tiny_exports["full", "fp32"], "--prompt", "Tell me a story", "--max-new-tokens", 12)
+        assert list(buf) == want["prompt_ids"] and got == want["ids"] and "".join(pieces) == want["text"]
+        assert st.new_tokens >= len(got) and st.prompt_tokens == n.value and 0 < times[0] <= times[len(got) - 1]
+        p.temperature = -1.0
+        assert lib.mtrt_generate(m, buf, n.value, ctypes.byref(p), on_token, None, None, None) == 2
+        assert lib.mtrt_last_error() == b"temperature -1.0: expected a finite number >= 0 (0: greedy)"
+    finally:
+        lib.mtrt_close(m)
+
+
+def test_c_embedding_example(cpp, tiny_exports, capsys):
+    """examples/embed.c, the program docs/cpp.md shows: it streams the same greedy reply."""
+    folder = tiny_exports["full", "fp32"]
+    r = subprocess.run([str(cpp / "embed"), str(folder), "Tell me a story"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    want = py_generate(capsys, folder, "--prompt", "Tell me a story", "--max-new-tokens", 32)
+    assert r.stdout.split("\n[")[0] == want["text"] and "tokens/s]" in r.stdout
+    r = subprocess.run([str(cpp / "embed"), str(folder / "nothing"), "x"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no manifest" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_remembered_hashes_are_shared_with_python(cpp, tiny_exports, tmp_path):
+    """Both runtimes remember a verified file's hash under the same record (runtime/integrity.py): after the C++
+    runtime has hashed a fresh copy, the Python runtime's lookup finds it."""
+    from mistral_trt.runtime import integrity
+
+    folder = shutil.copytree(tiny_exports["full", "fp32"], tmp_path / "copy")
+    st = (folder / "model.onnx").stat()
+    assert integrity._remembered(st) is None
+    cpp_generate(cpp, folder, "--prompt", "Hi", "--max-new-tokens", 2)
+    assert integrity._remembered(st) == Manifest.load(folder).files["model.onnx"]
+    np.testing.assert_equal(integrity.sha256(folder / "model.onnx"), Manifest.load(folder).files["model.onnx"])
+
+
+@pytest.mark.skipif(not os.environ.get("MISTRAL_TRT_VALGRIND"), reason="valgrind runs in `make cpp-asan` (a minute)")
+def test_valgrind_memcheck_one_short_generation(tiny_exports):
+    """valgrind's memcheck on the plain build's C example, one short generation: zero errors, nothing definitely
+    lost. cpp/valgrind.supp suppresses only what onnxruntime's own library does (a self-memcpy at session start)."""
+    plain = ROOT / "build" / "cpp"
+    r = subprocess.run(["valgrind", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite",
+                        f"--suppressions={ROOT / 'cpp' / 'valgrind.supp'}", str(plain / "embed"),
+                        str(tiny_exports["full", "fp32"]), "Hi"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "ERROR SUMMARY: 0 errors" in r.stderr and "definitely lost: 0 bytes" in r.stderr
+
+
+@pytest.mark.skipif(SANITIZED, reason="a sanitized library loads only into a sanitized process")
+def test_bench_runs_the_cpp_runtime_beside_the_python_one(cpp, tiny_fused, tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", str(tiny_fused["full"]), "--cpp", "--cpp-lib", str(cpp / "libmistral_trt.so"), "--prompt-len",
+                 "16,40", "--gen-len", "6", "--warmup", "0", "--repeat", "2", "-o", str(out)]) == 0
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    systems = {r["system"] for r in rows}
+    assert systems == {"ours:full-fused", "cpp:full-fused"} and len(rows) == 4
+    cpp_rows = [r for r in rows if r["system"].startswith("cpp:")]
+    assert all(r["decode_ms"]["n"] == 2 * 5 and r["ttft_ms"] > 0 and "ours_speedup_decode" in r for r in cpp_rows)
+    assert main(["bench", str(tiny_fused["full"]), "--cpp", "--batch", "2", "-o", str(tmp_path / "b2")]) == 2
