@@ -13,7 +13,7 @@ DEMO_HF  := build/smollm2-135m-instruct
 DEMO_OUT := build/onnx/smollm2-135m-instruct-$(DTYPE)
 OUT      ?= $(if $(MODEL),build/onnx/$(notdir $(abspath $(MODEL)))-$(DTYPE),$(DEMO_OUT))
 
-.PHONY: setup demo export test test-quality test-interop cpp cpp-asan bench-cpp clean measure-export measure-7b bench bench-serve serve gpu-check
+.PHONY: setup demo export test test-quality test-interop cpp cpp-asan bench-cpp test-triton bench-triton clean measure-export measure-7b bench bench-serve serve gpu-check
 
 setup: $(VENV)/.installed
 
@@ -90,6 +90,26 @@ test-interop: setup $(OPT_VENV)/.installed
 	@test -f $(INTEROP_DIR)/manifest.json || $(CLI) export $(DEMO_HF) -o $(INTEROP_DIR) --no-verify
 	$(INTEROP_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/interop/test_main_venv_clients.py
 	$(INTEROP_ENV) $(OPT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/interop/test_optimum.py
+
+# Triton Inference Server on the demo's fused export: the tritonserver nvidia-pytriton bundles (python backend) in
+# its own venv (it pins numpy < 2) with the runtime-only install of mistral-trt, tritonclient against it.
+TRITON_VENV := build/venv-triton
+$(TRITON_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRITON_VENV)/bin/python -m pip install -q -e '.[triton]' pytest
+	touch $@
+
+test-triton: setup $(TRITON_VENV)/.installed
+	@test -f $(DEMO_HF)/config.json || $(CLI) convert-gguf -o $(DEMO_HF)
+	@test -f $(FUSED_OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_OUT) --graph fused
+	MISTRAL_TRT_TRITON_EXPORT=$(abspath $(FUSED_OUT)) $(TRITON_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/triton
+
+# Triton against `serve` on the demo's fused export, 1/4/16 concurrent streams, levels alternated (docs/triton.md).
+bench-triton: export $(TRITON_VENV)/.installed
+	@test -f $(FUSED_OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_OUT) --graph fused
+	$(CLI) bench-serve $(FUSED_OUT) --triton $(abspath $(TRITON_VENV))/bin/mistral-trt --prompt-len 32-128 \
+	  --concurrency 1,4,16 -o build/bench-triton
 
 # Time and peak memory of a 7B-wide fp16 export (random init), 4 and 8 layers, extrapolated to 32.
 measure-export: setup

@@ -87,7 +87,71 @@ def stream(port: int, prompt: list[int], max_tokens: int) -> dict:
     return {"sent": t0, "times": times, "tokens": tokens}
 
 
-def run_level(port: int, prompts: list[list[int]], clients: int, max_tokens: int) -> dict:
+def stream_triton(port: int, prompt: list[int], max_tokens: int) -> dict:
+    """One streaming request to Triton's /generate_stream (serve/triton_model.py's inputs), timed as stream()."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = json.dumps({"input_ids": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True})
+    t0 = time.perf_counter()
+    conn.request("POST", "/v2/models/bench/generate_stream", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise UserError(f"tritonserver answered {resp.status}: {resp.read()[:200]}")
+    times = []
+    for raw in resp:
+        line = raw.decode().strip()
+        if line.startswith("data: ") and json.loads(line[6:]).get("text_output"):
+            times.append(time.perf_counter())
+    conn.close()
+    return {"sent": t0, "times": times, "tokens": max_tokens}
+
+
+class TritonProcess:
+    """`triton-serve` on a repository of the export (in a temporary folder), via `cli`: a mistral-trt command whose
+    environment has nvidia-pytriton (`make test-triton`'s venv)."""
+
+    def __init__(self, cli: str, export_dir: Path, slots: int, max_model_len: int):
+        import socket
+        import tempfile
+
+        self.work = Path(tempfile.mkdtemp(prefix="mistral-trt-bench-triton-"))
+        repo = self.work / "repo"
+        r = subprocess.run([cli, "triton-repo", str(export_dir), "-o", str(repo), "--name", "bench", "--max-batch",
+                            str(slots), "--max-queue", "1000", "--max-model-len", str(max_model_len), "--force"],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise UserError(f"triton-repo failed: {r.stderr.strip()[-300:]}")
+        socks = [socket.socket() for _ in range(3)]
+        for sk in socks:
+            sk.bind(("127.0.0.1", 0))
+        self.port, grpc, metrics = (sk.getsockname()[1] for sk in socks)
+        for sk in socks:
+            sk.close()
+        self.proc = subprocess.Popen([cli, "triton-serve", str(repo), "--http-port", str(self.port), "--grpc-port",
+                                      str(grpc), "--metrics-port", str(metrics)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn.request("GET", "/v2/health/ready")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise UserError("tritonserver did not start (run `mistral-trt triton-serve` by hand to see why)")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        import shutil
+
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=120)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def run_level(send, prompts: list[list[int]], clients: int, max_tokens: int) -> dict:
+    """`send(prompt, max_tokens)`: one streaming request (stream() or stream_triton())."""
     results, lock = [], threading.Lock()
     todo = list(prompts)
 
@@ -97,7 +161,7 @@ def run_level(port: int, prompts: list[list[int]], clients: int, max_tokens: int
                 if not todo:
                     return
                 p = todo.pop()
-            r = stream(port, p, max_tokens)
+            r = send(p, max_tokens)
             with lock:
                 results.append(r)
 
@@ -117,12 +181,12 @@ def run_level(port: int, prompts: list[list[int]], clients: int, max_tokens: int
             "itl_p99_ms": 1e3 * percentile(itl, 99)}
 
 
-def interference(port: int, short: list[list[int]], long_prompt: list[int], max_tokens: int) -> dict:
+def interference(send, short: list[list[int]], long_prompt: list[int], max_tokens: int) -> dict:
     """Short streams decode; once they run, a long prompt arrives. Their ITL before it and while it is in."""
     out, lock = [], threading.Lock()
 
     def run(p, n):
-        r = stream(port, p, n)
+        r = send(p, n)
         with lock:
             out.append((p is long_prompt, r))
 
@@ -245,22 +309,32 @@ def main_bench_serve(a) -> None:
         lengths = rng.integers(lo, hi + 1, n_req).tolist()
         prompts = prompts_from_text(folder, lengths + [a.long_prompt] + [32] * 4)
         long_prompt, shorts, prompts = prompts[n_req], prompts[n_req + 1:], prompts[:n_req]
-        log(f"{folder.name}: starting the server ({max(levels)} slots of {max_model_len} positions) ...")
-        srv = ServerProcess(folder, max(levels), max_model_len)
+        servers = {folder.name: (ServerProcess, stream)}
+        if a.triton:  # both servers up at once, levels alternated between them: drift hits both alike
+            servers = {f"{folder.name} (serve)": (ServerProcess, stream),
+                       f"{folder.name} (triton)": (lambda *x: TritonProcess(a.triton, *x), stream_triton)}
+        log(f"{folder.name}: starting {len(servers)} server(s) ({max(levels)} slots of {max_model_len} positions) ...")
+        running, sends = {}, {}
         try:
-            stream(srv.port, prompts[0], 4)  # warm-up
-            sysd = {"levels": []}
-            for c in levels:
+            for name, (start, send_fn) in servers.items():
+                running[name] = srv = start(folder, max(levels), max_model_len)
+                sends[name] = (lambda f, port: lambda p, n: f(port, p, n))(send_fn, srv.port)
+                sends[name](prompts[0], 4)  # warm-up
+            results = {name: {"levels": []} for name in servers}
+            for k, c in enumerate(levels):
                 n = max(a.rounds * c, 4)
-                lv = run_level(srv.port, prompts[:n], c, a.max_tokens)
-                sysd["levels"].append(lv)
-                log(f"  concurrency {c}: {lv['throughput_tok_s']:.1f} tok/s, TTFT p50 {lv['ttft_p50_ms']:.0f} ms, "
-                    f"ITL p50 {lv['itl_p50_ms']:.1f} / p99 {lv['itl_p99_ms']:.1f} ms ({n} requests)")
-            sysd["interference"] = interference(srv.port, shorts, long_prompt, a.max_tokens)
-            log(f"  long prompt: {sysd['interference']}")
+                for name in (list(servers) if k % 2 == 0 else list(servers)[::-1]):
+                    lv = run_level(sends[name], prompts[:n], c, a.max_tokens)
+                    results[name]["levels"].append(lv)
+                    log(f"  {name} concurrency {c}: {lv['throughput_tok_s']:.1f} tok/s, TTFT p50 {lv['ttft_p50_ms']:.0f} "
+                        f"ms, ITL p50 {lv['itl_p50_ms']:.1f} / p99 {lv['itl_p99_ms']:.1f} ms ({n} requests)")
+            for name in servers:
+                results[name]["interference"] = interference(sends[name], shorts, long_prompt, a.max_tokens)
+                log(f"  {name} long prompt: {results[name]['interference']}")
         finally:
-            srv.stop()
-        data["systems"][folder.name] = sysd
+            for srv in running.values():
+                srv.stop()
+        data["systems"].update(results)
         data["slots_on_paper"] = slots_on_paper(m, max_model_len)
     table = report(data)
     print(table)

@@ -233,6 +233,21 @@ def cmd_serve(a):
           itl_slack=a.itl_slack, provider=a.provider, shutdown_timeout=a.shutdown_timeout)
 
 
+def cmd_triton_repo(a):
+    from mistral_trt.export.triton import write_repo
+
+    model = write_repo(a.export_dir, a.output, name=a.name, instances=a.instances, max_batch=a.max_batch,
+                       max_queue=a.max_queue, max_model_len=a.max_model_len, provider=a.provider, force=a.force)
+    print(model)
+
+
+def cmd_triton_serve(a):
+    from mistral_trt.serve.triton import serve_repo
+
+    serve_repo(a.repo, host=a.host, http_port=a.http_port, grpc_port=a.grpc_port, metrics_port=a.metrics_port,
+               log_verbose=a.log_verbose)
+
+
 def cmd_bench_serve(a):
     from mistral_trt.bench.serving import main_bench_serve
 
@@ -475,6 +490,29 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="onnxruntime execution provider")
     s.set_defaults(func=cmd_serve)
 
+    s = sub.add_parser("triton-repo", help="an export as an NVIDIA Triton model repository (python backend, streamed)")
+    s.add_argument("export_dir", metavar="EXPORT_DIR", help="export folder")
+    s.add_argument("-o", "--output", metavar="REPO", required=True, help="model repository folder (written atomically)")
+    s.add_argument("--name", help="the model's name in Triton (default: the export folder's name)")
+    s.add_argument("--instances", type=_count(1), default=1, help="model instances (instance_group count): processes, "
+                   "each with its own scheduler and copy of the weights")
+    s.add_argument("--max-batch", type=_count(1), default=8, help="sequences each instance generates at once")
+    s.add_argument("--max-queue", type=_count(0), default=64, help="requests waiting per instance; beyond it, an error")
+    s.add_argument("--max-model-len", type=_count(2), help="positions per sequence, prompt + completion (default: the "
+                   "model's limit); each slot's cache is sized for it")
+    s.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="onnxruntime provider in the model")
+    s.add_argument("--force", action="store_true", help="replace an earlier repository written by triton-repo")
+    s.set_defaults(func=cmd_triton_repo)
+
+    s = sub.add_parser("triton-serve", help="start tritonserver on a model repository (Ctrl-C or SIGTERM stops it)")
+    s.add_argument("repo", metavar="REPO", help="model repository (mistral-trt triton-repo)")
+    s.add_argument("--host", default="127.0.0.1", help="address for HTTP, gRPC and metrics (default: this machine only)")
+    s.add_argument("--http-port", type=_count(1), default=8000)
+    s.add_argument("--grpc-port", type=_count(1), default=8001)
+    s.add_argument("--metrics-port", type=_count(1), default=8002)
+    s.add_argument("--log-verbose", type=_count(0), default=0, help="tritonserver's --log-verbose")
+    s.set_defaults(func=cmd_triton_serve)
+
     s = sub.add_parser("bench-serve", help="the server under 1..N concurrent streaming clients: table, JSON and PNG")
     s.add_argument("export_dirs", nargs="+", metavar="EXPORT_DIR")
     s.add_argument("--concurrency", type=_ints, default=[1, 4, 16], help="concurrent streams (1: one at a time)")
@@ -482,6 +520,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt-len", type=_range, default=(32, 1024), help="prompt lengths, uniform in LOW-HIGH tokens")
     s.add_argument("--max-tokens", type=_count(2), default=128, help="tokens generated per request")
     s.add_argument("--long-prompt", type=_count(1), default=1024, help="the prompt that arrives while streams decode")
+    s.add_argument("--triton", metavar="CLI", help="also serve each export through Triton (`triton-serve`, run by this "
+                   "mistral-trt command: an environment with nvidia-pytriton), levels alternated with `serve`")
     s.add_argument("-o", "--output", default="build/bench-serve", help="folder for bench-serve.md, .json, .png")
     s.set_defaults(func=cmd_bench_serve)
 

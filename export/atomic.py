@@ -38,10 +38,12 @@ from mistral_trt.runtime.errors import UserError, check_interrupted
 
 PARTIAL_MARKER = ".mistral-trt-partial"  # inside a temporary folder until it is published
 KIND_WORDS = {"export": "an earlier export", "engine": "an earlier engine build",
-              "calibration": "an earlier calibration set", "checkpoint": "an earlier GGUF conversion"}
+              "calibration": "an earlier calibration set", "checkpoint": "an earlier GGUF conversion",
+              "triton-repo": "an earlier Triton model repository"}
 # Written into an export folder by the runtime itself, not by `export` (onnxruntime's TensorRT EP caches).
 RUNTIME_WRITTEN = ("ort-trt-cache",)
 CONVERSION_NAME = "conversion.json"  # what convert-gguf writes beside the checkpoint it made
+TRITON_REPO_NAME = "mistral-trt-repo.json"  # what triton-repo writes at the top of a model repository
 
 
 def log(msg: str) -> None:
@@ -89,6 +91,11 @@ def owned_entries(folder: Path, kind: str) -> set[str] | str:
         if not (isinstance(raw, dict) and raw.get("converted_by") == "mistral-trt convert-gguf"):
             return f"it is not a checkpoint written by `mistral-trt convert-gguf` (no {CONVERSION_NAME})"
         return {CONVERSION_NAME} | _names(raw.get("files"))
+    if kind == "triton-repo":
+        raw = _json(folder / TRITON_REPO_NAME)
+        if not (isinstance(raw, dict) and raw.get("written_by") == "mistral-trt triton-repo"):
+            return f"it is not a model repository written by `mistral-trt triton-repo` (no {TRITON_REPO_NAME})"
+        return {TRITON_REPO_NAME} | _names(raw.get("models"))
     raise ValueError(f"unknown output kind {kind!r}")
 
 

@@ -276,6 +276,7 @@ class Scheduler:
     def _retire(self, seq: Sequence) -> None:
         self.running.pop(seq.slot, None)
         self.cache.release(seq.slot)
+        self._gauges()  # an idle server shows 0 running, not the last step's count
 
     def _step(self) -> None:
         for seq in [s for s in self.running.values() if s.cancelled]:  # clients that went away

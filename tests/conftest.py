@@ -16,8 +16,9 @@ import pytest
 # Verified-file records (runtime/integrity.py) go to a throwaway folder, never the user's ~/.cache; set before
 # any test runs so subprocesses inherit it.
 os.environ["MISTRAL_TRT_CACHE"] = tempfile.mkdtemp(prefix="mistral-trt-test-cache-")
-# Third-party clients in their own venvs: `make test-interop`, not `make test`.
-collect_ignore = [] if os.environ.get("MISTRAL_TRT_INTEROP") else ["interop"]
+# Third-party clients in their own venvs: `make test-interop` and `make test-triton`, not `make test`.
+collect_ignore = [d for d, env in (("interop", "MISTRAL_TRT_INTEROP"), ("triton", "MISTRAL_TRT_TRITON_EXPORT"))
+                  if not os.environ.get(env)]
 
 
 def mistral_tokenizer_file() -> Path:
