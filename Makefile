@@ -13,7 +13,7 @@ DEMO_HF  := build/smollm2-135m-instruct
 DEMO_OUT := build/onnx/smollm2-135m-instruct-$(DTYPE)
 OUT      ?= $(if $(MODEL),build/onnx/$(notdir $(abspath $(MODEL)))-$(DTYPE),$(DEMO_OUT))
 
-.PHONY: setup demo export test test-quality test-interop cpp cpp-asan bench-cpp test-triton bench-triton clean measure-export measure-7b bench bench-serve serve gpu-check
+.PHONY: setup demo export test test-quality test-interop cpp cpp-asan bench-cpp test-triton bench-triton bench-speculate clean measure-export measure-7b bench bench-serve serve gpu-check
 
 setup: $(VENV)/.installed
 
@@ -103,13 +103,13 @@ $(TRITON_VENV)/.installed: pyproject.toml
 test-triton: setup $(TRITON_VENV)/.installed
 	@test -f $(DEMO_HF)/config.json || $(CLI) convert-gguf -o $(DEMO_HF)
 	@test -f $(FUSED_OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_OUT) --graph fused
-	MISTRAL_TRT_TRITON_EXPORT=$(abspath $(FUSED_OUT)) $(TRITON_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/triton
+	MISTRAL_TRT_TRITON_EXPORT=$(abspath $(FUSED_OUT)) $(TRITON_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/triton_server
 
 # Triton against `serve` on the demo's fused export, 1/4/16 concurrent streams, levels alternated (docs/triton.md).
 bench-triton: export $(TRITON_VENV)/.installed
 	@test -f $(FUSED_OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_OUT) --graph fused
 	$(CLI) bench-serve $(FUSED_OUT) --triton $(abspath $(TRITON_VENV))/bin/mistral-trt --prompt-len 32-128 \
-	  --concurrency 1,4,16 -o build/bench-triton
+	  --concurrency 1,4,16 --rounds 4 -o build/bench-triton
 
 # Time and peak memory of a 7B-wide fp16 export (random init), 4 and 8 layers, extrapolated to 32.
 measure-export: setup
@@ -137,6 +137,12 @@ bench-cpp: export cpp
 	@test -f $(FUSED_OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_OUT) --graph fused
 	@test -f $(FUSED_Q8)/manifest.json || $(CLI) quantize $(FUSED_OUT) --precision int8-w8a8-dynamic -o $(FUSED_Q8)
 	$(CLI) bench $(FUSED_OUT) $(OUT) $(FUSED_Q8) --cpp --prompt-len 128,512,2048 --gen-len 64 --repeat 3 -o build/bench-cpp
+
+# Speculative decoding (prompt lookup) against plain decoding, fused fp32 and int8: grounded and open-chat prompts.
+bench-speculate: export
+	@test -f $(FUSED_OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_OUT) --graph fused
+	@test -f $(FUSED_Q8)/manifest.json || $(CLI) quantize $(FUSED_OUT) --precision int8-w8a8-dynamic -o $(FUSED_Q8)
+	$(CLI) bench-speculate $(FUSED_OUT) $(FUSED_Q8) -o build/bench-speculate
 
 # The OpenAI-compatible server on the demo model's fused export, 127.0.0.1:$(PORT) (Ctrl-C or SIGTERM stops it).
 PORT ?= 8000

@@ -105,8 +105,13 @@ def _stream(gen, tok, prompt_ids, a, out):
     for stop in a.stop:
         check_text(stop, "--stop")
     dec, ids, text = StreamDecoder(tok), [], ""
-    for tokens in gen.generate([prompt_ids], a.max_new_tokens, _sampling(a), truncate=a.truncate, names=CLI_NAMES):
-        t = int(tokens[0])
+    if a.speculate:  # per model step, the new tokens of our one sequence (1 to k + 1)
+        steps = (step[0] for step in gen.generate_speculative([prompt_ids], a.max_new_tokens, a.speculate, _sampling(a),
+                                                               truncate=a.truncate, names=CLI_NAMES))
+    else:
+        steps = ([int(tokens[0])] for tokens in gen.generate([prompt_ids], a.max_new_tokens, _sampling(a),
+                                                            truncate=a.truncate, names=CLI_NAMES))
+    for t in (t for step in steps for t in step):
         if t in gen.eos:
             break
         ids.append(t)
@@ -151,8 +156,10 @@ def cmd_generate(a):
         prompt = format_chat(tok, [{"role": "user", "content": a.prompt}], m.chat_format, m.chat_template)
     ids, text = _stream(gen, tok, prompt, a, None if a.json else sys.stdout)
     if a.json:
-        print(json.dumps({"prompt_ids": prompt, "ids": ids, "text": text, "stats": gen.stats[0].as_dict()},
-                         ensure_ascii=False))
+        stats = gen.stats[0].as_dict()
+        if a.speculate:
+            stats["speculation"] = {"drafted": gen.drafted[0], "accepted": gen.accepted[0]}
+        print(json.dumps({"prompt_ids": prompt, "ids": ids, "text": text, "stats": stats}, ensure_ascii=False))
     else:
         print()
         st = gen.stats[0].as_dict()
@@ -231,6 +238,12 @@ def cmd_serve(a):
           api_key=a.api_key or os.environ.get("MISTRAL_TRT_API_KEY"), model_name=a.model_name,
           safe_prompt=a.safe_prompt, max_model_len=a.max_model_len, prefill_chunk=a.prefill_chunk,
           itl_slack=a.itl_slack, provider=a.provider, shutdown_timeout=a.shutdown_timeout)
+
+
+def cmd_bench_speculate(a):
+    from mistral_trt.bench.speculative import main_bench_speculate
+
+    main_bench_speculate(a)
 
 
 def cmd_triton_repo(a):
@@ -376,6 +389,18 @@ def _add_sampling_args(s):
     s.add_argument("--truncate", action="store_true",
                    help="keep the last tokens of a prompt over the context limit (at least half of the prompt, else refuse)")
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="onnxruntime execution provider")
+    s.add_argument("--speculate", type=_speculation, metavar="ngram[:K]", help="speculative decoding with prompt-lookup "
+                   "drafts, up to K tokens a step (default 4): the same output, faster where the reply quotes its "
+                   "input (fused graph)")
+
+
+def _speculation(text: str):
+    from mistral_trt.runtime.speculative import Speculation
+
+    try:
+        return Speculation.parse(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
 
 
 def _add_w8a8_args(s):
@@ -524,6 +549,14 @@ def parser() -> argparse.ArgumentParser:
                    "mistral-trt command: an environment with nvidia-pytriton), levels alternated with `serve`")
     s.add_argument("-o", "--output", default="build/bench-serve", help="folder for bench-serve.md, .json, .png")
     s.set_defaults(func=cmd_bench_serve)
+
+    s = sub.add_parser("bench-speculate", help="speculative decoding against plain decoding on grounded and open "
+                       "prompts: table, JSON and PNG")
+    s.add_argument("export_dirs", nargs="+", metavar="EXPORT_DIR", help="fused-graph export folder(s)")
+    s.add_argument("--speculate", type=_speculation, default="ngram:4", metavar="ngram[:K]")
+    s.add_argument("--max-new-tokens", type=_count(2), default=128)
+    s.add_argument("-o", "--output", default="build/bench-speculate", help="folder for bench-speculate.md, .json, .png")
+    s.set_defaults(func=cmd_bench_speculate)
 
     s = sub.add_parser("bench", help="latency against baselines, side by side: table, JSON and PNG")
     s.add_argument("export_dirs", nargs="+", metavar="EXPORT_DIR", help="export or engine folder(s); the first is \"ours\"")

@@ -244,3 +244,10 @@ class InPlaceCache(SlotTable):
 
     def commit(self, plan: StepPlan) -> None:
         self.tokens += plan.seqlens
+
+    def rollback(self, slot: int, n: int) -> None:
+        """Forget the last n positions of `slot` (speculative drafts the model rejected): the next step writes over
+        them. Exact while the op has evicted nothing, i.e. while capacity holds the whole sequence."""
+        if not 0 <= n <= self.tokens[slot]:
+            raise UserError(f"rollback of {n} positions: slot {slot} holds {int(self.tokens[slot])}")
+        self.tokens[slot] -= n

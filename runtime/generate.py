@@ -93,10 +93,10 @@ class Stats:
                 "decode_tokens_per_s": round(self.decode_tokens_per_s, 2)}
 
 
-def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator, seen: list[list[int]],
-           generated: list[list[int]] | None = None) -> np.ndarray:
-    """logits: [B, V] float -> next ids [B]. seen[b]: row b's prompt and generated ids (repetition penalty);
-    generated[b]: its generated ids only (frequency and presence penalties)."""
+def transformed(logits: np.ndarray, s: Sampling, seen: list[list[int]], generated: list[list[int]] | None = None
+                ) -> np.ndarray:
+    """logits [B, V] -> float64 logits after the penalties. seen[b]: row b's prompt and generated ids (repetition
+    penalty); generated[b]: its generated ids only (frequency and presence penalties)."""
     logits = logits.astype(np.float64)
     if s.repetition_penalty != 1.0:
         for b, ids in enumerate(seen):
@@ -108,8 +108,11 @@ def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator, seen: list
             if ids:
                 idx, counts = np.unique(ids, return_counts=True)
                 logits[b, idx] -= counts * s.frequency_penalty + s.presence_penalty
-    if s.greedy:
-        return logits.argmax(-1)
+    return logits
+
+
+def probabilities(logits: np.ndarray, s: Sampling) -> np.ndarray:
+    """Penalised logits [B, V] -> the distribution sampled from (temperature, top-k, top-p), float64."""
     with np.errstate(over="ignore"):  # a tiny temperature sends all but the top logit to -inf: fine
         logits = (logits - logits.max(-1, keepdims=True)) / s.temperature  # <= 0, the max at 0: never NaN
     if s.top_k:
@@ -125,6 +128,16 @@ def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator, seen: list
         np.put_along_axis(mask, order, keep, -1)
         probs = np.where(mask, probs, 0.0)
         probs /= probs.sum(-1, keepdims=True)
+    return probs
+
+
+def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator, seen: list[list[int]],
+           generated: list[list[int]] | None = None) -> np.ndarray:
+    """logits: [B, V] float -> next ids [B] (transformed(), then argmax or a draw from probabilities())."""
+    logits = transformed(logits, s, seen, generated)
+    if s.greedy:
+        return logits.argmax(-1)
+    probs = probabilities(logits, s)
     return np.array([rng.choice(probs.shape[-1], p=p) for p in probs])
 
 
@@ -268,3 +281,72 @@ class Generator:
                 return
             running = np.flatnonzero(~self.done)  # finished sequences sit idle: their slots take no tokens
             logits[running] = self.decode_one_token(cache, [slots[i] for i in running], tokens[running])
+
+    def generate_speculative(self, prompts, max_new_tokens: int, speculate, sampling: Sampling | None = None,
+                             stop_on_eos: bool = True, truncate: bool = False, names: dict | None = None):
+        """generate() with prompt-lookup drafts (runtime/speculative.py): each model step feeds every sequence its
+        last token and up to `speculate.k` drafted ones and keeps what the model itself would produce. Yields, per
+        model step, a list per sequence of its new ids (1 to k + 1; [] once finished; an EOS ends the list).
+        Greedy output is generate()'s; sampled output has its distribution (another draw of the generator). Needs
+        rows that advance independently (the fused graph); the cache holds the whole sequence, so a rollback
+        never meets an eviction. self.drafted / self.accepted count drafts per sequence."""
+        from .speculative import NgramIndex, accept
+
+        if not self.backend.ragged:
+            raise UserError("--speculate rolls rejected drafts back per sequence, which needs the fused graph "
+                            "(export --graph fused)")
+        s = sampling or Sampling()
+        prompts = self.fit_context([np.asarray(p, np.int64) for p in prompts], max_new_tokens, truncate, names)
+        rng = np.random.default_rng(s.seed)
+        t0 = time.perf_counter()
+        k = speculate.k
+        cache = self.backend.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens + k)
+        slots = [cache.admit() for _ in prompts]
+        logits = self.prefill(cache, slots, prompts)
+        self.stats = [Stats(prompt_tokens=len(p)) for p in prompts]
+        self.drafted, self.accepted = [0] * len(prompts), [0] * len(prompts)
+        seen = [list(map(int, p)) for p in prompts]
+        generated: list[list[int]] = [[] for _ in prompts]
+        index = [NgramIndex(p, speculate.ngram_max, speculate.ngram_min) for p in seen]
+        self.done = np.zeros(len(prompts), bool)
+
+        def emit(b: int, new: list[int]) -> list[int]:
+            new = new[:max_new_tokens - len(generated[b])]
+            if stop_on_eos:
+                for j, t in enumerate(new):
+                    if t in self.eos:
+                        new = new[:j + 1]
+                        break
+            now = time.perf_counter()
+            st = self.stats[b]
+            if st.new_tokens == 0:
+                st.time_to_first_token_s = now - t0
+            st.new_tokens += len(new)
+            st.decode_s = now - t0 - st.time_to_first_token_s
+            for t in new:
+                seen[b].append(t)
+                generated[b].append(t)
+                index[b].append(t)
+            if len(generated[b]) >= max_new_tokens or (stop_on_eos and new and new[-1] in self.eos):
+                self.done[b] = True
+                cache.release(slots[b])
+            return new
+
+        first = sample(logits, s, rng, seen, generated)
+        yield [emit(b, [int(t)]) for b, t in enumerate(first)]
+        while not self.done.all():
+            full = [np.zeros(0, np.int64)] * cache.slots
+            drafts = {}
+            for b in np.flatnonzero(~self.done):
+                room = max_new_tokens - len(generated[b]) - 1  # the model's own token always comes too
+                drafts[b] = index[b].draft(min(k, room)) if room > 0 else []
+                full[slots[b]] = np.array([generated[b][-1]] + drafts[b], np.int64)
+            out = self.backend.step(cache, full, last=False)  # [B, S, V]: every fed column's next-token logits
+            step = [[] for _ in prompts]
+            for b, d in drafts.items():
+                new = accept(out[slots[b], :len(d) + 1].astype(np.float32), d, s, rng, seen[b], generated[b])
+                cache.rollback(slots[b], len(d) + 1 - len(new))  # fed: the last token and d; kept: it and len(new) - 1
+                self.drafted[b] += len(d)
+                self.accepted[b] += len(new) - 1
+                step[b] = emit(b, new)
+            yield step

@@ -16,8 +16,9 @@ import pytest
 # Verified-file records (runtime/integrity.py) go to a throwaway folder, never the user's ~/.cache; set before
 # any test runs so subprocesses inherit it.
 os.environ["MISTRAL_TRT_CACHE"] = tempfile.mkdtemp(prefix="mistral-trt-test-cache-")
-# Third-party clients in their own venvs: `make test-interop` and `make test-triton`, not `make test`.
-collect_ignore = [d for d, env in (("interop", "MISTRAL_TRT_INTEROP"), ("triton", "MISTRAL_TRT_TRITON_EXPORT"))
+# Third-party clients in their own venvs: `make test-interop` and `make test-triton`, not `make test`. (Not a folder
+# named `triton`: tests/ is on sys.path, and torch and transformers take a `triton` package for OpenAI's compiler.)
+collect_ignore = [d for d, env in (("interop", "MISTRAL_TRT_INTEROP"), ("triton_server", "MISTRAL_TRT_TRITON_EXPORT"))
                   if not os.environ.get(env)]
 
 

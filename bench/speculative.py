@@ -1,0 +1,161 @@
+"""`mistral-trt bench-speculate`: speculative decoding (prompt-lookup drafts) against plain decoding, side by side.
+
+Two workloads, greedy, one sequence at a time, plain and speculative alternated per prompt (so drift hits both):
+
+    grounded   20 prompts whose reply quotes its input, built from the calibration sources (calib/data.py): rewrite
+               or summarise a passage of documentation, answer from a given document, edit given code
+    open chat  10 open questions (calib/data.py's PROMPTS), where drafts rarely come true
+
+Per prompt: decode tokens/s of each ((new tokens - 1) / decode time, as `generate` reports it), the drafts'
+acceptance, and whether the two token sequences are identical (they must be). Writes bench-speculate.md, .json, .png.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mistral_trt.runtime.errors import UserError
+
+GROUNDED_TASKS = [
+    "Rewrite the following text, fixing any typos and keeping everything else as it is:\n\n{text}",
+    "Summarize the following documentation, quoting its key sentences:\n\n{text}",
+    "Here is a document:\n\n{text}\n\nUsing only this document, explain what it says about how to use the module.",
+    "Add a docstring and type hints to this Python code, and otherwise keep it unchanged:\n\n```python\n{code}\n```",
+]
+DOC_MODULES = ["json", "argparse", "collections", "itertools", "functools", "pathlib", "re", "datetime", "random",
+               "statistics", "textwrap", "csv", "logging", "heapq", "bisect"]
+CODE_SOURCES = [("textwrap", "dedent"), ("statistics", "median"), ("fnmatch", "translate"), ("heapq", "merge"),
+                ("calendar", "isleap")]  # functions written in Python (not C), so their source exists
+
+
+def grounded_prompts(n: int = 20) -> list[str]:
+    """n prompts that ask for a reply built from their own text (documentation and code of Python's stdlib)."""
+    out = []
+    docs = [(inspect.getdoc(importlib.import_module(m)) or "")[:900] for m in DOC_MODULES]
+    codes = [inspect.getsource(getattr(importlib.import_module(m), f))[:900] for m, f in CODE_SOURCES]
+    for i in range(n):
+        task = GROUNDED_TASKS[i % len(GROUNDED_TASKS)]
+        out.append(task.format(code=codes[i % len(codes)]) if "{code}" in task else task.format(text=docs[i % len(docs)]))
+    return out
+
+
+def open_prompts(n: int = 10) -> list[str]:
+    from mistral_trt.calib.data import PROMPTS
+
+    return PROMPTS[:n]
+
+
+def run_one(gen, prompt: list[int], n: int, speculate) -> dict:
+    from mistral_trt.runtime.generate import Sampling
+
+    if speculate is None:
+        ids = [int(t[0]) for t in gen.generate([prompt], n, Sampling())]
+        drafted = accepted = 0
+    else:
+        ids = [t for step in gen.generate_speculative([prompt], n, speculate, Sampling()) for t in step[0]]
+        drafted, accepted = gen.drafted[0], gen.accepted[0]
+    st = gen.stats[0]
+    return {"ids": ids, "tok_s": st.decode_tokens_per_s, "new_tokens": st.new_tokens, "decode_s": st.decode_s,
+            "drafted": drafted, "accepted": accepted}
+
+
+def measure(folder: Path, speculate, max_new_tokens: int, log) -> dict:
+    from mistral_trt.runtime.backend import open_backend
+    from mistral_trt.runtime.chat import format_chat
+    from mistral_trt.runtime.generate import Generator
+    from mistral_trt.runtime.tokenizer import Tokenizer
+
+    backend = open_backend(folder)
+    m = backend.manifest
+    tok = Tokenizer.for_export(folder, m)
+    gen = Generator(backend)
+    out = {}
+    for kind, texts in (("grounded", grounded_prompts()), ("open chat", open_prompts())):
+        rows = []
+        for i, text in enumerate(texts):
+            prompt = format_chat(tok, [{"role": "user", "content": text}], m.chat_format, m.chat_template)
+            order = (None, speculate) if i % 2 == 0 else (speculate, None)
+            res = {("speculative" if s else "plain"): run_one(gen, prompt, max_new_tokens, s) for s in order}
+            p, s = res["plain"], res["speculative"]
+            rows.append({"prompt_tokens": len(prompt), "new_tokens": p["new_tokens"], "plain_tok_s": p["tok_s"],
+                         "speculative_tok_s": s["tok_s"], "speedup": s["tok_s"] / p["tok_s"] if p["tok_s"] else 0.0,
+                         "drafted": s["drafted"], "accepted": s["accepted"], "identical": p["ids"] == s["ids"],
+                         "plain_decode_s": p["decode_s"], "speculative_decode_s": s["decode_s"]})
+            log(f"  {folder.name} {kind} {i + 1}/{len(texts)}: {p['tok_s']:.1f} -> {s['tok_s']:.1f} tok/s "
+                f"({rows[-1]['speedup']:.2f}x), {s['accepted']}/{s['drafted']} drafts kept"
+                + ("" if rows[-1]["identical"] else "  OUTPUT DIFFERS"))
+        total_plain = sum(r["plain_decode_s"] for r in rows)
+        total_spec = sum(r["speculative_decode_s"] for r in rows)
+        out[kind] = {"rows": rows, "median_speedup": statistics.median(r["speedup"] for r in rows),
+                     "time_ratio": total_plain / total_spec if total_spec else 0.0,
+                     "acceptance": sum(r["accepted"] for r in rows) / max(1, sum(r["drafted"] for r in rows)),
+                     "identical": all(r["identical"] for r in rows)}
+    return out
+
+
+def report(data: dict) -> str:
+    lines = ["| export | workload | prompts | plain tok/s (median) | speculative tok/s (median) | median speedup | "
+             "decode time plain / speculative | drafts kept | identical output |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, sysd in data["systems"].items():
+        for kind, d in sysd.items():
+            rows = d["rows"]
+            lines.append(f"| {name} | {kind} | {len(rows)} | {statistics.median(r['plain_tok_s'] for r in rows):.1f} | "
+                         f"{statistics.median(r['speculative_tok_s'] for r in rows):.1f} | {d['median_speedup']:.2f}x | "
+                         f"{d['time_ratio']:.2f}x | {d['acceptance']:.0%} | {'yes' if d['identical'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mistral_trt.calib.evaluate import save_png
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for k, (name, sysd) in enumerate(data["systems"].items()):
+        for j, (kind, d) in enumerate(sysd.items()):
+            ys = [r["speedup"] for r in d["rows"]]
+            x = 2 * k + j + np.linspace(-0.25, 0.25, len(ys))
+            ax.scatter(x, ys, s=14, label=f"{name}: {kind}")
+    ax.axhline(1.0, color="k", lw=1)
+    ax.axhline(1.8, color="k", ls="--", lw=1, label="target on grounded (1.8x)")
+    ax.set_ylabel("decode tokens/s, speculative / plain")
+    ax.set_xticks([])
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+    fig.suptitle(f"prompt-lookup speculation (k = {data['k']}), {data['max_new_tokens']} new tokens, greedy", fontsize=9)
+    save_png(fig, path)
+
+
+def main_bench_speculate(a) -> None:
+    from mistral_trt.export.atomic import check_report_folder
+    from mistral_trt.runtime.manifest import Manifest
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("bench-speculate draws bench-speculate.png with matplotlib: pip install 'mistral-trt[bench]'") from None
+    names = ("bench-speculate.md", "bench-speculate.json", "bench-speculate.png")
+    out = check_report_folder(a.output, names, "bench-speculate.json", "systems")
+    for f in a.export_dirs:
+        if Manifest.load(f).graph != "fused":
+            raise UserError(f"{f}: speculative decoding needs the fused graph (export --graph fused)")
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    data = {"k": a.speculate.k, "max_new_tokens": a.max_new_tokens, "systems": {}}
+    for f in map(Path, a.export_dirs):
+        data["systems"][f.name] = measure(f, a.speculate, a.max_new_tokens, log)
+    table = report(data)
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench-speculate.json").write_text(json.dumps(data, indent=1) + "\n")
+    (out / "bench-speculate.md").write_text(table + "\n")
+    plot(data, out / "bench-speculate.png")
+    log(f"wrote {out}/bench-speculate.md, .json, .png")

@@ -1,0 +1,113 @@
+"""Speculative decoding with prompt-lookup drafts: more tokens per pass over the weights, the same output.
+
+A decode step reads every weight once for one token per sequence; on a memory-bound CPU (or GPU) feeding k + 1
+tokens costs about the same read. So each step feeds the last token plus up to k drafted ones, and keeps the
+longest prefix of the drafts that the model itself would have produced, plus the model's own next token:
+between 1 and k + 1 tokens per step. Drafts come from the text itself (prompt lookup, Saxena 2023; vLLM's
+ngram speculator): the last n tokens are looked up earlier in the prompt and the output so far, and the k tokens
+that followed them there are proposed. Where the output quotes or edits its input (summaries, rewrites, code
+edits, answers from a document) they come true often; in open chat rarely, and a step with no draft is a plain
+decode step.
+
+    index = NgramIndex(prompt)                 # updated with every accepted token
+    drafts = index.draft(k=4)                  # [] when the last tokens occur nowhere before
+    tokens = accept(logits[:len(drafts) + 1], drafts, sampling, rng, seen, generated)   # 1 .. len(drafts) + 1
+
+Exactness: greedy keeps a draft only where it is the argmax, so greedy output is plain greedy decoding's. With
+sampling, a draft d (a deterministic proposal: q = 1 at d) is kept with probability p(d) and otherwise the token is
+drawn from p without d, renormalised: the standard speculative acceptance rule (Leviathan et al. 2023,
+Chen et al. 2023) with a point-mass draft, so every token's distribution is exactly p's. The rejected drafts'
+keys and values are rolled back in the cache (runtime/cache.py's InPlaceCache.rollback), which needs rows that
+advance independently: the fused graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UserError
+
+NGRAM_MAX = 3  # the longest tail looked up (then shorter ones, down to NGRAM_MIN)
+NGRAM_MIN = 1
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """`generate --speculate ngram[:k]`: up to k drafted tokens per step, from n-grams of 3 down to 1."""
+
+    k: int = 4
+    ngram_max: int = NGRAM_MAX
+    ngram_min: int = NGRAM_MIN
+
+    @staticmethod
+    def parse(text: str) -> "Speculation":
+        """'ngram' or 'ngram:K' (1 <= K <= 16)."""
+        kind, _, k = text.partition(":")
+        if kind != "ngram" or (k and not (k.isdigit() and 1 <= int(k) <= 16)):
+            raise UserError(f"--speculate {text!r}: expected ngram or ngram:K with K in 1..16 (drafted tokens per step)")
+        return Speculation(k=int(k) if k else 4)
+
+
+class NgramIndex:
+    """The latest earlier position of every n-gram (n in ngram_min..ngram_max) of a token sequence, kept as the
+    sequence grows, so a lookup is a dict access per n, not a scan.
+
+        >>> ix = NgramIndex([5, 6, 7, 8, 5, 6])
+        >>> ix.draft(3)          # "5 6" occurred at 0, followed by 7 8 5
+        [7, 8, 5]
+    """
+
+    def __init__(self, tokens, ngram_max: int = NGRAM_MAX, ngram_min: int = NGRAM_MIN):
+        self.seq: list[int] = []
+        self.nmax, self.nmin = ngram_max, ngram_min
+        self.where: dict[tuple, int] = {}  # n-gram -> its latest start that has a token after it
+        for t in tokens:
+            self.append(int(t))
+
+    def append(self, token: int) -> None:
+        seq = self.seq
+        seq.append(token)
+        end = len(seq) - 1  # the n-grams ending just before the new token now have a follower
+        for n in range(self.nmin, self.nmax + 1):
+            if end - n >= 0:
+                self.where[tuple(seq[end - n:end])] = end - n
+
+    def draft(self, k: int) -> list[int]:
+        seq = self.seq
+        for n in range(self.nmax, self.nmin - 1, -1):
+            if len(seq) < n:
+                continue
+            at = self.where.get(tuple(seq[len(seq) - n:]))
+            if at is not None:
+                return seq[at + n:at + n + k]
+        return []
+
+
+def accept(logits: np.ndarray, drafts: list[int], sampling, rng: np.random.Generator, seen: list[int],
+           generated: list[int]) -> list[int]:
+    """logits [len(drafts) + 1, V]: column i predicts the token after drafts[:i]. Returns the tokens this step
+    yields: the accepted drafts, then one token of the model's own (a correction, or the bonus after all k)."""
+    from .generate import probabilities, transformed
+
+    out: list[int] = []
+    for i in range(len(drafts) + 1):
+        x = transformed(logits[i:i + 1], sampling, [seen + out], [generated + out])[0]
+        d = drafts[i] if i < len(drafts) else None
+        if sampling.greedy:
+            t = int(x.argmax())
+            out.append(t)
+            if t != d:
+                return out
+            continue
+        p = probabilities(x[None], sampling)[0]
+        if d is not None and rng.random() < p[d]:
+            out.append(d)
+            continue
+        if d is not None:  # rejected (so p[d] < 1): the residual max(0, p - q), q a point mass at d
+            p = p.copy()
+            p[d] = 0.0
+            p /= p.sum()
+        out.append(int(rng.choice(p.shape[-1], p=p)))
+        return out
+    return out

@@ -1,0 +1,162 @@
+"""Speculative decoding with prompt-lookup drafts (runtime/speculative.py): greedy output identical to plain
+decoding token for token, and with sampling the same distribution (the standard acceptance rule)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import cli
+from mistral_trt.runtime import UserError
+from mistral_trt.runtime.backend import open_backend
+from mistral_trt.runtime.generate import Generator, Sampling
+from mistral_trt.runtime.speculative import NgramIndex, Speculation, accept
+
+
+def test_ngram_index_proposes_what_followed_the_longest_tail():
+    ix = NgramIndex([5, 6, 7, 8, 5, 6])
+    assert ix.draft(3) == [7, 8, 5]
+    ix.append(9)  # "5 6 9": no earlier "6 9" or "5 6 9"; "9" nowhere before
+    assert ix.draft(3) == []
+    ix = NgramIndex([1, 2, 3, 9, 2, 3, 4, 2, 3])  # "2 3" twice before: the latest wins
+    assert ix.draft(2) == [4, 2]
+    assert NgramIndex([1, 2, 1]).draft(4) == [2, 1]  # stops at the end of the sequence
+    assert Speculation.parse("ngram") == Speculation(k=4) and Speculation.parse("ngram:7").k == 7
+    for bad in ("ngram:0", "ngram:17", "eagle", "ngram:x"):
+        with pytest.raises(UserError, match="expected ngram or ngram:K"):
+            Speculation.parse(bad)
+
+
+def window_prompts(folder, n: int = 3) -> list[list[int]]:
+    """Prompts whose last 16 tokens occurred earlier, followed by the model's own greedy continuation of them: with a
+    window of 8 and 2 layers a token sees 2 x 7 positions back, so the model sees the same context again and the
+    drafts come true even on random weights."""
+    gen = Generator(open_backend(folder))
+    rng = np.random.default_rng(4)
+    out = []
+    for i in range(n):
+        x = rng.integers(3, 32000, 16).tolist()
+        cont = np.stack(list(gen.generate([x], 40, Sampling(), stop_on_eos=False)), 1)[0].tolist()
+        out.append(rng.integers(3, 32000, 3 * i).tolist() + x + cont + x)
+    return out
+
+
+def plain_and_speculative(folder, prompts, n: int, k: int = 4):
+    gen = Generator(open_backend(folder))
+    plain = np.stack(list(gen.generate(prompts, n, Sampling(), stop_on_eos=False)), 1).tolist()
+    rows, steps = [[] for _ in prompts], 0
+    for step in gen.generate_speculative(prompts, n, Speculation(k=k), stop_on_eos=False):
+        steps += 1
+        for b, t in enumerate(step):
+            rows[b] += t
+    return plain, rows, steps, gen
+
+
+@pytest.mark.parametrize("name", ["window", "full"])
+def test_greedy_speculative_equals_plain_decoding(tiny_fused, name):
+    """Batch 3 (different lengths, joining the same cache), 160 tokens each, with and without a window: the same
+    tokens as plain greedy decoding. With the window the drafts come true (window_prompts) and steps are saved."""
+    folder = tiny_fused[name]
+    prompts = window_prompts(folder) if name == "window" else [
+        np.random.default_rng(i).integers(3, 32000, 12 + 9 * i).tolist() * 2 for i in range(3)]
+    plain, spec, steps, gen = plain_and_speculative(folder, prompts, 160)
+    assert spec == plain
+    assert sum(gen.drafted) > 20
+    if name == "window":
+        assert sum(gen.accepted) > 60 and steps < 140
+
+
+@pytest.mark.slow
+def test_demo_greedy_speculative_equals_plain_and_saves_steps(demo_fused):
+    """A grounded prompt (rewrite a given passage) on the demo model: identical greedy text, most drafts accepted."""
+    import inspect
+
+    from mistral_trt.runtime.chat import format_chat
+    from mistral_trt.runtime.manifest import Manifest
+    from mistral_trt.runtime.tokenizer import Tokenizer
+
+    m = Manifest.load(demo_fused)
+    tok = Tokenizer.for_export(demo_fused, m)
+    doc = (inspect.getdoc(json) or "")[:700]
+    prompt = format_chat(tok, [{"role": "user", "content": f"Rewrite the following text, fixing any typos:\n\n{doc}"}],
+                         m.chat_format, m.chat_template)
+    plain, spec, steps, gen = plain_and_speculative(demo_fused, [prompt], 160)
+    assert spec == plain
+    assert gen.accepted[0] > 0.5 * gen.drafted[0] and steps < 100
+
+
+def test_sampled_speculative_keeps_the_distribution(tiny_fused):
+    """temperature 1, top-k 4, three tokens, 700 draws each way: the speculative joint distribution of (t1, t2, t3)
+    matches plain sampling's (a chi-square test on the pooled counts), and both acceptance and rejection of drafts
+    happened (drafts come from window_prompts, the model keeps or refuses them by chance)."""
+    folder = tiny_fused["window"]
+    prompt = window_prompts(folder, 1)[0]
+    gen = Generator(open_backend(folder))
+    s = Sampling(temperature=1.0, top_k=4, seed=None)
+    draws = 700
+
+    def joint(speculate: bool, seed: int) -> tuple[dict, int, int]:
+        counts, drafted, accepted = {}, 0, 0
+        for i in range(draws):
+            smp = Sampling(temperature=s.temperature, top_k=s.top_k, seed=seed + i)
+            if speculate:
+                row = [t for step in gen.generate_speculative([prompt], 3, Speculation(k=3), smp, stop_on_eos=False)
+                       for t in step[0]]
+                drafted, accepted = drafted + gen.drafted[0], accepted + gen.accepted[0]
+            else:
+                row = [int(t[0]) for t in gen.generate([prompt], 3, smp, stop_on_eos=False)]
+            counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+        return counts, drafted, accepted
+
+    a, _, _ = joint(False, 0)
+    b, drafted, accepted = joint(True, 10**6)
+    assert 0 < accepted < drafted  # drafts were kept and refused
+    keys = [k for k in set(a) | set(b) if a.get(k, 0) + b.get(k, 0) >= 10]  # pool rare outcomes
+    rest = [k for k in set(a) | set(b) if k not in keys]
+    obs = np.array([[a.get(k, 0) for k in keys] + [sum(a.get(k, 0) for k in rest)],
+                    [b.get(k, 0) for k in keys] + [sum(b.get(k, 0) for k in rest)]], float)
+    obs = obs[:, obs.sum(0) > 0]
+    expected = obs.sum(1, keepdims=True) * obs.sum(0, keepdims=True) / obs.sum()
+    chi2, dof = float(((obs - expected) ** 2 / expected).sum()), obs.shape[1] - 1
+    # the 0.999 quantile of chi-square(dof) is below dof + 4.5 sqrt(2 dof) + 10 for every dof >= 1
+    assert dof >= 3 and chi2 < dof + 4.5 * np.sqrt(2 * dof) + 10, (chi2, dof)
+
+
+def test_accept_rule():
+    """Greedy keeps drafts while they are the argmax, then adds the model's own token; sampling with a point-mass
+    draft rejects a token of probability 0 and then never returns it."""
+    v = 6
+    logits = np.full((3, v), -5.0, np.float32)
+    logits[0, 2], logits[1, 4], logits[2, 1] = 5, 5, 5
+    assert accept(logits, [2, 4], Sampling(), np.random.default_rng(0), [0], []) == [2, 4, 1]
+    assert accept(logits, [2, 3], Sampling(), np.random.default_rng(0), [0], []) == [2, 4]
+    s = Sampling(temperature=1.0, top_k=2)
+    rng = np.random.default_rng(0)
+    outs = [accept(logits, [5, 4], s, rng, [0], []) for _ in range(200)]  # 5 is outside the top 2 at column 0
+    assert all(len(o) == 1 and o[0] != 5 for o in outs)
+
+
+def test_speculate_needs_the_fused_graph_and_cli(tiny_exports, tiny_fused, capsys):
+    with pytest.raises(UserError, match="needs the fused graph"):
+        list(Generator(open_backend(tiny_exports["full", "fp32"])).generate_speculative([[1, 2, 3]], 4, Speculation()))
+    rc, out, _ = cli(capsys, "generate", tiny_fused["window"], "--prompt", "Hi there, hi there, hi there",
+                     "--max-new-tokens", 24, "--speculate", "ngram:3", "--json")
+    got = json.loads(out)
+    rc2, out2, _ = cli(capsys, "generate", tiny_fused["window"], "--prompt", "Hi there, hi there, hi there",
+                       "--max-new-tokens", 24, "--json")
+    assert rc == rc2 == 0 and got["ids"] == json.loads(out2)["ids"] and "speculation" in got["stats"]
+    rc, _, err = cli(capsys, "generate", tiny_fused["window"], "--prompt", "x", "--speculate", "ngram:99")
+    assert rc == 2 and "--speculate: expected ngram or ngram:K" in err
+
+
+def test_bench_speculate_end_to_end(tiny_fused, tmp_path, capsys):
+    out = tmp_path / "bs"
+    rc, stdout, _ = cli(capsys, "bench-speculate", tiny_fused["full"], "--max-new-tokens", 6, "-o", out)
+    assert rc == 0 and "| grounded | 20 |" in stdout and "| open chat | 10 |" in stdout
+    data = json.loads((out / "bench-speculate.json").read_text())["systems"]["full-fused"]
+    assert data["grounded"]["identical"] and data["open chat"]["identical"]
+    assert all(r["plain_tok_s"] > 0 and r["speculative_tok_s"] > 0 for r in data["grounded"]["rows"])
+    assert (out / "bench-speculate.png").read_bytes()[:4] == b"\x89PNG"
+    rc, _, err = cli(capsys, "bench-speculate", tmp_path / "none", "-o", tmp_path / "x")
+    assert rc == 2
