@@ -290,14 +290,9 @@ def plot(data: dict, path: Path) -> None:
 
 
 def main_bench_serve(a) -> None:
-    from mistral_trt.export.atomic import check_report_folder
+    from mistral_trt.export.atomic import plotted_report_folder
 
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UserError("bench-serve draws bench-serve.png with matplotlib: pip install 'mistral-trt[bench]'") from None
-    names = ("bench-serve.md", "bench-serve.json", "bench-serve.png")
-    out = check_report_folder(a.output, names, "bench-serve.json", "systems")
+    out = plotted_report_folder(a.output, "bench-serve", "bench-serve", "systems")
     lo, hi = a.prompt_len
     rng = np.random.default_rng(0)
     levels = sorted(set(a.concurrency))

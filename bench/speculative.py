@@ -136,15 +136,10 @@ def plot(data: dict, path: Path) -> None:
 
 
 def main_bench_speculate(a) -> None:
-    from mistral_trt.export.atomic import check_report_folder
+    from mistral_trt.export.atomic import plotted_report_folder
     from mistral_trt.runtime.manifest import Manifest
 
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UserError("bench-speculate draws bench-speculate.png with matplotlib: pip install 'mistral-trt[bench]'") from None
-    names = ("bench-speculate.md", "bench-speculate.json", "bench-speculate.png")
-    out = check_report_folder(a.output, names, "bench-speculate.json", "systems")
+    out = plotted_report_folder(a.output, "bench-speculate", "bench-speculate", "systems")
     for f in a.export_dirs:
         if Manifest.load(f).graph != "fused":
             raise UserError(f"{f}: speculative decoding needs the fused graph (export --graph fused)")

@@ -291,6 +291,16 @@ def _publish(tmp: Path, out: Path, kind: str, force: bool, inputs) -> Path | Non
     return tmp
 
 
+def plotted_report_folder(out: str | Path, command: str, stem: str, key: str) -> Path:
+    """check_report_folder() for a command writing STEM.md, STEM.json and STEM.png, after checking that matplotlib
+    (for the PNG) is there: both before minutes of measuring, not after."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError(f"{command} draws {stem}.png with matplotlib: pip install 'mistral-trt[bench]'") from None
+    return check_report_folder(out, (f"{stem}.md", f"{stem}.json", f"{stem}.png"), f"{stem}.json", key)
+
+
 def check_report_folder(out: str | Path, names: tuple[str, ...], own_json: str, key: str) -> Path:
     """A report folder (`bench -o`, `eval -o`) gets the same few files on every run. Replacing them is fine
     when they are an earlier report of ours (its JSON carries `key`); a folder whose bench.md, say, is
