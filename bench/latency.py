@@ -180,6 +180,49 @@ class Cpp:
         return [t0] + [t0 + t for t in self.rt.time_tokens(prompts[0], n)]
 
 
+class LlamaCpp:
+    """llama.cpp (llama-cpp-python) on a GGUF of the same checkpoint: float32 (export/gguf_convert.py's write_gguf,
+    the weights to the bit) or quantized from it by llama.cpp's own quantizer (q8_0, q4_1)."""
+
+    QUANTS = {"f32": None, "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1"}
+
+    def __init__(self, source: str, quant: str, cache: Path, n_ctx: int):
+        import ctypes
+
+        import llama_cpp
+
+        from mistral_trt.export.gguf_convert import write_gguf
+
+        cache.mkdir(parents=True, exist_ok=True)
+        f32 = cache / f"{Path(source).name}-f32.gguf"
+        if not f32.is_file():
+            write_gguf(Path(source), f32)
+        path = f32
+        if self.QUANTS[quant]:
+            path = cache / f"{Path(source).name}-{quant}.gguf"
+            if not path.is_file():
+                params = llama_cpp.llama_model_quantize_default_params()
+                params.ftype = getattr(llama_cpp, self.QUANTS[quant])
+                tmp = path.with_name(f".{path.name}.tmp")
+                if llama_cpp.llama_model_quantize(str(f32).encode(), str(tmp).encode(), ctypes.byref(params)):
+                    raise UserError(f"llama.cpp could not quantize {f32} to {quant}")
+                tmp.replace(path)
+        threads = len(os.sched_getaffinity(0))
+        self.name = f"llama.cpp-{quant}"
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads,
+                                   n_threads_batch=threads, verbose=False)
+
+    def run(self, prompts: np.ndarray, n: int) -> list[float]:
+        if prompts.shape[0] != 1:
+            raise UserError("--baseline llama.cpp generates one sequence at a time; use --batch 1")
+        t = [time.perf_counter()]
+        for _ in self.llm.generate(prompts[0].tolist(), top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            t.append(time.perf_counter())
+            if len(t) > n:
+                break
+        return t
+
+
 class HF:
     """transformers eager `generate` on the same checkpoint and dtype; a logits processor timestamps each token."""
 
@@ -400,7 +443,17 @@ def main_bench(a) -> None:
             systems.append(load_system(Cpp, (f, Path(a.cpp_lib)), before))
     for base in a.baseline:
         before = rss_bytes()
-        if base == "hf":
+        if base.startswith("llama.cpp"):
+            try:
+                import llama_cpp  # noqa: F401
+            except ImportError:
+                log(f"note: --baseline {base} skipped: llama-cpp-python is not installed (pip install "
+                    "llama-cpp-python==0.3.36: it compiles llama.cpp for this CPU, about 10 minutes on 2 cores)")
+                continue
+            quant = base.partition("-")[2] or "f32"
+            systems.append(load_system(LlamaCpp, (m.source["path"], quant, Path(a.genai_cache).parent / "llama-cpp",
+                                                  max(a.prompt_len) + a.gen_len + 8), before))
+        elif base == "hf":
             systems.append(load_system(HF, (m.source["path"], m.dtype), before))
         elif base == "ort-genai":
             if m.model.sliding_window:

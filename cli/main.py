@@ -237,7 +237,7 @@ def cmd_serve(a):
     serve(a.export_dir, host=a.host, port=a.port, max_batch=a.max_batch, max_queue=a.max_queue,
           api_key=a.api_key or os.environ.get("MISTRAL_TRT_API_KEY"), model_name=a.model_name,
           safe_prompt=a.safe_prompt, max_model_len=a.max_model_len, prefill_chunk=a.prefill_chunk,
-          itl_slack=a.itl_slack, provider=a.provider, shutdown_timeout=a.shutdown_timeout)
+          itl_slack=a.itl_slack, provider=a.provider, shutdown_timeout=a.shutdown_timeout, speculate=a.speculate)
 
 
 def cmd_bench_speculate(a):
@@ -513,6 +513,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-timeout", type=_positive, default=30.0, help="seconds running streams get to finish "
                    "after SIGTERM")
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="onnxruntime execution provider")
+    s.add_argument("--speculate", type=_speculation, metavar="ngram[:K]", help="speculative decoding for every request "
+                   "(prompt-lookup drafts, checked by the model: the same output; fused graph)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("triton-repo", help="an export as an NVIDIA Triton model repository (python backend, streamed)")
@@ -561,8 +563,10 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="latency against baselines, side by side: table, JSON and PNG")
     s.add_argument("export_dirs", nargs="+", metavar="EXPORT_DIR", help="export or engine folder(s); the first is \"ours\"")
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
-    s.add_argument("--baseline", action="append", choices=["hf", "ort-genai"], default=[],
-                   help="baseline measured in the same run (repeatable)")
+    s.add_argument("--baseline", action="append", choices=["hf", "ort-genai", "llama.cpp", "llama.cpp-q8_0",
+                                                            "llama.cpp-q4_1"], default=[],
+                   help="baseline measured in the same run (repeatable); llama.cpp: float32 GGUF of the same checkpoint, "
+                        "-q8_0 / -q4_1 quantized from it by llama.cpp (needs llama-cpp-python; skipped with a note without)")
     s.add_argument("--prompt-len", type=_ints, default=[128, 512, 2048])
     s.add_argument("--gen-len", type=_count(2), default=128)
     s.add_argument("--batch", type=_ints, default=[1])

@@ -154,3 +154,59 @@ def _write_tokenizer(gguf_path: Path, folder: Path) -> None:
     hf_logging.set_verbosity_error()
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tok.save_pretrained(str(folder))
+
+
+def permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's q/k row order (the inverse of `unpermute`): per head, the two rotary halves interleaved."""
+    d = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, 2, d, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(checkpoint: Path, out: Path) -> Path:
+    """A float32 GGUF of a checkpoint that `convert-gguf` made (the llama.cpp baseline of `bench`, on the same
+    weights as our exports): the checkpoint's safetensors tensors under llama.cpp's names and q/k row order, the
+    tokenizer and every other key taken from the source GGUF that conversion.json names. Written to a temporary
+    file and renamed when complete. `convert_gguf` of the result gives the checkpoint's tensors back to the bit."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    record = checkpoint / CONVERSION_NAME
+    try:
+        source = Path(json.loads(record.read_text())["source"])
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{checkpoint}: the llama.cpp baseline needs a checkpoint written by `mistral-trt convert-gguf` "
+                        f"({CONVERSION_NAME} names the GGUF whose tokenizer it reuses)") from None
+    if not source.is_file():
+        raise UserError(f"{record}: its source GGUF {source} is gone")
+    config = json.loads((checkpoint / "config.json").read_text())
+    reader = gguf.GGUFReader(str(source))
+    tmp = out.with_name(f".{out.name}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type", "general.quantization_version"):
+            continue  # written by the writer itself, or no longer true of float32 weights
+        sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, f.contents(), f.types[0], sub)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    top = {v: k for k, v in TOP_NAMES.items()}
+    layer = {v: k for k, v in LAYER_NAMES.items()}
+    for name, w in load_file(str(checkpoint / "model.safetensors")).items():
+        base = name.removesuffix(".weight")
+        if base.startswith("model.layers."):
+            _, _, i, part = base.split(".", 3)
+            gname = f"blk.{i}.{layer[part]}.weight"
+        else:
+            gname = f"{top[base]}.weight"
+        w = w.astype(np.float32)
+        if ".attn_q." in gname:
+            w = permute(w, config["num_attention_heads"])
+        elif ".attn_k." in gname:
+            w = permute(w, config["num_key_value_heads"])
+        writer.add_tensor(gname, np.ascontiguousarray(w))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(out)
+    return out

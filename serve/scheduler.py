@@ -16,6 +16,11 @@ previous one has ended, prefilled together, decoded together.
 
 Greedy output of a request does not depend on what else is in the batch: rows are independent in both
 graphs (masks; the fused graph's own per-row lengths), sampling has its own generator per request.
+
+With `speculate` (fused graph only) each decoding sequence is fed its last token and up to k prompt-lookup drafts
+(runtime/speculative.py); the step returns every fed column's logits, each sequence keeps what the model itself
+would produce and rolls the rest of its slot back. Output is unchanged; steps where drafts come true yield several
+tokens per sequence.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import numpy as np
 
 from mistral_trt.runtime.errors import UserError
 from mistral_trt.runtime.generate import Generator, Sampling, sample
+from mistral_trt.runtime.speculative import NgramIndex, accept
 from mistral_trt.runtime.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -70,7 +76,7 @@ class Handle:
 class Sequence:
     ids = itertools.count()
 
-    def __init__(self, req: Request, emit, tok: Tokenizer, eos: set[int]):
+    def __init__(self, req: Request, emit, tok: Tokenizer, eos: set[int], speculate=None):
         self.req, self.emit, self.tok, self.eos = req, emit, tok, eos
         self.id = next(self.ids)
         self.slot: int | None = None
@@ -84,20 +90,40 @@ class Sequence:
         self.cancelled = False
         self.arrived = time.perf_counter()
         self.last_token_at: float | None = None
+        self.speculate = speculate  # Speculation: prompt-lookup drafts, checked by the model (runtime/speculative.py)
+        self.index = NgramIndex(req.prompt.tolist(), speculate.ngram_max, speculate.ngram_min) if speculate else None
+        self.drafts: list[int] = []  # fed this step after the last token
 
     @property
     def prefilled(self) -> bool:
         return self.fed == len(self.req.prompt)
 
     def next_tokens(self) -> np.ndarray:
-        return np.array([self.generated[-1]], np.int64)
+        """The last token, and with speculation up to k drafts after it (never past max_tokens)."""
+        self.drafts = []
+        if self.index is not None:
+            room = self.req.max_tokens - len(self.generated) - 1  # the model's own token always comes too
+            self.drafts = self.index.draft(min(self.speculate.k, room)) if room > 0 else []
+        return np.array([self.generated[-1]] + self.drafts, np.int64)
 
-    # -- one new token --------------------------------------------------------------------------
+    # -- new tokens -----------------------------------------------------------------------------
     def take(self, logits: np.ndarray, metrics) -> bool:
         """Sample from logits [V], emit what is new; returns True when the sequence has finished."""
         s = self.req.sampling
         seen = [np.concatenate([self.req.prompt, self.generated]).astype(np.int64)]
-        token = int(sample(logits[None], s, self.rng, seen, [self.generated])[0])
+        return self._take(int(sample(logits[None], s, self.rng, seen, [self.generated])[0]), logits, metrics)
+
+    def take_speculative(self, logits: np.ndarray, metrics) -> tuple[bool, int]:
+        """logits [len(drafts) + 1, V] of the last token and the drafts: keep what the model itself would produce
+        (runtime/speculative.py's rule), emit it token by token. Returns (finished, positions to roll back)."""
+        seen = list(map(int, self.req.prompt)) + self.generated
+        new = accept(logits, self.drafts, self.req.sampling, self.rng, seen, list(self.generated))
+        for i, t in enumerate(new):
+            if self._take(t, logits[i], metrics):
+                return True, 0
+        return False, len(self.drafts) + 1 - len(new)
+
+    def _take(self, token: int, logits: np.ndarray, metrics) -> bool:
         now = time.perf_counter()
         if metrics:
             if self.last_token_at is None:
@@ -111,6 +137,8 @@ class Sequence:
         if self.req.stop_on_eos and token in self.eos:  # not part of the text; what was held back is
             return self._end(self.held + self.decoder.flush(), "stop")
         self.generated.append(token)
+        if self.index is not None:
+            self.index.append(token)
         self.unsent_ids.append(token)
         text = self.held + self.decoder.push(token)
         if len(self.generated) >= self.req.max_tokens:
@@ -167,15 +195,21 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, backend, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 max_model_len: int | None = None, prefill_chunk: int = 512, itl_slack: float = 2.5, metrics=None):
-        self.backend, self.tok, self.metrics = backend, tokenizer, metrics
+                 max_model_len: int | None = None, prefill_chunk: int = 512, itl_slack: float = 2.5, metrics=None,
+                 speculate=None):
+        if speculate is not None and not backend.ragged:
+            raise UserError("--speculate rolls rejected drafts back per sequence, which needs the fused graph "
+                            "(export --graph fused)")
+        self.backend, self.tok, self.metrics, self.speculate = backend, tokenizer, metrics, speculate
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_model_len = min(max_model_len or backend.max_context, backend.max_context)
         self.gen = Generator(backend, prefill_chunk)  # chunk sizes and the static-batch prefill
         self.prefill_chunk, self.itl_slack = self.gen.chunk, itl_slack
         self.eos = set(backend.manifest.eos_token_id)
         self.ragged = backend.ragged
-        self.cache = self.gen.new_cache(max_batch, self.max_model_len)
+        # with speculation the cache holds whole sequences plus a step's drafts: a rollback never meets an eviction
+        self.cache = (backend.new_cache(max_batch, self.max_model_len + speculate.k) if speculate else
+                      self.gen.new_cache(max_batch, self.max_model_len))
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: dict[int, Sequence] = {}  # slot -> sequence
         self.cv = threading.Condition()
@@ -197,7 +231,7 @@ class Scheduler:
 
     def submit(self, req: Request, emit) -> Handle:
         self.check(req)
-        seq = Sequence(req, emit, self.tok, self.eos)
+        seq = Sequence(req, emit, self.tok, self.eos, self.speculate)
         with self.cv:
             if self.stopping:
                 raise QueueFull("the server is shutting down")
@@ -304,10 +338,22 @@ class Scheduler:
             s.fed += n
             prefilled += n
         t = time.perf_counter()
-        logits = self.backend.step(self.cache, tokens)
+        wide = any(len(s.drafts) for s in decoding)  # drafts to check: logits of every column fed
+        logits = self.backend.step(self.cache, tokens, last=not wide)
         self._measure(time.perf_counter() - t, len(decoding), prefilled)
         for slot, seq in list(self.running.items()):
-            if len(tokens[slot]) and seq.prefilled and seq.take(logits[slot], self.metrics):
+            n = len(tokens[slot])
+            if not n or not seq.prefilled:
+                continue
+            if not wide:
+                finished = seq.take(logits[slot], self.metrics)
+            elif seq in decoding:
+                finished, back = seq.take_speculative(logits[slot, :n], self.metrics)
+                if back and not finished:
+                    self.cache.rollback(slot, back)
+            else:  # a prompt's last chunk, in a step that checks drafts: its last column
+                finished = seq.take(logits[slot, n - 1], self.metrics)
+            if finished:
                 self._retire(seq)
 
     def _prefill_batch(self) -> None:

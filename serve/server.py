@@ -25,7 +25,8 @@ def log(msg: str) -> None:
 
 
 def load(state: ServerState, export_dir: str, provider: str, max_batch: int, max_queue: int,
-         max_model_len: int | None, prefill_chunk: int, itl_slack: float = 2.5, on_failure=lambda: None) -> None:
+         max_model_len: int | None, prefill_chunk: int, itl_slack: float = 2.5, on_failure=lambda: None,
+         speculate=None) -> None:
     """Runs in a thread while the server already answers /health with 503. A model that cannot load stops
     the server (`on_failure`): the command then exits 2 with the reason."""
     from mistral_trt.runtime.backend import open_backend
@@ -39,7 +40,7 @@ def load(state: ServerState, export_dir: str, provider: str, max_batch: int, max
         tok = Tokenizer.for_export(export_dir, backend.manifest)
         metrics = Metrics(state.model_name, max_batch)
         sched = Scheduler(backend, tok, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len,
-                          prefill_chunk=prefill_chunk, itl_slack=itl_slack, metrics=metrics)
+                          prefill_chunk=prefill_chunk, itl_slack=itl_slack, metrics=metrics, speculate=speculate)
         sched.start()
     except UserError as e:
         state.load_error = str(e)
@@ -55,7 +56,7 @@ def load(state: ServerState, export_dir: str, provider: str, max_batch: int, max
 def serve(export_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
           api_key: str | None = None, model_name: str | None = None, safe_prompt: bool = False,
           max_model_len: int | None = None, prefill_chunk: int = 512, itl_slack: float = 2.5, provider: str = "cpu",
-          shutdown_timeout: float = 30.0) -> None:
+          shutdown_timeout: float = 30.0, speculate=None) -> None:
     try:
         import uvicorn
     except ImportError:
@@ -91,7 +92,8 @@ def serve(export_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
         server.should_exit = True
 
     threading.Thread(target=load, name="model-loader", daemon=True, args=(
-        state, export_dir, provider, max_batch, max_queue, max_model_len, prefill_chunk, itl_slack, failed)).start()
+        state, export_dir, provider, max_batch, max_queue, max_model_len, prefill_chunk, itl_slack, failed,
+        speculate)).start()
     log(f"mistral-trt serve: listening on http://{host}:{bound} (model {state.model_name}); loading {export_dir} ...")
     try:
         server.run(sockets=[sock])

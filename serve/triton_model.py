@@ -8,7 +8,8 @@ Inputs (config.pbtxt): `text_input` (a user message, in the model's chat format;
 is), `messages` (a JSON conversation, formatted by runtime/chat.py) or `input_ids` (tokens, for clients that
 tokenize), `max_tokens`, and optionally `temperature` (0: greedy), `top_p`, `top_k`, `seed`, `stop` (strings),
 `stream`, `ignore_eos` (benchmarks). Output: `text_output`.
-Needs mistral-trt importable by the python backend (`pip install mistral-trt` in the server's Python).
+Needs mistral-trt importable by the python backend (a wheel of this repository installed in the server's Python:
+docs/triton.md).
 """
 from __future__ import annotations
 

@@ -99,3 +99,19 @@ def test_bench_end_to_end(tiny_exports, tmp_path, capsys):
             assert "ours_speedup_decode" not in r
     png = (out / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.slow
+def test_llama_cpp_baseline_runs_or_is_skipped_with_a_reason(demo_fused, tmp_path, capsys):
+    """--baseline llama.cpp: a row of its own where llama-cpp-python is installed, else a note and the rest of the
+    bench (it compiles llama.cpp for ~10 minutes, so it is not a dependency)."""
+    import importlib.util
+
+    assert main(["bench", str(demo_fused), "--baseline", "llama.cpp", "--prompt-len", "8", "--gen-len", "3", "--warmup", "0",
+                 "--repeat", "1", "-o", str(tmp_path / "b"), "--genai-cache", str(tmp_path / "genai")]) == 0
+    captured = capsys.readouterr()
+    if importlib.util.find_spec("llama_cpp") is None:
+        assert "--baseline llama.cpp skipped: llama-cpp-python is not installed" in captured.err
+        assert "| llama.cpp-f32 |" not in captured.out and f"| ours:{demo_fused.name} |" in captured.out
+    else:
+        assert "| llama.cpp-f32 |" in captured.out

@@ -53,3 +53,20 @@ def test_export_demo_model(demo_onnx):
     assert (m.bos_token_id, m.eos_token_id) == (1, [2])
     assert m.model.tie_word_embeddings and m.model.sliding_window is None
     assert "tokenizer.json" in m.tokenizer_files and (demo_onnx / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_gguf_for_llama_cpp_round_trips_to_the_bit(demo_hf, tmp_path):
+    """The llama.cpp baseline's float32 GGUF (export/gguf_convert.py's write_gguf): the checkpoint's tensors under
+    llama.cpp's names and q/k order, the source GGUF's tokenizer; converting it back gives every tensor to the bit."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    from mistral_trt.export.gguf_convert import convert_gguf, write_gguf
+
+    out = write_gguf(demo_hf, tmp_path / "demo-f32.gguf")
+    r = gguf.GGUFReader(str(out))
+    assert {t.tensor_type.name for t in r.tensors} == {"F32"} and len(r.fields["tokenizer.ggml.tokens"].contents()) == 49152
+    back = convert_gguf(out, tmp_path / "back")
+    a, b = load_file(str(demo_hf / "model.safetensors")), load_file(str(back / "model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)

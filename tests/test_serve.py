@@ -70,12 +70,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def demo_fused_dir(demo_hf, tmp_path_factory):
-    from mistral_trt.export.pipeline import export_model
-
-    out = tmp_path_factory.mktemp("serve") / "demo"
-    export_model(str(demo_hf), out, graph="fused", run_verify=False)
-    return out
+def demo_fused_dir(demo_fused):
+    return demo_fused
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +220,35 @@ def test_greedy_does_not_depend_on_the_batch(server, demo_fused_dir):
     tok = Tokenizer.for_export(demo_fused_dir, Manifest.load(demo_fused_dir))
     for m, got in zip(msgs, together):
         assert got == tok.decode(alone(demo_fused_dir, chat_ids(demo_fused_dir, m), 24)), m
+
+
+def test_speculative_server_gives_the_same_greedy_text(demo_fused_dir):
+    """serve --speculate: prompt-lookup drafts checked by the model inside continuous batching (8 requests at once,
+    grounded ones whose replies quote their input and open ones): every reply is the runtime's own greedy reply."""
+    import inspect
+
+    docs = [(inspect.getdoc(__import__(m)) or "")[:400] for m in ("json", "csv", "heapq", "bisect")]
+    msgs = [[{"role": "user", "content": f"Rewrite this text exactly, fixing typos:\n\n{d}"}] for d in docs]
+    msgs += [[{"role": "user", "content": q}] for q in ("Why is the sky blue?", "Name three rivers.", "What is DNA?",
+                                                         "Write a haiku about rain.")]
+    s = Server(demo_fused_dir, "--speculate", "ngram:4", "--max-batch", 8, "--max-model-len", 512, "--api-key", KEY,
+               "--model-name", "demo")
+    try:
+        c = s.client()
+
+        def ask(m):
+            return c.chat.completions.create(model="demo", messages=m, max_tokens=48, temperature=0).choices[0].message.content
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(ask, msgs))
+        _, metrics = s.get("/metrics")
+    finally:
+        assert s.stop() == 0
+    tok = Tokenizer.for_export(demo_fused_dir, Manifest.load(demo_fused_dir))
+    for m, text in zip(msgs, got):
+        assert text == tok.decode(alone(demo_fused_dir, chat_ids(demo_fused_dir, m), 48)), m
+    steps = [ln for ln in metrics.splitlines() if ln.startswith("mistral_trt_generation_tokens_total")]
+    assert steps and float(steps[0].split()[-1]) > 0
 
 
 def test_queue_full_and_sigterm_finishes_running_streams(demo_fused_dir):
