@@ -106,6 +106,11 @@ def _stream(gen, tok, prompt_ids, a, out):
         check_text(stop, "--stop")
     dec, ids, text = StreamDecoder(tok), [], ""
     if a.speculate:  # per model step, the new tokens of our one sequence (1 to k + 1)
+        from mistral_trt.runtime.speculative import exactness_note
+
+        note = exactness_note(gen.backend.manifest)
+        if note:
+            print(note, file=sys.stderr)
         steps = (step[0] for step in gen.generate_speculative([prompt_ids], a.max_new_tokens, a.speculate, _sampling(a),
                                                                truncate=a.truncate, names=CLI_NAMES))
     else:

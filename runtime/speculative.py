@@ -13,7 +13,9 @@ decode step.
     drafts = index.draft(k=4)                  # [] when the last tokens occur nowhere before
     tokens = accept(logits[:len(drafts) + 1], drafts, sampling, rng, seen, generated)   # 1 .. len(drafts) + 1
 
-Exactness: greedy keeps a draft only where it is the argmax, so greedy output is plain greedy decoding's. With
+Exactness: greedy keeps a draft only where it is the argmax, so greedy output is plain greedy decoding's (where the
+kernels give a step of several tokens the logits of one-token steps: float graphs; not MatMulNBits, see
+exactness_note). With
 sampling, a draft d (a deterministic proposal: q = 1 at d) is kept with probability p(d) and otherwise the token is
 drawn from p without d, renormalised: the standard speculative acceptance rule (Leviathan et al. 2023,
 Chen et al. 2023) with a point-mass draft, so every token's distribution is exactly p's. The rejected drafts'
@@ -29,6 +31,20 @@ import numpy as np
 from .errors import UserError
 
 NGRAM_MAX = 3  # the longest tail looked up (then shorter ones, down to NGRAM_MIN)
+
+
+def exactness_note(manifest) -> str | None:
+    """Why speculation may change this export's greedy output, or None where it cannot. onnxruntime's MatMulNBits
+    kernels (int8-w8a8-dynamic, int4) compute a step of several tokens differently from a step of one (measured on
+    the demo's int8 export: logits up to 0.6 apart), so drafts are checked against slightly other logits than plain
+    decoding would see; float MatMuls differ in the last bits only (3e-5) and keep every argmax."""
+    from .manifest import NBITS_PRECISIONS
+
+    name = (manifest.precision or {}).get("name")
+    if name in NBITS_PRECISIONS:
+        return (f"note: --speculate on {name} exports is not token-identical to plain decoding: onnxruntime's "
+                "MatMulNBits kernel computes a several-token step differently from a one-token step")
+    return None
 NGRAM_MIN = 1
 
 

@@ -48,6 +48,11 @@ def load(state: ServerState, export_dir: str, provider: str, max_batch: int, max
         return
     state.manifest, state.tokenizer, state.metrics, state.max_model_len = backend.manifest, tok, metrics, sched.max_model_len
     state.scheduler = sched
+    if speculate is not None:
+        from mistral_trt.runtime.speculative import exactness_note
+
+        if exactness_note(backend.manifest):
+            log(exactness_note(backend.manifest))
     log(f"model ready: {state.model_name} ({backend.manifest.graph} graph, {type(backend).__name__}, "
         f"{max_batch} slots of {sched.max_model_len} positions, "
         f"{'continuous batching' if backend.ragged else 'static batches'})")
