@@ -173,6 +173,46 @@ def checkpoint_w8a8(calib, calib_method: str = "max", alpha="auto", outlier_rati
     return calibrate
 
 
+class AwqCalibration:
+    """int4's activation-aware scales from the checkpoint (calib/awq.py), with the manifest's precision record and
+    awq.json (every group's alpha and output error against round to nearest's)."""
+
+    def __init__(self, scales: dict, calib, calib_manifest: dict, sequences: int):
+        self.scales, self.calib, self.calib_manifest, self.sequences = scales, calib, calib_manifest, sequences
+
+    def record(self) -> dict:
+        return {"name": "int4",
+                "method": ("activation-aware scaling (AWQ: s = mean|x|^alpha, alpha per activation by output error, "
+                           "folded into RMSNorm gammas and up_proj columns; o_proj round to nearest) + onnxruntime "
+                           "MatMulNBits: symmetric int4 weights per block, int8 activations per block at run time "
+                           "(accuracy_level 4)"),
+                "calibration": {"path": str(Path(self.calib).absolute()), "sha256": self.calib_manifest["sha256"],
+                                "sequences": self.sequences, "statistics": CHECKPOINT_STATISTICS},
+                "details": "awq.json"}
+
+    def files(self) -> dict[str, str]:
+        rows = [{"layer": li, "group": g, "alpha": alpha, "output_error": err} for (li, g), (_, alpha, err)
+                in sorted(self.scales.items())]
+        return {"awq.json": json.dumps(rows, indent=1) + "\n"}
+
+
+def checkpoint_awq(calib, block_size: int = NBITS_BLOCK):
+    """int4 with activation-aware scaling straight from the checkpoint (`export --graph fused --precision int4
+    --calib CALIB`): the `calibrate` export_model runs as its first stage."""
+    if calib is None:
+        raise UserError("activation-aware int4 calibrates on a set: pass --calib CALIB (from `mistral-trt calibrate`)")
+
+    def calibrate(weights, c, log):
+        from .awq import awq_scales
+
+        calib_manifest, seqs = load_calibration(calib, c.args.vocab_size)
+        log(f"  {len(seqs)} calibration sequences, {sum(len(x) for x in seqs)} tokens, {c.args.num_layers} layers")
+        return AwqCalibration(awq_scales(weights, c.config, c.args, seqs, block_size, log=log), calib, calib_manifest,
+                              len(seqs))
+
+    return calibrate
+
+
 def nbits(src: Path, dst: Path, bits: int = 8, block_size: int = NBITS_BLOCK) -> dict:
     import logging
 

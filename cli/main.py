@@ -26,8 +26,12 @@ def cmd_export(a):
         from mistral_trt.calib.quantize import checkpoint_w8a8
 
         calibrate = checkpoint_w8a8(a.calib, a.calib_method, _alpha_value(a), a.outlier_ratio)
+    elif a.precision == "int4" and a.calib:  # activation-aware scales, likewise
+        from mistral_trt.calib.quantize import checkpoint_awq
+
+        calibrate = checkpoint_awq(a.calib, a.block_size)
     elif a.calib:
-        raise UserError("--calib goes with --precision int8-w8a8 (the only precision that calibrates activations)")
+        raise UserError("--calib goes with --precision int8-w8a8 (SmoothQuant) or int4 (activation-aware scaling)")
     export_model(a.model, a.output, dtype=a.dtype, force=a.force, run_verify=not a.no_verify,
                  max_window_check=a.max_window_check, provider=a.provider, graph=a.graph, precision=a.precision,
                  block_size=a.block_size, calibrate=calibrate)

@@ -87,12 +87,15 @@ def output_bytes(weights: CheckpointWeights, args: ModelArgs, dtype: str, nbits:
 
 
 def build_graph(weights: CheckpointWeights, config: dict, args: ModelArgs, dtype: str, folder: Path,
-                nbits: NBits | None = None, progress=lambda layer, total: None) -> dict:
+                nbits: NBits | None = None, progress=lambda layer, total: None, awq: dict | None = None) -> dict:
     """Write folder/model.onnx straight from the checkpoint, one tensor at a time (export/weights.py).
 
     Each weight is read, converted (transposed to [in, out] for MatMul; with `nbits`, quantized to MatMulNBits
     blocks), written and freed before the next is read; above protobuf's 2 GB limit they stream into
     folder/model.onnx.data. Peak memory is a few copies of the largest tensor, not the model.
+    `awq` ((layer, group) -> (s, ...), calib/awq.py): activation-aware scales, applied as the weights stream: the
+    rows of the MatMuls reading the group's input times s, 1/s folded into its producer (the RMSNorm gamma before
+    q/k/v and gate/up; up_proj's columns before down_proj).
     Returns {"matmuls": quantized MatMuls, "bytes": their packed weight + scale bytes}."""
     import onnx
     from onnx import TensorProto, helper
@@ -144,32 +147,46 @@ def build_graph(weights: CheckpointWeights, config: dict, args: ModelArgs, dtype
     if a.sliding_window is not None:
         gqa.update(local_window_size=a.sliding_window, sliding_window_cache=1)  # W keys, itself included
 
+    awq = awq or {}
+
+    def s_of(i: int, group: str, size: int) -> np.ndarray:
+        return awq[i, group][0] if (i, group) in awq else np.ones(size, np.float32)
+
     down, residual = None, "embeds"
     for i in range(a.num_layers):
         p = f"model.layers.{i}."
-        g_in = init(f"{p}input_layernorm", w(p + "input_layernorm.weight"))
+        s_qkv, s_gu, s_down = s_of(i, "qkv", a.hidden_size), s_of(i, "gate_up", a.hidden_size), \
+            s_of(i, "down", a.intermediate_size)
+        g_in = init(f"{p}input_layernorm", (w(p + "input_layernorm.weight") / s_qkv).astype(np_dtype)
+                    if (i, "qkv") in awq else w(p + "input_layernorm.weight"))
         if i == 0:
             x = node("SimplifiedLayerNormalization", ["embeds", g_in], [f"l{i}.x"], axis=-1, epsilon=eps)[0]
         else:
             x, _, _, residual = node("SkipSimplifiedLayerNormalization", [down, residual, g_in],
                                      [f"l{i}.x", "", "", f"l{i}.res_attn"], domain=MS, epsilon=eps)
         wqkv = np.concatenate([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"], axis=0).T  # [H, (N+2KV)D]
-        qkv = matmul(x, f"{p}qkv_proj", wqkv, f"l{i}.qkv")
+        qkv = matmul(x, f"{p}qkv_proj", wqkv * s_qkv[:, None] if (i, "qkv") in awq else wqkv, f"l{i}.qkv")
         attn = node("GroupQueryAttention",
                     [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
                      "total_sequence_length", "cos_cache", "sin_cache"] + [""] * 7 + ["query_seqlens"],
                     [f"l{i}.attn", f"present.{i}.key", f"present.{i}.value"], domain=MS, **gqa)[0]
         o = matmul(attn, f"{p}o_proj", w(p + "self_attn.o_proj.weight").T, f"l{i}.o")
-        g_post = init(f"{p}post_attention_layernorm", w(p + "post_attention_layernorm.weight"))
+        g_post = init(f"{p}post_attention_layernorm", (w(p + "post_attention_layernorm.weight") / s_gu).astype(np_dtype)
+                      if (i, "gate_up") in awq else w(p + "post_attention_layernorm.weight"))
         x, _, _, residual = node("SkipSimplifiedLayerNormalization", [o, residual, g_post],
                                  [f"l{i}.x2", "", "", f"l{i}.res_mlp"], domain=MS, epsilon=eps)
         # gate and up as two MatMuls, not one packed MatMul + Split: the Split's copy cost more than it saved
-        gate = matmul(x, f"{p}gate_proj", w(p + "mlp.gate_proj.weight").T, f"l{i}.gate")
-        up = matmul(x, f"{p}up_proj", w(p + "mlp.up_proj.weight").T, f"l{i}.up")
+        gate = matmul(x, f"{p}gate_proj", w(p + "mlp.gate_proj.weight").T * s_gu[:, None] if (i, "gate_up") in awq
+                      else w(p + "mlp.gate_proj.weight").T, f"l{i}.gate")
+        w_up = w(p + "mlp.up_proj.weight").T  # [H, I]: rows read x (gate/up's s), columns feed down (down's 1/s)
+        if awq:
+            w_up = (w_up * s_gu[:, None]) / s_down[None, :]
+        up = matmul(x, f"{p}up_proj", w_up, f"l{i}.up")
         sig = node("Sigmoid", [gate], [f"l{i}.sig"])[0]
         silu = node("Mul", [gate, sig], [f"l{i}.silu"])[0]
         act = node("Mul", [silu, up], [f"l{i}.act"])[0]
-        down = matmul(act, f"{p}down_proj", w(p + "mlp.down_proj.weight").T, f"l{i}.down")
+        w_down = w(p + "mlp.down_proj.weight").T
+        down = matmul(act, f"{p}down_proj", w_down * s_down[:, None] if (i, "down") in awq else w_down, f"l{i}.down")
         progress(i + 1, a.num_layers)
 
     g = init("model.norm", w("model.norm.weight"))

@@ -126,8 +126,9 @@ def check_memory(c: ck.Checkpoint, dtype: str, run_verify: bool, provider: str) 
 def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool = False, run_verify: bool = True,
                  max_window_check: int = vf.MAX_WINDOW_CHECK, provider: str = "cpu", graph: str = "portable",
                  precision: str | None = None, block_size: int = 32, calibrate=None) -> Manifest:
-    """`calibrate` (int8-w8a8 only; calib/quantize.py's checkpoint_w8a8 makes it): calibrate(weights, checkpoint,
-    log) -> the graph and weight edits export_streaming applies (export/onnx_export.py), run as the first stage."""
+    """`calibrate` (calib/quantize.py's checkpoint_w8a8 or checkpoint_awq makes it): calibrate(weights, checkpoint,
+    log), run as the first stage, returns int8-w8a8's graph and weight edits (export/onnx_export.py applies them) or
+    int4's activation-aware scales (export/fused_graph.py); both carry the precision record and their report."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if graph not in GRAPHS:
@@ -143,9 +144,10 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
             raise UserError(f"--precision {precision} writes onnxruntime MatMulNBits weights: add --graph fused")
         if precision in QDQ_PRECISIONS and graph != "portable":
             raise UserError(f"--precision {precision} writes explicit Q/DQ (TensorRT): it takes --graph portable")
-    if (precision == "int8-w8a8") != (calibrate is not None):
-        raise UserError("--precision int8-w8a8 calibrates activations: pass --calib CALIB (from `mistral-trt calibrate`)"
-                        if calibrate is None else "--calib goes with --precision int8-w8a8")
+    if precision == "int8-w8a8" and calibrate is None:
+        raise UserError("--precision int8-w8a8 calibrates activations: pass --calib CALIB (from `mistral-trt calibrate`)")
+    if calibrate is not None and precision not in ("int8-w8a8", "int4"):
+        raise UserError("--calib goes with --precision int8-w8a8 (SmoothQuant) or int4 (activation-aware scaling)")
     nbits = None
     if precision in NBITS_PRECISIONS:
         from .fused_graph import NBits
@@ -208,11 +210,17 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
                                  "ops, tensor by tensor"):
                 from .fused_graph import build_graph
 
-                stats = build_graph(weights, c.config, args, dtype, tmp, nbits=nbits, progress=progress)
+                stats = build_graph(weights, c.config, args, dtype, tmp, nbits=nbits, progress=progress,
+                                    awq=edits.scales if edits is not None else None)
         n += 1
         with stage(n, total, "save manifest, tokenizer files and sha256 hashes"):
             precision_record = None
-            if nbits is not None:
+            if nbits is not None and edits is not None:  # int4, activation-aware (calib/awq.py)
+                for name, text in edits.files().items():
+                    (tmp / name).write_text(text)
+                precision_record = {**edits.record(), "block_size": block_size, "from": str(src.absolute()),
+                                    "quantized_matmuls": stats["matmuls"], "weight_bytes": stats["bytes"]}
+            elif nbits is not None:
                 precision_record = {
                     "name": precision, "calibration": None, "block_size": block_size,
                     "method": (f"onnxruntime MatMulNBits: symmetric int{nbits.bits} weights per block of {block_size}, "

@@ -293,3 +293,51 @@ def test_export_precision_bad_input(tiny_full, tmp_path, capsys):
     with pytest.raises(UserError, match=f"this one is int8-w8a8-dynamic; or write it from the checkpoint: mistral-trt "
                                         f"export {tiny_full.absolute()} -o OUT --graph fused --precision int4"):
         quantize(q, "int4", tmp_path / "x")
+
+
+def test_awq_folds_are_exact_and_int4_calibrated_end_to_end(tiny_window, tiny_fused, tiny_exports, tmp_path, capsys):
+    """Activation-aware int4 (calib/awq.py) moves scale between activations and weights: with float weights the
+    scaled graph computes the same logits (1/s folded into RMSNorm gammas and up_proj's columns), and
+    `export --graph fused --precision int4 --calib` writes an int4 artifact whose record and awq.json say so."""
+    import json
+
+    from mistral_trt.export import checkpoint as ck
+    from mistral_trt.export.fused_graph import build_graph
+    from mistral_trt.export.weights import CheckpointWeights
+
+    c = ck.inspect_checkpoint(tiny_window)
+    weights = CheckpointWeights(c.weight_files, c.args.tie_word_embeddings)
+    rng = np.random.default_rng(0)
+    a = c.args
+    awq = {(i, g): (rng.uniform(0.3, 3.0, n).astype(np.float32), 0.5, 0.0) for i in range(a.num_layers)
+           for g, n in (("qkv", a.hidden_size), ("gate_up", a.hidden_size), ("down", a.intermediate_size))}
+    folder = tmp_path / "scaled"
+    folder.mkdir()
+    for f in tiny_fused["window"].iterdir():  # the manifest and tokenizer of the plain fused export
+        if f.name != "model.onnx":
+            (folder / f.name).write_bytes(f.read_bytes())
+    build_graph(weights, c.config, a, "fp32", folder, awq=awq)
+    m = Manifest.load(folder)
+    from mistral_trt.runtime.integrity import hash_file
+
+    m.files["model.onnx"] = hash_file(folder / "model.onnx")
+    m.save(folder)
+    ids = rng.integers(3, 32000, 20)
+    ref, got = score(tiny_fused["window"], ids), score(folder, ids)
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max() and (got.argmax(-1) == ref.argmax(-1)).all()
+    assert not np.array_equal(got, ref)  # the weights really changed
+
+    cal = tmp_path / "cal"
+    assert main(["calibrate", str(tiny_exports["full", "fp32"]), "-o", str(cal), "--count", "12",
+                 "--reply-tokens", "4"]) == 0
+    out = tmp_path / "int4-awq"
+    assert main(["export", str(tiny_window), "-o", str(out), "--graph", "fused", "--precision", "int4", "--calib",
+                 str(cal)]) == 0
+    p = Manifest.load(out).precision
+    assert p["name"] == "int4" and p["method"].startswith("activation-aware scaling") and p["block_size"] == 32
+    assert p["calibration"]["sequences"] == 12 and p["quantized_matmuls"] == 5 * a.num_layers + 1
+    rows = json.loads((out / "awq.json").read_text())
+    assert len(rows) == 3 * a.num_layers and all(0.0 <= r["alpha"] <= 1.0 for r in rows)
+    bits = {x.name: x.i for x in next(n for n in onnx.load(str(out / "model.onnx")).graph.node
+                                      if n.op_type == "MatMulNBits").attribute}["bits"]
+    assert bits == 4 and np.isfinite(score(out, ids)).all()  # its quality on the demo: docs/precision.md
