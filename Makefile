@@ -13,7 +13,7 @@ DEMO_HF  := build/smollm2-135m-instruct
 DEMO_OUT := build/onnx/smollm2-135m-instruct-$(DTYPE)
 OUT      ?= $(if $(MODEL),build/onnx/$(notdir $(abspath $(MODEL)))-$(DTYPE),$(DEMO_OUT))
 
-.PHONY: setup demo export test test-quality test-interop cpp cpp-asan bench-cpp test-triton bench-triton bench-speculate clean measure-export measure-7b bench bench-serve serve gpu-check
+.PHONY: setup demo export test test-quality test-interop cpp cpp-asan bench-cpp test-triton bench-triton bench-speculate bench-int4 clean measure-export measure-7b bench bench-serve serve gpu-check
 
 setup: $(VENV)/.installed
 
@@ -139,6 +139,22 @@ bench-cpp: export cpp
 	$(CLI) bench $(FUSED_OUT) $(OUT) $(FUSED_Q8) --cpp --prompt-len 128,512,2048 --gen-len 64 --repeat 3 -o build/bench-cpp
 
 # Speculative decoding (prompt lookup) against plain decoding, fused fp32 and int8: grounded and open-chat prompts.
+# int4 beside int8 and fp32, and beside onnxruntime-genai's int4 and llama.cpp (when llama-cpp-python is installed:
+# `.venv/bin/pip install llama-cpp-python==0.3.36`, ~10 min compile), with the issue's targets checked in the report.
+CALIB_DEMO := build/calib-demo
+FUSED_Q4   := build/onnx/smollm2-135m-instruct-fused-int4
+W4A16      := build/onnx/smollm2-135m-instruct-int4-w4a16
+bench-int4: export
+	@test -f $(FUSED_OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_OUT) --graph fused
+	@test -f $(FUSED_Q8)/manifest.json || $(CLI) quantize $(FUSED_OUT) --precision int8-w8a8-dynamic -o $(FUSED_Q8)
+	@test -f $(CALIB_DEMO)/manifest.json || $(CLI) calibrate $(OUT) -o $(CALIB_DEMO)
+	@test -f $(FUSED_Q4)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_Q4) --graph fused --precision int4 --calib $(CALIB_DEMO)
+	@test -f $(W4A16)/manifest.json || $(CLI) export $(DEMO_HF) -o $(W4A16) --precision int4-w4a16 --calib $(CALIB_DEMO)
+	$(CLI) bench $(FUSED_Q4) $(FUSED_Q8) $(FUSED_OUT) $(W4A16) $(EXTRA) --baseline ort-genai-int4 --baseline ort-genai \
+	  --baseline llama.cpp --baseline llama.cpp-q8_0 --baseline llama.cpp-q4_1 --prompt-len 128,512 --gen-len 64 --repeat 3 \
+	  --target 'ours:$(notdir $(FUSED_Q4))/ours:$(notdir $(FUSED_Q8))>=1.4' --target 'ours:$(notdir $(FUSED_Q4))/ort-genai-int4>=1.3' \
+	  --target 'ours:$(notdir $(FUSED_OUT))/llama.cpp-f32>=1.0' -o build/bench-int4
+
 bench-speculate: export
 	@test -f $(FUSED_OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_OUT) --graph fused
 	@test -f $(FUSED_Q8)/manifest.json || $(CLI) quantize $(FUSED_OUT) --precision int8-w8a8-dynamic -o $(FUSED_Q8)

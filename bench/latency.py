@@ -256,7 +256,8 @@ class HF:
 
 
 class OrtGenai:
-    """onnxruntime-genai on a model its own builder made from the same checkpoint and precision."""
+    """onnxruntime-genai on a model its own builder made from the same checkpoint: fp32 / fp16 as ours, or its int4
+    (`-p int4`: MatMulNBits, block 32, its CPU default accuracy level)."""
 
     def __init__(self, source: str, dtype: str, cache: Path):
         try:
@@ -272,7 +273,7 @@ class OrtGenai:
                                 "-p", dtype, "-e", "cpu", "-c", str(cache / "hf-cache")], capture_output=True, text=True)
             if r.returncode:
                 raise UserError(f"onnxruntime-genai's builder failed on {source}: {r.stderr[-500:]}")
-        self.og, self.name = og, "ort-genai"
+        self.og, self.name = og, "ort-genai" if dtype in ("fp32", "fp16") else f"ort-genai-{dtype}"
         self.model = og.Model(str(out))
 
     def run(self, prompts: np.ndarray, n: int) -> list[float]:
@@ -379,6 +380,40 @@ def report(results: list[Result], gen_len: int, args: ModelArgs, dtype: str, ban
     return "\n".join(lines), {"bandwidth_bytes_s": bandwidth, "gen_len": gen_len, "dtype": dtype, "rows": rows}
 
 
+def parse_target(text: str) -> tuple[str, str, float]:
+    """`--target 'A/B>=R'`: system A's decode at least R times as fast as B's (B's p50 / A's p50 >= R)."""
+    pair, sep, ratio = text.partition(">=")
+    a, slash, b = pair.partition("/")
+    try:
+        r = float(ratio)
+    except ValueError:
+        r = 0.0
+    if not (sep and slash and a and b and r > 0):
+        raise UserError(f"--target {text!r}: expected FAST/SLOW>=RATIO with two system names from the table, e.g. "
+                        "'ours:int4/ort-genai-int4>=1.3'")
+    return a.strip(), b.strip(), r
+
+
+def targets_table(rows: list[dict], targets: list[tuple[str, str, float]]) -> tuple[str, list[dict]]:
+    """Each target's measured decode ratio at every prompt length and batch of this run, and whether it is met."""
+    by = {(r["system"], r["prompt_len"], r["batch"]): r for r in rows}
+    names = {r["system"] for r in rows}
+    out = []
+    lines = ["| target | prompt | batch | decode ratio | met |", "|---|---|---|---|---|"]
+    for a, b, want in targets:
+        for name in (a, b):
+            if name not in names:
+                raise UserError(f"--target: no system {name!r} in this run; systems: {', '.join(sorted(names))}")
+        for (s, p, bt), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+            if s != a or (b, p, bt) not in by:
+                continue
+            ratio = float(by[b, p, bt]["decode_ms"]["p50"] / r["decode_ms"]["p50"])
+            out.append({"fast": a, "slow": b, "want": want, "prompt_len": p, "batch": bt, "ratio": ratio,
+                        "met": bool(ratio >= want)})
+            lines.append(f"| {a} >= {want:g}x {b} | {p} | {bt} | {ratio:.2f}x | {'met' if ratio >= want else 'not met'} |")
+    return "\n".join(lines), out
+
+
 def plot(data: dict, path: Path) -> None:
     import matplotlib
 
@@ -429,6 +464,7 @@ def main_bench(a) -> None:
     for f in folders:
         Manifest.load(f)  # a bad folder fails now, not after minutes of measuring
         check_engine_limits(f, a.batch, a.prompt_len, a.gen_len)
+    targets = [parse_target(t) for t in a.target]  # before minutes of measuring
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if a.cpp and (a.provider != "cpu" or a.batch != [1]):
         raise UserError("--cpp runs the C++ runtime on onnxruntime's CPU provider, one sequence: --provider cpu --batch 1")
@@ -441,24 +477,32 @@ def main_bench(a) -> None:
         if a.cpp:
             before = rss_bytes()
             systems.append(load_system(Cpp, (f, Path(a.cpp_lib)), before))
+    skipped = set()
     for base in a.baseline:
         before = rss_bytes()
         if base.startswith("llama.cpp"):
+            quant = base.partition("-")[2] or "f32"
             try:
                 import llama_cpp  # noqa: F401
             except ImportError:
                 log(f"note: --baseline {base} skipped: llama-cpp-python is not installed (pip install "
                     "llama-cpp-python==0.3.36: it compiles llama.cpp for this CPU, about 10 minutes on 2 cores)")
+                skipped.add(f"llama.cpp-{quant}")
                 continue
-            quant = base.partition("-")[2] or "f32"
             systems.append(load_system(LlamaCpp, (m.source["path"], quant, Path(a.genai_cache).parent / "llama-cpp",
                                                   max(a.prompt_len) + a.gen_len + 8), before))
         elif base == "hf":
             systems.append(load_system(HF, (m.source["path"], m.dtype), before))
-        elif base == "ort-genai":
+        elif base.startswith("ort-genai"):
             if m.model.sliding_window:
                 log("note: onnxruntime-genai's builder ignores a sliding window; its numbers are for full attention")
-            systems.append(load_system(OrtGenai, (m.source["path"], m.dtype, Path(a.genai_cache)), before))
+            precision = base.partition("-genai")[2].lstrip("-") or m.dtype
+            systems.append(load_system(OrtGenai, (m.source["path"], precision, Path(a.genai_cache)), before))
+    for name in {n for t in targets for n in t[:2]} - {s.name for s in systems} - skipped:
+        raise UserError(f"--target: no system {name!r} in this run; systems: {', '.join(s.name for s in systems)}")
+    for t in [t for t in targets if set(t[:2]) & skipped]:
+        log(f"note: --target {t[0]}/{t[1]}>={t[2]:g} not checked: {', '.join(sorted(set(t[:2]) & skipped))} was skipped")
+        targets.remove(t)
     gc.collect()
     # Host bandwidth drifts on a shared machine (30 to 55 GB/s read within minutes on the CI machine), so it
     # is probed after every timed round and the floor uses the highest value seen: a floor must not be beaten.
@@ -475,6 +519,9 @@ def main_bench(a) -> None:
     weight_bytes = {s.name: graph_decode_bytes(f) for s, f in zip(systems, per_folder)}  # counted from each ONNX
     table, data = report(results, a.gen_len, m.model, m.dtype, bandwidth, weight_bytes, how)
     data["bandwidth_probes_bytes_s"] = probes
+    if targets:
+        text, data["targets"] = targets_table(data["rows"], targets)
+        table += "\n\n" + text
     print(table)
     check_report_folder(out, REPORT_FILES, "bench.json", "bandwidth_probes_bytes_s")  # again: minutes have passed
     out.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,11 @@
-"""Explicit Q/DQ in an ONNX graph, the form TensorRT 10/11 reads as int8 kernels (strongly typed, no calibrator):
-int8 weights behind `DequantizeLinear` (per output channel, symmetric, zero point 0), and the graph edits that
-make every weight visible to it. Used by calib/quantize.py (int8-w8a16) and calib/smoothquant.py (int8-w8a8).
+"""Explicit Q/DQ in an ONNX graph, the form TensorRT 10/11 reads as int8 and int4 kernels (strongly typed, no
+calibrator): integer weights behind `DequantizeLinear` (int8 per output channel, or int4 per block of input
+channels; symmetric, zero point 0), and the graph edits that make every weight visible to it. Used by
+calib/quantize.py (int8-w8a16, int4-w4a16) and calib/smoothquant.py (int8-w8a8).
 
     model = onnx.load("EXPORT_DIR/model.onnx")
     fold_weight_transposes(model)        # a tied lm_head reaches its MatMul through a Transpose
-    stats = weight_only_int8_model(model)
+    stats = weight_only_model(model, WeightQdq(4, 32))
     save_model(model, Path("NEW_EXPORT_DIR/model.onnx"))
 """
 from __future__ import annotations
@@ -13,18 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
-from mistral_trt.export.weights import int8_per_channel
+from mistral_trt.export.weights import WeightQdq, raise_opset
 from mistral_trt.runtime.manifest import ONNX_DATA_NAME
 
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 
 
-def weight_only_int8(src: Path, dst: Path) -> dict:
+def weight_only(src: Path, dst: Path, qdq: WeightQdq) -> dict:
     import onnx
 
     model = onnx.load(str(src))
     fold_weight_transposes(model)  # a tied lm_head reaches its MatMul through a Transpose: quantize it too
-    stats = weight_only_int8_model(model)
+    stats = weight_only_model(model, qdq)
+    raise_opset(model, qdq.opset)
     save_model(model, dst)
     return stats
 
@@ -36,9 +38,10 @@ def save_model(model, dst: Path) -> None:
     onnx.save(model, str(dst), save_as_external_data=external, all_tensors_to_one_file=True, location=ONNX_DATA_NAME)
 
 
-def weight_only_int8_model(model) -> dict:
-    """Every MatMul whose second input is a 2-D initializer W [K, N] gets
-    DequantizeLinear(round(W / s) int8, s float32 [N], zero point int8 0 [N], axis=1), s = max|W[:, n]| / 127."""
+def weight_only_model(model, qdq: WeightQdq = WeightQdq(8)) -> dict:
+    """Every MatMul whose second input is a 2-D initializer W [K, N] gets DequantizeLinear(q, s, zero point 0):
+    int8 q = round(W / s), s float32 [N] = max|W[:, n]| / 127, axis=1; or int4 q per block of input channels,
+    s [K / block, N], axis=0 (export/weights.py's WeightQdq)."""
     from onnx import helper, numpy_helper
 
     g = model.graph
@@ -52,16 +55,18 @@ def weight_only_int8_model(model) -> dict:
                 if w.ndim != 2 or w.dtype != np.float32:
                     new_nodes.append(node)
                     continue
-                q, scale = int8_per_channel(w)
+                scheme = qdq.for_weight(name)
+                q, scale, zero_point = scheme.quantize(w)
                 g.initializer.extend([
-                    numpy_helper.from_array(q, f"{name}_int8"),
+                    numpy_helper.from_array(q, name + scheme.suffix),
                     numpy_helper.from_array(scale, f"{name}_scale"),
-                    numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}_zero_point"),
+                    numpy_helper.from_array(zero_point, f"{name}_zero_point"),
                 ])
-                new_nodes.append(helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"],
-                                                  [f"{name}_dq"], name=f"{name}_DequantizeLinear", axis=1))
+                new_nodes.append(helper.make_node("DequantizeLinear", [name + scheme.suffix, f"{name}_scale",
+                                                                       f"{name}_zero_point"],
+                                                  [f"{name}_dq"], name=f"{name}_DequantizeLinear", **scheme.attrs()))
                 done[name] = f"{name}_dq"
-                nbytes += q.nbytes + scale.nbytes
+                nbytes += q.size * scheme.bits // 8 + scale.nbytes
             node.input[1] = done[name]
         new_nodes.append(node)
     del g.node[:]

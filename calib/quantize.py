@@ -20,6 +20,9 @@
                 the embedding table stays float for its Gather. Quantized by onnxruntime's own
                 MatMulNBitsQuantizer. Needs no calibration set.
     int4        (fused graph only) the same with 4-bit weights (round to nearest, symmetric, block 32).
+    int4-w4a16  (portable graph) the same int4 weights for TensorRT: blockwise DequantizeLinear(int4, scale per
+                block of 32 input channels, zero point 0, axis 0; opset 21), which TensorRT runs as weight-only
+                int4 GEMM and onnxruntime's CPU provider fuses back into MatMulNBits. Activations stay float.
 
 The fused precisions also come straight from the checkpoint, tensor by tensor and to the same bits:
 `mistral-trt export CHECKPOINT -o OUT --graph fused --precision P` (export/fused_graph.py); that is the road
@@ -41,17 +44,21 @@ from pathlib import Path
 from mistral_trt.runtime.errors import UserError
 from mistral_trt.runtime.manifest import NBITS_PRECISIONS, ONNX_NAME, Manifest
 
-from .qdq import save_model, weight_only_int8
+from mistral_trt.export.fused_graph import LM_HEAD_BITS, nbits_record
+from mistral_trt.export.weights import WeightQdq, weight_only_record
+
+from .qdq import save_model, weight_only
 from .smoothquant import ACTIVATION_GROUPS, CALIB_METHODS, GROUPS, Recipe, int8_w8a8
 
-PRECISIONS = ("fp16", "int8-w8a16", "int8-w8a8", "int8-w8a8-dynamic", "int4")
+PRECISIONS = ("fp16", "int8-w8a16", "int8-w8a8", "int4-w4a16", "int8-w8a8-dynamic", "int4")
 FUSED_PRECISIONS = ("fp16", "int8-w8a8-dynamic", "int4")  # what a --graph fused export takes; the others are Q/DQ graphs
 NBITS_BLOCK = 32  # int8-w8a8-dynamic's default block: the best quality of 32/64/128 (README table); 64 decodes 10-17 % faster
 
 
 def quantize(export_dir: str | Path, precision: str, out: str | Path, force: bool = False, calib: str | Path | None = None,
              calib_method: str = "max", alpha: str | float = "auto", outlier_ratio: float = 20.0,
-             block_size: int = NBITS_BLOCK, log=lambda s: print(s, file=sys.stderr, flush=True)) -> Manifest:
+             block_size: int = NBITS_BLOCK, lm_head_bits: int = LM_HEAD_BITS,
+             log=lambda s: print(s, file=sys.stderr, flush=True)) -> Manifest:
     from mistral_trt.export.atomic import atomic_folder, check_target
     from mistral_trt.export.pipeline import save_with_files
 
@@ -66,7 +73,7 @@ def quantize(export_dir: str | Path, precision: str, out: str | Path, force: boo
         hint = f"; or write it from the checkpoint: mistral-trt export {m.source.get('path', 'CHECKPOINT')} -o OUT {flags}"
         raise UserError(f"{export_dir}: quantize starts from an fp32 export, this one is "
                         f"{m.precision.get('name', m.dtype)}{hint}")
-    if block_size < 16 or block_size & (block_size - 1):
+    if (precision in NBITS_PRECISIONS or precision == "int4-w4a16") and (block_size < 16 or block_size & (block_size - 1)):
         raise UserError(f"--block-size {block_size}: expected a power of two >= 16 (onnxruntime MatMulNBits)")
     if (m.graph == "fused") != (precision in FUSED_PRECISIONS) and precision != "fp16":
         need = "a --graph fused export" if precision in FUSED_PRECISIONS else "a --graph portable export (Q/DQ for TensorRT)"
@@ -87,14 +94,13 @@ def quantize(export_dir: str | Path, precision: str, out: str | Path, force: boo
     with atomic_folder(out, force, kind="export", inputs=[export_dir, calib], need_bytes=need) as tmp:
         if precision in NBITS_PRECISIONS:
             bits = NBITS_PRECISIONS[precision]
-            stats = nbits(export_dir / ONNX_NAME, tmp / ONNX_NAME, bits, block_size)
-            m.precision = {"name": precision, "method": f"onnxruntime MatMulNBits: symmetric int{bits} weights per block of "
-                           f"{block_size}, int8 activations per block at run time (accuracy_level 4), round to nearest",
-                           "calibration": None, "block_size": block_size}
-        elif precision == "int8-w8a16":
-            stats = weight_only_int8(export_dir / ONNX_NAME, tmp / ONNX_NAME)
-            m.precision = {"name": precision, "method": "per-channel symmetric int8 weights (DequantizeLinear, zero point 0)",
-                           "calibration": None}
+            head = lm_head_bits if bits == 4 else None
+            stats = nbits(export_dir / ONNX_NAME, tmp / ONNX_NAME, bits, block_size, head)
+            m.precision = nbits_record(precision, block_size, head)
+        elif precision in ("int8-w8a16", "int4-w4a16"):
+            qdq = WeightQdq(4, block_size, lm_head_bits) if precision == "int4-w4a16" else WeightQdq(8)
+            stats = weight_only(export_dir / ONNX_NAME, tmp / ONNX_NAME, qdq)
+            m.precision = weight_only_record(precision, block_size, lm_head_bits)
         else:
             stats = int8_w8a8(export_dir, tmp / ONNX_NAME, seqs, recipe, log=log)
             acts = stats.pop("activations")
@@ -175,17 +181,23 @@ def checkpoint_w8a8(calib, calib_method: str = "max", alpha="auto", outlier_rati
 
 class AwqCalibration:
     """int4's activation-aware scales from the checkpoint (calib/awq.py), with the manifest's precision record and
-    awq.json (every group's alpha and output error against round to nearest's)."""
+    awq.json (every group's alpha and output error against round to nearest's). The fused writer reads `scales`;
+    the portable one (int4-w4a16) streams its weights through prepare/weight/finish, SmoothQuant's folding without
+    its activation Q/DQ (calib/smoothquant.py): 1/s lands in the same RMSNorm gammas and up_proj columns, so both
+    graphs hold the same int4 weights."""
 
-    def __init__(self, scales: dict, calib, calib_manifest: dict, sequences: int):
+    def __init__(self, scales: dict, calib, calib_manifest: dict, sequences: int, precision: str = "int4", args=None):
         self.scales, self.calib, self.calib_manifest, self.sequences = scales, calib, calib_manifest, sequences
+        self.precision, self.args, self._edits = precision, args, None
 
     def record(self) -> dict:
-        return {"name": "int4",
+        weights = ("onnxruntime MatMulNBits: symmetric int4 weights per block, int8 activations per block at run time "
+                   "(accuracy_level 4)") if self.precision == "int4" else (
+                   "symmetric int4 weights per block (blockwise DequantizeLinear, zero point 0, opset 21); float "
+                   "activations")
+        return {"name": self.precision,
                 "method": ("activation-aware scaling (AWQ: s = mean|x|^alpha, alpha per activation by output error, "
-                           "folded into RMSNorm gammas and up_proj columns; o_proj round to nearest) + onnxruntime "
-                           "MatMulNBits: symmetric int4 weights per block, int8 activations per block at run time "
-                           "(accuracy_level 4)"),
+                           f"folded into RMSNorm gammas and up_proj columns; o_proj round to nearest) + {weights}"),
                 "calibration": {"path": str(Path(self.calib).absolute()), "sha256": self.calib_manifest["sha256"],
                                 "sequences": self.sequences, "statistics": CHECKPOINT_STATISTICS},
                 "details": "awq.json"}
@@ -195,10 +207,26 @@ class AwqCalibration:
                 in sorted(self.scales.items())]
         return {"awq.json": json.dumps(rows, indent=1) + "\n"}
 
+    # the portable writer's edits (export/onnx_export.py export_streaming)
+    def prepare(self, nodes, shapes):
+        from .smoothquant import SmoothQuantEdits, Smoothing
 
-def checkpoint_awq(calib, block_size: int = NBITS_BLOCK):
+        plans = {key: Smoothing(s, None, alpha, {"alpha": alpha, "output_error": err})
+                 for key, (s, alpha, err) in self.scales.items()}
+        self._edits = SmoothQuantEdits(self.args, plans, quantize=False).prepare(nodes, shapes)
+        return self
+
+    def weight(self, name, w):
+        return self._edits.weight(name, w)
+
+    def finish(self, g, add) -> None:
+        self._edits.finish(g, add)
+
+
+def checkpoint_awq(calib, block_size: int = NBITS_BLOCK, precision: str = "int4"):
     """int4 with activation-aware scaling straight from the checkpoint (`export --graph fused --precision int4
-    --calib CALIB`): the `calibrate` export_model runs as its first stage."""
+    --calib CALIB`, or `--precision int4-w4a16 --calib CALIB` for TensorRT): the `calibrate` export_model runs as
+    its first stage."""
     if calib is None:
         raise UserError("activation-aware int4 calibrates on a set: pass --calib CALIB (from `mistral-trt calibrate`)")
 
@@ -208,21 +236,29 @@ def checkpoint_awq(calib, block_size: int = NBITS_BLOCK):
         calib_manifest, seqs = load_calibration(calib, c.args.vocab_size)
         log(f"  {len(seqs)} calibration sequences, {sum(len(x) for x in seqs)} tokens, {c.args.num_layers} layers")
         return AwqCalibration(awq_scales(weights, c.config, c.args, seqs, block_size, log=log), calib, calib_manifest,
-                              len(seqs))
+                              len(seqs), precision, c.args)
 
     return calibrate
 
 
-def nbits(src: Path, dst: Path, bits: int = 8, block_size: int = NBITS_BLOCK) -> dict:
+def nbits(src: Path, dst: Path, bits: int = 8, block_size: int = NBITS_BLOCK, lm_head_bits: int | None = None) -> dict:
+    """MatMulNBitsQuantizer over every MatMul; with lm_head_bits, lm_head (the MatMul giving `logits`) in a second
+    pass with its own bits."""
     import logging
 
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4)
-    q.process()
-    model = q.model.model
+    model = onnx.load(str(src))
+    head = [n.name for n in model.graph.node if n.op_type == "MatMul" and "logits" in n.output]
+    passes = [(bits, head, None)] + [(lm_head_bits, None, head)] if lm_head_bits and lm_head_bits != bits else \
+        [(bits, None, None)]
+    for b, exclude, include in passes:
+        q = MatMulNBitsQuantizer(model, bits=b, block_size=block_size, is_symmetric=True, accuracy_level=4,
+                                 nodes_to_exclude=exclude, nodes_to_include=include)
+        q.process()
+        model = q.model.model
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     packed = {i for n in nodes for i in n.input[1:3]}
     nbytes = sum(len(t.raw_data) for t in model.graph.initializer if t.name in packed)

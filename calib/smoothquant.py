@@ -41,7 +41,7 @@ from mistral_trt.export.weights import int8_scale
 from mistral_trt.runtime.cache import pack_rows
 from mistral_trt.runtime.manifest import ONNX_NAME, Manifest
 
-from .qdq import fold_weight_transposes, save_model, weight_only_int8_model
+from .qdq import fold_weight_transposes, save_model, weight_only_model
 
 CALIB_METHODS = ("max", "percentile", "mse")
 GROUPS = ("qkv", "o", "gate_up", "down", "lm_head")  # the weight MatMuls of a Mistral layer, by the input they read
@@ -457,7 +457,7 @@ def smooth_and_quantize(model, args, stats: dict[str, ActivationStats], recipe: 
         if edits.touches(name):
             t.CopyFrom(numpy_helper.from_array(edits.weight(name, numpy_helper.to_array(t)), name))
     edits.finish(g, lambda name, arr: g.initializer.append(numpy_helper.from_array(arr, name)))
-    stats_ = weight_only_int8_model(model) if quantize else {"matmuls": 0, "bytes": 0}
+    stats_ = weight_only_model(model) if quantize else {"matmuls": 0, "bytes": 0}
     return {"activations": edits.report, **stats_}
 
 

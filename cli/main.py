@@ -26,15 +26,17 @@ def cmd_export(a):
         from mistral_trt.calib.quantize import checkpoint_w8a8
 
         calibrate = checkpoint_w8a8(a.calib, a.calib_method, _alpha_value(a), a.outlier_ratio)
-    elif a.precision == "int4" and a.calib:  # activation-aware scales, likewise
+    elif a.precision in ("int4", "int4-w4a16") and a.calib:  # activation-aware scales, likewise
         from mistral_trt.calib.quantize import checkpoint_awq
 
-        calibrate = checkpoint_awq(a.calib, a.block_size)
+        calibrate = checkpoint_awq(a.calib, a.block_size, a.precision)
     elif a.calib:
-        raise UserError("--calib goes with --precision int8-w8a8 (SmoothQuant) or int4 (activation-aware scaling)")
+        from mistral_trt.export.pipeline import CALIB_MESSAGE
+
+        raise UserError(CALIB_MESSAGE)
     export_model(a.model, a.output, dtype=a.dtype, force=a.force, run_verify=not a.no_verify,
                  max_window_check=a.max_window_check, provider=a.provider, graph=a.graph, precision=a.precision,
-                 block_size=a.block_size, calibrate=calibrate)
+                 block_size=a.block_size, calibrate=calibrate, lm_head_bits=a.lm_head_bits)
 
 
 def _alpha_value(a):
@@ -302,7 +304,8 @@ def cmd_quantize(a):
     from mistral_trt.calib.quantize import quantize
 
     m = quantize(a.export_dir, a.precision, a.output, force=a.force, calib=a.calib, calib_method=a.calib_method,
-                 alpha=_alpha_value(a), outlier_ratio=a.outlier_ratio, block_size=a.block_size)
+                 alpha=_alpha_value(a), outlier_ratio=a.outlier_ratio, block_size=a.block_size,
+                 lm_head_bits=a.lm_head_bits)
     print(f"{a.output}: {m.precision['name']} ({m.precision['method']})")
 
 
@@ -448,11 +451,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", metavar="EXPORT_DIR", required=True, help="output folder (written atomically)")
     s.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     s.add_argument("--precision", choices=EXPORT_PRECISIONS,
-                   help="weights as written, straight from the checkpoint, tensor by tensor: fp32, fp16, int8-w8a16 or "
-                        "int8-w8a8 (explicit Q/DQ for TensorRT; w8a8 takes --calib), int8-w8a8-dynamic or int4 "
-                        "(onnxruntime MatMulNBits, --graph fused)")
+                   help="weights as written, straight from the checkpoint, tensor by tensor: fp32, fp16, int8-w8a16, "
+                        "int8-w8a8 or int4-w4a16 (explicit Q/DQ for TensorRT; w8a8 takes --calib), int8-w8a8-dynamic "
+                        "or int4 (onnxruntime MatMulNBits, --graph fused); int4 and int4-w4a16 take an optional "
+                        "--calib (activation-aware scaling)")
     s.add_argument("--block-size", type=int, default=NBITS_BLOCK,
-                   help="int8-w8a8-dynamic / int4: input channels per weight scale")
+                   help="int8-w8a8-dynamic / int4 / int4-w4a16: input channels per weight scale")
+    s.add_argument("--lm-head-bits", type=int, choices=[4, 8],
+                   help="int4 / int4-w4a16: lm_head's weight bits (default 8: far better quality for few bytes)")
     _add_w8a8_args(s)
     s.add_argument("--graph", choices=GRAPHS, default="portable",
                    help="portable: traced standard ONNX ops, runs anywhere incl. TensorRT; fused: onnxruntime "
@@ -572,10 +578,12 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="latency against baselines, side by side: table, JSON and PNG")
     s.add_argument("export_dirs", nargs="+", metavar="EXPORT_DIR", help="export or engine folder(s); the first is \"ours\"")
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
-    s.add_argument("--baseline", action="append", choices=["hf", "ort-genai", "llama.cpp", "llama.cpp-q8_0",
-                                                            "llama.cpp-q4_1"], default=[],
-                   help="baseline measured in the same run (repeatable); llama.cpp: float32 GGUF of the same checkpoint, "
-                        "-q8_0 / -q4_1 quantized from it by llama.cpp (needs llama-cpp-python; skipped with a note without)")
+    s.add_argument("--baseline", action="append", choices=["hf", "ort-genai", "ort-genai-int4", "llama.cpp",
+                                                            "llama.cpp-q8_0", "llama.cpp-q4_1"], default=[],
+                   help="baseline measured in the same run (repeatable); ort-genai: its builder's model of the same "
+                        "checkpoint in the first export's dtype, -int4 its int4 (MatMulNBits); llama.cpp: float32 GGUF "
+                        "of the same checkpoint, -q8_0 / -q4_1 quantized from it by llama.cpp (needs llama-cpp-python; "
+                        "skipped with a note without)")
     s.add_argument("--prompt-len", type=_ints, default=[128, 512, 2048])
     s.add_argument("--gen-len", type=_count(2), default=128)
     s.add_argument("--batch", type=_ints, default=[1])
@@ -588,6 +596,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--cpp", action="store_true", help="also run each EXPORT_DIR on the C++ runtime (make cpp), "
                    "side by side with the Python runtime")
     s.add_argument("--cpp-lib", default="build/cpp/libmistral_trt.so", help="the C++ runtime's library (--cpp)")
+    s.add_argument("--target", action="append", default=[], metavar="FAST/SLOW>=RATIO",
+                   help="a decode-speed target checked in the report, e.g. 'ours:int4/ours:int8>=1.4' (repeatable; "
+                        "system names as in the table)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("calibrate", help="chat-formatted calibration sequences + held-out eval text")
@@ -613,9 +624,12 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("quantize", help="fp32 export -> fp16 or int8 (explicit Q/DQ) export")
     s.add_argument("export_dir", metavar="EXPORT_DIR", help="fp32 export folder")
     s.add_argument("--precision", required=True, choices=PRECISIONS,
-                   help="int8-w8a8-dynamic: fused-graph exports (onnxruntime MatMulNBits); the others: portable exports")
+                   help="int8-w8a8-dynamic, int4: fused-graph exports (onnxruntime MatMulNBits); the others: portable exports")
     s.add_argument("--block-size", type=int, default=NBITS_BLOCK,
-                   help="int8-w8a8-dynamic: input channels per weight scale (32: best quality; 64: 10-17%% faster decode)")
+                   help="int8-w8a8-dynamic / int4 / int4-w4a16: input channels per weight scale (32: best quality; 64: "
+                        "10-17%% faster int8 decode)")
+    s.add_argument("--lm-head-bits", type=int, choices=[4, 8], default=8,
+                   help="int4 / int4-w4a16: lm_head's weight bits (8: far better quality for few bytes)")
     _add_w8a8_args(s)
     s.add_argument("-o", "--output", metavar="EXPORT_DIR", required=True)
     s.add_argument("--force", action="store_true")

@@ -35,11 +35,15 @@ from pathlib import Path
 
 import numpy as np
 
-from mistral_trt.runtime.manifest import NUMPY_DTYPE, ONNX_NAME, ModelArgs, fused_io_specs
+from mistral_trt.runtime.manifest import NBITS_PRECISIONS, NUMPY_DTYPE, ONNX_NAME, ModelArgs, fused_io_specs
 
 from .weights import CheckpointWeights, TensorSink, rotary_tables
 
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26  # protobuf's 2 GB limit, with room for the graph itself
+# int4's lm_head in 8 bits by default (demo, round to nearest: +28.7 % -> +21.8 % perplexity; 2 % more bytes on
+# Mistral-7B, 16 % on the demo, whose tied 49k x 576 lm_head is a fifth of its weights), as llama.cpp keeps its
+# output tensor at 6 bits.
+LM_HEAD_BITS = 8
 
 OPSET = 18
 MS = "com.microsoft"
@@ -52,6 +56,10 @@ class NBits:
     bits: int = 8
     block_size: int = 32
     accuracy_level: int = 4
+    lm_head_bits: int | None = None  # int4's lm_head in 8 bits (the default recipe: README), None: `bits`
+
+    def for_lm_head(self) -> "NBits":
+        return NBits(self.lm_head_bits or self.bits, self.block_size, self.accuracy_level)
 
     def quantize(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """W [K, N] float32 -> (packed uint8 [N, K/block, block*bits/8], scales float32 [N, K/block]), by the
@@ -75,13 +83,23 @@ class NBits:
         return n * blocks * (self.block_size * self.bits // 8 + 4)
 
 
+def nbits_record(precision: str, block_size: int, lm_head_bits: int | None) -> dict:
+    """The manifest's precision record of the fused MatMulNBits precisions, round to nearest (both roads)."""
+    bits = NBITS_PRECISIONS[precision]
+    head = f"; lm_head int{lm_head_bits}" if lm_head_bits and lm_head_bits != bits else ""
+    return {"name": precision, "method": f"onnxruntime MatMulNBits: symmetric int{bits} weights per block of "
+            f"{block_size}{head}, int8 activations per block at run time (accuracy_level 4), round to nearest",
+            "calibration": None, "block_size": block_size, **({"lm_head_bits": lm_head_bits} if bits == 4 else {})}
+
+
 def output_bytes(weights: CheckpointWeights, args: ModelArgs, dtype: str, nbits: NBits | None) -> int:
     """Bytes of the weights this writer will produce (the tied embedding is written twice: Gather and lm_head)."""
     item = np.dtype(NUMPY_DTYPE[dtype]).itemsize
     total = 0
     for name, t in weights.index.items():
         n = math.prod(t.shape)
-        total += nbits.nbytes(t.shape[1], t.shape[0]) if nbits and len(t.shape) == 2 and name != "model.embed_tokens.weight" \
+        nb = nbits.for_lm_head() if nbits and name == "lm_head.weight" else nbits
+        total += nb.nbytes(t.shape[1], t.shape[0]) if nb and len(t.shape) == 2 and name != "model.embed_tokens.weight" \
             else n * item
     return total + args.max_position_embeddings * args.head_dim * item  # cos/sin caches
 
@@ -119,20 +137,20 @@ def build_graph(weights: CheckpointWeights, config: dict, args: ModelArgs, dtype
         nodes.append(helper.make_node(op, ins, outs, name=f"{op}_{len(nodes)}", domain=domain, **attrs))
         return outs
 
-    def matmul(x: str, name: str, wt: np.ndarray, out: str) -> str:
+    def matmul(x: str, name: str, wt: np.ndarray, out: str, nb: NBits | None = nbits) -> str:
         """x @ wt (wt [in, out]); with nbits the weight is quantized here and never stored as float."""
-        if nbits is None:
+        if nb is None:
             return node("MatMul", [x, init(name, wt)], [out])[0]
-        packed, scales = nbits.quantize(wt)
+        packed, scales = nb.quantize(wt)
         k, n = wt.shape
         del wt
         stats["matmuls"] += 1
         stats["bytes"] += packed.nbytes + scales.nbytes
         # names as onnxruntime's MatMulNBitsQuantizer gives them, so the two artifacts read alike
-        ins = [x, init(f"{name}_Q{nbits.bits}", packed), init(f"{name}_scales", scales)]
-        nodes.append(helper.make_node("MatMulNBits", ins, [out], name=f"MatMul_{len(nodes)}_Q{nbits.bits}", domain=MS,
-                                      K=k, N=n, bits=nbits.bits, block_size=nbits.block_size,
-                                      accuracy_level=nbits.accuracy_level))
+        ins = [x, init(f"{name}_Q{nb.bits}", packed), init(f"{name}_scales", scales)]
+        nodes.append(helper.make_node("MatMulNBits", ins, [out], name=f"MatMul_{len(nodes)}_Q{nb.bits}", domain=MS,
+                                      K=k, N=n, bits=nb.bits, block_size=nb.block_size,
+                                      accuracy_level=nb.accuracy_level))
         return out
 
     a = args
@@ -195,7 +213,8 @@ def build_graph(weights: CheckpointWeights, config: dict, args: ModelArgs, dtype
     # whole prompt is a fifth of a prefill's work (576 x 49152 per token on the demo model).
     idx = node("Unsqueeze", ["logits_index", init("axis_2", np.array([2], np.int64))], ["logits_index_3d"])[0]
     x = node("GatherND", [x, idx], ["final_norm_kept"], batch_dims=1)[0]  # [B, logits_len, H]
-    matmul(x, "lm_head", w("lm_head.weight").T, "logits")  # a tied lm_head reads the embedding (weights.py)
+    matmul(x, "lm_head", w("lm_head.weight").T, "logits",  # a tied lm_head reads the embedding (weights.py)
+           nbits.for_lm_head() if nbits else None)
 
     inputs, outputs = fused_io_specs(a, dtype)
     elem = {"int64": TensorProto.INT64, "int32": TensorProto.INT32, "float32": TensorProto.FLOAT,

@@ -85,27 +85,28 @@ def skeleton(config: dict, dtype: str) -> nn.Module:
     return model
 
 
-def export_streaming(config: dict, args: ModelArgs, dtype: str, weights, folder: Path, int8_weights: bool = False,
+def export_streaming(config: dict, args: ModelArgs, dtype: str, weights, folder: Path, qdq=None,
                      edits=None, progress=lambda done, total: None) -> dict:
     """The portable graph straight from the checkpoint, one tensor at a time (export/weights.py).
 
     The graph is traced from `skeleton` (shapes only) by torch.export (dynamo: the sliding-window mask stays
     symbolic) and optimized by onnxscript's pass, with the weights held out so nothing folds them; then each weight is read from the
     safetensors files, written and freed. What the optimizer would have folded, this writer folds itself:
-    MatMul(x, Transpose(W)) -> MatMul(x, W^T), W^T a new initializer. With `int8_weights` each such W^T becomes
-    int8-w8a16's per-channel symmetric int8 behind DequantizeLinear (calib/quantize.py), as it is written.
+    MatMul(x, Transpose(W)) -> MatMul(x, W^T), W^T a new initializer. With `qdq` (export/weights.py's WeightQdq) each
+    such W^T becomes int8 per channel (int8-w8a16, int8-w8a8) or int4 per block (int4-w4a16) behind
+    DequantizeLinear, as it is written.
 
     `edits` (int8-w8a8: calib/smoothquant.py's SmoothQuantEdits) changes the graph and its weights as they
     stream: edits.prepare(nodes, shapes) once the structure is known (MatMuls read their W^T by name, shapes
     of every float initializer as written), edits.weight(name, w) for every weight before it is written (and
     before int8), edits.finish(graph, add) for the nodes and small initializers it adds.
-    Returns {"matmuls": quantized MatMuls, "bytes": their int8 + scale bytes}."""
+    Returns {"matmuls": quantized MatMuls, "bytes": their integer + scale bytes}."""
     import onnx
     import onnx_ir as ir
     from onnx import helper
     from torch.export import Dim
 
-    from .weights import TensorSink, int8_per_channel
+    from .weights import TensorSink, raise_opset
 
     model = skeleton(config, dtype)
     inputs, outputs = io_specs(args, dtype)
@@ -167,7 +168,7 @@ def export_streaming(config: dict, args: ModelArgs, dtype: str, weights, folder:
         edits.prepare([n for n in g.node if n.name not in dead], shapes)
     edit = edits.weight if edits is not None else (lambda name, w: w)
     np_dtype = NUMPY_DTYPE[dtype]
-    item = 1 if int8_weights else DTYPE_BYTES[dtype]
+    item = qdq.bits / 8 if qdq is not None else DTYPE_BYTES[dtype]
     sink = TensorSink(folder, external=sum(math.prod(s) for s in held.values()) * item >= EXTERNAL_DATA_THRESHOLD)
     stats = {"matmuls": 0, "bytes": 0}
     new_inits, extra_nodes = [], {}
@@ -180,15 +181,17 @@ def export_streaming(config: dict, args: ModelArgs, dtype: str, weights, folder:
             t_name = folded[name]
             wt = edit(t_name, np.ascontiguousarray(w.T))
             del w
-            if int8_weights:
-                q, scale = int8_per_channel(wt.astype(np.float32, copy=False))
-                new_inits += [sink.add(f"{t_name}_int8", q), sink.add(f"{t_name}_scale", scale),
-                              sink.add(f"{t_name}_zero_point", np.zeros(scale.shape, np.int8))]
+            if qdq is not None:
+                scheme = qdq.for_weight(t_name)
+                q, scale, zero_point = scheme.quantize(wt.astype(np.float32, copy=False))
+                q_name = t_name + scheme.suffix
+                new_inits += [sink.add(q_name, q), sink.add(f"{t_name}_scale", scale),
+                              sink.add(f"{t_name}_zero_point", zero_point)]
                 extra_nodes[first_transpose[name]] = helper.make_node(
-                    "DequantizeLinear", [f"{t_name}_int8", f"{t_name}_scale", f"{t_name}_zero_point"], [f"{t_name}_dq"],
-                    name=f"{t_name}_DequantizeLinear", axis=1)
+                    "DequantizeLinear", [q_name, f"{t_name}_scale", f"{t_name}_zero_point"], [f"{t_name}_dq"],
+                    name=f"{t_name}_DequantizeLinear", **scheme.attrs())
                 stats["matmuls"] += 1
-                stats["bytes"] += q.nbytes + scale.nbytes
+                stats["bytes"] += q.size * scheme.bits // 8 + scale.nbytes
                 for c in readers[name]:
                     c.input[:] = [f"{t_name}_dq" if i == t_name else i for i in c.input]
             else:
@@ -207,5 +210,8 @@ def export_streaming(config: dict, args: ModelArgs, dtype: str, weights, folder:
         edits.finish(g, lambda name, arr: new_inits.append(sink.add(name, arr)))
     sink.close()
     g.initializer.extend(new_inits)
+    if qdq is not None:
+        raise_opset(proto, qdq.opset)
     onnx.save_model(proto, str(folder / ONNX_NAME))
     return stats
+

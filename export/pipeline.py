@@ -30,6 +30,7 @@ from mistral_trt.runtime.backend import open_backend
 from . import checkpoint as ck
 from . import verify as vf
 from .atomic import atomic_folder, check_target
+from .weights import weight_only_record
 
 
 def log(msg: str) -> None:
@@ -100,6 +101,10 @@ def available_gib() -> float:
     return float("inf")
 
 
+CALIBRATED_PRECISIONS = ("int8-w8a8", "int4", "int4-w4a16")
+CALIB_MESSAGE = "--calib goes with --precision int8-w8a8 (SmoothQuant), int4 or int4-w4a16 (activation-aware scaling)"
+
+
 def check_memory(c: ck.Checkpoint, dtype: str, run_verify: bool, provider: str) -> None:
     """Refuse early, not after minutes of work, when the machine cannot hold the model.
 
@@ -125,7 +130,7 @@ def check_memory(c: ck.Checkpoint, dtype: str, run_verify: bool, provider: str) 
 
 def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool = False, run_verify: bool = True,
                  max_window_check: int = vf.MAX_WINDOW_CHECK, provider: str = "cpu", graph: str = "portable",
-                 precision: str | None = None, block_size: int = 32, calibrate=None) -> Manifest:
+                 precision: str | None = None, block_size: int = 32, calibrate=None, lm_head_bits: int | None = None) -> Manifest:
     """`calibrate` (calib/quantize.py's checkpoint_w8a8 or checkpoint_awq makes it): calibrate(weights, checkpoint,
     log), run as the first stage, returns int8-w8a8's graph and weight edits (export/onnx_export.py applies them) or
     int4's activation-aware scales (export/fused_graph.py); both carry the precision record and their report."""
@@ -141,20 +146,35 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
             raise UserError(f"--precision {precision} computes in {want}; leave out --dtype {dtype}")
         dtype = want
         if precision in NBITS_PRECISIONS and graph != "fused":
-            raise UserError(f"--precision {precision} writes onnxruntime MatMulNBits weights: add --graph fused")
+            hint = "; int4 for TensorRT (Q/DQ, portable graph) is --precision int4-w4a16" if precision == "int4" else ""
+            raise UserError(f"--precision {precision} writes onnxruntime MatMulNBits weights: add --graph fused{hint}")
         if precision in QDQ_PRECISIONS and graph != "portable":
             raise UserError(f"--precision {precision} writes explicit Q/DQ (TensorRT): it takes --graph portable")
     if precision == "int8-w8a8" and calibrate is None:
         raise UserError("--precision int8-w8a8 calibrates activations: pass --calib CALIB (from `mistral-trt calibrate`)")
-    if calibrate is not None and precision not in ("int8-w8a8", "int4"):
-        raise UserError("--calib goes with --precision int8-w8a8 (SmoothQuant) or int4 (activation-aware scaling)")
-    nbits = None
+    if calibrate is not None and precision not in CALIBRATED_PRECISIONS:
+        raise UserError(CALIB_MESSAGE)
+    nbits = qdq = None
+    if lm_head_bits is not None and precision not in ("int4", "int4-w4a16"):
+        raise UserError(f"--lm-head-bits goes with --precision int4 or int4-w4a16, not {precision or dtype}")
+    if lm_head_bits is None:
+        from .fused_graph import LM_HEAD_BITS
+
+        lm_head_bits = LM_HEAD_BITS
+    if lm_head_bits not in (4, 8):
+        raise UserError(f"--lm-head-bits {lm_head_bits}: expected 4 or 8")
+    if precision in NBITS_PRECISIONS or precision == "int4-w4a16":
+        if block_size < 16 or block_size & (block_size - 1):
+            raise UserError(f"--block-size {block_size}: expected a power of two >= 16 (onnxruntime MatMulNBits)")
     if precision in NBITS_PRECISIONS:
         from .fused_graph import NBits
 
-        if block_size < 16 or block_size & (block_size - 1):
-            raise UserError(f"--block-size {block_size}: expected a power of two >= 16 (onnxruntime MatMulNBits)")
-        nbits = NBits(bits=NBITS_PRECISIONS[precision], block_size=block_size)
+        bits = NBITS_PRECISIONS[precision]
+        nbits = NBits(bits=bits, block_size=block_size, lm_head_bits=lm_head_bits if bits == 4 else None)
+    elif precision in QDQ_PRECISIONS:
+        from .weights import WeightQdq
+
+        qdq = WeightQdq(4, block_size, lm_head_bits) if precision == "int4-w4a16" else WeightQdq(8)
     if precision not in (None, "fp32", "fp16"):
         run_verify = False  # quantized weights are not PyTorch's: `mistral-trt eval` measures their quality
     if graph == "fused" and provider == "tensorrt":
@@ -181,6 +201,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
     kinds = ", ".join(sorted({t.dtype for t in weights.index.values()}))
     what = (f"{precision} (MatMulNBits, block {block_size})" if nbits else
             "int8-w8a16 (per-channel int8 weights behind DequantizeLinear)" if precision == "int8-w8a16" else
+            f"int4-w4a16 (int4 weights per block of {block_size} behind DequantizeLinear)" if precision == "int4-w4a16" else
             "int8-w8a8 (SmoothQuant, int8 weights and activations as Q/DQ)" if precision == "int8-w8a8" else dtype)
     with atomic_folder(out, force, kind="export", inputs=[src], need_bytes=need_bytes) as tmp:
         total = (3 if run_verify else 2) + (calibrate is not None)
@@ -203,7 +224,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
                                  f"{src} ({kinds}) into it as {what}, tensor by tensor"):
                 from .onnx_export import export_streaming
 
-                stats = export_streaming(c.config, args, dtype, weights, tmp, int8_weights=precision in QDQ_PRECISIONS,
+                stats = export_streaming(c.config, args, dtype, weights, tmp, qdq=qdq,
                                          edits=edits, progress=progress)
         else:
             with stage(n, total, f"stream {src} ({kinds}) into {what}: {args.num_layers} layers of onnxruntime fused "
@@ -215,20 +236,19 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
         n += 1
         with stage(n, total, "save manifest, tokenizer files and sha256 hashes"):
             precision_record = None
-            if nbits is not None and edits is not None:  # int4, activation-aware (calib/awq.py)
+            if precision in ("int4", "int4-w4a16") and edits is not None:  # activation-aware (calib/awq.py)
                 for name, text in edits.files().items():
                     (tmp / name).write_text(text)
-                precision_record = {**edits.record(), "block_size": block_size, "from": str(src.absolute()),
-                                    "quantized_matmuls": stats["matmuls"], "weight_bytes": stats["bytes"]}
+                precision_record = {**edits.record(), "block_size": block_size, "lm_head_bits": lm_head_bits,
+                                    "from": str(src.absolute()), "quantized_matmuls": stats["matmuls"],
+                                    "weight_bytes": stats["bytes"]}
             elif nbits is not None:
-                precision_record = {
-                    "name": precision, "calibration": None, "block_size": block_size,
-                    "method": (f"onnxruntime MatMulNBits: symmetric int{nbits.bits} weights per block of {block_size}, "
-                               "int8 activations per block at run time (accuracy_level 4), round to nearest"),
-                    "from": str(src.absolute()), "quantized_matmuls": stats["matmuls"], "weight_bytes": stats["bytes"]}
-            elif precision == "int8-w8a16":
-                precision_record = {"name": precision, "calibration": None, "from": str(src.absolute()),
-                                    "method": "per-channel symmetric int8 weights (DequantizeLinear, zero point 0)",
+                from .fused_graph import nbits_record
+
+                precision_record = {**nbits_record(precision, block_size, nbits.lm_head_bits), "from": str(src.absolute()),
+                                    "quantized_matmuls": stats["matmuls"], "weight_bytes": stats["bytes"]}
+            elif precision in ("int8-w8a16", "int4-w4a16"):
+                precision_record = {**weight_only_record(precision, block_size, lm_head_bits), "from": str(src.absolute()),
                                     "quantized_matmuls": stats["matmuls"], "weight_bytes": stats["bytes"]}
             elif precision == "int8-w8a8":
                 for name, text in edits.files().items():

@@ -22,6 +22,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from mistral_trt.runtime.errors import UserError
@@ -139,9 +140,10 @@ class TensorSink:
             return numpy_helper.from_array(arr, name)
         t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape)
         offset = self.data.tell()
-        self.data.write(arr.tobytes())
+        raw = pack_int4(arr) if arr.dtype == INT4 else arr.tobytes()  # int4: two values a byte on disk, not one
+        self.data.write(raw)
         self.data.write(b"\0" * (-self.data.tell() % 64))
-        for key, value in (("location", self.location), ("offset", offset), ("length", arr.nbytes)):
+        for key, value in (("location", self.location), ("offset", offset), ("length", len(raw))):
             t.external_data.add(key=key, value=str(value))
         t.data_location = TensorProto.EXTERNAL
         return t
@@ -162,3 +164,86 @@ def int8_scale(w: np.ndarray) -> np.ndarray:
     scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
     scale[scale == 0] = 1.0
     return scale
+
+
+@dataclass(frozen=True)
+class WeightQdq:
+    """How the portable graph's MatMul weights sit behind DequantizeLinear (the Q/DQ form TensorRT reads):
+
+        int8-w8a16, int8-w8a8   WeightQdq(8)       per output channel, DequantizeLinear axis=1, opset 18
+        int4-w4a16              WeightQdq(4, 32)   per block of 32 input channels, axis=0 + block_size, opset 21
+
+    both symmetric with zero point 0. `quantize` turns W^T [K, N] into the three DequantizeLinear inputs."""
+    bits: int = 8
+    block_size: int | None = None
+    lm_head_bits: int | None = None  # int4-w4a16's lm_head: int8 per channel (the default recipe), None: `bits`
+
+    def for_weight(self, name: str) -> "WeightQdq":
+        """lm_head's own scheme (a tied one reaches its MatMul as the embedding's transpose)."""
+        if self.lm_head_bits and self.lm_head_bits != self.bits and ("lm_head" in name or "embed_tokens" in name):
+            return WeightQdq(self.lm_head_bits, None if self.lm_head_bits == 8 else self.block_size)
+        return self
+
+    @property
+    def suffix(self) -> str:  # the quantized initializer is "<weight>_int8" / "<weight>_int4"
+        return f"_int{self.bits}"
+
+    @property
+    def opset(self) -> int:
+        return 21 if self.bits == 4 else 18  # blockwise DequantizeLinear and int4 tensors are opset 21
+
+    def attrs(self) -> dict:
+        return {"axis": 1} if self.bits == 8 else {"axis": 0, "block_size": self.block_size}
+
+    def quantize(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.bits == 8:
+            q, scale = int8_per_channel(w)
+            return q, scale, np.zeros(scale.shape, np.int8)
+        q, scale = int4_blocks(w, self.block_size)
+        return q, scale, np.zeros(scale.shape, INT4)
+
+
+INT4 = np.dtype(ml_dtypes.int4)  # onnx's own int4 (it depends on ml_dtypes): a byte per value in numpy, half in ONNX
+
+
+def int4_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """W [K, N] float32 -> (q int4 [K, N], s float32 [ceil(K / block), N]): symmetric int4 per block of `block`
+    input channels (the weights of int4-w4a16, blockwise DequantizeLinear on axis 0). The values come from
+    onnxruntime's MatMulNBits quantizer (export/fused_graph.py's NBits), so q * s is the fused int4 graph's
+    weight to the bit: the two graphs hold one quantization, laid out for each runtime."""
+    from .fused_graph import NBits
+
+    k, n = w.shape
+    packed, scales = NBits(bits=4, block_size=block).quantize(w)  # [N, blocks, block/2], [N, blocks]
+    u = np.empty((n, packed.shape[1], block), np.uint8)
+    u[..., 0::2], u[..., 1::2] = packed & 0x0F, packed >> 4  # low nibble first
+    q = (u.reshape(n, -1)[:, :k].astype(np.int8) - 8).T  # symmetric: MatMulNBits' zero point is 8
+    return np.ascontiguousarray(q).astype(INT4), np.ascontiguousarray(scales.T)
+
+
+def pack_int4(arr: np.ndarray) -> bytes:
+    """ONNX's int4 layout: two values per byte, the first in the low nibble, the last byte padded."""
+    flat = arr.reshape(-1).astype(np.int8).view(np.uint8) & 0x0F
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def raise_opset(model, version: int) -> None:
+    """Raise the default domain's opset to `version` (int4's blockwise DequantizeLinear needs 21). The ops the
+    trace emits keep their meaning from 18 to 21 (those versions widened types: int4, float8), so none changes."""
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and o.version < version:
+            o.version = version
+
+
+def weight_only_record(precision: str, block_size: int, lm_head_bits: int = 8) -> dict:
+    """The manifest's precision record of int8-w8a16 and int4-w4a16 (`export` and `quantize` alike)."""
+    if precision == "int8-w8a16":
+        return {"name": precision, "calibration": None,
+                "method": "per-channel symmetric int8 weights (DequantizeLinear, zero point 0)"}
+    head = "; lm_head int8 per channel" if lm_head_bits == 8 else ""
+    return {"name": precision, "calibration": None, "block_size": block_size, "lm_head_bits": lm_head_bits,
+            "method": (f"symmetric int4 weights per block of {block_size} input channels (blockwise DequantizeLinear, "
+                       f"zero point 0, opset 21; the fused int4 graph's values), round to nearest{head}; float "
+                       "activations")}

@@ -55,10 +55,10 @@ DIMS = {
     "logits_len": "columns of this step that get logits (graph 'fused': logits_index)",
 }
 # Weights as `export --precision` writes them from the checkpoint: MatMulNBits ones (graph fused) by bits, and
-# int8-w8a16 / int8-w8a8 (portable graph, Q/DQ for TensorRT; w8a8 calibrated layer by layer on the checkpoint).
-# `quantize` makes the same from an fp32 export.
+# int8-w8a16 / int8-w8a8 / int4-w4a16 (portable graph, Q/DQ for TensorRT; w8a8 calibrated layer by layer on the
+# checkpoint). `quantize` makes the same from an fp32 export.
 NBITS_PRECISIONS = {"int8-w8a8-dynamic": 8, "int4": 4}
-QDQ_PRECISIONS = ("int8-w8a16", "int8-w8a8")
+QDQ_PRECISIONS = ("int8-w8a16", "int8-w8a8", "int4-w4a16")
 EXPORT_PRECISIONS = ("fp32", "fp16", *QDQ_PRECISIONS, *NBITS_PRECISIONS)
 GRAPHS = ("portable", "fused")  # traced standard ops (any runtime, TensorRT) | onnxruntime contrib ops, in-place cache
 

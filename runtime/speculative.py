@@ -35,13 +35,14 @@ NGRAM_MAX = 3  # the longest tail looked up (then shorter ones, down to NGRAM_MI
 
 def exactness_note(manifest) -> str | None:
     """Why speculation may change this export's greedy output, or None where it cannot. onnxruntime's MatMulNBits
-    kernels (int8-w8a8-dynamic, int4) compute a step of several tokens differently from a step of one (measured on
-    the demo's int8 export: logits up to 0.6 apart), so drafts are checked against slightly other logits than plain
-    decoding would see; float MatMuls differ in the last bits only (3e-5) and keep every argmax."""
+    kernels (int8-w8a8-dynamic, int4, and int4-w4a16, whose int4 DequantizeLinear -> MatMul onnxruntime fuses into
+    MatMulNBits) compute a step of several tokens differently from a step of one (measured on the demo's int8 export:
+    logits up to 0.6 apart), so drafts are checked against slightly other logits than plain decoding would see;
+    float MatMuls differ in the last bits only (3e-5) and keep every argmax."""
     from .manifest import NBITS_PRECISIONS
 
     name = (manifest.precision or {}).get("name")
-    if name in NBITS_PRECISIONS:
+    if name in NBITS_PRECISIONS or name == "int4-w4a16":
         return (f"note: --speculate on {name} exports is not token-identical to plain decoding: onnxruntime's "
                 "MatMulNBits kernel computes a several-token step differently from a one-token step")
     return None

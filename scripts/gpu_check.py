@@ -2,7 +2,7 @@
 
     python scripts/gpu_check.py build/gpu-check          # after scripts/gpu_check.sh has built the artifacts
 
-For each artifact folder (fp32, fp16, int8-w8a16, int8-w8a8) and each path available here — the native
+For each artifact folder (fp32, fp16, int8-w8a16, int8-w8a8, int4-w4a16) and each path available here — the native
 TensorRT engine (ENGINE_DIR from `mistral-trt engine`), onnxruntime's TensorRT execution provider and its
 CUDA execution provider — one table row: logits of a 128-token prefill compared with onnxruntime CPU fp32
 (max |Δlogit|, top-1 agreement), whether 64 greedy tokens equal the CPU fp32 run, and decode ms/token.
@@ -46,7 +46,7 @@ def main(root: Path) -> int:
     ref_logits, ref_toks, cpu_ms = logits_and_tokens(PortableBackend(ref_dir), ids, 64)
     rows = [{"artifact": "fp32", "path": "onnxruntime cpu", "max_abs_dlogit": 0.0, "top1": 1.0, "greedy_equal": True,
              "decode_ms": cpu_ms}]
-    for art in ("fp32", "fp16", "int8-w8a16", "int8-w8a8"):
+    for art in ("fp32", "fp16", "int8-w8a16", "int8-w8a8", "int4-w4a16"):
         for path in ("tensorrt native", "onnxruntime tensorrt", "onnxruntime cuda"):
             folder = root / (f"engine-{art}" if path == "tensorrt native" else art)
             if not folder.exists():

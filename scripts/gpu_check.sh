@@ -31,10 +31,11 @@ test -f $OUT/fp16/manifest.json || $CLI quantize $OUT/fp32 --precision fp16 -o $
 test -f $OUT/int8-w8a16/manifest.json || $CLI quantize $OUT/fp32 --precision int8-w8a16 -o $OUT/int8-w8a16
 test -f $OUT/calib/manifest.json || $CLI calibrate $OUT/fp32 -o $OUT/calib
 test -f $OUT/int8-w8a8/manifest.json || $CLI quantize $OUT/fp32 --precision int8-w8a8 --calib $OUT/calib -o $OUT/int8-w8a8
+test -f $OUT/int4-w4a16/manifest.json || $CLI export $DEMO -o $OUT/int4-w4a16 --precision int4-w4a16 --calib $OUT/calib
 # the engines are built for the largest batch the bench below runs (`bench` refuses a batch over --max-batch)
 BATCH=1,4
 MAX_BATCH=$(echo $BATCH | tr , '\n' | sort -n | tail -1)
-for p in fp32 fp16 int8-w8a16 int8-w8a8; do
+for p in fp32 fp16 int8-w8a16 int8-w8a8 int4-w4a16; do
   $CLI engine $OUT/$p -o $OUT/engine-$p --max-batch $MAX_BATCH --max-seq 512 --max-total 4096 \
     --timing-cache $OUT/timing.cache --force
 done
@@ -48,7 +49,7 @@ esac
 BWFLAG=$([ "$BW" != 0 ] && echo "--bandwidth $BW" || true)
 # the fused graph (onnxruntime GroupQueryAttention, KV cache in place in device memory) on the CUDA provider
 test -f $OUT/fused-fp16/manifest.json || $CLI export $DEMO -o $OUT/fused-fp16 --graph fused --dtype fp16 --provider cuda
-$CLI bench $OUT/engine-fp16 $OUT/engine-int8-w8a16 $OUT/fp16 $OUT/fused-fp16 --provider cuda --prompt-len 128,512,2048 \
+$CLI bench $OUT/engine-fp16 $OUT/engine-int8-w8a16 $OUT/engine-int4-w4a16 $OUT/fp16 $OUT/fused-fp16 --provider cuda --prompt-len 128,512,2048 \
   --gen-len 128 --batch $BATCH --repeat 5 $BWFLAG -o $OUT/bench-demo
 
 if [ "${GPU_7B:-0}" = 1 ]; then

@@ -78,9 +78,17 @@ def test_bandwidth_probe_reaches_a_plain_read():
 
 def test_bench_end_to_end(tiny_exports, tmp_path, capsys):
     out = tmp_path / "bench"
+    bad = ["bench", str(tiny_exports["full", "fp32"]), "--prompt-len", "8", "--gen-len", "4", "-o", str(tmp_path / "x")]
+    for target, message in (("ours:full-fp32>1.5", "expected FAST/SLOW>=RATIO"),
+                            ("ours:full-fp32/nobody>=2", "--target: no system 'nobody' in this run")):
+        assert main([*bad, "--target", target]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "x").exists()
     assert main(["bench", str(tiny_exports["full", "fp32"]), str(tiny_exports["full", "fp16"]), "--baseline", "hf", "--baseline", "ort-genai",
                  "--prompt-len", "8,16", "--gen-len", "4", "--warmup", "1", "--repeat", "2", "-o", str(out),
-                 "--genai-cache", str(tmp_path / "genai")]) == 0
+                 "--genai-cache", str(tmp_path / "genai"), "--target", "ours:full-fp32/hf-eager>=1.0",
+                 "--target", "ours:full-fp16/ours:full-fp32>=1000"]) == 0
     table = capsys.readouterr().out
     assert table.count("| ours:full-fp32 |") == 2 and table.count("| ours:full-fp16 |") == 2
     assert table.count("| hf-eager |") == 2 and table.count("| ort-genai |") == 2
@@ -97,6 +105,13 @@ def test_bench_end_to_end(tiny_exports, tmp_path, capsys):
             assert r["ours_speedup_ttft"] == pytest.approx(r["ttft_ms"] / o["ttft_ms"])
         else:
             assert "ours_speedup_decode" not in r
+    rows = {(r["system"], r["prompt_len"]): r for r in data["rows"]}  # the targets, recomputed from the rows
+    assert len(data["targets"]) == 4
+    for t in data["targets"]:
+        ratio = rows[t["slow"], t["prompt_len"]]["decode_ms"]["p50"] / rows[t["fast"], t["prompt_len"]]["decode_ms"]["p50"]
+        assert t["ratio"] == pytest.approx(ratio) and t["met"] == (ratio >= t["want"])
+        assert f"| {t['fast']} >= {t['want']:g}x {t['slow']} | {t['prompt_len']} | 1 | {ratio:.2f}x |" in table
+    assert not any(t["met"] for t in data["targets"] if t["want"] == 1000)
     png = (out / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
