@@ -61,7 +61,7 @@ def decode_weight_bytes(a: ModelArgs, dtype: str) -> int:
 
 def graph_decode_bytes(folder: Path) -> int:
     """Bytes of weights one decode step reads, counted from the ONNX file itself (right for every precision:
-    fp32, fp16, int8 Q/DQ, MatMulNBits): every initializer, except tables only gathered from (embeddings,
+    fp32, fp16, int8 and int4 Q/DQ, MatMulNBits): every initializer, except tables only gathered from (embeddings,
     and the fused graph's rotary cos/sin tables, read one row per position) and axes constants."""
     import onnx
     from onnx import helper
@@ -80,7 +80,9 @@ def graph_decode_bytes(folder: Path) -> int:
     for t in g.initializer:
         if consumers.get(t.name, set()) <= gathered and t.name in consumers:
             continue
-        total += int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        n = int(np.prod(t.dims, dtype=np.int64))
+        total += -(-n // 2) if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else \
+            n * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize  # int4: two a byte (numpy holds one a byte)
     return total
 
 
@@ -209,18 +211,54 @@ class LlamaCpp:
                 tmp.replace(path)
         threads = len(os.sched_getaffinity(0))
         self.name = f"llama.cpp-{quant}"
+        probe_llama_cpp(path, quant)
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads,
                                    n_threads_batch=threads, verbose=False)
+        # every tensor is read per token: the demo's tied token_embd is the output matrix too (its rows for the
+        # embedding are few); so its floor is its own bytes, not the float checkpoint's
+        self.decode_bytes = self.llm._model.size()
 
     def run(self, prompts: np.ndarray, n: int) -> list[float]:
         if prompts.shape[0] != 1:
             raise UserError("--baseline llama.cpp generates one sequence at a time; use --batch 1")
+        # llama-cpp-python's generate keeps the cache of the previous call's longest common prefix, even with
+        # reset=True: every round's prompt would be "cached" after the first and TTFT be a single token's.
+        self.llm.reset()
         t = [time.perf_counter()]
         for _ in self.llm.generate(prompts[0].tolist(), top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
             t.append(time.perf_counter())
             if len(t) > n:
                 break
         return t
+
+
+class BaselineUnavailable(Exception):
+    """A baseline that cannot run on this machine: skipped with this reason, the rest of the bench goes on."""
+
+
+# llama.cpp decodes a few tokens in a child process first: some builds crash (a segmentation fault in ggml's AMX
+# matmul for its quantized types, seen on a Xeon with AMX under a VM), and a crash in this process would lose
+# every system's measurements.
+LLAMA_PROBE = r"""
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_batch=64, n_threads=2, n_threads_batch=2, verbose=False)
+for i, _ in enumerate(llm.generate([1, 2, 3, 4, 5, 6, 7, 8], top_k=1, temp=0.0, reset=True)):
+    if i == 3:
+        break
+"""
+
+
+def probe_llama_cpp(path: Path, quant: str) -> None:
+    import signal
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", LLAMA_PROBE, str(path)], capture_output=True, text=True, timeout=600)
+    if r.returncode:
+        how = f"signal {signal.Signals(-r.returncode).name}" if r.returncode < 0 else f"exit code {r.returncode}"
+        raise BaselineUnavailable(
+            f"llama.cpp could not decode with {path.name} in a child process ({how}); if it crashed on a CPU with AMX, rebuild "
+            "llama-cpp-python without it: CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON "
+            "-DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF' pip install --force-reinstall --no-deps llama-cpp-python==0.3.36")
 
 
 class HF:
@@ -275,6 +313,7 @@ class OrtGenai:
                 raise UserError(f"onnxruntime-genai's builder failed on {source}: {r.stderr[-500:]}")
         self.og, self.name = og, "ort-genai" if dtype in ("fp32", "fp16") else f"ort-genai-{dtype}"
         self.model = og.Model(str(out))
+        self.decode_bytes = graph_decode_bytes(out)  # its own ONNX: int4 is not the checkpoint's bytes
 
     def run(self, prompts: np.ndarray, n: int) -> list[float]:
         og = self.og
@@ -489,8 +528,12 @@ def main_bench(a) -> None:
                     "llama-cpp-python==0.3.36: it compiles llama.cpp for this CPU, about 10 minutes on 2 cores)")
                 skipped.add(f"llama.cpp-{quant}")
                 continue
-            systems.append(load_system(LlamaCpp, (m.source["path"], quant, Path(a.genai_cache).parent / "llama-cpp",
-                                                  max(a.prompt_len) + a.gen_len + 8), before))
+            try:
+                systems.append(load_system(LlamaCpp, (m.source["path"], quant, Path(a.genai_cache).parent / "llama-cpp",
+                                                      max(a.prompt_len) + a.gen_len + 8), before))
+            except BaselineUnavailable as e:
+                log(f"note: --baseline {base} skipped: {e}")
+                skipped.add(f"llama.cpp-{quant}")
         elif base == "hf":
             systems.append(load_system(HF, (m.source["path"], m.dtype), before))
         elif base.startswith("ort-genai"):
@@ -517,6 +560,7 @@ def main_bench(a) -> None:
            f"read, all cores: the highest of {len(probes)} probes during the run, lowest {min(probes) / 1e9:.1f} GB/s")
     per_folder = [f for f in folders for _ in range(2 if a.cpp else 1)]  # a C++ system follows each folder's own
     weight_bytes = {s.name: graph_decode_bytes(f) for s, f in zip(systems, per_folder)}  # counted from each ONNX
+    weight_bytes |= {s.name: s.decode_bytes for s in systems[len(per_folder):] if getattr(s, "decode_bytes", None)}
     table, data = report(results, a.gen_len, m.model, m.dtype, bandwidth, weight_bytes, how)
     data["bandwidth_probes_bytes_s"] = probes
     if targets:

@@ -102,7 +102,7 @@ def cli() -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--precision", nargs="+", default=["int8-w8a8-dynamic", "int4", "int8-w8a16", "int8-w8a8"],
-                    help="int8-w8a16 and int8-w8a8 are the portable graph (Q/DQ, for TensorRT)")
+                    help="int8-w8a16, int8-w8a8 and int4-w4a16 are the portable graph (Q/DQ, for TensorRT)")
     ap.add_argument("--calib-count", type=int, default=32, help="calibration sequences for int8-w8a8")
     ap.add_argument("--work", default=str(ROOT / "build" / "measure-7b"))
     ap.add_argument("--prompt-len", type=int, default=512)
@@ -125,7 +125,7 @@ def main():
     rows = []
     for precision in a.precision:
         for model, src in (("Mistral-7B shapes", ckpt), ("demo (SmolLM2-135M)", DEMO_HF)):
-            graph = "portable" if precision in ("int8-w8a16", "int8-w8a8") else "fused"
+            graph = "portable" if precision in ("int8-w8a16", "int8-w8a8", "int4-w4a16") else "fused"
             out = work / f"{'7b' if src == ckpt else 'demo'}-{graph}-{precision}"
             cost_file = work / f"{out.name}.cost.json"
             if (out / "manifest.json").is_file() and cost_file.is_file():

@@ -50,6 +50,9 @@ def test_graph_weight_bytes(tiny_exports, tmp_path):
     assert graph_decode_bytes(tiny_exports["full", "fp16"]) == pytest.approx(fp32 / 2, rel=1e-3)
     quantize(tiny_exports["full", "fp32"], "int8-w8a16", tmp_path / "w8")
     assert 0.25 < graph_decode_bytes(tmp_path / "w8") / fp32 < 0.27  # int8 + one fp32 scale per output channel
+    # int4 two a byte (numpy holds one a byte), + an fp32 scale and an int4 zero point per 32: (0.5 + 4/32 + 1/64) / 4
+    quantize(tiny_exports["full", "fp32"], "int4-w4a16", tmp_path / "w4", lm_head_bits=4)
+    assert 0.158 < graph_decode_bytes(tmp_path / "w4") / fp32 < 0.163
 
 
 def test_kv_bytes_by_hand(tiny_exports):
@@ -114,6 +117,33 @@ def test_bench_end_to_end(tiny_exports, tmp_path, capsys):
     assert not any(t["met"] for t in data["targets"] if t["want"] == 1000)
     png = (out / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_llama_cpp_probe_turns_a_failure_into_a_reason(tmp_path):
+    """llama.cpp first decodes in a child process: a build that fails or crashes there (a segmentation fault in
+    ggml's AMX matmul, seen here) becomes a skipped baseline with its reason, not a bench that dies with it."""
+    pytest.importorskip("llama_cpp")
+    from mistral_trt.bench.latency import BaselineUnavailable, probe_llama_cpp
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(BaselineUnavailable, match=r"could not decode with broken.gguf in a child process \(exit code"):
+        probe_llama_cpp(bad, "q8_0")
+
+
+@pytest.mark.slow
+def test_llama_cpp_prefills_every_round(demo_hf):
+    """Each round prefills the whole prompt: llama-cpp-python would otherwise reuse the previous call's cache for
+    the common prefix, and a repeated prompt's TTFT would be one token's."""
+    pytest.importorskip("llama_cpp")
+    from mistral_trt.bench.latency import LlamaCpp
+
+    llm = LlamaCpp(str(demo_hf), "f32", demo_hf.parent / "llama-cpp-test", 400)
+    prompt = np.random.default_rng(0).integers(3, 49152, (1, 256))
+    first = [llm.run(prompt, 2) for _ in range(3)]
+    ttft = [t[1] - t[0] for t in first]
+    step = min(t[2] - t[1] for t in first)
+    assert min(ttft[1:]) > 0.5 * ttft[0] and min(ttft) > 4 * step, (ttft, step)
 
 
 @pytest.mark.slow
