@@ -45,7 +45,7 @@ from mistral_trt.runtime.errors import UserError
 from mistral_trt.runtime.manifest import NBITS_PRECISIONS, ONNX_NAME, Manifest
 
 from mistral_trt.export.fused_graph import LM_HEAD_BITS, nbits_record
-from mistral_trt.export.weights import WeightQdq, weight_only_record
+from mistral_trt.export.weights import WeightQdq, check_block_size, weight_only_record
 
 from .qdq import save_model, weight_only
 from .smoothquant import ACTIVATION_GROUPS, CALIB_METHODS, GROUPS, Recipe, int8_w8a8
@@ -73,8 +73,7 @@ def quantize(export_dir: str | Path, precision: str, out: str | Path, force: boo
         hint = f"; or write it from the checkpoint: mistral-trt export {m.source.get('path', 'CHECKPOINT')} -o OUT {flags}"
         raise UserError(f"{export_dir}: quantize starts from an fp32 export, this one is "
                         f"{m.precision.get('name', m.dtype)}{hint}")
-    if (precision in NBITS_PRECISIONS or precision == "int4-w4a16") and (block_size < 16 or block_size & (block_size - 1)):
-        raise UserError(f"--block-size {block_size}: expected a power of two >= 16 (onnxruntime MatMulNBits)")
+    check_block_size(precision, block_size)
     if (m.graph == "fused") != (precision in FUSED_PRECISIONS) and precision != "fp16":
         need = "a --graph fused export" if precision in FUSED_PRECISIONS else "a --graph portable export (Q/DQ for TensorRT)"
         raise UserError(f"{export_dir}: --precision {precision} needs {need}; this one is graph {m.graph!r}")
@@ -98,8 +97,7 @@ def quantize(export_dir: str | Path, precision: str, out: str | Path, force: boo
             stats = nbits(export_dir / ONNX_NAME, tmp / ONNX_NAME, bits, block_size, head)
             m.precision = nbits_record(precision, block_size, head)
         elif precision in ("int8-w8a16", "int4-w4a16"):
-            qdq = WeightQdq(4, block_size, lm_head_bits) if precision == "int4-w4a16" else WeightQdq(8)
-            stats = weight_only(export_dir / ONNX_NAME, tmp / ONNX_NAME, qdq)
+            stats = weight_only(export_dir / ONNX_NAME, tmp / ONNX_NAME, WeightQdq.of(precision, block_size, lm_head_bits))
             m.precision = weight_only_record(precision, block_size, lm_head_bits)
         else:
             stats = int8_w8a8(export_dir, tmp / ONNX_NAME, seqs, recipe, log=log)

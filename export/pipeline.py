@@ -30,7 +30,7 @@ from mistral_trt.runtime.backend import open_backend
 from . import checkpoint as ck
 from . import verify as vf
 from .atomic import atomic_folder, check_target
-from .weights import weight_only_record
+from .weights import WeightQdq, check_block_size, weight_only_record
 
 
 def log(msg: str) -> None:
@@ -163,18 +163,14 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
         lm_head_bits = LM_HEAD_BITS
     if lm_head_bits not in (4, 8):
         raise UserError(f"--lm-head-bits {lm_head_bits}: expected 4 or 8")
-    if precision in NBITS_PRECISIONS or precision == "int4-w4a16":
-        if block_size < 16 or block_size & (block_size - 1):
-            raise UserError(f"--block-size {block_size}: expected a power of two >= 16 (onnxruntime MatMulNBits)")
+    check_block_size(precision, block_size)
     if precision in NBITS_PRECISIONS:
         from .fused_graph import NBits
 
         bits = NBITS_PRECISIONS[precision]
         nbits = NBits(bits=bits, block_size=block_size, lm_head_bits=lm_head_bits if bits == 4 else None)
     elif precision in QDQ_PRECISIONS:
-        from .weights import WeightQdq
-
-        qdq = WeightQdq(4, block_size, lm_head_bits) if precision == "int4-w4a16" else WeightQdq(8)
+        qdq = WeightQdq.of(precision, block_size, lm_head_bits)
     if precision not in (None, "fp32", "fp16"):
         run_verify = False  # quantized weights are not PyTorch's: `mistral-trt eval` measures their quality
     if graph == "fused" and provider == "tensorrt":

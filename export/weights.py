@@ -178,6 +178,11 @@ class WeightQdq:
     block_size: int | None = None
     lm_head_bits: int | None = None  # int4-w4a16's lm_head: int8 per channel (the default recipe), None: `bits`
 
+    @staticmethod
+    def of(precision: str, block_size: int, lm_head_bits: int | None) -> "WeightQdq":
+        """The scheme of a Q/DQ precision (int8-w8a16, int8-w8a8, int4-w4a16)."""
+        return WeightQdq(4, block_size, lm_head_bits) if precision == "int4-w4a16" else WeightQdq(8)
+
     def for_weight(self, name: str) -> "WeightQdq":
         """lm_head's own scheme (a tied one reaches its MatMul as the embedding's transpose)."""
         if self.lm_head_bits and self.lm_head_bits != self.bits and ("lm_head" in name or "embed_tokens" in name):
@@ -201,6 +206,15 @@ class WeightQdq:
             return q, scale, np.zeros(scale.shape, np.int8)
         q, scale = int4_blocks(w, self.block_size)
         return q, scale, np.zeros(scale.shape, INT4)
+
+
+def check_block_size(precision: str | None, block_size: int) -> None:
+    """--block-size, read by the blockwise precisions (MatMulNBits' int8-w8a8-dynamic and int4, and int4-w4a16,
+    whose values its quantizer makes): a power of two >= 16."""
+    from mistral_trt.runtime.manifest import NBITS_PRECISIONS
+
+    if (precision in NBITS_PRECISIONS or precision == "int4-w4a16") and (block_size < 16 or block_size & (block_size - 1)):
+        raise UserError(f"--block-size {block_size}: expected a power of two >= 16 (onnxruntime MatMulNBits)")
 
 
 INT4 = np.dtype(ml_dtypes.int4)  # onnx's own int4 (it depends on ml_dtypes): a byte per value in numpy, half in ONNX

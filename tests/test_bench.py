@@ -128,7 +128,7 @@ def test_llama_cpp_probe_turns_a_failure_into_a_reason(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + bytes(60))
     with pytest.raises(BaselineUnavailable, match=r"could not decode with broken.gguf in a child process \(exit code"):
-        probe_llama_cpp(bad, "q8_0")
+        probe_llama_cpp(bad)
 
 
 @pytest.mark.slow
