@@ -99,6 +99,20 @@ def measure(folder: Path, speculate, max_new_tokens: int, log) -> dict:
     return out
 
 
+# The targets, on the median per-prompt speedup: grounded prompts >= 1.8x; open chat no slower than plain
+# decoding, within the noise of one alternated run (5 %).
+TARGETS = {"grounded": (1.8, ">= 1.8x"), "open chat": (0.95, "not slower (>= 0.95x)")}
+
+
+def targets_table(data: dict) -> str:
+    lines = ["| target | export | median speedup | met |", "|---|---|---|---|"]
+    for name, sysd in data["systems"].items():
+        for kind, (want, label) in TARGETS.items():
+            got = sysd[kind]["median_speedup"]
+            lines.append(f"| {kind} {label} | {name} | {got:.2f}x | {'yes' if got >= want else 'no'} |")
+    return "\n".join(lines)
+
+
 def report(data: dict) -> str:
     lines = ["| export | workload | prompts | plain tok/s (median) | speculative tok/s (median) | median speedup | "
              "decode time plain / speculative | drafts kept | identical output |", "|---|---|---|---|---|---|---|---|---|"]
@@ -147,7 +161,7 @@ def main_bench_speculate(a) -> None:
     data = {"k": a.speculate.k, "max_new_tokens": a.max_new_tokens, "systems": {}}
     for f in map(Path, a.export_dirs):
         data["systems"][f.name] = measure(f, a.speculate, a.max_new_tokens, log)
-    table = report(data)
+    table = report(data) + "\n\n" + targets_table(data)
     print(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench-speculate.json").write_text(json.dumps(data, indent=1) + "\n")

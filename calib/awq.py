@@ -13,12 +13,17 @@ choice is never worse than it on those rows). 1/s is folded exactly where the gr
 before q/k/v and before gate/up, up_proj's columns before down_proj (SwiGLU is silu(gate) * up). o_proj's input,
 the attention output, has no such producer in the fused graph (GroupQueryAttention), so it stays round to nearest.
 
-    scales = awq_scales(weights, config, args, seqs, block_size=32)   # (layer, group) -> s
-    build_graph(..., nbits=NBits(4, 32), awq=scales)                  # export/fused_graph.py applies them
+    scales, int4, errors = int4_calibration(weights, config, args, seqs, block=32)   # (layer, group) -> (s, ...)
+    build_graph(..., nbits=NBits(4, 32), awq=scales, int4=int4)                      # export/fused_graph.py
+
+Then GPTQ (calib/gptq.py) quantizes every decoder-layer weight in that scaled space, o_proj included
+(`int4_calibration`, the default of `--calib`): AWQ moves the scale, GPTQ rounds, each with the calibration set.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from mistral_trt.export.weights import int4_blocks, pack_nbits4
 
 from .layerwise import GROUP_WEIGHTS, layerwise_stats
 from .smoothquant import SEARCH_COLUMNS, ActivationStats
@@ -28,46 +33,83 @@ ALPHAS = np.linspace(0.0, 1.0, 11)
 SEARCH_ROWS = 512
 
 
-def fake_int4(w: np.ndarray, block: int) -> np.ndarray:
-    """W [K, N] through symmetric int4 blocks of `block` input channels and back (MatMulNBits' scheme: the block's
-    largest magnitude maps to 8 steps, values in -8..7)."""
-    k, n = w.shape
-    pad = -k % block
-    x = np.pad(w, ((0, pad), (0, 0))) if pad else w
-    x = x.reshape(-1, block, n)
-    scale = np.abs(x).max(1, keepdims=True) / 8
-    scale[scale == 0] = 1.0
-    q = np.clip(np.rint(x / scale), -8, 7) * scale
-    return q.reshape(-1, n)[:k]
+def fake_int4(w: np.ndarray, block: int, positive: bool = False) -> np.ndarray:
+    """W [K, N] through the int4 quantizer (export/weights.py's int4_blocks) and back."""
+    q, scales = int4_blocks(w, block, positive)
+    return q * np.repeat(scales, block, 0)[:len(q)]
 
 
-def choose_scale(st: ActivationStats, ws: list[np.ndarray], block: int) -> tuple[np.ndarray, float, float]:
-    """(s, alpha, relative output error) for one activation read by MatMuls with weights ws [K, N]."""
-    x = st.rows[:SEARCH_ROWS].astype(np.float32)
+def choose_scale(st: ActivationStats, ws: list[np.ndarray], block: int,
+                 positive: bool = False) -> tuple[np.ndarray, float, float]:
+    """(s, alpha, relative output error) for one activation read by MatMuls with weights ws [K, N]. The error is
+    measured through st.hessian (E[x x^T] over every calibration token: tr(D^T H D) / tr(W^T H W), on
+    calib/gptq.py's error_columns) where the statistics carry it (int4 with GPTQ), else on the first SEARCH_ROWS
+    sampled rows (outlier rows first)."""
+    from .gptq import error_columns, quadratic_error
+
     mean = np.abs(st.rows).mean(0).astype(np.float64) + 1e-8
-    rng = np.random.default_rng(0)
-    ws = [w if w.shape[1] <= SEARCH_COLUMNS else w[:, np.sort(rng.choice(w.shape[1], SEARCH_COLUMNS, replace=False))]
-          for w in ws]
-    ys = [x @ w for w in ws]
-    norm = sum(float((y * y).sum()) for y in ys)
     best = (np.ones(len(mean), np.float32), 0.0, np.inf)
+    if st.hessian is not None:
+        h = st.hessian.astype(np.float32)
+        ws = [w[:, error_columns(w)] for w in ws]
+        norm = sum(quadratic_error(h, w) for w in ws)
+    else:
+        x = st.rows[:SEARCH_ROWS].astype(np.float32)
+        rng = np.random.default_rng(0)
+        ws = [w if w.shape[1] <= SEARCH_COLUMNS else
+              w[:, np.sort(rng.choice(w.shape[1], SEARCH_COLUMNS, replace=False))] for w in ws]
+        ys = [x @ w for w in ws]
+        norm = sum(float((y * y).sum()) for y in ys)
     for alpha in ALPHAS:
         s = mean ** alpha
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        xs = x / s
-        err = sum(float(((xs @ fake_int4(w * s[:, None], block) - y) ** 2).sum()) for w, y in zip(ws, ys)) / norm
-        if err < best[2]:
-            best = (s, float(alpha), err)
+        if st.hessian is not None:  # (x / s) @ (Q(s W) - s W) = x @ D with D = Q(s W) / s - W
+            err = sum(quadratic_error(h, fake_int4(w * s[:, None], block, positive) / s[:, None] - w) for w in ws)
+        else:
+            xs = x / s
+            err = sum(float(((xs @ fake_int4(w * s[:, None], block, positive) - y) ** 2).sum())
+                      for w, y in zip(ws, ys))
+        if err / norm < best[2]:
+            best = (s, float(alpha), err / norm)
     return best
 
 
-def awq_scales(weights, config: dict, args, seqs: list[np.ndarray], block: int, log=print) -> dict:
-    """(layer, group) -> (s, alpha, error) for every decoder layer's AWQ_GROUPS."""
-    out: dict = {}
+def int4_calibration(weights, config: dict, args, seqs: list[np.ndarray], block: int, gptq: bool = True,
+                     positive: bool = False, log=print) -> tuple[dict, dict, dict]:
+    """AWQ's scales, then (gptq) every decoder-layer weight quantized by GPTQ (calib/gptq.py) in AWQ's scaled space,
+    one layer at a time. Returns (scales: (layer, group) -> (s, alpha, error); int4: checkpoint weight name ->
+    MatMulNBits-packed (uint8 [N, blocks, block/2], scales [N, blocks]), the weights as the graph writes them;
+    errors: (layer, group) -> {"round_to_nearest": e, "gptq": e}, output errors relative to the output through H).
+    `positive`: TensorRT's int4 (int4-w4a16), scales > 0; else onnxruntime's signed convention (export/weights.py)."""
+    from .gptq import gptq_int4, output_error
 
-    def on_layer(li: int, stats: dict[str, ActivationStats], ws: dict[str, np.ndarray]) -> None:
-        for g, st in stats.items():
-            out[li, g] = choose_scale(st, [ws[n] for n in GROUP_WEIGHTS[g]], block)
+    scales: dict = {}
+    packed: dict = {}
+    errors: dict = {}
 
-    layerwise_stats(weights, config, args, seqs, on_layer, AWQ_GROUPS, log=log)
-    return out
+    def on_layer(li: int, stats: dict, ws: dict[str, np.ndarray]) -> None:
+        for g in AWQ_GROUPS:
+            scales[li, g] = choose_scale(stats[g], [ws[n] for n in GROUP_WEIGHTS[g]], block, positive)
+        if not gptq:
+            return
+        s = {g: scales[li, g][0] if g in AWQ_GROUPS else np.ones(len(ws[names[0]]), np.float32)
+             for g, names in GROUP_WEIGHTS.items()}
+        # The weights as the graphs hold them after AWQ's folds (export/fused_graph.py): rows times s of the input
+        # they read; up_proj's columns over down's s (its output is down's input, times silu(gate)).
+        scaled = {name: ws[name] * s[g][:, None] for g in GROUP_WEIGHTS for name in GROUP_WEIGHTS[g]}
+        scaled["mlp.up_proj"] = scaled["mlp.up_proj"] / s["down"][None, :]
+        for g, names in GROUP_WEIGHTS.items():
+            h = stats[g].hessian / np.outer(s[g], s[g])  # the scaled input x / s
+            w = np.concatenate([scaled[n] for n in names], 1)  # one GPTQ pass: rows of W share H
+            q, sc = gptq_int4(w, h, block, positive)
+            errors[li, g] = {"round_to_nearest": output_error(w, *int4_blocks(w, block, positive), h, block),
+                             "gptq": output_error(w, q, sc, h, block)}
+            at = 0
+            for n in names:
+                width = scaled[n].shape[1]
+                packed[f"model.layers.{li}.{n}.weight"] = pack_nbits4(q[:, at:at + width], sc[:, at:at + width], block)
+                at += width
+
+    layerwise_stats(weights, config, args, seqs, on_layer, tuple(GROUP_WEIGHTS) if gptq else AWQ_GROUPS, log=log,
+                    hessians=gptq)
+    return scales, packed, errors

@@ -44,9 +44,10 @@ def attention_mask(lengths: np.ndarray, s: int, window: int | None):
 
 
 def layerwise_stats(weights, config: dict, args, seqs: list[np.ndarray], on_layer, groups=tuple(GROUP_WEIGHTS),
-                    batch: int = CALIB_BATCH, log=print) -> None:
+                    batch: int = CALIB_BATCH, log=print, hessians: bool = False) -> None:
     """For each decoder layer i: on_layer(i, {group: ActivationStats}, {module: weight [K, N] float32}), the
-    weights transposed and contiguous as the ONNX graph holds them (the layer is freed after the call)."""
+    weights transposed and contiguous as the ONNX graph holds them (the layer is freed after the call). With
+    `hessians`, each ActivationStats also carries E[x x^T] over every real row (GPTQ)."""
     import torch
     from transformers import MistralConfig
     from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralRotaryEmbedding
@@ -78,17 +79,28 @@ def layerwise_stats(weights, config: dict, args, seqs: list[np.ndarray], on_laye
             hooks = [layer.get_submodule(GROUP_WEIGHTS[g][0]).register_forward_pre_hook(
                 lambda mod, inp, g=g: captured.__setitem__(g, inp[0])) for g in groups]
             samplers = {g: RowSampler((li, g)) for g in groups}
+            second: dict[str, torch.Tensor] = {}  # group -> sum of x x^T over real rows
+            rows = 0
             for bi, ((ids, lengths), (mask, rot, valid)) in enumerate(zip(batches, extras)):
                 hidden[bi] = layer(hidden[bi], attention_mask=mask, position_embeddings=rot)
+                keep = torch.from_numpy(valid)
                 for g, x in captured.items():
-                    samplers[g].add(bi, x.reshape(-1, x.shape[-1]).numpy()[valid], len(lengths))
+                    x = x.reshape(-1, x.shape[-1])[keep]
+                    samplers[g].add(bi, x.numpy(), len(lengths))
+                    if hessians:
+                        second[g] = second[g].addmm_(x.T, x) if g in second else x.T @ x
+                rows += int(valid.sum())
                 captured.clear()
             for h in hooks:
                 h.remove()
             ws = {name: np.ascontiguousarray(layer.get_submodule(name).weight.numpy().T)
                   for g in groups for name in GROUP_WEIGHTS[g]}
             del layer
-            on_layer(li, {g: sm.finish() for g, sm in samplers.items()}, ws)
+            stats = {g: sm.finish() for g, sm in samplers.items()}
+            for g, h in second.items():
+                stats[g].hessian = (h.double() / rows).numpy()
+            second.clear()
+            on_layer(li, stats, ws)
             log(f"calibration, layer by layer: {li + 1}/{args.num_layers} layers ({time.perf_counter() - t0:.0f}s)")
 
 

@@ -177,15 +177,23 @@ def checkpoint_w8a8(calib, calib_method: str = "max", alpha="auto", outlier_rati
     return calibrate
 
 
-class AwqCalibration:
-    """int4's activation-aware scales from the checkpoint (calib/awq.py), with the manifest's precision record and
-    awq.json (every group's alpha and output error against round to nearest's). The fused writer reads `scales`;
-    the portable one (int4-w4a16) streams its weights through prepare/weight/finish, SmoothQuant's folding without
-    its activation Q/DQ (calib/smoothquant.py): 1/s lands in the same RMSNorm gammas and up_proj columns, so both
-    graphs hold the same int4 weights."""
+INT4_METHODS = ("awq-gptq", "awq")  # --int4-method with --calib; without --calib int4 rounds to nearest
 
-    def __init__(self, scales: dict, calib, calib_manifest: dict, sequences: int, precision: str = "int4", args=None):
-        self.scales, self.calib, self.calib_manifest, self.sequences = scales, calib, calib_manifest, sequences
+
+class Int4Calibration:
+    """int4 calibrated on the checkpoint (calib/awq.py, calib/gptq.py): AWQ's scales, and with method awq-gptq every
+    decoder-layer weight quantized by GPTQ in AWQ's scaled space; the manifest's precision record and awq.json (per
+    layer and input: AWQ's alpha and output error, and the output error of round to nearest and of GPTQ).
+
+    The fused writer reads `scales` (folds) and `int4` (the quantized weights, by checkpoint name); the portable one
+    (int4-w4a16) streams its weights through prepare/weight/finish, SmoothQuant's folding without its activation
+    Q/DQ (calib/smoothquant.py): 1/s lands in the same RMSNorm gammas and up_proj columns, and `int4_weight` gives
+    the quantized weights (TensorRT's positive scales: calibrated for int4-w4a16, not shared with the fused graph)."""
+
+    def __init__(self, scales: dict, int4: dict, errors: dict, method: str, calib, calib_manifest: dict, sequences: int,
+                 precision: str = "int4", args=None):
+        self.scales, self.int4, self.errors, self.method = scales, int4, errors, method
+        self.calib, self.calib_manifest, self.sequences = calib, calib_manifest, sequences
         self.precision, self.args, self._edits = precision, args, None
 
     def record(self) -> dict:
@@ -193,17 +201,31 @@ class AwqCalibration:
                    "(accuracy_level 4)") if self.precision == "int4" else (
                    "symmetric int4 weights per block (blockwise DequantizeLinear, zero point 0, opset 21); float "
                    "activations")
-        return {"name": self.precision,
+        rounding = ("GPTQ (each block's scale searched by output error, H from every calibration token; "
+                    "o_proj included)" if self.method == "awq-gptq" else "round to nearest (o_proj unscaled)")
+        return {"name": self.precision, "int4_method": self.method,
                 "method": ("activation-aware scaling (AWQ: s = mean|x|^alpha, alpha per activation by output error, "
-                           f"folded into RMSNorm gammas and up_proj columns; o_proj round to nearest) + {weights}"),
+                           f"folded into RMSNorm gammas and up_proj columns), then {rounding} + {weights}"),
                 "calibration": {"path": str(Path(self.calib).absolute()), "sha256": self.calib_manifest["sha256"],
                                 "sequences": self.sequences, "statistics": CHECKPOINT_STATISTICS},
                 "details": "awq.json"}
 
     def files(self) -> dict[str, str]:
-        rows = [{"layer": li, "group": g, "alpha": alpha, "output_error": err} for (li, g), (_, alpha, err)
-                in sorted(self.scales.items())]
+        rows = []
+        for li, g in sorted(set(self.scales) | set(self.errors)):
+            row = {"layer": li, "group": g}
+            if (li, g) in self.scales:
+                _, alpha, err = self.scales[li, g]
+                row.update(alpha=alpha, output_error=err)
+            if (li, g) in self.errors:
+                row.update({f"output_error_{k}": v for k, v in self.errors[li, g].items()})
+            rows.append(row)
         return {"awq.json": json.dumps(rows, indent=1) + "\n"}
+
+    def int4_weight(self, name: str):
+        """The quantized weight of checkpoint tensor `name` ("model.layers.0.self_attn.q_proj.weight") as
+        MatMulNBits-packed (uint8 [N, blocks, block/2], scales [N, blocks]), or None (round to nearest)."""
+        return self.int4.get(name)
 
     # the portable writer's edits (export/onnx_export.py export_streaming)
     def prepare(self, nodes, shapes):
@@ -221,20 +243,23 @@ class AwqCalibration:
         self._edits.finish(g, add)
 
 
-def checkpoint_awq(calib, block_size: int = NBITS_BLOCK, precision: str = "int4"):
-    """int4 with activation-aware scaling straight from the checkpoint (`export --graph fused --precision int4
-    --calib CALIB`, or `--precision int4-w4a16 --calib CALIB` for TensorRT): the `calibrate` export_model runs as
-    its first stage."""
+def checkpoint_int4(calib, block_size: int = NBITS_BLOCK, precision: str = "int4", method: str = "awq-gptq"):
+    """int4 calibrated straight from the checkpoint (`export --graph fused --precision int4 --calib CALIB`, or
+    `--precision int4-w4a16 --calib CALIB` for TensorRT): the `calibrate` export_model runs as its first stage."""
     if calib is None:
-        raise UserError("activation-aware int4 calibrates on a set: pass --calib CALIB (from `mistral-trt calibrate`)")
+        raise UserError("calibrated int4 calibrates on a set: pass --calib CALIB (from `mistral-trt calibrate`)")
+    if method not in INT4_METHODS:
+        raise UserError(f"--int4-method {method!r}: expected one of {', '.join(INT4_METHODS)}")
 
     def calibrate(weights, c, log):
-        from .awq import awq_scales
+        from .awq import int4_calibration
 
         calib_manifest, seqs = load_calibration(calib, c.args.vocab_size)
-        log(f"  {len(seqs)} calibration sequences, {sum(len(x) for x in seqs)} tokens, {c.args.num_layers} layers")
-        return AwqCalibration(awq_scales(weights, c.config, c.args, seqs, block_size, log=log), calib, calib_manifest,
-                              len(seqs), precision, c.args)
+        log(f"  {len(seqs)} calibration sequences, {sum(len(x) for x in seqs)} tokens, {c.args.num_layers} layers, "
+            f"{method}")
+        scales, int4, errors = int4_calibration(weights, c.config, c.args, seqs, block_size, gptq=method == "awq-gptq",
+                                                positive=precision == "int4-w4a16", log=log)
+        return Int4Calibration(scales, int4, errors, method, calib, calib_manifest, len(seqs), precision, c.args)
 
     return calibrate
 

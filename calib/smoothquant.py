@@ -103,6 +103,7 @@ class ActivationStats:
 
     amax: np.ndarray
     rows: np.ndarray
+    hessian: np.ndarray | None = None  # E[x x^T] over every real row (GPTQ's H; calib/layerwise.py, on request)
 
 
 @dataclass

@@ -26,14 +26,17 @@ def cmd_export(a):
         from mistral_trt.calib.quantize import checkpoint_w8a8
 
         calibrate = checkpoint_w8a8(a.calib, a.calib_method, _alpha_value(a), a.outlier_ratio)
-    elif a.precision in ("int4", "int4-w4a16") and a.calib:  # activation-aware scales, likewise
-        from mistral_trt.calib.quantize import checkpoint_awq
+    elif a.precision in ("int4", "int4-w4a16") and a.calib:  # AWQ + GPTQ (or AWQ alone), likewise
+        from mistral_trt.calib.quantize import checkpoint_int4
 
-        calibrate = checkpoint_awq(a.calib, a.block_size, a.precision)
+        calibrate = checkpoint_int4(a.calib, a.block_size, a.precision, a.int4_method or "awq-gptq")
     elif a.calib:
         from mistral_trt.export.pipeline import CALIB_MESSAGE
 
         raise UserError(CALIB_MESSAGE)
+    if a.int4_method and not (a.precision in ("int4", "int4-w4a16") and a.calib):
+        raise UserError(f"--int4-method {a.int4_method} chooses how calibrated int4 rounds: it needs --precision int4 "
+                        "or int4-w4a16 and --calib CALIB")
     export_model(a.model, a.output, dtype=a.dtype, force=a.force, run_verify=not a.no_verify,
                  max_window_check=a.max_window_check, provider=a.provider, graph=a.graph, precision=a.precision,
                  block_size=a.block_size, calibrate=calibrate, lm_head_bits=a.lm_head_bits)
@@ -402,8 +405,8 @@ def _add_sampling_args(s):
                    help="keep the last tokens of a prompt over the context limit (at least half of the prompt, else refuse)")
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="onnxruntime execution provider")
     s.add_argument("--speculate", type=_speculation, metavar="ngram[:K]", help="speculative decoding with prompt-lookup "
-                   "drafts, up to K tokens a step (default 4): the same output, faster where the reply quotes its "
-                   "input (fused graph)")
+                   "drafts, up to K tokens a step (default 7; 2n + 1 after a match of n tokens): the same output, faster "
+                   "where the reply quotes its input (fused graph)")
 
 
 def _speculation(text: str):
@@ -433,7 +436,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    from mistral_trt.calib.quantize import NBITS_BLOCK, PRECISIONS  # constants (numpy at import, no torch)
+    from mistral_trt.calib.quantize import INT4_METHODS, NBITS_BLOCK, PRECISIONS  # constants (numpy at import, no torch)
     from mistral_trt.export.verify import MAX_WINDOW_CHECK  # a constant; verify.py imports numpy only at top
     from mistral_trt.runtime.manifest import EXPORT_PRECISIONS, GRAPHS
 
@@ -454,11 +457,14 @@ def parser() -> argparse.ArgumentParser:
                    help="weights as written, straight from the checkpoint, tensor by tensor: fp32, fp16, int8-w8a16, "
                         "int8-w8a8 or int4-w4a16 (explicit Q/DQ for TensorRT; w8a8 takes --calib), int8-w8a8-dynamic "
                         "or int4 (onnxruntime MatMulNBits, --graph fused); int4 and int4-w4a16 take an optional "
-                        "--calib (activation-aware scaling)")
+                        "--calib (AWQ + GPTQ)")
     s.add_argument("--block-size", type=int, default=NBITS_BLOCK,
                    help="int8-w8a8-dynamic / int4 / int4-w4a16: input channels per weight scale")
     s.add_argument("--lm-head-bits", type=int, choices=[4, 8],
                    help="int4 / int4-w4a16: lm_head's weight bits (default 8: far better quality for few bytes)")
+    s.add_argument("--int4-method", choices=INT4_METHODS,
+                   help="int4 / int4-w4a16 with --calib: awq-gptq (default: AWQ's scaling, then GPTQ's rounding) or awq "
+                        "(AWQ's scaling, then round to nearest)")
     _add_w8a8_args(s)
     s.add_argument("--graph", choices=GRAPHS, default="portable",
                    help="portable: traced standard ONNX ops, runs anywhere incl. TensorRT; fused: onnxruntime "
@@ -570,7 +576,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench-speculate", help="speculative decoding against plain decoding on grounded and open "
                        "prompts: table, JSON and PNG")
     s.add_argument("export_dirs", nargs="+", metavar="EXPORT_DIR", help="fused-graph export folder(s)")
-    s.add_argument("--speculate", type=_speculation, default="ngram:4", metavar="ngram[:K]")
+    s.add_argument("--speculate", type=_speculation, default="ngram", metavar="ngram[:K]")
     s.add_argument("--max-new-tokens", type=_count(2), default=128)
     s.add_argument("-o", "--output", default="build/bench-speculate", help="folder for bench-speculate.md, .json, .png")
     s.set_defaults(func=cmd_bench_speculate)

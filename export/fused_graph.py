@@ -63,7 +63,8 @@ class NBits:
 
     def quantize(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """W [K, N] float32 -> (packed uint8 [N, K/block, block*bits/8], scales float32 [N, K/block]), by the
-        same onnxruntime kernel its MatMulNBitsQuantizer calls, so the bits equal `quantize`'s."""
+        same onnxruntime kernel its MatMulNBitsQuantizer calls, so the bits equal `quantize`'s (round to nearest;
+        calibrated int4 comes from calib/gptq.py instead)."""
         from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
         rows, cols = w.shape
@@ -105,7 +106,8 @@ def output_bytes(weights: CheckpointWeights, args: ModelArgs, dtype: str, nbits:
 
 
 def build_graph(weights: CheckpointWeights, config: dict, args: ModelArgs, dtype: str, folder: Path,
-                nbits: NBits | None = None, progress=lambda layer, total: None, awq: dict | None = None) -> dict:
+                nbits: NBits | None = None, progress=lambda layer, total: None, awq: dict | None = None,
+                int4=None) -> dict:
     """Write folder/model.onnx straight from the checkpoint, one tensor at a time (export/weights.py).
 
     Each weight is read, converted (transposed to [in, out] for MatMul; with `nbits`, quantized to MatMulNBits
@@ -113,7 +115,8 @@ def build_graph(weights: CheckpointWeights, config: dict, args: ModelArgs, dtype
     folder/model.onnx.data. Peak memory is a few copies of the largest tensor, not the model.
     `awq` ((layer, group) -> (s, ...), calib/awq.py): activation-aware scales, applied as the weights stream: the
     rows of the MatMuls reading the group's input times s, 1/s folded into its producer (the RMSNorm gamma before
-    q/k/v and gate/up; up_proj's columns before down_proj).
+    q/k/v and gate/up; up_proj's columns before down_proj). `int4` (checkpoint weight name -> MatMulNBits-packed
+    (packed, scales) or None; calib/gptq.py's weights, already in AWQ's scaled space): written instead of quantizing.
     Returns {"matmuls": quantized MatMuls, "bytes": their packed weight + scale bytes}."""
     import onnx
     from onnx import TensorProto, helper
@@ -137,11 +140,20 @@ def build_graph(weights: CheckpointWeights, config: dict, args: ModelArgs, dtype
         nodes.append(helper.make_node(op, ins, outs, name=f"{op}_{len(nodes)}", domain=domain, **attrs))
         return outs
 
-    def matmul(x: str, name: str, wt: np.ndarray, out: str, nb: NBits | None = nbits) -> str:
-        """x @ wt (wt [in, out]); with nbits the weight is quantized here and never stored as float."""
+    def quantized(names: list[str]):
+        """The calibrated int4 weights of checkpoint tensors `names`, packed side by side (one MatMul), or None."""
+        got = [int4(n) for n in names] if int4 is not None else [None]
+        if any(g is None for g in got):
+            return None
+        return np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
+
+    def matmul(x: str, name: str, wt: np.ndarray, out: str, nb: NBits | None = nbits, sources: list[str] = ()) -> str:
+        """x @ wt (wt [in, out]); with nbits the weight is quantized here and never stored as float, or, where
+        `int4` holds the checkpoint tensors `sources` (calibrated), written as calibration quantized it."""
         if nb is None:
             return node("MatMul", [x, init(name, wt)], [out])[0]
-        packed, scales = nb.quantize(wt)
+        pre = quantized(list(sources)) if nb.bits == 4 and sources else None
+        packed, scales = pre if pre is not None else nb.quantize(wt)
         k, n = wt.shape
         del wt
         stats["matmuls"] += 1
@@ -183,28 +195,30 @@ def build_graph(weights: CheckpointWeights, config: dict, args: ModelArgs, dtype
             x, _, _, residual = node("SkipSimplifiedLayerNormalization", [down, residual, g_in],
                                      [f"l{i}.x", "", "", f"l{i}.res_attn"], domain=MS, epsilon=eps)
         wqkv = np.concatenate([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"], axis=0).T  # [H, (N+2KV)D]
-        qkv = matmul(x, f"{p}qkv_proj", wqkv * s_qkv[:, None] if (i, "qkv") in awq else wqkv, f"l{i}.qkv")
+        qkv = matmul(x, f"{p}qkv_proj", wqkv * s_qkv[:, None] if (i, "qkv") in awq else wqkv, f"l{i}.qkv",
+                     sources=[p + f"self_attn.{n}_proj.weight" for n in "qkv"])
         attn = node("GroupQueryAttention",
                     [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
                      "total_sequence_length", "cos_cache", "sin_cache"] + [""] * 7 + ["query_seqlens"],
                     [f"l{i}.attn", f"present.{i}.key", f"present.{i}.value"], domain=MS, **gqa)[0]
-        o = matmul(attn, f"{p}o_proj", w(p + "self_attn.o_proj.weight").T, f"l{i}.o")
+        o = matmul(attn, f"{p}o_proj", w(p + "self_attn.o_proj.weight").T, f"l{i}.o", sources=[p + "self_attn.o_proj.weight"])
         g_post = init(f"{p}post_attention_layernorm", (w(p + "post_attention_layernorm.weight") / s_gu).astype(np_dtype)
                       if (i, "gate_up") in awq else w(p + "post_attention_layernorm.weight"))
         x, _, _, residual = node("SkipSimplifiedLayerNormalization", [o, residual, g_post],
                                  [f"l{i}.x2", "", "", f"l{i}.res_mlp"], domain=MS, epsilon=eps)
         # gate and up as two MatMuls, not one packed MatMul + Split: the Split's copy cost more than it saved
         gate = matmul(x, f"{p}gate_proj", w(p + "mlp.gate_proj.weight").T * s_gu[:, None] if (i, "gate_up") in awq
-                      else w(p + "mlp.gate_proj.weight").T, f"l{i}.gate")
+                      else w(p + "mlp.gate_proj.weight").T, f"l{i}.gate", sources=[p + "mlp.gate_proj.weight"])
         w_up = w(p + "mlp.up_proj.weight").T  # [H, I]: rows read x (gate/up's s), columns feed down (down's 1/s)
         if awq:
             w_up = (w_up * s_gu[:, None]) / s_down[None, :]
-        up = matmul(x, f"{p}up_proj", w_up, f"l{i}.up")
+        up = matmul(x, f"{p}up_proj", w_up, f"l{i}.up", sources=[p + "mlp.up_proj.weight"])
         sig = node("Sigmoid", [gate], [f"l{i}.sig"])[0]
         silu = node("Mul", [gate, sig], [f"l{i}.silu"])[0]
         act = node("Mul", [silu, up], [f"l{i}.act"])[0]
         w_down = w(p + "mlp.down_proj.weight").T
-        down = matmul(act, f"{p}down_proj", w_down * s_down[:, None] if (i, "down") in awq else w_down, f"l{i}.down")
+        down = matmul(act, f"{p}down_proj", w_down * s_down[:, None] if (i, "down") in awq else w_down, f"l{i}.down",
+                      sources=[p + "mlp.down_proj.weight"])
         progress(i + 1, a.num_layers)
 
     g = init("model.norm", w("model.norm.weight"))

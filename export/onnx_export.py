@@ -183,7 +183,9 @@ def export_streaming(config: dict, args: ModelArgs, dtype: str, weights, folder:
             del w
             if qdq is not None:
                 scheme = qdq.for_weight(t_name)
-                q, scale, zero_point = scheme.quantize(wt.astype(np.float32, copy=False))
+                calibrated = getattr(edits, "int4_weight", None) if scheme.bits == 4 else None  # GPTQ's weights
+                q, scale, zero_point = scheme.quantize(wt.astype(np.float32, copy=False),
+                                                       calibrated(name[len("model."):]) if calibrated else None)
                 q_name = t_name + scheme.suffix
                 new_inits += [sink.add(q_name, q), sink.add(f"{t_name}_scale", scale),
                               sink.add(f"{t_name}_zero_point", zero_point)]

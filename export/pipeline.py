@@ -102,7 +102,7 @@ def available_gib() -> float:
 
 
 CALIBRATED_PRECISIONS = ("int8-w8a8", "int4", "int4-w4a16")
-CALIB_MESSAGE = "--calib goes with --precision int8-w8a8 (SmoothQuant), int4 or int4-w4a16 (activation-aware scaling)"
+CALIB_MESSAGE = "--calib goes with --precision int8-w8a8 (SmoothQuant), int4 or int4-w4a16 (AWQ + GPTQ)"
 
 
 def check_memory(c: ck.Checkpoint, dtype: str, run_verify: bool, provider: str) -> None:
@@ -131,9 +131,10 @@ def check_memory(c: ck.Checkpoint, dtype: str, run_verify: bool, provider: str) 
 def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool = False, run_verify: bool = True,
                  max_window_check: int = vf.MAX_WINDOW_CHECK, provider: str = "cpu", graph: str = "portable",
                  precision: str | None = None, block_size: int = 32, calibrate=None, lm_head_bits: int | None = None) -> Manifest:
-    """`calibrate` (calib/quantize.py's checkpoint_w8a8 or checkpoint_awq makes it): calibrate(weights, checkpoint,
+    """`calibrate` (calib/quantize.py's checkpoint_w8a8 or checkpoint_int4 makes it): calibrate(weights, checkpoint,
     log), run as the first stage, returns int8-w8a8's graph and weight edits (export/onnx_export.py applies them) or
-    int4's activation-aware scales (export/fused_graph.py); both carry the precision record and their report."""
+    int4's calibration (AWQ's scales and GPTQ's weights: export/fused_graph.py, or the portable writer's edits); both
+    carry the precision record and their report."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if graph not in GRAPHS:
@@ -228,11 +229,12 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
                 from .fused_graph import build_graph
 
                 stats = build_graph(weights, c.config, args, dtype, tmp, nbits=nbits, progress=progress,
-                                    awq=edits.scales if edits is not None else None)
+                                    awq=edits.scales if edits is not None else None,
+                                    int4=edits.int4_weight if edits is not None else None)
         n += 1
         with stage(n, total, "save manifest, tokenizer files and sha256 hashes"):
             precision_record = None
-            if precision in ("int4", "int4-w4a16") and edits is not None:  # activation-aware (calib/awq.py)
+            if precision in ("int4", "int4-w4a16") and edits is not None:  # calibrated (calib/awq.py, gptq.py)
                 for name, text in edits.files().items():
                     (tmp / name).write_text(text)
                 precision_record = {**edits.record(), "block_size": block_size, "lm_head_bits": lm_head_bits,

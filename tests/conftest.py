@@ -105,6 +105,16 @@ def demo_fused(demo_hf, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_calib(demo_onnx, tmp_path_factory) -> Path:
+    """`mistral-trt calibrate` on the demo model: the default set (256 chat sequences) and the held-out text."""
+    from mistral_trt.main import main
+
+    out = tmp_path_factory.mktemp("demo-calib") / "cal"
+    assert main(["calibrate", str(demo_onnx), "-o", str(out)]) == 0
+    return out
+
+
 def run_without_torch(code: str, blocked=("torch", "transformers")) -> subprocess.CompletedProcess:
     """Run Python code in a fresh interpreter where torch and transformers (or `blocked`) cannot be imported."""
     blocker = textwrap.dedent(f"""

@@ -69,14 +69,20 @@ def test_bandwidth_probe_reaches_a_plain_read():
     import time
 
     nbytes = 256 << 20  # the probe's default size (smaller arrays: thread start-up dominates)
-    bw = measure_bandwidth(nbytes=nbytes, threads=1, rounds=3)
     a = np.ones(nbytes // 8)
-    plain = 0.0
-    for _ in range(3):
-        t = time.perf_counter()
-        a.sum()
-        plain = max(plain, nbytes / (time.perf_counter() - t))
-    assert 0.8 * plain <= bw <= 1.25 * plain, (bw / 1e9, plain / 1e9)
+    tries = []
+    for _ in range(3):  # a shared 2-core machine steals whole rounds now and then: up to three comparisons
+        bw = measure_bandwidth(nbytes=nbytes, threads=1, rounds=3)
+        plain = 0.0
+        for _ in range(3):
+            t = time.perf_counter()
+            a.sum()
+            plain = max(plain, nbytes / (time.perf_counter() - t))
+        tries.append((bw / 1e9, plain / 1e9))
+        if 0.8 * plain <= bw <= 1.25 * plain:
+            break
+    else:
+        raise AssertionError(f"probe GB/s vs plain read GB/s, each try: {tries}")
 
 
 def test_bench_end_to_end(tiny_exports, tmp_path, capsys):

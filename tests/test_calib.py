@@ -376,7 +376,7 @@ def test_demo_quality_targets(demo_onnx, tmp_path):
 
 
 @pytest.mark.quality
-def test_demo_w8a8_quality_target(demo_onnx, demo_hf, tmp_path):
+def test_demo_w8a8_quality_target(demo_onnx, demo_hf, demo_calib, tmp_path):
     """int8-w8a8's target on the demo model, both roads side by side: ppl change <= 3 % with the default
     calibration set (256 sequences; 64 are not enough: +3.6 % where 256 give +1.9 %), on the first 2048
     held-out tokens (the README's row is the whole text), for `quantize` (statistics from the fp32 export) and
@@ -384,11 +384,10 @@ def test_demo_w8a8_quality_target(demo_onnx, demo_hf, tmp_path):
     top-1 agreement."""
     from mistral_trt.calib.evaluate import evaluate
 
-    assert main(["calibrate", str(demo_onnx), "-o", str(tmp_path / "cal")]) == 0
-    quantize(demo_onnx, "int8-w8a8", tmp_path / "w8a8", calib=tmp_path / "cal")
+    quantize(demo_onnx, "int8-w8a8", tmp_path / "w8a8", calib=demo_calib)
     assert main(["export", str(demo_hf), "-o", str(tmp_path / "direct"), "--precision", "int8-w8a8",
-                 "--calib", str(tmp_path / "cal")]) == 0
-    rows = evaluate([tmp_path / "w8a8", tmp_path / "direct"], tmp_path / "cal" / "eval.txt", demo_onnx, max_tokens=2048)
+                 "--calib", str(demo_calib)]) == 0
+    rows = evaluate([tmp_path / "w8a8", tmp_path / "direct"], demo_calib / "eval.txt", demo_onnx, max_tokens=2048)
     assert abs(rows[1]["ppl_delta_pct"]) <= 3.0 and abs(rows[2]["ppl_delta_pct"]) <= 3.0, rows
     # the same quality: on 2048 tokens perplexity differences of half a point are noise (+1.81 % vs +2.39 % here,
     # +2.87 % vs +2.92 % on the whole text); KL to fp32 and top-1 agreement are the steadier measures
@@ -398,3 +397,20 @@ def test_demo_w8a8_quality_target(demo_onnx, demo_hf, tmp_path):
         p = Manifest.load(tmp_path / folder).precision
         assert p["quantized_activations"] + len(p["float_activations"]) == 30 * 4
         assert 0 < len(p["float_activations"]) <= 6  # only the massive-activation down_proj inputs stay float
+
+
+@pytest.mark.quality
+def test_demo_int4_calibrated_quality(demo_onnx, demo_hf, demo_calib, tmp_path):
+    """int4 (fused, block 32, lm_head int8) on the demo model, first 2048 held-out tokens: calibrated (AWQ + GPTQ,
+    the default of --calib) loses at most half of what round to nearest loses, and at most 10 % perplexity (the
+    whole text: +6.45 % against +21.8 %, docs/precision.md). The issue's +3 % is out of reach for 4-bit weights on
+    this 135M model; the test holds what was reached."""
+    from mistral_trt.calib.evaluate import evaluate
+
+    rtn, cal = tmp_path / "rtn", tmp_path / "awq-gptq"
+    assert main(["export", str(demo_hf), "-o", str(rtn), "--graph", "fused", "--precision", "int4"]) == 0
+    assert main(["export", str(demo_hf), "-o", str(cal), "--graph", "fused", "--precision", "int4",
+                 "--calib", str(demo_calib)]) == 0
+    rows = evaluate([rtn, cal], demo_calib / "eval.txt", demo_onnx, max_tokens=2048)
+    assert rows[2]["ppl_delta_pct"] <= 0.5 * rows[1]["ppl_delta_pct"] and rows[2]["ppl_delta_pct"] <= 10.0, rows
+    assert rows[2]["mean_kl"] < 0.6 * rows[1]["mean_kl"], rows

@@ -1,8 +1,10 @@
-"""int4-w4a16: the int4 artifact for TensorRT (portable graph, blockwise DequantizeLinear of int4 weights, opset 21).
+"""int4: the quantizer (export/weights.py), GPTQ (calib/gptq.py), and int4-w4a16, the int4 artifact for TensorRT
+(portable graph, blockwise DequantizeLinear of int4 weights, opset 21).
 
-Its references: the fused int4 export of the same checkpoint (onnxruntime's MatMulNBits quantizer made those
-values: the two graphs must hold the same weights to the bit, round to nearest and activation-aware alike, and
-onnxruntime runs both with the same kernel), and export + quantize (the two roads give one artifact)."""
+References: onnxruntime's own int4 quantizer (ours searches each block's scale, so no block may come out worse than
+onnxruntime's), the float weights, TensorRT's rule that every DequantizeLinear scale is > 0, the fused int4 export of
+the same checkpoint (the same weights to within a quantization step, run by the same onnxruntime kernel), and
+export + quantize (the two roads give one artifact)."""
 from __future__ import annotations
 
 import numpy as np
@@ -67,10 +69,71 @@ def fused_weights(folder) -> dict[str, np.ndarray]:
     return out
 
 
-def test_int4_w4a16_structure_and_fused_weights(tiny_full, tiny_exports, tmp_path):
+@pytest.mark.parametrize("k", [96, 100])  # 100: a last block of 4 rows (padded)
+def test_int4_blocks_against_onnxruntime_and_tensorrt_rules(k):
+    """Round to nearest. Signed convention (the fused graph): onnxruntime's own int4 quantizer's values (a block's
+    largest magnitude on -8). Positive (TensorRT): every scale > 0, every weight within half a step (one step where
+    it would round to +8), a block's largest magnitude on -8 or +7, whichever its sign allows."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    from mistral_trt.export.weights import int4_blocks, pack_nbits4, unpack_nbits4
+
+    rng = np.random.default_rng(k)
+    w = (rng.standard_normal((k, 64)) * rng.uniform(0.01, 1.0, (k, 1))).astype(np.float32)
+    w[3, 5], w[40, 7] = 9.0, -9.0  # outliers of both signs
+    blocks = -(-k // 32)
+    packed = np.zeros((64, blocks, 16), np.uint8)
+    scales = np.zeros((64, blocks), np.float32)
+    quantize_matmul_4bits(packed, np.pad(w, ((0, blocks * 32 - k), (0, 0))), scales,
+                          np.zeros((64, (blocks + 1) // 2), np.uint8), 32, 64, blocks * 32, True)
+    q_ort, s_ort = unpack_nbits4(packed, scales, k)
+    rows = lambda s: np.repeat(s, 32, 0)[:k]  # noqa: E731
+
+    for positive in (False, True):
+        q, s = int4_blocks(w, 32, positive)
+        assert q.dtype == np.int8 and q.min() >= -8 and q.max() <= 7 and s.shape == (blocks, 64)
+        assert all(np.array_equal(a, b) for a, b in zip(unpack_nbits4(*pack_nbits4(q, s, 32), k), (q, s)))
+        if positive:
+            err, r = np.abs(q * rows(s) - w), rows(s)
+            assert (s > 0).all() and (err <= r * np.where(w <= 7.5 * r, 0.5 + 1e-5, 1 + 1e-5)).all()  # +8 clips to +7
+            top = np.abs(np.pad(q, ((0, blocks * 32 - k), (0, 0))).reshape(blocks, 32, 64)).max(1)
+            assert ((top == 7) | (top == 8)).all()
+        else:
+            np.testing.assert_allclose(s, s_ort, rtol=1e-6)
+            assert (q == q_ort).mean() > 0.999 and (s < 0).any()
+
+
+def test_gptq_spreads_rounding_error_only_through_correlation():
+    """calib/gptq.py: with H = I nothing spreads between input channels (each weight is rounded to nearest at the
+    scale GPTQ's search chose); with correlated inputs (and an outlier channel) its output error through H is far
+    below round to nearest's, in both conventions; an input that is always zero gets zero weights."""
+    from mistral_trt.calib.gptq import gptq_int4, output_error
+    from mistral_trt.export.weights import int4_blocks, int4_block_scales
+
+    rng = np.random.default_rng(0)
+    k, n = 128, 48
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    for positive in (False, True):
+        q, s = gptq_int4(w, np.eye(k), 32, positive)
+        want = int4_block_scales(w.reshape(4, 32, n).transpose(0, 2, 1), positive, np.ones(32, np.float32))[..., 0]
+        np.testing.assert_allclose(s, want, rtol=1e-6)
+        assert np.array_equal(q, np.clip(np.rint(w / np.repeat(s, 32, 0)), -8, 7))
+    x = rng.standard_normal((3000, k)) @ (np.eye(k) + 0.3 * rng.standard_normal((k, k)))
+    x[:, 7] *= 20
+    x[:, 9] = 0.0
+    h = x.T @ x / len(x)
+    for positive in (False, True):
+        q, s = gptq_int4(w, h, 32, positive)
+        rtn = output_error(w, *int4_blocks(w, 32, positive), h, 32)
+        assert output_error(w, q, s, h, 32) < 0.5 * rtn and not q[9].any()
+        assert (s > 0).all() if positive else (s < 0).any()
+
+
+def test_int4_w4a16_structure_and_tensorrt_scales(tiny_full, tiny_exports, tmp_path):
     """Every layer's MatMul weight becomes int4 in blocks of 32 input channels behind DequantizeLinear (axis 0, zero
-    point 0, opset 21), with values equal to the fused int4 graph's to the bit, and lm_head int8 per channel (the
-    default recipe); export + quantize gives the same file contents; onnxruntime runs it as the fused int4 graph."""
+    point 0, opset 21) with every scale > 0 (TensorRT refuses others), lm_head int8 per channel (the default recipe);
+    export + quantize gives the same file contents; each weight is the fused int4 graph's to within a quantization
+    step (one float weight, two conventions), and onnxruntime's logits of the two are alike."""
     direct, two_step, fused = tmp_path / "direct", tmp_path / "two-step", tmp_path / "fused"
     assert main(["export", str(tiny_full), "-o", str(direct), "--precision", "int4-w4a16"]) == 0
     quantize(tiny_exports["full", "fp32"], "int4-w4a16", two_step)
@@ -85,7 +148,7 @@ def test_int4_w4a16_structure_and_fused_weights(tiny_full, tiny_exports, tmp_pat
     for n in dq:
         q, s, zp = (inits[i] for i in n.input)
         attrs = {a.name: a.i for a in n.attribute}
-        assert not numpy_helper.to_array(zp).astype(np.int8).any()
+        assert not numpy_helper.to_array(zp).astype(np.int8).any() and (numpy_helper.to_array(s) > 0).all()
         if "lm_head" in n.input[0] or "embed_tokens" in n.input[0]:
             assert q.data_type == zp.data_type == onnx.TensorProto.INT8 and attrs == {"axis": 1}
             continue
@@ -104,30 +167,25 @@ def test_int4_w4a16_structure_and_fused_weights(tiny_full, tiny_exports, tmp_pat
     ours, theirs = portable_weights(direct), fused_weights(fused)
     assert ours.keys() == theirs.keys() and len(ours) == 7 * m.model.num_layers + 1
     for k in ours:
-        if k == "lm_head":  # int8 both, per channel here (TensorRT's int8 weights), per block of 32 there
-            assert np.abs(ours[k] - theirs[k]).max() < 0.02 * np.abs(theirs[k]).max()
-        else:
-            assert ours[k].shape == theirs[k].shape and np.array_equal(ours[k], theirs[k]), k
+        step = np.abs(theirs[k]).reshape(-1, 32, theirs[k].shape[1]).max(1).repeat(32, 0)[:len(theirs[k])] / 7
+        assert ours[k].shape == theirs[k].shape and (np.abs(ours[k] - theirs[k]) <= 2.01 * step).all(), k
+        assert not np.array_equal(ours[k], theirs[k]) or k == "lm_head"
 
     ids = np.random.default_rng(5).integers(3, 32000, 24)
     ref, got = score(tiny_exports["full", "fp32"], ids), score(direct, ids)
     np.testing.assert_array_equal(got, score(two_step, ids))
     # onnxruntime's CPU provider fuses each DequantizeLinear(int4) -> MatMul back into MatMulNBits (int8
-    # activations, accuracy level 4): the fused int4 graph's logits (lm_head aside), not a float MatMul's. (int4
-    # on this tiny random model is far from fp32: top-1 ~1/3; the demo's quality is `eval`'s, docs/precision.md.)
+    # activations, accuracy level 4). int4 on this tiny random model is far from fp32 (top-1 ~1/3; the demo's quality
+    # is `eval`'s, docs/precision.md): the two int4 artifacts are about as far from fp32 as each other.
     alike = score(fused, ids)
-    assert np.abs(got - alike).max() < 0.02 * np.abs(alike).max() and (got.argmax(-1) == alike.argmax(-1)).mean() >= 0.9
-    assert np.abs(got - ref).max() > 5 * np.abs(got - alike).max()
+    assert np.abs(got - ref).max() < 1.5 * np.abs(alike - ref).max()
 
-    pure = tmp_path / "pure"  # --lm-head-bits 4: every MatMul int4, then onnxruntime's fused logits to 1e-4
+    pure = tmp_path / "pure"  # --lm-head-bits 4: every MatMul int4, lm_head too
     assert main(["export", str(tiny_full), "-o", str(pure), "--precision", "int4-w4a16", "--lm-head-bits", "4"]) == 0
-    pure_fused = tmp_path / "pure-fused"
-    assert main(["export", str(tiny_full), "-o", str(pure_fused), "--graph", "fused", "--precision", "int4",
-                 "--lm-head-bits", "4"]) == 0
-    ours, theirs = portable_weights(pure), fused_weights(pure_fused)
-    assert all(np.array_equal(ours[k], theirs[k]) for k in ours) and Manifest.load(pure).precision["lm_head_bits"] == 4
-    got, alike = score(pure, ids), score(pure_fused, ids)
-    assert np.abs(got - alike).max() < 1e-4 * np.abs(alike).max() and (got.argmax(-1) == alike.argmax(-1)).all()
+    g = _graph(pure).graph
+    head = next(n for n in g.node if n.op_type == "DequantizeLinear" and "lm_head" in n.input[0])
+    assert next(t for t in g.initializer if t.name == head.input[0]).data_type == onnx.TensorProto.INT4
+    assert Manifest.load(pure).precision["lm_head_bits"] == 4
 
 
 def test_int4_w4a16_external_data(tiny_full, tmp_path, monkeypatch):
@@ -151,32 +209,37 @@ def test_int4_w4a16_external_data(tiny_full, tmp_path, monkeypatch):
     Manifest.load(external).check_files(external, full=True)
 
 
-def test_int4_w4a16_activation_aware_equals_fused(tiny_window, tiny_exports, tmp_path):
-    """`export --precision int4-w4a16 --calib` folds the same activation-aware scales as the fused int4 export
-    (RMSNorm gammas, up_proj columns): the int4 weights are equal to the bit, and so are the folded gammas."""
+def test_int4_calibrated_awq_gptq(tiny_window, tiny_exports, tmp_path):
+    """`export --precision int4-w4a16 --calib` and `--graph fused --precision int4 --calib` (AWQ + GPTQ, the default
+    method; `--int4-method awq` rounds to nearest after AWQ): GPTQ's output error below round to nearest's for every
+    layer's inputs (awq.json), TensorRT's artifact with scales > 0, the fused one in onnxruntime's signed convention,
+    all of them runnable."""
+    import json
+
     cal = tmp_path / "cal"
     assert main(["calibrate", str(tiny_exports["full", "fp32"]), "-o", str(cal), "--count", "12",
                  "--reply-tokens", "4"]) == 0
-    portable, fused = tmp_path / "portable", tmp_path / "fused"
+    portable, fused, awq, rtn = (tmp_path / n for n in ("portable", "fused", "awq", "rtn"))
     assert main(["export", str(tiny_window), "-o", str(portable), "--precision", "int4-w4a16", "--calib", str(cal)]) == 0
     assert main(["export", str(tiny_window), "-o", str(fused), "--graph", "fused", "--precision", "int4", "--calib",
                  str(cal)]) == 0
+    assert main(["export", str(tiny_window), "-o", str(awq), "--graph", "fused", "--precision", "int4", "--calib",
+                 str(cal), "--int4-method", "awq"]) == 0
+    assert main(["export", str(tiny_window), "-o", str(rtn), "--graph", "fused", "--precision", "int4"]) == 0
     p = Manifest.load(portable).precision
-    assert p["name"] == "int4-w4a16" and p["method"].startswith("activation-aware scaling")
-    assert (portable / "awq.json").read_text() == (fused / "awq.json").read_text()
-    ours, theirs = portable_weights(portable), fused_weights(fused)
-    assert ours.keys() == theirs.keys()
-    for k in ours:
-        assert k == "lm_head" or np.array_equal(ours[k], theirs[k]), k  # lm_head: int8, per channel vs per block
-    pi = {t.name: numpy_helper.to_array(t) for t in _graph(portable).graph.initializer}
-    fi = {t.name: numpy_helper.to_array(t) for t in _graph(fused).graph.initializer}
-    for i in range(Manifest.load(portable).model.num_layers):
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            mine, base = pi[f"model.model.layers.{i}.{norm}.weight"], fi[f"model.layers.{i}.{norm}"]
-            assert np.array_equal(mine, base), (i, norm)
-    assert not any(n.op_type == "Mul" and n.name.endswith("_SmoothQuant") for n in _graph(portable).graph.node)
+    assert p["name"] == "int4-w4a16" and p["int4_method"] == "awq-gptq" and "GPTQ" in p["method"]
+    assert Manifest.load(awq).precision["int4_method"] == "awq" and not (awq / "awq.json").read_text().count("gptq")
+    layers = Manifest.load(fused).model.num_layers
+    for folder in (portable, fused):
+        rows = json.loads((folder / "awq.json").read_text())
+        assert len(rows) == 4 * layers  # qkv, o, gate_up, down
+        assert all(r["output_error_gptq"] < r["output_error_round_to_nearest"] for r in rows), folder
+    scales = [numpy_helper.to_array(t) for t in _graph(portable).graph.initializer if t.name.endswith("_scale")]
+    assert scales and all((s > 0).all() for s in scales)
+    assert any((numpy_helper.to_array(t) < 0).any() for t in _graph(fused).graph.initializer if t.name.endswith("_scales"))
     ids = np.random.default_rng(2).integers(3, 32000, 20)
-    assert np.isfinite(score(portable, ids)).all()
+    assert all(np.isfinite(score(f, ids)).all() for f in (portable, fused, awq, rtn))
+    # on a tiny random model closeness to fp32 says little; the demo's perplexity does (test_calib.py, quality)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -184,6 +247,8 @@ def test_int4_w4a16_activation_aware_equals_fused(tiny_window, tiny_exports, tmp
     (["--precision", "int4-w4a16", "--graph", "fused"], "--precision int4-w4a16 writes explicit Q/DQ (TensorRT)"),
     (["--precision", "int4-w4a16", "--block-size", "24"], "--block-size 24: expected a power of two"),
     (["--precision", "int8-w8a16", "--lm-head-bits", "4"], "--lm-head-bits goes with --precision int4 or int4-w4a16"),
+    (["--precision", "int4-w4a16", "--int4-method", "awq"], "--int4-method awq chooses how calibrated int4 rounds: it "
+                                                            "needs --precision int4 or int4-w4a16 and --calib CALIB"),
 ])
 def test_int4_w4a16_bad_input(tiny_full, tmp_path, capsys, flags, message):
     assert main(["export", str(tiny_full), "-o", str(tmp_path / "o"), *flags]) == 2

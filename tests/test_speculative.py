@@ -22,7 +22,14 @@ def test_ngram_index_proposes_what_followed_the_longest_tail():
     ix = NgramIndex([1, 2, 3, 9, 2, 3, 4, 2, 3])  # "2 3" twice before: the latest wins
     assert ix.draft(2) == [4, 2]
     assert NgramIndex([1, 2, 1]).draft(4) == [2, 1]  # stops at the end of the sequence
-    assert Speculation.parse("ngram") == Speculation(k=4) and Speculation.parse("ngram:7").k == 7
+    # how many: 2n + 1 after a match of n tokens, at most k
+    ix = NgramIndex(list(range(10, 30)) + [10])  # "10": a 1-token match, 3 drafts
+    assert ix.draft(16) == [11, 12, 13]
+    ix.append(11)  # "10 11": 5
+    assert ix.draft(16) == [12, 13, 14, 15, 16]
+    ix.append(12)  # "10 11 12": 7, or k
+    assert ix.draft(16) == list(range(13, 20)) and ix.draft(4) == [13, 14, 15, 16]
+    assert Speculation.parse("ngram") == Speculation(k=7) and Speculation.parse("ngram:4").k == 4
     for bad in ("ngram:0", "ngram:17", "eagle", "ngram:x"):
         with pytest.raises(UserError, match="expected ngram or ngram:K"):
             Speculation.parse(bad)
@@ -158,5 +165,10 @@ def test_bench_speculate_end_to_end(tiny_fused, tmp_path, capsys):
     assert data["grounded"]["identical"] and data["open chat"]["identical"]
     assert all(r["plain_tok_s"] > 0 and r["speculative_tok_s"] > 0 for r in data["grounded"]["rows"])
     assert (out / "bench-speculate.png").read_bytes()[:4] == b"\x89PNG"
+    from mistral_trt.bench.speculative import TARGETS
+
+    for kind, (want, label) in TARGETS.items():  # the targets' table: each measured median against its target
+        got = data[kind]["median_speedup"]
+        assert f"| {kind} {label} | full-fused | {got:.2f}x | {'yes' if got >= want else 'no'} |" in stdout
     rc, _, err = cli(capsys, "bench-speculate", tmp_path / "none", "-o", tmp_path / "x")
     assert rc == 2
