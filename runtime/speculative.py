@@ -31,6 +31,7 @@ import numpy as np
 from .errors import UserError
 
 NGRAM_MAX = 3  # the longest tail looked up (then shorter ones, down to NGRAM_MIN)
+NGRAM_MIN = 1
 DEFAULT_K = 2 * NGRAM_MAX + 1  # drafts per step at most: draft_length's longest
 
 
@@ -50,9 +51,6 @@ def exactness_note(manifest) -> str | None:
                 "MatMulNBits rounds activations to int8, so the last-bit differences of a several-token step can "
                 "change a greedy token")
     return None
-
-
-NGRAM_MIN = 1
 
 
 def draft_length(n: int) -> int:
