@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mistral_trt.export.weights import int4_blocks, pack_nbits4
+from mistral_trt.export.weights import int4_blocks, int4_dequantize, pack_nbits4
 
 from .layerwise import GROUP_WEIGHTS, layerwise_stats
 from .smoothquant import SEARCH_COLUMNS, ActivationStats
@@ -35,8 +35,7 @@ SEARCH_ROWS = 512
 
 def fake_int4(w: np.ndarray, block: int, positive: bool = False) -> np.ndarray:
     """W [K, N] through the int4 quantizer (export/weights.py's int4_blocks) and back."""
-    q, scales = int4_blocks(w, block, positive)
-    return q * np.repeat(scales, block, 0)[:len(q)]
+    return int4_dequantize(*int4_blocks(w, block, positive), block)
 
 
 def choose_scale(st: ActivationStats, ws: list[np.ndarray], block: int,

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mistral_trt.export.weights import int4_block_scales, int4_dequantize
+
 DAMP = 0.01  # H + DAMP * mean(diag H) * I: a calibration set never spans every direction of a 14336-wide input
 LAZY = 128  # rows quantized between two updates of the rest of W (the algorithm's lazy batch; exact, only faster)
 ERROR_FLOPS = 1 << 33  # an output error through H costs K^2 per output column: at most this much (K = 14336: 512)
@@ -50,8 +52,6 @@ def gptq_int4(w: np.ndarray, h: np.ndarray, block: int, positive: bool = False,
     input is always zero (H's diagonal 0) quantize to 0. With H = I every weight is rounded to nearest at the scale
     the search chose (nothing spreads)."""
     import torch
-
-    from mistral_trt.export.weights import int4_block_scales
 
     k, n = w.shape
     W = torch.from_numpy(np.array(w, np.float32))  # [K, N], a copy: row i is input channel i, GPTQ's unit
@@ -91,6 +91,6 @@ def output_error(w: np.ndarray, q: np.ndarray, scales: np.ndarray, h: np.ndarray
     error_columns(w)."""
     cols = error_columns(w)
     w = w[:, cols].astype(np.float32)
-    d = q[:, cols].astype(np.float32) * np.repeat(scales[:, cols], block, 0)[:len(q)] - w
+    d = int4_dequantize(q[:, cols].astype(np.float32), scales[:, cols], block) - w
     h = np.asarray(h, np.float32)
     return quadratic_error(h, d) / max(quadratic_error(h, w), 1e-30)

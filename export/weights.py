@@ -289,6 +289,11 @@ def int4_blocks(w: np.ndarray, block: int, positive: bool = False) -> tuple[np.n
     return np.ascontiguousarray(q), out_s
 
 
+def int4_dequantize(q: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
+    """(q [K, N] in -8..7, s [blocks, N]) -> the float weights q * s [K, N] they stand for."""
+    return q * np.repeat(scales, block, 0)[:len(q)]
+
+
 def pack_nbits4(q: np.ndarray, scales: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     """(q [K, N] in -8..7, s [blocks, N]) -> MatMulNBits' 4-bit layout: (packed uint8 [N, blocks, block / 2], low
     nibble first, zero point 8; scales [N, blocks])."""
