@@ -49,7 +49,7 @@ def choose_scale(st: ActivationStats, ws: list[np.ndarray], block: int,
     mean = np.abs(st.rows).mean(0).astype(np.float64) + 1e-8
     best = (np.ones(len(mean), np.float32), 0.0, np.inf)
     if st.hessian is not None:
-        h = st.hessian.astype(np.float32)
+        h = np.asarray(st.hessian, np.float32)  # no copy: layerwise stores it in float32
         ws = [w[:, error_columns(w)] for w in ws]
         norm = sum(quadratic_error(h, w) for w in ws)
     else:
@@ -98,7 +98,10 @@ def int4_calibration(weights, config: dict, args, seqs: list[np.ndarray], block:
         scaled = {name: ws[name] * s[g][:, None] for g in GROUP_WEIGHTS for name in GROUP_WEIGHTS[g]}
         scaled["mlp.up_proj"] = scaled["mlp.up_proj"] / s["down"][None, :]
         for g, names in GROUP_WEIGHTS.items():
-            h = stats[g].hessian / np.outer(s[g], s[g])  # the scaled input x / s
+            h = stats[g].hessian  # -> the scaled input x / s's, in place (a 7B's down_proj H is 0.8 GB)
+            if g in AWQ_GROUPS:
+                h /= s[g][:, None]
+                h /= s[g][None, :]
             w = np.concatenate([scaled[n] for n in names], 1)  # one GPTQ pass: rows of W share H
             q, sc = gptq_int4(w, h, block, positive)
             errors[li, g] = {"round_to_nearest": output_error(w, *int4_blocks(w, block, positive), h, block),

@@ -98,7 +98,7 @@ def layerwise_stats(weights, config: dict, args, seqs: list[np.ndarray], on_laye
             del layer
             stats = {g: sm.finish() for g, sm in samplers.items()}
             for g, h in second.items():
-                stats[g].hessian = (h.double() / rows).numpy()
+                stats[g].hessian = h.div_(rows).numpy()  # float32 as accumulated (GPTQ's reference keeps it so), no copy
             second.clear()
             on_layer(li, stats, ws)
             log(f"calibration, layer by layer: {li + 1}/{args.num_layers} layers ({time.perf_counter() - t0:.0f}s)")
