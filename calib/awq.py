@@ -80,7 +80,7 @@ def int4_calibration(weights, config: dict, args, seqs: list[np.ndarray], block:
     MatMulNBits-packed (uint8 [N, blocks, block/2], scales [N, blocks]), the weights as the graph writes them;
     errors: (layer, group) -> {"round_to_nearest": e, "gptq": e}, output errors relative to the output through H).
     `positive`: TensorRT's int4 (int4-w4a16), scales > 0; else onnxruntime's signed convention (export/weights.py)."""
-    from .gptq import gptq_int4, output_error
+    from .gptq import error_columns, gptq_int4, output_error
 
     scales: dict = {}
     packed: dict = {}
@@ -104,7 +104,8 @@ def int4_calibration(weights, config: dict, args, seqs: list[np.ndarray], block:
                 h /= s[g][None, :]
             w = np.concatenate([scaled[n] for n in names], 1)  # one GPTQ pass: rows of W share H
             q, sc = gptq_int4(w, h, block, positive)
-            errors[li, g] = {"round_to_nearest": output_error(w, *int4_blocks(w, block, positive), h, block),
+            sample = w[:, error_columns(w)]  # round to nearest is per column: quantize only the columns measured
+            errors[li, g] = {"round_to_nearest": output_error(sample, *int4_blocks(sample, block, positive), h, block),
                              "gptq": output_error(w, q, sc, h, block)}
             at = 0
             for n in names:
