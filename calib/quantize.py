@@ -177,7 +177,9 @@ def checkpoint_w8a8(calib, calib_method: str = "max", alpha="auto", outlier_rati
     return calibrate
 
 
-INT4_METHODS = ("awq-gptq", "awq")  # --int4-method with --calib; without --calib int4 rounds to nearest
+# --int4-method with --calib (without --calib int4 rounds to nearest): awq-gptq-e2e then tunes GPTQ's block scales on
+# the whole model's output (calib/tune.py)
+INT4_METHODS = ("awq-gptq", "awq-gptq-e2e", "awq")
 
 
 class Int4Calibration:
@@ -191,8 +193,8 @@ class Int4Calibration:
     the quantized weights (TensorRT's positive scales: calibrated for int4-w4a16, not shared with the fused graph)."""
 
     def __init__(self, scales: dict, int4: dict, errors: dict, method: str, calib, calib_manifest: dict, sequences: int,
-                 precision: str = "int4", args=None):
-        self.scales, self.int4, self.errors, self.method = scales, int4, errors, method
+                 precision: str = "int4", args=None, tuning: dict | None = None):
+        self.scales, self.int4, self.errors, self.method, self.tuning = scales, int4, errors, method, tuning
         self.calib, self.calib_manifest, self.sequences = calib, calib_manifest, sequences
         self.precision, self.args, self._edits = precision, args, None
 
@@ -202,10 +204,14 @@ class Int4Calibration:
                    "symmetric int4 weights per block (blockwise DequantizeLinear, zero point 0, opset 21); float "
                    "activations")
         rounding = ("GPTQ (each block's scale searched by output error, H from every calibration token; "
-                    "o_proj included)" if self.method == "awq-gptq" else "round to nearest (o_proj unscaled)")
+                    "o_proj included)" if self.method != "awq" else "round to nearest (o_proj unscaled)")
+        if self.tuning and self.tuning["kept"]:
+            rounding += (", then the block scales tuned end to end (KL to the float model on the calibration set, "
+                         "int4 levels fixed)")
         return {"name": self.precision, "int4_method": self.method,
                 "method": ("activation-aware scaling (AWQ: s = mean|x|^alpha, alpha per activation by output error, "
                            f"folded into RMSNorm gammas and up_proj columns), then {rounding} + {weights}"),
+                **({"tuning": self.tuning} if self.tuning else {}),
                 "calibration": {"path": str(Path(self.calib).absolute()), "sha256": self.calib_manifest["sha256"],
                                 "sequences": self.sequences, "statistics": CHECKPOINT_STATISTICS},
                 "details": "awq.json"}
@@ -243,9 +249,11 @@ class Int4Calibration:
         self._edits.finish(g, add)
 
 
-def checkpoint_int4(calib, block_size: int = NBITS_BLOCK, precision: str = "int4", method: str = "awq-gptq"):
+def checkpoint_int4(calib, block_size: int = NBITS_BLOCK, precision: str = "int4", method: str = "awq-gptq",
+                    lm_head_bits: int = LM_HEAD_BITS):
     """int4 calibrated straight from the checkpoint (`export --graph fused --precision int4 --calib CALIB`, or
-    `--precision int4-w4a16 --calib CALIB` for TensorRT): the `calibrate` export_model runs as its first stage."""
+    `--precision int4-w4a16 --calib CALIB` for TensorRT): the `calibrate` export_model runs as its first stage.
+    lm_head_bits: the artifact's lm_head, which awq-gptq-e2e's tuning computes through."""
     if calib is None:
         raise UserError("calibrated int4 calibrates on a set: pass --calib CALIB (from `mistral-trt calibrate`)")
     if method not in INT4_METHODS:
@@ -257,11 +265,34 @@ def checkpoint_int4(calib, block_size: int = NBITS_BLOCK, precision: str = "int4
         calib_manifest, seqs = load_calibration(calib, c.args.vocab_size)
         log(f"  {len(seqs)} calibration sequences, {sum(len(x) for x in seqs)} tokens, {c.args.num_layers} layers, "
             f"{method}")
-        scales, int4, errors = int4_calibration(weights, c.config, c.args, seqs, block_size, gptq=method == "awq-gptq",
+        scales, int4, errors = int4_calibration(weights, c.config, c.args, seqs, block_size, gptq=method != "awq",
                                                 positive=precision == "int4-w4a16", log=log)
-        return Int4Calibration(scales, int4, errors, method, calib, calib_manifest, len(seqs), precision, c.args)
+        tuning = None
+        if method == "awq-gptq-e2e":
+            from .tune import lm_head_as_written, tune_block_scales
 
+            head = lm_head_as_written(weights.get("lm_head.weight", "float32").T, precision, block_size, lm_head_bits)
+            tuning = tune_block_scales(weights, c.config, c.args, seqs, scales, int4, block_size, head, log=log)
+        return Int4Calibration(scales, int4, errors, method, calib, calib_manifest, len(seqs), precision, c.args,
+                               tuning)
+
+    if method == "awq-gptq-e2e":
+        calibrate.preflight = lambda c: check_tuning_memory(c.args)  # export_model runs it before any work
     return calibrate
+
+
+def check_tuning_memory(args) -> None:
+    """awq-gptq-e2e holds the model three times in float32 and runs its backward pass: refused up front (before hours of
+    layer-by-layer calibration) where the memory is not there."""
+    from mistral_trt.export.pipeline import available_gib
+
+    from .tune import memory_needed
+
+    need, have = memory_needed(args) / 2**30, available_gib()
+    if need > have:
+        raise UserError(f"--int4-method awq-gptq-e2e: tuning this model's block scales end to end needs about {need:.1f} "
+                        f"GiB (the model three times in float32 and a backward pass), {have:.1f} GiB available: use "
+                        "--int4-method awq-gptq (layer by layer, one layer in memory) or a larger machine")
 
 
 def nbits(src: Path, dst: Path, bits: int = 8, block_size: int = NBITS_BLOCK, lm_head_bits: int | None = None) -> dict:

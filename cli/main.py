@@ -27,9 +27,10 @@ def cmd_export(a):
 
         calibrate = checkpoint_w8a8(a.calib, a.calib_method, _alpha_value(a), a.outlier_ratio)
     elif a.precision in ("int4", "int4-w4a16") and a.calib:  # AWQ + GPTQ (or AWQ alone), likewise
-        from mistral_trt.calib.quantize import checkpoint_int4
+        from mistral_trt.calib.quantize import LM_HEAD_BITS, checkpoint_int4
 
-        calibrate = checkpoint_int4(a.calib, a.block_size, a.precision, a.int4_method or "awq-gptq")
+        calibrate = checkpoint_int4(a.calib, a.block_size, a.precision, a.int4_method or "awq-gptq",
+                                    a.lm_head_bits or LM_HEAD_BITS)
     elif a.calib:
         from mistral_trt.export.pipeline import CALIB_MESSAGE
 
@@ -463,8 +464,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--lm-head-bits", type=int, choices=[4, 8],
                    help="int4 / int4-w4a16: lm_head's weight bits (default 8: far better quality for few bytes)")
     s.add_argument("--int4-method", choices=INT4_METHODS,
-                   help="int4 / int4-w4a16 with --calib: awq-gptq (default: AWQ's scaling, then GPTQ's rounding) or awq "
-                        "(AWQ's scaling, then round to nearest)")
+                   help="int4 / int4-w4a16 with --calib: awq-gptq (default: AWQ's scaling, then GPTQ's rounding), "
+                        "awq-gptq-e2e (then the block scales tuned on the whole model's output: minutes for small "
+                        "models, the model 3x in float32 in memory) or awq (AWQ's scaling, then round to nearest)")
     _add_w8a8_args(s)
     s.add_argument("--graph", choices=GRAPHS, default="portable",
                    help="portable: traced standard ONNX ops, runs anywhere incl. TensorRT; fused: onnxruntime "

@@ -195,6 +195,8 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
     else:
         need_bytes = output_bytes(c, "fp16" if precision in QDQ_PRECISIONS else dtype)  # int8 + scales < fp16
     check_memory(c, dtype, run_verify, provider)
+    if calibrate is not None and hasattr(calibrate, "preflight"):
+        calibrate.preflight(c)  # a calibration's own refusals (memory), before the output folder and any work
     kinds = ", ".join(sorted({t.dtype for t in weights.index.values()}))
     what = (f"{precision} (MatMulNBits, block {block_size})" if nbits else
             "int8-w8a16 (per-channel int8 weights behind DequantizeLinear)" if precision == "int8-w8a16" else

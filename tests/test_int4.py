@@ -242,6 +242,70 @@ def test_int4_calibrated_awq_gptq(tiny_window, tiny_exports, tmp_path):
     # on a tiny random model closeness to fp32 says little; the demo's perplexity does (test_calib.py, quality)
 
 
+def test_int4_block_scales_tuned_end_to_end(tiny_window, tiny_exports, tmp_path):
+    """`--int4-method awq-gptq-e2e`: GPTQ's int4 levels kept bit for bit, only the block scales moved (each by a
+    positive factor, so TensorRT's stay > 0), the tuning's probe KL to the float model lowered, and the artifact's
+    own logits (onnxruntime, int8 activations) on those calibration sequences closer to the float export's than
+    awq-gptq's are."""
+    from mistral_trt.calib.data import load
+
+    cal = tmp_path / "cal"
+    assert main(["calibrate", str(tiny_exports["window", "fp32"]), "-o", str(cal), "--count", "16",
+                 "--reply-tokens", "4"]) == 0
+    gptq, e2e, w4 = (tmp_path / n for n in ("gptq", "e2e", "w4"))
+    for folder, flags in ((gptq, ["--graph", "fused", "--precision", "int4"]),
+                          (e2e, ["--graph", "fused", "--precision", "int4", "--int4-method", "awq-gptq-e2e"]),
+                          (w4, ["--precision", "int4-w4a16", "--int4-method", "awq-gptq-e2e"])):
+        assert main(["export", str(tiny_window), "-o", str(folder), "--calib", str(cal), *flags]) == 0
+    for folder in (e2e, w4):
+        p = Manifest.load(folder).precision
+        assert p["int4_method"] == "awq-gptq-e2e" and "tuned end to end" in p["method"]
+        assert p["tuning"]["kept"] and p["tuning"]["probe_kl_after"] < p["tuning"]["probe_kl_before"], p["tuning"]
+    a = {t.name: numpy_helper.to_array(t) for t in _graph(gptq).graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in _graph(e2e).graph.initializer}
+    packed = [n for n in a if n.endswith("_Q4")]
+    assert packed and all(np.array_equal(a[n], b[n]) for n in packed)  # the levels
+    ratios = np.concatenate([(b[n] / a[n]).ravel() for n in a if n.endswith("_scales") and n.startswith("model.layers.")])
+    assert (ratios > 0).all() and np.abs(ratios - 1).max() > 1e-4
+    assert all((numpy_helper.to_array(t) > 0).all() for t in _graph(w4).graph.initializer if t.name.endswith("_scale"))
+
+    def log_softmax(x):
+        x = x.astype(np.float64) - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    def kl_to_float(folder) -> float:
+        kls = []
+        for ids in load(cal)[:8]:  # the tuning's probe
+            ref, out = log_softmax(score(tiny_exports["window", "fp32"], ids)), log_softmax(score(folder, ids))
+            kls.append((np.exp(ref) * (ref - out)).sum(-1).mean())
+        return float(np.mean(kls))
+
+    assert kl_to_float(e2e) < kl_to_float(gptq)
+
+
+def test_int4_e2e_refused_without_memory(tiny_window, tiny_exports, tmp_path, capsys, monkeypatch):
+    """awq-gptq-e2e holds the model three times in float32: Mistral-7B's need is more than this 24 GiB machine has, and
+    where a model's need exceeds the memory available the export is refused with one line before any calibration,
+    nothing written. (The tiny checkpoint is given Mistral-7B's need; the check itself runs unchanged.)"""
+    import mistral_trt.calib.tune as tune
+    from mistral_trt.runtime.manifest import ModelArgs
+
+    mistral_7b = ModelArgs("MistralForCausalLM", 32, 32, 8, 128, 4096, 14336, 32000, 1e6, 32768, None, 1e-5, False)
+    need = tune.memory_needed(mistral_7b)
+    assert 3 * 4 * 7.2e9 < need < 3 * 4 * 7.3e9 + 32 * 2**30  # 12 bytes a parameter, and a batch's backward
+    monkeypatch.setattr(tune, "memory_needed", lambda args: need)
+    cal = tmp_path / "cal"
+    assert main(["calibrate", str(tiny_exports["window", "fp32"]), "-o", str(cal), "--count", "2",
+                 "--reply-tokens", "2"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "o"
+    assert main(["export", str(tiny_window), "-o", str(out), "--graph", "fused", "--precision", "int4", "--calib",
+                 str(cal), "--int4-method", "awq-gptq-e2e"]) == 2
+    err = capsys.readouterr().err
+    assert "--int4-method awq-gptq-e2e" in err and "GiB available" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists() and "layer by layer: 1/" not in err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--precision", "int4"], "add --graph fused; int4 for TensorRT (Q/DQ, portable graph) is --precision int4-w4a16"),
     (["--precision", "int4-w4a16", "--graph", "fused"], "--precision int4-w4a16 writes explicit Q/DQ (TensorRT)"),

@@ -1,0 +1,180 @@
+"""End-to-end tuning of int4 block scales (`--int4-method awq-gptq-e2e`): after AWQ + GPTQ, the scales are trained
+on the whole model's next-token distribution, the int4 levels kept.
+
+GPTQ rounds each layer to keep that layer's output close to float on the calibration set; what users see is the
+model's output, where the layers' errors meet and compound. So, as OmniQuant and AutoRound tune clipping against
+the float model, with GPTQ's integer levels q fixed every block scale becomes a parameter,
+
+    W = q * s0 * exp(t)            t [blocks, N] per weight, 0 at the start (GPTQ's scales exactly)
+
+and t is trained by Adam on KL(float model || int4 model) at every real token of the calibration sequences. The
+student is the model as the artifact computes it (calib/awq.py's folds: RMSNorm gammas over AWQ's s, up_proj's
+columns over down's; lm_head as the artifact quantizes it, fixed), with float activations. Only scales move: the
+artifact keeps its bytes and layout, and a tuned scale keeps its sign (TensorRT's positive ones stay positive).
+
+    tuned = tune_block_scales(weights, config, args, seqs, scales, int4, block, lm_head=...)   # int4 updated
+
+The KL on a fixed probe of calibration sequences is measured before and after; if tuning did not lower it, GPTQ's
+scales are kept. The whole model is held three times in float32 (teacher, student, the student's weights kept for
+the backward pass): minutes on a CPU for the demo model, a GPU-sized job for Mistral-7B (`memory_needed` says how
+much; export refuses before calibrating where it is not available).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from mistral_trt.export.weights import int4_dequantize, pack_nbits4, unpack_nbits4
+from mistral_trt.runtime.errors import check_interrupted
+
+from .layerwise import GROUP_WEIGHTS
+
+TUNE_BATCH = 4  # sequences per step
+TUNE_EPOCHS = 1  # passes over the calibration set
+TUNE_LR = 2e-3  # Adam on log-scales: a step moves a scale by ~0.2 %
+PROBE_SEQUENCES = 8
+
+
+def memory_needed(args) -> int:
+    """Bytes the tuning holds: the teacher's weights in float32, the student's int4 levels in float32 and its
+    weights q * s as the forward builds and keeps them for the backward pass (so 12 bytes a parameter), and a
+    backward pass's activations (TUNE_BATCH sequences of ~512 tokens); Adam's state per block scale is small."""
+    h, i, v = args.hidden_size, args.intermediate_size, args.vocab_size
+    kv = args.num_kv_heads * args.head_dim
+    layer = h * (h + 2 * kv) + h * h + 3 * h * i
+    params = args.num_layers * layer + 2 * v * h
+    acts = TUNE_BATCH * 512 * (args.num_layers * (8 * h + 4 * i) + 3 * v) * 4
+    return 3 * 4 * params + acts
+
+
+def lm_head_as_written(w: np.ndarray, precision: str, block: int, bits: int) -> np.ndarray:
+    """lm_head W [K, N] float32 -> the float weights the artifact's lm_head computes with (fused: MatMulNBits of
+    `bits`, zero point 8 or 128; int4-w4a16: DequantizeLinear, int8 per channel or int4 per block)."""
+    if precision == "int4":
+        from mistral_trt.export.fused_graph import NBits
+
+        packed, scales = NBits(bits, block).quantize(w)
+        if bits == 4:
+            return int4_dequantize(*unpack_nbits4(packed, scales, len(w)), block)
+        q = packed.reshape(len(scales), -1)[:, :len(w)].T.astype(np.float32) - 128  # [K, N]
+        return q * np.repeat(scales.T, block, 0)[:len(w)]
+    from mistral_trt.export.weights import WeightQdq
+
+    qdq = WeightQdq.of(precision, block, bits).for_weight("lm_head.weight")
+    q, scale, _ = qdq.quantize(w)
+    q = q.astype(np.float32)
+    return q * scale[None] if qdq.bits == 8 else int4_dequantize(q, scale, block)
+
+
+class Int4Linear(torch.nn.Module):
+    """x @ (q * s0 * exp(t)) for q [K, N] in -8..7, s0 [blocks, N]: the int4 weight with its trained log-scale t.
+    Inputs stay float: simulating MatMulNBits' int8 inputs (accuracy level 4) in training gave a worse artifact
+    (docs/precision.md)."""
+
+    def __init__(self, q: np.ndarray, s0: np.ndarray, block: int):
+        super().__init__()
+        self.block, self.k = block, q.shape[0]
+        self.register_buffer("q", torch.from_numpy(q.astype(np.float32)))
+        self.register_buffer("s0", torch.from_numpy(np.ascontiguousarray(s0, np.float32)))
+        self.t = torch.nn.Parameter(torch.zeros_like(self.s0))
+
+    def scales(self) -> torch.Tensor:
+        return self.s0 * torch.exp(self.t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K]
+        return x @ (self.q * torch.repeat_interleave(self.scales(), self.block, 0)[:self.k])
+
+
+def tune_block_scales(weights, config: dict, args, seqs: list[np.ndarray], scales: dict, int4: dict, block: int,
+                      lm_head: np.ndarray, epochs: int = TUNE_EPOCHS, lr: float = TUNE_LR, log=print) -> dict:
+    """Tune int4's block scales in place (`int4`: checkpoint weight name -> MatMulNBits-packed, as
+    calib/awq.py's int4_calibration returns it); `scales`: AWQ's (layer, group) -> (s, ...); `lm_head` [K, N]: the
+    artifact's lm_head (lm_head_as_written). Returns the record: steps, KL on the probe before and after, kept."""
+    from transformers import MistralConfig, MistralForCausalLM
+    from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(**config)
+    cfg._attn_implementation = "sdpa"
+
+    def load() -> MistralForCausalLM:
+        with torch.device("meta"):
+            model = MistralForCausalLM(cfg)
+        model.load_state_dict({k: torch.from_numpy(weights.get(k, "float32")) for k in model.state_dict()},
+                              assign=True)
+        model.model.rotary_emb = MistralRotaryEmbedding(config=cfg)  # its buffers are not in the state dict
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.eval()
+
+    teacher, student = load(), load()
+    student.lm_head.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(lm_head.T)), requires_grad=False)
+    tuned: dict[str, Int4Linear] = {}
+    for li, layer in enumerate(student.model.layers):
+        for norm, g in ((layer.input_layernorm, "qkv"), (layer.post_attention_layernorm, "gate_up")):
+            if (li, g) in scales:  # the gamma as the graph folds it (calib/awq.py)
+                norm.weight = torch.nn.Parameter(norm.weight / torch.from_numpy(scales[li, g][0]), requires_grad=False)
+        for names in GROUP_WEIGHTS.values():
+            for n in names:
+                name = f"model.layers.{li}.{n}.weight"
+                parent, attr = n.split(".")
+                k = getattr(layer.get_submodule(parent), attr).in_features
+                tuned[name] = Int4Linear(*unpack_nbits4(*int4[name], k), block)
+                setattr(layer.get_submodule(parent), attr, tuned[name])
+    params = [m.t for m in tuned.values()]
+
+    def kl(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean KL(teacher || student) over the real tokens of a right-padded batch (lm_head on those rows only)."""
+        keep = mask.bool()
+        with torch.no_grad():
+            h = teacher.model(input_ids=ids, attention_mask=mask).last_hidden_state[keep]
+            ref = torch.log_softmax(teacher.lm_head(h), -1)
+        h = student.model(input_ids=ids, attention_mask=mask).last_hidden_state[keep]
+        out = torch.log_softmax(student.lm_head(h), -1)
+        return (ref.exp() * (ref - out)).sum(-1).mean()
+
+    def batch_of(idx) -> tuple[torch.Tensor, torch.Tensor]:
+        longest = max(len(seqs[i]) for i in idx)
+        ids = torch.zeros(len(idx), longest, dtype=torch.long)
+        mask = torch.zeros(len(idx), longest, dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, :len(seqs[i])] = torch.from_numpy(seqs[i].astype(np.int64))
+            mask[r, :len(seqs[i])] = 1
+        return ids, mask
+
+    probe = [batch_of(range(a, min(a + TUNE_BATCH, PROBE_SEQUENCES, len(seqs))))
+             for a in range(0, min(PROBE_SEQUENCES, len(seqs)), TUNE_BATCH)]
+
+    def probe_kl() -> float:
+        with torch.no_grad():
+            return float(np.mean([kl(*b).item() for b in probe]))
+
+    before = probe_kl()
+    log(f"  probe KL {before:.4f} (int4 levels and scales from GPTQ), tuning the block scales end to end")
+    rng = np.random.default_rng(0)
+    order = np.concatenate([rng.permutation(len(seqs)) for _ in range(epochs)])
+    steps = -(-len(order) // TUNE_BATCH)
+    opt = torch.optim.Adam(params, lr=lr)
+    t0, running = time.perf_counter(), []
+    for step in range(steps):
+        check_interrupted()
+        loss = kl(*batch_of(order[step * TUNE_BATCH:(step + 1) * TUNE_BATCH]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        running.append(loss.item())
+        if (step + 1) % max(1, steps // 8) == 0 or step + 1 == steps:
+            log(f"  block scales tuned end to end: step {step + 1}/{steps}, KL {np.mean(running):.4f} "
+                f"({time.perf_counter() - t0:.0f}s)")
+            running.clear()
+    after = probe_kl()
+    kept = after < before
+    if kept:
+        for name, m in tuned.items():
+            int4[name] = pack_nbits4(m.q.numpy().astype(np.int8), m.scales().detach().numpy(), block)
+    log(f"  probe KL {before:.4f} -> {after:.4f} ({'tuned scales kept' if kept else 'not lower: GPTQ scales kept'})")
+    return {"steps": steps, "batch": TUNE_BATCH, "learning_rate": lr, "probe_sequences": PROBE_SEQUENCES,
+            "probe_kl_before": before, "probe_kl_after": after, "kept": kept,
+            "seconds": round(time.perf_counter() - t0, 1)}
