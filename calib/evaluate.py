@@ -1,8 +1,11 @@
-"""`mistral-trt eval`: the quality cost of each precision on held-out text.
+"""`mistral-trt eval`: the quality cost of each precision on held-out text or held-out chat.
 
-For each artifact: perplexity of the text, and against the fp32 reference: top-1 agreement (same argmax)
-and mean KL(reference || artifact) per token. The text is tokenized once (BOS + text) and cut into
-windows of `window` predictions, each a fresh prefill, so every artifact sees identical inputs.
+For each artifact: perplexity, and against the fp32 reference: top-1 agreement (same argmax) and mean
+KL(reference || artifact) per token. `--text`: the text is tokenized once (BOS + text) and cut into windows of
+`window` predictions. `--chat CALIB_DIR`: the calibration folder's held-out conversations (eval_chat.npz: prompts
+formatted as the runtime formats them, replies by the fp32 model), each its own sequence; there the fp32 model's
+own greedy replies reward agreeing with its argmax (an artifact can score a lower perplexity than fp32), so top-1
+and KL are the measures. Every window is a fresh prefill, so every artifact sees identical inputs.
 """
 from __future__ import annotations
 
@@ -40,25 +43,43 @@ def run(folder: Path, chunks: list[np.ndarray]):
         yield log_softmax(backend.step(cache, [c], last=False)[0])
 
 
-def evaluate(folders: list[Path], text_file: Path, reference: Path, window: int = 512, max_tokens: int | None = None,
-             log=lambda s: print(s, file=sys.stderr, flush=True)) -> list[dict]:
-    try:
-        text = Path(text_file).read_text(encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"{text_file}: cannot read: {e.strerror}") from None
+def evaluate(folders: list[Path], text_file: Path | None, reference: Path, window: int = 512,
+             max_tokens: int | None = None, log=lambda s: print(s, file=sys.stderr, flush=True),
+             chat: Path | None = None) -> list[dict]:
+    """Rows for the reference and each folder, on `text_file` or (text_file None) the held-out chat of `chat`."""
     ref_m = Manifest.load(reference)
-    tok = Tokenizer.for_export(reference, ref_m)
+    tokenizer_sha = ref_m.files.get(ref_m.tokenizer["file"])
     for folder in folders:  # the same tokens must mean the same text to every artifact compared
         m = Manifest.load(folder)
-        if m.files.get(m.tokenizer["file"]) != ref_m.files.get(ref_m.tokenizer["file"]):
+        if m.files.get(m.tokenizer["file"]) != tokenizer_sha:
             raise UserError(f"{folder}: its tokenizer differs from the reference {reference}'s; eval compares "
                             "artifacts of one model")
-    ids = tok.encode(text, bos=tok.bos_id is not None)  # BOS + text for every model: the same inputs everywhere
-    if max_tokens:
-        ids = ids[:max_tokens]
-    chunks = windows(ids, window)
+    if text_file is None:
+        from .data import load_eval_chat
+
+        seqs, entry = load_eval_chat(chat)
+        if entry["tokenizer_sha256"] != tokenizer_sha:
+            raise UserError(f"{Path(chat) / 'manifest.json'}: eval_chat was tokenized by another tokenizer than the "
+                            f"reference {reference}'s; run `mistral-trt calibrate` with this model's fp32 export")
+        chunks, budget = [], max_tokens or sum(len(s) for s in seqs)
+        for s in seqs:  # each conversation its own sequence (windows only where one is longer than `window`)
+            s = s[:budget]
+            budget -= len(s)
+            chunks += [c for c in windows(s, window) if len(c) > 1]
+            if budget < 2:
+                break
+    else:
+        try:
+            text = Path(text_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"{text_file}: cannot read: {e.strerror}") from None
+        tok = Tokenizer.for_export(reference, ref_m)
+        ids = tok.encode(text, bos=tok.bos_id is not None)  # BOS + text for every model: the same inputs everywhere
+        if max_tokens:
+            ids = ids[:max_tokens]
+        chunks = windows(ids, window)
     n_tokens = sum(len(c) - 1 for c in chunks)
-    log(f"eval: {n_tokens} predicted tokens in {len(chunks)} windows of {window}")
+    log(f"eval: {n_tokens} predicted tokens in {len(chunks)} windows of up to {window}")
     ref_lp = list(run(reference, chunks))  # float64 [n, V] per window
     rows = []
     for folder in [reference] + [f for f in folders if Path(f).resolve() != Path(reference).resolve()]:
@@ -70,7 +91,8 @@ def evaluate(folders: list[Path], text_file: Path, reference: Path, window: int 
             agree += (lp[:-1].argmax(-1) == rlp[:-1].argmax(-1)).sum()
             kl += (np.exp(rlp[:-1]) * (rlp[:-1] - lp[:-1])).sum()
         m = Manifest.load(folder)
-        rows.append({"artifact": str(folder), "precision": m.precision.get("name", m.dtype), "tokens": n_tokens,
+        rows.append({"artifact": str(folder), "precision": m.precision.get("name", m.dtype),
+                     "set": "text" if text_file is not None else "chat", "tokens": n_tokens,
                      "perplexity": float(np.exp(nll / n_tokens)), "top1_agreement": float(agree / n_tokens),
                      "mean_kl": float(kl / n_tokens)})
         log(f"  {Path(folder).name}: ppl {rows[-1]['perplexity']:.4f}")
@@ -81,9 +103,10 @@ def evaluate(folders: list[Path], text_file: Path, reference: Path, window: int 
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| artifact | precision | tokens | perplexity | Δppl % | top-1 agreement | mean KL |", "|---|---|---|---|---|---|---|"]
+    lines = ["| artifact | precision | held-out | tokens | perplexity | Δppl % | top-1 agreement | mean KL |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {Path(r['artifact']).name} | {r['precision']} | {r['tokens']} | {r['perplexity']:.4f} | "
+        lines.append(f"| {Path(r['artifact']).name} | {r['precision']} | {r['set']} | {r['tokens']} | {r['perplexity']:.4f} | "
                      f"{r['ppl_delta_pct']:+.3f} | {r['top1_agreement']:.2%} | {r['mean_kl']:.2e} |")
     return "\n".join(lines)
 
@@ -125,11 +148,13 @@ def main_eval(a) -> None:
     out = check_report_folder(a.output, names, "eval.json", "rows")
     folders = [Path(f) for f in a.export_dirs]
     reference = Path(a.reference) if a.reference else folders[0]
-    rows = evaluate(folders, Path(a.text), reference, a.window, a.max_tokens)
+    text = Path(a.text) if a.text else None
+    rows = evaluate(folders, text, reference, a.window, a.max_tokens, chat=None if text else Path(a.chat))
     print(table(rows))
     check_report_folder(out, names, "eval.json", "rows")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps({"rows": rows, "text": str(Path(a.text).absolute()),
+    (out / "eval.json").write_text(json.dumps({"rows": rows, "text": str(text.absolute()) if text else None,
+                                               "chat": None if text else str(Path(a.chat).absolute()),
                                                "reference": str(reference.absolute())}, indent=2) + "\n")
     (out / "eval.md").write_text(table(rows) + "\n")
     plot(rows, out / "eval.png")

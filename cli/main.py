@@ -301,6 +301,7 @@ def cmd_calibrate(a):
     with atomic_folder(a.output, a.force, kind="calibration", inputs=[a.export_dir]) as tmp:
         m = build(a.export_dir, Path(tmp), count=a.count, reply_tokens=a.reply_tokens)
     print(f"{a.output}: {m['count']} sequences, {m['tokens']['total']} tokens, eval text {m['eval']['tokens']} tokens, "
+          f"held-out chat {m['eval_chat']['tokens']} tokens, "
           f"sha256 {m['sha256'][:16]}")
 
 
@@ -609,7 +610,7 @@ def parser() -> argparse.ArgumentParser:
                         "system names as in the table)")
     s.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("calibrate", help="chat-formatted calibration sequences + held-out eval text")
+    s = sub.add_parser("calibrate", help="chat-formatted calibration sequences + held-out eval text and chat")
     s.add_argument("export_dir", metavar="EXPORT_DIR", help="fp32 export folder (its model writes the replies)")
     s.add_argument("-o", "--output", metavar="CALIB_DIR", required=True, help="calibration folder (written atomically)")
     s.add_argument("--count", type=_count(1), default=256, help="number of sequences")
@@ -643,9 +644,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_quantize)
 
-    s = sub.add_parser("eval", help="perplexity, top-1 agreement and KL against fp32 on held-out text")
+    s = sub.add_parser("eval", help="perplexity, top-1 agreement and KL against fp32 on held-out text or chat")
     s.add_argument("export_dirs", nargs="+", metavar="EXPORT_DIR")
-    s.add_argument("--text", required=True, help="held-out text file (e.g. CALIB/eval.txt)")
+    held_out = s.add_mutually_exclusive_group(required=True)
+    held_out.add_argument("--text", help="held-out text file (e.g. CALIB_DIR/eval.txt)")
+    held_out.add_argument("--chat", metavar="CALIB_DIR",
+                          help="a calibration folder: its held-out chat conversations (eval_chat.npz)")
     s.add_argument("--reference", help="fp32 export (default: the first EXPORT_DIR)")
     s.add_argument("--window", type=_count(2), default=512)
     s.add_argument("--max-tokens", type=_count(2))

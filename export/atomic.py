@@ -85,7 +85,7 @@ def owned_entries(folder: Path, kind: str) -> set[str] | str:
         raw = _json(folder / "manifest.json")
         if not (isinstance(raw, dict) and {"sha256", "count", "eval"} <= set(raw)):
             return "it is not a calibration folder written by `mistral-trt calibrate`"
-        return {"manifest.json", "calib.npz", "eval.txt"}
+        return {"manifest.json", "calib.npz", "eval.txt", "eval_chat.npz"}
     if kind == "checkpoint":
         raw = _json(folder / CONVERSION_NAME)
         if not (isinstance(raw, dict) and raw.get("converted_by") == "mistral-trt convert-gguf"):

@@ -107,7 +107,7 @@ def demo_fused(demo_hf, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_calib(demo_onnx, tmp_path_factory) -> Path:
-    """`mistral-trt calibrate` on the demo model: the default set (256 chat sequences) and the held-out text."""
+    """`mistral-trt calibrate` on the demo model: the default set (256 chat sequences), the held-out text and chat."""
     from mistral_trt.main import main
 
     out = tmp_path_factory.mktemp("demo-calib") / "cal"

@@ -1,6 +1,8 @@
 """Calibration data, reduced-precision artifacts (explicit symmetric Q/DQ) and the quality report."""
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 
 import numpy as np
@@ -45,6 +47,18 @@ def test_calibration_is_chat_formatted_and_disjoint_from_eval(calib, tiny_export
     lines = [ln.strip() for ln in eval_text.splitlines() if len(ln.strip()) > 60]
     joined = "\n".join(texts)
     assert not any(ln in joined for ln in lines)
+    # held-out chat: formatted and answered as calibration is, about documentation calibration never reads
+    held_out, entry = data.load_eval_chat(calib / "a")
+    assert len(held_out) == entry["conversations"] == data.EVAL_CHAT_COUNT
+    assert entry["sha256"] == json.loads((calib / "b" / "manifest.json").read_text())["eval_chat"]["sha256"]
+    chats = [tok.decode(s) for s in held_out]
+    assert all(t.startswith("[INST]") and "[/INST]" in t for t in chats)
+    docs = {name: " ".join((inspect.getdoc(importlib.import_module(name)) or "").split())
+            for name in data.EVAL_PROSE_MODULES}
+    for t in chats:
+        passage = " ".join(t.split("[/INST]")[0].split("\n\n", 1)[1].split())  # the passage after the question
+        assert any(passage[:80] in d for d in docs.values())
+        assert passage[:80] not in joined
 
 
 def test_w8a16_is_symmetric_per_channel_qdq(tiny_exports, tmp_path):
@@ -355,6 +369,48 @@ def test_eval_report(tiny_exports, tiny_full, calib, tmp_path, capsys):
     assert main(args + ["-o", str(tmp_path / "notes")]) == 2  # somebody else's eval.md: refused, kept
     assert "holds eval.md that mistral-trt did not write" in capsys.readouterr().err
     assert (tmp_path / "notes" / "eval.md").read_text() == "my own notes"
+
+
+def test_eval_on_held_out_chat(tiny_exports, tiny_full, calib, tmp_path, capsys):
+    """`eval --chat`: every held-out conversation a fresh sequence; the reference's perplexity is PyTorch's on the
+    same sequences; an old calibration folder or one tokenized for another model is refused in one line."""
+    src = tiny_exports["full", "fp32"]
+    quantize(src, "int8-w8a16", tmp_path / "w8")
+    out = tmp_path / "eval"
+    assert main(["eval", str(src), str(tmp_path / "w8"), "--chat", str(calib / "a"), "-o", str(out)]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    rows = report["rows"]
+    seqs, _ = data.load_eval_chat(calib / "a")
+    assert [r["set"] for r in rows] == ["chat", "chat"] and report["text"] is None
+    assert all(r["tokens"] == sum(len(s) - 1 for s in seqs) for r in rows)
+    import torch
+    from transformers import MistralForCausalLM
+
+    model = MistralForCausalLM.from_pretrained(tiny_full).eval()
+    nll = 0.0
+    with torch.no_grad():
+        for s in seqs:
+            w = torch.from_numpy(s.astype(np.int64))[None]
+            nll += torch.nn.functional.cross_entropy(model(w).logits[0, :-1].double(), w[0, 1:], reduction="sum").item()
+    assert rows[0]["perplexity"] == pytest.approx(np.exp(nll / rows[0]["tokens"]), rel=1e-5)
+    assert rows[1]["mean_kl"] > 0 and rows[1]["precision"] == "int8-w8a16"
+    assert "| chat |" in (out / "eval.md").read_text()
+
+    old = tmp_path / "old"  # a calibration folder from before eval_chat
+    old.mkdir()
+    raw = json.loads((calib / "a" / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({k: v for k, v in raw.items() if k != "eval_chat"}))
+    other = tmp_path / "other"  # held-out chat tokenized by another model's tokenizer
+    other.mkdir()
+    (other / "eval_chat.npz").write_bytes((calib / "a" / "eval_chat.npz").read_bytes())
+    raw["eval_chat"]["tokenizer_sha256"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(raw))
+    capsys.readouterr()
+    for folder, why in ((old, "no held-out chat set (field 'eval_chat'"), (other, "another tokenizer")):
+        assert main(["eval", str(src), "--chat", str(folder), "-o", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert why in err and len(err.splitlines()) == 1 and str(folder) in err
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.quality
