@@ -65,7 +65,7 @@ def evaluate(folders: list[Path], text_file: Path | None, reference: Path, windo
         for s in seqs:  # each conversation its own sequence (windows only where one is longer than `window`)
             s = s[:budget]
             budget -= len(s)
-            chunks += [c for c in windows(s, window) if len(c) > 1]
+            chunks += windows(s, window)
             if budget < 2:
                 break
     else:

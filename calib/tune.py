@@ -99,17 +99,15 @@ def tune_block_scales(weights, config: dict, args, seqs: list[np.ndarray], scale
     cfg = MistralConfig(**config)
     cfg._attn_implementation = "sdpa"
 
-    def load() -> MistralForCausalLM:
-        with torch.device("meta"):
-            model = MistralForCausalLM(cfg)
-        model.load_state_dict({k: torch.from_numpy(weights.get(k, "float32")) for k in model.state_dict()},
-                              assign=True)
+    with torch.device("meta"):
+        teacher, student = MistralForCausalLM(cfg), MistralForCausalLM(cfg)
+    # one float copy of the checkpoint, read once: the student replaces (never edits in place) what it changes
+    state = {k: torch.from_numpy(weights.get(k, "float32")) for k in teacher.state_dict()}
+    for model in (teacher, student):
+        model.load_state_dict(state, assign=True)
         model.model.rotary_emb = MistralRotaryEmbedding(config=cfg)  # its buffers are not in the state dict
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model.eval()
-
-    teacher, student = load(), load()
+        model.requires_grad_(False).eval()
+    del state
     student.lm_head.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(lm_head.T)), requires_grad=False)
     tuned: dict[str, Int4Linear] = {}
     for li, layer in enumerate(student.model.layers):
