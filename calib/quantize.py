@@ -206,8 +206,8 @@ class Int4Calibration:
         rounding = ("GPTQ (each block's scale searched by output error, H from every calibration token; "
                     "o_proj included)" if self.method != "awq" else "round to nearest (o_proj unscaled)")
         if self.tuning and self.tuning["kept"]:
-            rounding += (", then the block scales tuned end to end (KL to the float model on the calibration set, "
-                         "int4 levels fixed)")
+            rounding += (", then the block scales tuned end to end (KL to the float model on calibration chat and "
+                         "plain text, int4 levels fixed)")
         return {"name": self.precision, "int4_method": self.method,
                 "method": ("activation-aware scaling (AWQ: s = mean|x|^alpha, alpha per activation by output error, "
                            f"folded into RMSNorm gammas and up_proj columns), then {rounding} + {weights}"),
@@ -269,10 +269,18 @@ def checkpoint_int4(calib, block_size: int = NBITS_BLOCK, precision: str = "int4
                                                 positive=precision == "int4-w4a16", log=log)
         tuning = None
         if method == "awq-gptq-e2e":
-            from .tune import lm_head_as_written, tune_block_scales
+            from mistral_trt.runtime.tokenizer import Tokenizer
+
+            from .data import digest, packed, tuning_text
+            from .tune import lm_head_as_written, tune_block_scales, tuning_set
 
             head = lm_head_as_written(weights.get("lm_head.weight", "float32").T, precision, block_size, lm_head_bits)
-            tuning = tune_block_scales(weights, c.config, c.args, seqs, scales, int4, block_size, head, log=log)
+            text = [t for t in tuning_text(Tokenizer.load(c.path)) if int(t.max()) < c.args.vocab_size][:len(seqs)]
+            mixed = tuning_set(seqs, text)
+            log(f"  tuning set: {len(mixed) - len(text)} calibration sequences (chat) and {len(text)} plain-text windows")
+            tuning = tune_block_scales(weights, c.config, c.args, mixed, scales, int4, block_size, head, log=log)
+            tuning.update(chat_sequences=len(mixed) - len(text), text_windows=len(text),
+                          text_sha256=digest(*packed(text)) if text else None)
         return Int4Calibration(scales, int4, errors, method, calib, calib_manifest, len(seqs), precision, c.args,
                                tuning)
 

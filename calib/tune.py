@@ -7,12 +7,15 @@ the float model, with GPTQ's integer levels q fixed every block scale becomes a 
 
     W = q * s0 * exp(t)            t [blocks, N] per weight, 0 at the start (GPTQ's scales exactly)
 
-and t is trained by Adam on KL(float model || int4 model) at every real token of the calibration sequences. The
-student is the model as the artifact computes it (calib/awq.py's folds: RMSNorm gammas over AWQ's s, up_proj's
-columns over down's; lm_head as the artifact quantizes it, fixed), with float activations. Only scales move: the
+and t is trained by Adam on KL(float model || int4 model) at every real token of its training set: calibration
+(chat) sequences and as many windows of plain text (calib/data.py's tuning_text: documentation and source code of
+the modules calibration reads), alternately (tuning_set). The target is the float model's own distribution, so
+any text serves without replies; on chat alone the tuning fit chat (docs/precision.md). The student is the model
+as the artifact computes it (calib/awq.py's folds: RMSNorm gammas over AWQ's s, up_proj's columns over down's;
+lm_head as the artifact quantizes it, fixed), with float activations. Only scales move: the
 artifact keeps its bytes and layout, and a tuned scale keeps its sign (TensorRT's positive ones stay positive).
 
-    tuned = tune_block_scales(weights, config, args, seqs, scales, int4, block, lm_head=...)   # int4 updated
+    tuned = tune_block_scales(weights, config, args, tuning_set(chat, text), scales, int4, block, lm_head=...)
 
 The KL on a fixed probe of calibration sequences is measured before and after; if tuning did not lower it, GPTQ's
 scales are kept. The whole model is held three times in float32 (teacher, student, the student's weights kept for
@@ -87,11 +90,22 @@ class Int4Linear(torch.nn.Module):
         return x @ (self.q * torch.repeat_interleave(self.scales(), self.block, 0)[:self.k])
 
 
+def tuning_set(chat: list[np.ndarray], text: list[np.ndarray]) -> list[np.ndarray]:
+    """What the tuning trains on: the probe (the first PROBE_SEQUENCES chat sequences, as before plain text was
+    added), then len(text) chat sequences drawn at random and the plain-text windows, alternately (on the demo all
+    256 calibration sequences and 256 windows: twice the steps of chat alone, docs/precision.md)."""
+    if not text:
+        return chat
+    pick = np.random.default_rng(1).permutation(len(chat))[:len(text)]
+    return list(chat[:PROBE_SEQUENCES]) + [x for pair in zip((chat[i] for i in pick), text) for x in pair]
+
+
 def tune_block_scales(weights, config: dict, args, seqs: list[np.ndarray], scales: dict, int4: dict, block: int,
                       lm_head: np.ndarray, epochs: int = TUNE_EPOCHS, lr: float = TUNE_LR, log=print) -> dict:
     """Tune int4's block scales in place (`int4`: checkpoint weight name -> MatMulNBits-packed, as
     calib/awq.py's int4_calibration returns it); `scales`: AWQ's (layer, group) -> (s, ...); `lm_head` [K, N]: the
-    artifact's lm_head (lm_head_as_written). Returns the record: steps, KL on the probe before and after, kept."""
+    artifact's lm_head (lm_head_as_written); `seqs`: the probe first (tuning_set). Returns the record: steps, KL
+    on the probe before and after, kept."""
     from transformers import MistralConfig, MistralForCausalLM
     from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
 

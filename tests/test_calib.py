@@ -61,6 +61,30 @@ def test_calibration_is_chat_formatted_and_disjoint_from_eval(calib, tiny_export
         assert passage[:80] not in joined
 
 
+def test_tuning_text_is_plain_text_disjoint_from_eval(calib, tiny_exports):
+    """awq-gptq-e2e's plain text: full windows of documentation or source code of calibration's modules,
+    deterministic, none of it from the held-out text."""
+    tok = Tokenizer.load(tiny_exports["full", "fp32"])
+    windows = data.tuning_text(tok, count=24, length=64)
+    again = data.tuning_text(tok, count=24, length=64)
+    assert len(windows) == 24 and all(len(w) == 64 for w in windows)
+    assert all(np.array_equal(a, b) for a, b in zip(windows, again))
+    sources = []
+    for name in data.CALIB_MODULES:
+        module = importlib.import_module(name)
+        sources.append(inspect.getdoc(module) or "")
+        try:
+            sources.append(inspect.getsource(module))
+        except (OSError, TypeError):
+            pass
+    squash = lambda t: "".join(t.split())  # noqa: E731  (the tokenizer's spaces at a window's edges aside)
+    calib_text, eval_text = squash("\n".join(sources)), squash((calib / "a" / "eval.txt").read_text())
+    pieces = [squash(tok.decode(w))[2:-2] for w in windows]  # edges may be part of a multi-byte character
+    assert all(p in calib_text for p in pieces)
+    assert not any(p in eval_text for p in pieces)
+    assert any("def" in tok.decode(w) for w in windows) and any("def" not in tok.decode(w) for w in windows)
+
+
 def test_w8a16_is_symmetric_per_channel_qdq(tiny_exports, tmp_path):
     src = tiny_exports["full", "fp32"]
     m = quantize(src, "int8-w8a16", tmp_path / "w8")

@@ -261,6 +261,9 @@ def test_int4_block_scales_tuned_end_to_end(tiny_window, tiny_exports, tmp_path)
         p = Manifest.load(folder).precision
         assert p["int4_method"] == "awq-gptq-e2e" and "tuned end to end" in p["method"]
         assert p["tuning"]["kept"] and p["tuning"]["probe_kl_after"] < p["tuning"]["probe_kl_before"], p["tuning"]
+        # trained on chat and plain text alike: as many text windows as chat sequences drawn, after the 8-long probe
+        assert p["tuning"]["text_windows"] == 16 and p["tuning"]["chat_sequences"] == 8 + 16, p["tuning"]
+        assert p["tuning"]["steps"] == -(-(8 + 2 * 16) // p["tuning"]["batch"])
     a = {t.name: numpy_helper.to_array(t) for t in _graph(gptq).graph.initializer}
     b = {t.name: numpy_helper.to_array(t) for t in _graph(e2e).graph.initializer}
     packed = [n for n in a if n.endswith("_Q4")]
