@@ -271,16 +271,16 @@ def checkpoint_int4(calib, block_size: int = NBITS_BLOCK, precision: str = "int4
         if method == "awq-gptq-e2e":
             from mistral_trt.runtime.tokenizer import Tokenizer
 
-            from .data import digest, packed, tuning_text
+            from .data import tuning_text
             from .tune import lm_head_as_written, tune_block_scales, tuning_set
 
             head = lm_head_as_written(weights.get("lm_head.weight", "float32").T, precision, block_size, lm_head_bits)
-            text = [t for t in tuning_text(Tokenizer.load(c.path)) if int(t.max()) < c.args.vocab_size][:len(seqs)]
-            mixed = tuning_set(seqs, text)
-            log(f"  tuning set: {len(mixed) - len(text)} calibration sequences (chat) and {len(text)} plain-text windows")
-            tuning = tune_block_scales(weights, c.config, c.args, mixed, scales, int4, block_size, head, log=log)
-            tuning.update(chat_sequences=len(mixed) - len(text), text_windows=len(text),
-                          text_sha256=digest(*packed(text)) if text else None)
+            text = [t for t in tuning_text(Tokenizer.load(c.path)) if int(t.max()) < c.args.vocab_size]
+            mixed, trained_on = tuning_set(seqs, text)
+            log(f"  tuning set: {trained_on['chat_sequences']} calibration sequences (chat) and "
+                f"{trained_on['text_windows']} plain-text windows")
+            tuning = {**tune_block_scales(weights, c.config, c.args, mixed, scales, int4, block_size, head, log=log),
+                      **trained_on}
         return Int4Calibration(scales, int4, errors, method, calib, calib_manifest, len(seqs), precision, c.args,
                                tuning)
 

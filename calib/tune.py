@@ -15,7 +15,8 @@ as the artifact computes it (calib/awq.py's folds: RMSNorm gammas over AWQ's s, 
 lm_head as the artifact quantizes it, fixed), with float activations. Only scales move: the
 artifact keeps its bytes and layout, and a tuned scale keeps its sign (TensorRT's positive ones stay positive).
 
-    tuned = tune_block_scales(weights, config, args, tuning_set(chat, text), scales, int4, block, lm_head=...)
+    seqs, trained_on = tuning_set(chat, text)
+    tuned = tune_block_scales(weights, config, args, seqs, scales, int4, block, lm_head=...)
 
 The KL on a fixed probe of calibration sequences is measured before and after; if tuning did not lower it, GPTQ's
 scales are kept. The whole model is held three times in float32 (teacher, student, the student's weights kept for
@@ -32,6 +33,7 @@ import torch
 from mistral_trt.export.weights import int4_dequantize, pack_nbits4, unpack_nbits4
 from mistral_trt.runtime.errors import check_interrupted
 
+from .data import digest, packed
 from .layerwise import GROUP_WEIGHTS
 
 TUNE_BATCH = 4  # sequences per step
@@ -90,21 +92,25 @@ class Int4Linear(torch.nn.Module):
         return x @ (self.q * torch.repeat_interleave(self.scales(), self.block, 0)[:self.k])
 
 
-def tuning_set(chat: list[np.ndarray], text: list[np.ndarray]) -> list[np.ndarray]:
-    """What the tuning trains on: the probe (the first PROBE_SEQUENCES chat sequences, as before plain text was
-    added), then len(text) chat sequences drawn at random and the plain-text windows, alternately (on the demo all
-    256 calibration sequences and 256 windows: twice the steps of chat alone, docs/precision.md)."""
+def tuning_set(chat: list[np.ndarray], text: list[np.ndarray]) -> tuple[list[np.ndarray], dict]:
+    """What the tuning trains on, and its record: the probe (the first PROBE_SEQUENCES chat sequences, as before
+    plain text was added), then as many chat sequences (drawn at random) as plain-text windows (at most one per chat
+    sequence), alternately. On the demo all 256 calibration sequences and 256 windows: twice the steps of chat
+    alone (docs/precision.md)."""
+    text = text[:len(chat)]
     if not text:
-        return chat
+        return chat, {"chat_sequences": len(chat), "text_windows": 0, "text_sha256": None}
     pick = np.random.default_rng(1).permutation(len(chat))[:len(text)]
-    return list(chat[:PROBE_SEQUENCES]) + [x for pair in zip((chat[i] for i in pick), text) for x in pair]
+    seqs = list(chat[:PROBE_SEQUENCES]) + [x for pair in zip((chat[i] for i in pick), text) for x in pair]
+    return seqs, {"chat_sequences": len(seqs) - len(text), "text_windows": len(text),
+                  "text_sha256": digest(*packed(text))}
 
 
 def tune_block_scales(weights, config: dict, args, seqs: list[np.ndarray], scales: dict, int4: dict, block: int,
                       lm_head: np.ndarray, epochs: int = TUNE_EPOCHS, lr: float = TUNE_LR, log=print) -> dict:
     """Tune int4's block scales in place (`int4`: checkpoint weight name -> MatMulNBits-packed, as
     calib/awq.py's int4_calibration returns it); `scales`: AWQ's (layer, group) -> (s, ...); `lm_head` [K, N]: the
-    artifact's lm_head (lm_head_as_written); `seqs`: the probe first (tuning_set). Returns the record: steps, KL
+    artifact's lm_head (lm_head_as_written); `seqs`: the probe first (tuning_set's). Returns the record: steps, KL
     on the probe before and after, kept."""
     from transformers import MistralConfig, MistralForCausalLM
     from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
