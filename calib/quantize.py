@@ -177,9 +177,10 @@ def checkpoint_w8a8(calib, calib_method: str = "max", alpha="auto", outlier_rati
     return calibrate
 
 
-# --int4-method with --calib (without --calib int4 rounds to nearest): awq-gptq-e2e then tunes GPTQ's block scales on
-# the whole model's output (calib/tune.py)
-INT4_METHODS = ("awq-gptq", "awq-gptq-e2e", "awq")
+# --int4-method with --calib (without --calib int4 rounds to nearest): awq-gptq-layerwise then tunes GPTQ's block scales
+# on each decoder layer's output, awq-gptq-e2e on the whole model's (calib/tune.py)
+INT4_METHODS = ("awq-gptq", "awq-gptq-layerwise", "awq-gptq-e2e", "awq")
+TUNED_INT4_METHODS = ("awq-gptq-layerwise", "awq-gptq-e2e")
 
 
 class Int4Calibration:
@@ -206,8 +207,9 @@ class Int4Calibration:
         rounding = ("GPTQ (each block's scale searched by output error, H from every calibration token; "
                     "o_proj included)" if self.method != "awq" else "round to nearest (o_proj unscaled)")
         if self.tuning and self.tuning["kept"]:
-            rounding += (", then the block scales tuned end to end (KL to the float model on calibration chat and "
-                         "plain text, int4 levels fixed)")
+            how = ("layer by layer (each decoder layer's output MSE to the float model's"
+                   if self.method == "awq-gptq-layerwise" else "end to end (KL to the float model")
+            rounding += f", then the block scales tuned {how} on calibration chat and plain text, int4 levels fixed)"
         return {"name": self.precision, "int4_method": self.method,
                 "method": ("activation-aware scaling (AWQ: s = mean|x|^alpha, alpha per activation by output error, "
                            f"folded into RMSNorm gammas and up_proj columns), then {rounding} + {weights}"),
@@ -268,19 +270,23 @@ def checkpoint_int4(calib, block_size: int = NBITS_BLOCK, precision: str = "int4
         scales, int4, errors = int4_calibration(weights, c.config, c.args, seqs, block_size, gptq=method != "awq",
                                                 positive=precision == "int4-w4a16", log=log)
         tuning = None
-        if method == "awq-gptq-e2e":
+        if method in TUNED_INT4_METHODS:
             from mistral_trt.runtime.tokenizer import Tokenizer
 
             from .data import tuning_text
-            from .tune import lm_head_as_written, tune_block_scales, tuning_set
+            from .tune import lm_head_as_written, tune_block_scales, tune_layerwise, tuning_set
 
-            head = lm_head_as_written(weights.get("lm_head.weight", "float32").T, precision, block_size, lm_head_bits)
             text = [t for t in tuning_text(Tokenizer.load(c.path)) if int(t.max()) < c.args.vocab_size]
             mixed, trained_on = tuning_set(seqs, text)
             log(f"  tuning set: {trained_on['chat_sequences']} calibration sequences (chat) and "
                 f"{trained_on['text_windows']} plain-text windows")
-            tuning = {**tune_block_scales(weights, c.config, c.args, mixed, scales, int4, block_size, head, log=log),
-                      **trained_on}
+            if method == "awq-gptq-layerwise":
+                tuned = tune_layerwise(weights, c.config, c.args, mixed, scales, int4, block_size, log=log)
+            else:
+                head = lm_head_as_written(weights.get("lm_head.weight", "float32").T, precision, block_size,
+                                          lm_head_bits)
+                tuned = tune_block_scales(weights, c.config, c.args, mixed, scales, int4, block_size, head, log=log)
+            tuning = {**tuned, **trained_on}
         return Int4Calibration(scales, int4, errors, method, calib, calib_manifest, len(seqs), precision, c.args,
                                tuning)
 
@@ -300,7 +306,8 @@ def check_tuning_memory(args) -> None:
     if need > have:
         raise UserError(f"--int4-method awq-gptq-e2e: tuning this model's block scales end to end needs about {need:.1f} "
                         f"GiB (the model three times in float32 and a backward pass), {have:.1f} GiB available: use "
-                        "--int4-method awq-gptq (layer by layer, one layer in memory) or a larger machine")
+                        "--int4-method awq-gptq-layerwise (the scales tuned one layer at a time, one layer in memory), "
+                        "awq-gptq, or a larger machine")
 
 
 def nbits(src: Path, dst: Path, bits: int = 8, block_size: int = NBITS_BLOCK, lm_head_bits: int | None = None) -> dict:

@@ -466,8 +466,9 @@ def parser() -> argparse.ArgumentParser:
                    help="int4 / int4-w4a16: lm_head's weight bits (default 8: far better quality for few bytes)")
     s.add_argument("--int4-method", choices=INT4_METHODS,
                    help="int4 / int4-w4a16 with --calib: awq-gptq (default: AWQ's scaling, then GPTQ's rounding), "
-                        "awq-gptq-e2e (then the block scales tuned on the whole model's output: minutes for small "
-                        "models, the model 3x in float32 in memory) or awq (AWQ's scaling, then round to nearest)")
+                        "awq-gptq-layerwise (then the block scales tuned on each decoder layer's output, one layer "
+                        "in memory: about 5x awq-gptq's time), awq-gptq-e2e (then tuned on the whole model's output: "
+                        "the model 3x in float32 in memory) or awq (AWQ's scaling, then round to nearest)")
     _add_w8a8_args(s)
     s.add_argument("--graph", choices=GRAPHS, default="portable",
                    help="portable: traced standard ONNX ops, runs anywhere incl. TensorRT; fused: onnxruntime "

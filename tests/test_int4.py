@@ -242,28 +242,37 @@ def test_int4_calibrated_awq_gptq(tiny_window, tiny_exports, tmp_path):
     # on a tiny random model closeness to fp32 says little; the demo's perplexity does (test_calib.py, quality)
 
 
-def test_int4_block_scales_tuned_end_to_end(tiny_window, tiny_exports, tmp_path):
-    """`--int4-method awq-gptq-e2e`: GPTQ's int4 levels kept bit for bit, only the block scales moved (each by a
-    positive factor, so TensorRT's stay > 0), the tuning's probe KL to the float model lowered, and the artifact's
-    own logits (onnxruntime, int8 activations) on those calibration sequences closer to the float export's than
+@pytest.mark.parametrize("method", ["awq-gptq-e2e", "awq-gptq-layerwise"])
+def test_int4_block_scales_tuned(method, tiny_window, tiny_exports, tmp_path):
+    """`--int4-method awq-gptq-e2e` and `awq-gptq-layerwise`: GPTQ's int4 levels kept bit for bit, only the block
+    scales moved (each by a positive factor, so TensorRT's stay > 0), the tuning's own measure lowered (e2e: the
+    probe's KL to the float model; layerwise: each kept layer's output MSE), and the artifact's own logits
+    (onnxruntime, int8 activations) on the probe's calibration sequences closer to the float export's than
     awq-gptq's are."""
     from mistral_trt.calib.data import load
 
     cal = tmp_path / "cal"
     assert main(["calibrate", str(tiny_exports["window", "fp32"]), "-o", str(cal), "--count", "16",
                  "--reply-tokens", "4"]) == 0
-    gptq, e2e, w4 = (tmp_path / n for n in ("gptq", "e2e", "w4"))
+    gptq, e2e, w4 = (tmp_path / n for n in ("gptq", "tuned", "w4"))
     for folder, flags in ((gptq, ["--graph", "fused", "--precision", "int4"]),
-                          (e2e, ["--graph", "fused", "--precision", "int4", "--int4-method", "awq-gptq-e2e"]),
-                          (w4, ["--precision", "int4-w4a16", "--int4-method", "awq-gptq-e2e"])):
+                          (e2e, ["--graph", "fused", "--precision", "int4", "--int4-method", method]),
+                          (w4, ["--precision", "int4-w4a16", "--int4-method", method])):
         assert main(["export", str(tiny_window), "-o", str(folder), "--calib", str(cal), *flags]) == 0
+    layers = Manifest.load(gptq).model.num_layers
     for folder in (e2e, w4):
         p = Manifest.load(folder).precision
-        assert p["int4_method"] == "awq-gptq-e2e" and "tuned end to end" in p["method"]
-        assert p["tuning"]["kept"] and p["tuning"]["probe_kl_after"] < p["tuning"]["probe_kl_before"], p["tuning"]
+        t = p["tuning"]
+        assert p["int4_method"] == method and t["kept"], t
         # trained on chat and plain text alike: as many text windows as chat sequences drawn, after the 8-long probe
-        assert p["tuning"]["text_windows"] == 16 and p["tuning"]["chat_sequences"] == 8 + 16, p["tuning"]
-        assert p["tuning"]["steps"] == -(-(8 + 2 * 16) // p["tuning"]["batch"])
+        assert t["text_windows"] == 16 and t["chat_sequences"] == 8 + 16, t
+        if method == "awq-gptq-e2e":
+            assert "tuned end to end" in p["method"] and t["probe_kl_after"] < t["probe_kl_before"], t
+            assert t["steps"] == -(-(8 + 2 * 16) // t["batch"])
+        else:
+            assert "tuned layer by layer" in p["method"] and [r["layer"] for r in t["layers"]] == list(range(layers))
+            assert all(r["mse_after"] < r["mse_before"] for r in t["layers"] if r["kept"]), t
+            assert t["steps"] == -(-(8 + 2 * 16) // t["batch"]) * layers
     a = {t.name: numpy_helper.to_array(t) for t in _graph(gptq).graph.initializer}
     b = {t.name: numpy_helper.to_array(t) for t in _graph(e2e).graph.initializer}
     packed = [n for n in a if n.endswith("_Q4")]
