@@ -227,8 +227,9 @@ def tune_layerwise(weights, config: dict, args, seqs: list[np.ndarray], scales: 
     layer i outputs on the float model's own hidden states (OmniQuant's and AutoRound's block-wise reconstruction):
     so it learns to undo part of the error it inherits, which GPTQ (one linear at a time, float inputs) cannot see.
     Holds one layer (float and int4) and three copies of the set's hidden states (float in, float out, int4 in; a
-    fourth while the int4 outputs replace the int4 inputs): export's memory, not the whole model's. Per layer the MSE over the whole set is measured before and after; where
-    it did not fall, that layer keeps GPTQ's scales. Returns the record."""
+    fourth while the int4 outputs replace the int4 inputs): export's memory, not the whole model's. Per layer the MSE
+    over the whole set is measured before and after; where it did not fall, that layer keeps GPTQ's scales. Returns
+    the record."""
     from transformers import MistralConfig
     from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralRotaryEmbedding
 

@@ -254,13 +254,13 @@ def test_int4_block_scales_tuned(method, tiny_window, tiny_exports, tmp_path):
     cal = tmp_path / "cal"
     assert main(["calibrate", str(tiny_exports["window", "fp32"]), "-o", str(cal), "--count", "16",
                  "--reply-tokens", "4"]) == 0
-    gptq, e2e, w4 = (tmp_path / n for n in ("gptq", "tuned", "w4"))
+    gptq, tuned, w4 = (tmp_path / n for n in ("gptq", "tuned", "w4"))
     for folder, flags in ((gptq, ["--graph", "fused", "--precision", "int4"]),
-                          (e2e, ["--graph", "fused", "--precision", "int4", "--int4-method", method]),
+                          (tuned, ["--graph", "fused", "--precision", "int4", "--int4-method", method]),
                           (w4, ["--precision", "int4-w4a16", "--int4-method", method])):
         assert main(["export", str(tiny_window), "-o", str(folder), "--calib", str(cal), *flags]) == 0
     layers = Manifest.load(gptq).model.num_layers
-    for folder in (e2e, w4):
+    for folder in (tuned, w4):
         p = Manifest.load(folder).precision
         t = p["tuning"]
         assert p["int4_method"] == method and t["kept"], t
@@ -274,7 +274,7 @@ def test_int4_block_scales_tuned(method, tiny_window, tiny_exports, tmp_path):
             assert all(r["mse_after"] < r["mse_before"] for r in t["layers"] if r["kept"]), t
             assert t["steps"] == -(-(8 + 2 * 16) // t["batch"]) * layers
     a = {t.name: numpy_helper.to_array(t) for t in _graph(gptq).graph.initializer}
-    b = {t.name: numpy_helper.to_array(t) for t in _graph(e2e).graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in _graph(tuned).graph.initializer}
     packed = [n for n in a if n.endswith("_Q4")]
     assert packed and all(np.array_equal(a[n], b[n]) for n in packed)  # the levels
     ratios = np.concatenate([(b[n] / a[n]).ravel() for n in a if n.endswith("_scales") and n.startswith("model.layers.")])
@@ -292,7 +292,7 @@ def test_int4_block_scales_tuned(method, tiny_window, tiny_exports, tmp_path):
             kls.append((np.exp(ref) * (ref - out)).sum(-1).mean())
         return float(np.mean(kls))
 
-    assert kl_to_float(e2e) < kl_to_float(gptq)
+    assert kl_to_float(tuned) < kl_to_float(gptq)
 
 
 def test_int4_e2e_refused_without_memory(tiny_window, tiny_exports, tmp_path, capsys, monkeypatch):
