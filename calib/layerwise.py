@@ -43,53 +43,82 @@ def attention_mask(lengths: np.ndarray, s: int, window: int | None):
     return mask.masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
 
 
+def torch_config(config: dict, attention: str):
+    """The checkpoint's config.json as transformers' MistralConfig, with the attention implementation to run."""
+    from transformers import MistralConfig
+
+    cfg = MistralConfig(**config)
+    cfg._attn_implementation = attention
+    return cfg
+
+
+def layer_inputs(weights, cfg, args, batches: list) -> tuple[list, list]:
+    """What the first decoder layer reads for each of calibration_batches' `batches`: the hidden states [b, s, H]
+    (the embedding rows), and per batch what every layer reads beside them, (mask [b, 1, s, s], rotary (cos, sin),
+    real [b, s]: which tokens are not padding)."""
+    import torch
+    from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
+
+    emb = weights.get("model.embed_tokens.weight", "float32")
+    hidden = [torch.from_numpy(emb[ids]) for ids, _ in batches]
+    del emb
+    rope = MistralRotaryEmbedding(config=cfg)
+    extras = []
+    for ids, lengths in batches:
+        b, s = ids.shape
+        with torch.no_grad():
+            rot = rope(hidden[0], torch.arange(s)[None].expand(b, s))
+        extras.append((attention_mask(lengths, s, args.sliding_window), rot,
+                       torch.from_numpy(np.arange(s)[None] < lengths[:, None])))
+    return hidden, extras
+
+
+def decoder_layers(weights, cfg, li: int, copies: int = 1) -> list:
+    """`copies` float32 MistralDecoderLayers of layer li, frozen, in eval mode, sharing one read of its checkpoint
+    tensors (built on meta, so no random initialisation is allocated). Sharing is safe where a copy replaces a
+    parameter rather than editing it in place (calib/tune.py's as_artifact)."""
+    import torch
+    from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
+
+    with torch.device("meta"):
+        layers = [MistralDecoderLayer(cfg, li) for _ in range(copies)]
+    prefix = f"model.layers.{li}."
+    state = {k: torch.from_numpy(weights.get(prefix + k, "float32")) for k in layers[0].state_dict()}
+    for layer in layers:
+        layer.load_state_dict(state, assign=True)
+        layer.requires_grad_(False).eval()
+    return layers
+
+
 def layerwise_stats(weights, config: dict, args, seqs: list[np.ndarray], on_layer, groups=tuple(GROUP_WEIGHTS),
                     batch: int = CALIB_BATCH, log=print, hessians: bool = False) -> None:
     """For each decoder layer i: on_layer(i, {group: ActivationStats}, {module: weight [K, N] float32}), the
     weights transposed and contiguous as the ONNX graph holds them (the layer is freed after the call). With
     `hessians`, each ActivationStats also carries E[x x^T] over every real row (GPTQ)."""
     import torch
-    from transformers import MistralConfig
-    from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralRotaryEmbedding
 
-    cfg = MistralConfig(**config)
-    cfg._attn_implementation = "eager"
+    cfg = torch_config(config, "eager")
     batches = calibration_batches(seqs, batch)
-    emb = weights.get("model.embed_tokens.weight", "float32")
-    hidden = [torch.from_numpy(emb[ids]) for ids, _ in batches]  # [b, s, H] per batch
-    del emb
-    rope = MistralRotaryEmbedding(config=cfg)
-    extras = []  # per batch: mask, (cos, sin), which of the b * s rows are real
-    for ids, lengths in batches:
-        b, s = ids.shape
-        with torch.no_grad():
-            rot = rope(hidden[0], torch.arange(s)[None].expand(b, s))
-        valid = (np.arange(s)[None] < lengths[:, None]).reshape(-1)
-        extras.append((attention_mask(lengths, s, args.sliding_window), rot, valid))
+    hidden, extras = layer_inputs(weights, cfg, args, batches)  # hidden [b, s, H] per batch
     t0 = time.perf_counter()
     with torch.no_grad():
         for li in range(args.num_layers):
-            with torch.device("meta"):
-                layer = MistralDecoderLayer(cfg, li)
-            prefix = f"model.layers.{li}."
-            layer.load_state_dict({k: torch.from_numpy(weights.get(prefix + k, "float32")) for k in layer.state_dict()},
-                                  assign=True)
-            layer.eval()
+            layer, = decoder_layers(weights, cfg, li)
             captured: dict[str, torch.Tensor] = {}
             hooks = [layer.get_submodule(GROUP_WEIGHTS[g][0]).register_forward_pre_hook(
                 lambda mod, inp, g=g: captured.__setitem__(g, inp[0])) for g in groups]
             samplers = {g: RowSampler((li, g)) for g in groups}
             second: dict[str, torch.Tensor] = {}  # group -> sum of x x^T over real rows
             rows = 0
-            for bi, ((ids, lengths), (mask, rot, valid)) in enumerate(zip(batches, extras)):
+            for bi, ((ids, lengths), (mask, rot, real)) in enumerate(zip(batches, extras)):
                 hidden[bi] = layer(hidden[bi], attention_mask=mask, position_embeddings=rot)
-                keep = torch.from_numpy(valid)
+                keep = real.reshape(-1)
                 for g, x in captured.items():
                     x = x.reshape(-1, x.shape[-1])[keep]
                     samplers[g].add(bi, x.numpy(), len(lengths))
                     if hessians:
                         second[g] = second[g].addmm_(x.T, x) if g in second else x.T @ x
-                rows += int(valid.sum())
+                rows += int(real.sum())
                 captured.clear()
             for h in hooks:
                 h.remove()

@@ -45,6 +45,7 @@ from mistral_trt.runtime.errors import UserError
 from mistral_trt.runtime.manifest import NBITS_PRECISIONS, ONNX_NAME, Manifest
 
 from mistral_trt.export.fused_graph import LM_HEAD_BITS, nbits_record
+from mistral_trt.export.pipeline import Calibration
 from mistral_trt.export.weights import WeightQdq, check_block_size, weight_only_record
 
 from .qdq import save_model, weight_only
@@ -157,24 +158,26 @@ def w8a8_record(recipe: Recipe, alpha, calib, calib_manifest: dict, sequences: i
     }
 
 
-def checkpoint_w8a8(calib, calib_method: str = "max", alpha="auto", outlier_ratio: float = 20.0):
+class CheckpointW8a8(Calibration):
     """int8-w8a8 straight from the checkpoint (`export --precision int8-w8a8 --calib CALIB`): the statistics come
     from the checkpoint one decoder layer at a time (calib/layerwise.py), the edits are applied to each weight as
-    export/onnx_export.py streams it. Returns the `calibrate(weights, checkpoint, log) -> edits` export_model
-    runs as its first stage; the edits carry the manifest's precision record and quantization.json."""
-    recipe = w8a8_recipe(calib, calib_method, alpha, outlier_ratio)
+    export/onnx_export.py streams it. export_model runs it as its first stage; the edits carry the manifest's
+    precision record and quantization.json."""
 
-    def calibrate(weights, c, log):
+    def __init__(self, calib, calib_method: str = "max", alpha="auto", outlier_ratio: float = 20.0):
+        self.calib, self.alpha = calib, alpha
+        self.recipe = w8a8_recipe(calib, calib_method, alpha, outlier_ratio)
+
+    def run(self, weights, c, target, log):
         from .layerwise import layerwise_plans
         from .smoothquant import SmoothQuantEdits
 
+        calib, alpha, recipe = self.calib, self.alpha, self.recipe
         calib_manifest, seqs = load_calibration(calib, c.args.vocab_size)
         log(f"  {len(seqs)} calibration sequences, {sum(len(x) for x in seqs)} tokens, {c.args.num_layers} layers")
         plans = layerwise_plans(weights, c.config, c.args, seqs, recipe, log=log)
         return SmoothQuantEdits(c.args, plans, describe=lambda report: w8a8_record(
             recipe, alpha, calib, calib_manifest, len(seqs), report, CHECKPOINT_STATISTICS))
-
-    return calibrate
 
 
 # --int4-method with --calib (without --calib int4 rounds to nearest): awq-gptq-layerwise then tunes GPTQ's block scales
@@ -251,19 +254,26 @@ class Int4Calibration:
         self._edits.finish(g, add)
 
 
-def checkpoint_int4(calib, block_size: int = NBITS_BLOCK, precision: str = "int4", method: str = "awq-gptq",
-                    lm_head_bits: int = LM_HEAD_BITS):
+class CheckpointInt4(Calibration):
     """int4 calibrated straight from the checkpoint (`export --graph fused --precision int4 --calib CALIB`, or
-    `--precision int4-w4a16 --calib CALIB` for TensorRT): the `calibrate` export_model runs as its first stage.
-    lm_head_bits: the artifact's lm_head, which awq-gptq-e2e's tuning computes through."""
-    if calib is None:
-        raise UserError("calibrated int4 calibrates on a set: pass --calib CALIB (from `mistral-trt calibrate`)")
-    if method not in INT4_METHODS:
-        raise UserError(f"--int4-method {method!r}: expected one of {', '.join(INT4_METHODS)}")
+    `--precision int4-w4a16 --calib CALIB` for TensorRT), by `method` (INT4_METHODS). The precision, block and
+    lm_head's bits (which awq-gptq-e2e's tuning computes through) are the export's: export_model hands them to run."""
 
-    def calibrate(weights, c, log):
+    def __init__(self, calib, method: str = "awq-gptq"):
+        if calib is None:
+            raise UserError("calibrated int4 calibrates on a set: pass --calib CALIB (from `mistral-trt calibrate`)")
+        if method not in INT4_METHODS:
+            raise UserError(f"--int4-method {method!r}: expected one of {', '.join(INT4_METHODS)}")
+        self.calib, self.method = calib, method
+
+    def preflight(self, c) -> None:
+        if self.method == "awq-gptq-e2e":
+            check_tuning_memory(c.args)
+
+    def run(self, weights, c, target, log):
         from .awq import int4_calibration
 
+        calib, method, precision, block_size = self.calib, self.method, target.precision, target.block_size
         calib_manifest, seqs = load_calibration(calib, c.args.vocab_size)
         log(f"  {len(seqs)} calibration sequences, {sum(len(x) for x in seqs)} tokens, {c.args.num_layers} layers, "
             f"{method}")
@@ -284,15 +294,11 @@ def checkpoint_int4(calib, block_size: int = NBITS_BLOCK, precision: str = "int4
                 tuned = tune_layerwise(weights, c.config, c.args, mixed, scales, int4, block_size, log=log)
             else:
                 head = lm_head_as_written(weights.get("lm_head.weight", "float32").T, precision, block_size,
-                                          lm_head_bits)
+                                          target.lm_head_bits)
                 tuned = tune_block_scales(weights, c.config, c.args, mixed, scales, int4, block_size, head, log=log)
             tuning = {**tuned, **trained_on}
         return Int4Calibration(scales, int4, errors, method, calib, calib_manifest, len(seqs), precision, c.args,
                                tuning)
-
-    if method == "awq-gptq-e2e":
-        calibrate.preflight = lambda c: check_tuning_memory(c.args)  # export_model runs it before any work
-    return calibrate
 
 
 def check_tuning_memory(args) -> None:

@@ -138,12 +138,13 @@ def tune_block_scales(weights, config: dict, args, seqs: list[np.ndarray], scale
     calib/awq.py's int4_calibration returns it); `scales`: AWQ's (layer, group) -> (s, ...); `lm_head` [K, N]: the
     artifact's lm_head (lm_head_as_written); `seqs`: the probe first (tuning_set's). Returns the record: steps, KL
     on the probe before and after, kept."""
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import MistralForCausalLM
     from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
 
+    from .layerwise import torch_config
+
     torch.manual_seed(0)
-    cfg = MistralConfig(**config)
-    cfg._attn_implementation = "sdpa"
+    cfg = torch_config(config, "sdpa")
 
     with torch.device("meta"):
         teacher, student = MistralForCausalLM(cfg), MistralForCausalLM(cfg)
@@ -230,39 +231,18 @@ def tune_layerwise(weights, config: dict, args, seqs: list[np.ndarray], scales: 
     fourth while the int4 outputs replace the int4 inputs): export's memory, not the whole model's. Per layer the MSE
     over the whole set is measured before and after; where it did not fall, that layer keeps GPTQ's scales. Returns
     the record."""
-    from transformers import MistralConfig
-    from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralRotaryEmbedding
-
-    from .layerwise import attention_mask
+    from .layerwise import decoder_layers, layer_inputs, torch_config
     from .smoothquant import calibration_batches
 
     torch.manual_seed(0)
-    cfg = MistralConfig(**config)
-    cfg._attn_implementation = "sdpa"
+    cfg = torch_config(config, "sdpa")
     batches = calibration_batches(seqs, TUNE_BATCH)  # similar lengths together: little padding
-    emb = weights.get("model.embed_tokens.weight", "float32")
-    x_float = [torch.from_numpy(emb[ids]) for ids, _ in batches]  # [b, s, H]: the float model's input to layer i
+    x_float, extras = layer_inputs(weights, cfg, args, batches)  # [b, s, H]: the float model's input to layer i
     x_int4 = [x.clone() for x in x_float]  # ... and the int4 model's
-    del emb
-    rope = MistralRotaryEmbedding(config=cfg)
-    extras = []  # per batch: mask [b, 1, s, s], (cos, sin), real tokens [b, s]
-    for ids, lengths in batches:
-        b, s = ids.shape
-        with torch.no_grad():
-            rot = rope(x_float[0], torch.arange(s)[None].expand(b, s))
-        extras.append((attention_mask(lengths, s, args.sliding_window), rot,
-                       torch.from_numpy(np.arange(s)[None] < lengths[:, None])))
     rng = np.random.default_rng(0)
     t0, layers = time.perf_counter(), []
     for li in range(args.num_layers):
-        with torch.device("meta"):
-            teacher, student = MistralDecoderLayer(cfg, li), MistralDecoderLayer(cfg, li)
-        prefix = f"model.layers.{li}."
-        state = {k: torch.from_numpy(weights.get(prefix + k, "float32")) for k in teacher.state_dict()}
-        for layer in (teacher, student):
-            layer.load_state_dict(state, assign=True)
-            layer.requires_grad_(False).eval()
-        del state
+        teacher, student = decoder_layers(weights, cfg, li, copies=2)
         tuned = as_artifact(student, li, scales, int4, block)
 
         def run(layer, xs, i):

@@ -23,14 +23,13 @@ def cmd_export(a):
 
     calibrate = None
     if a.precision == "int8-w8a8":  # calibrated on the checkpoint, one decoder layer at a time
-        from mistral_trt.calib.quantize import checkpoint_w8a8
+        from mistral_trt.calib.quantize import CheckpointW8a8
 
-        calibrate = checkpoint_w8a8(a.calib, a.calib_method, _alpha_value(a), a.outlier_ratio)
+        calibrate = CheckpointW8a8(a.calib, a.calib_method, _alpha_value(a), a.outlier_ratio)
     elif a.precision in ("int4", "int4-w4a16") and a.calib:  # AWQ + GPTQ (or AWQ alone), likewise
-        from mistral_trt.calib.quantize import LM_HEAD_BITS, checkpoint_int4
+        from mistral_trt.calib.quantize import CheckpointInt4
 
-        calibrate = checkpoint_int4(a.calib, a.block_size, a.precision, a.int4_method or "awq-gptq",
-                                    a.lm_head_bits or LM_HEAD_BITS)
+        calibrate = CheckpointInt4(a.calib, a.int4_method or "awq-gptq")
     elif a.calib:
         from mistral_trt.export.pipeline import CALIB_MESSAGE
 

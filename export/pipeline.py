@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from mistral_trt.runtime.errors import UserError, check_interrupted
@@ -128,13 +129,36 @@ def check_memory(c: ck.Checkpoint, dtype: str, run_verify: bool, provider: str) 
                             f"{have:.1f} GiB available: {hint}")
 
 
+@dataclass(frozen=True)
+class Target:
+    """What an export writes, as its calibration needs to know it: the precision, the weight block and lm_head's
+    bits (export_model's own values, so the calibration and the writer cannot disagree)."""
+
+    precision: str
+    block_size: int
+    lm_head_bits: int
+
+
+class Calibration:
+    """A calibration export_model runs as its first stage (calib/quantize.py's CheckpointW8a8, CheckpointInt4):
+    `preflight(checkpoint)` refuses what cannot finish (memory) before the output folder and any work;
+    `run(weights, checkpoint, target, log)` returns the edits the graph writer applies."""
+
+    def preflight(self, c) -> None:
+        pass
+
+    def run(self, weights, c, target: Target, log):
+        raise NotImplementedError
+
+
 def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool = False, run_verify: bool = True,
                  max_window_check: int = vf.MAX_WINDOW_CHECK, provider: str = "cpu", graph: str = "portable",
-                 precision: str | None = None, block_size: int = 32, calibrate=None, lm_head_bits: int | None = None) -> Manifest:
-    """`calibrate` (calib/quantize.py's checkpoint_w8a8 or checkpoint_int4 makes it): calibrate(weights, checkpoint,
-    log), run as the first stage, returns int8-w8a8's graph and weight edits (export/onnx_export.py applies them) or
-    int4's calibration (AWQ's scales and GPTQ's weights: export/fused_graph.py, or the portable writer's edits); both
-    carry the precision record and their report."""
+                 precision: str | None = None, block_size: int = 32, calibrate: Calibration | None = None,
+                 lm_head_bits: int | None = None) -> Manifest:
+    """`calibrate` (calib/quantize.py's CheckpointW8a8 or CheckpointInt4), run as the first stage, returns int8-w8a8's
+    graph and weight edits (export/onnx_export.py applies them) or int4's calibration (AWQ's scales and GPTQ's
+    weights: export/fused_graph.py, or the portable writer's edits); both carry the precision record and their
+    report."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if graph not in GRAPHS:
@@ -195,7 +219,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
     else:
         need_bytes = output_bytes(c, "fp16" if precision in QDQ_PRECISIONS else dtype)  # int8 + scales < fp16
     check_memory(c, dtype, run_verify, provider)
-    if calibrate is not None and hasattr(calibrate, "preflight"):
+    if calibrate is not None:
         calibrate.preflight(c)  # a calibration's own refusals (memory), before the output folder and any work
     kinds = ", ".join(sorted({t.dtype for t in weights.index.values()}))
     what = (f"{precision} (MatMulNBits, block {block_size})" if nbits else
@@ -208,7 +232,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
         if calibrate is not None:
             n += 1
             with stage(n, total, f"calibrate activations on {src}, one decoder layer at a time (torch)"):
-                edits = calibrate(weights, c, log)
+                edits = calibrate.run(weights, c, Target(precision, block_size, lm_head_bits), log)
 
         def progress(i, count):
             check_interrupted()

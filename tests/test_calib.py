@@ -289,7 +289,7 @@ def test_export_w8a8_given_the_same_statistics_equals_quantize(tiny_exports, tin
     from mistral_trt.calib import qdq
     from mistral_trt.calib import smoothquant as sq
     from mistral_trt.calib.quantize import w8a8_recipe
-    from mistral_trt.export.pipeline import export_model
+    from mistral_trt.export.pipeline import Calibration, export_model
 
     src = tiny_exports["full", "fp32"]
     m = Manifest.load(src)
@@ -298,7 +298,12 @@ def test_export_w8a8_given_the_same_statistics_equals_quantize(tiny_exports, tin
     recipe = w8a8_recipe(calib / "a", "max", "auto", 20.0)
     plans = sq.plans_from_stats(model, m.model, onnx_statistics(model, m, data.load(calib / "a"), recipe.groups), recipe)
     edits = sq.SmoothQuantEdits(m.model, plans, describe=lambda report: {"name": "int8-w8a8"})
-    export_model(str(tiny_full), tmp_path / "direct", precision="int8-w8a8", calibrate=lambda w, c, log: edits)
+
+    class Given(Calibration):  # the checkpoint road's calibration, handed the onnxruntime road's statistics
+        def run(self, weights, c, target, log):
+            return edits
+
+    export_model(str(tiny_full), tmp_path / "direct", precision="int8-w8a8", calibrate=Given())
     graphs = [onnx.load(str(f / "model.onnx")).graph for f in (tmp_path / "direct", w8a8)]
     a, b = ({t.name: numpy_helper.to_array(t) for t in g.initializer} for g in graphs)
     assert a.keys() == b.keys() and any(k.endswith("_act_scale") for k in a)
