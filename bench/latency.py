@@ -262,30 +262,37 @@ def probe_llama_cpp(path: Path) -> None:
 
 
 class HF:
-    """transformers eager `generate` on the same checkpoint and dtype; a logits processor timestamps each token."""
+    """transformers eager `generate` on the same checkpoint and dtype; a logits processor timestamps each token.
+    With --provider cuda or tensorrt it runs on the GPU (where torch has one), each stamp after the step's kernels
+    have finished, so the two sides are timed alike."""
 
-    def __init__(self, source: str, dtype: str):
+    def __init__(self, source: str, dtype: str, provider: str = "cpu"):
         import torch
         from transformers import MistralForCausalLM
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         self.torch = torch
-        self.name = "hf-eager"
+        self.device = "cuda" if provider != "cpu" and torch.cuda.is_available() else "cpu"
+        self.name = "hf-eager" + (":cuda" if self.device == "cuda" else "")
         self.model = MistralForCausalLM.from_pretrained(
-            source, dtype={"fp32": torch.float32, "fp16": torch.float16}[dtype], attn_implementation="eager").eval()
+            source, dtype={"fp32": torch.float32, "fp16": torch.float16}[dtype],
+            attn_implementation="eager").to(self.device).eval()
 
     def run(self, prompts: np.ndarray, n: int) -> list[float]:
         from transformers import LogitsProcessor, LogitsProcessorList
 
         stamps = []
+        sync = self.torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
 
         class Stamp(LogitsProcessor):
             def __call__(self, ids, scores):
+                sync()
                 stamps.append(time.perf_counter())
                 return scores
 
-        ids = self.torch.from_numpy(prompts)
+        ids = self.torch.from_numpy(prompts).to(self.device)
+        sync()
         t0 = time.perf_counter()
         with self.torch.no_grad():
             self.model.generate(ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
@@ -531,7 +538,7 @@ def main_bench(a) -> None:
                 log(f"note: --baseline {base} skipped: {e}")
                 skipped.add(f"llama.cpp-{quant}")
         elif base == "hf":
-            systems.append(load_system(HF, (m.source["path"], m.dtype), before))
+            systems.append(load_system(HF, (m.source["path"], m.dtype, a.provider), before))
         elif base.startswith("ort-genai"):
             if m.model.sliding_window:
                 log("note: onnxruntime-genai's builder ignores a sliding window; its numbers are for full attention")

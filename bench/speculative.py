@@ -65,13 +65,13 @@ def run_one(gen, prompt: list[int], n: int, speculate) -> dict:
             "drafted": drafted, "accepted": accepted}
 
 
-def measure(folder: Path, speculate, max_new_tokens: int, log) -> dict:
+def measure(folder: Path, speculate, max_new_tokens: int, log, provider: str = "cpu") -> dict:
     from mistral_trt.runtime.backend import open_backend
     from mistral_trt.runtime.chat import format_chat
     from mistral_trt.runtime.generate import Generator
     from mistral_trt.runtime.tokenizer import Tokenizer
 
-    backend = open_backend(folder)
+    backend = open_backend(folder, provider)
     m = backend.manifest
     tok = Tokenizer.for_export(folder, m)
     gen = Generator(backend)
@@ -158,9 +158,9 @@ def main_bench_speculate(a) -> None:
         if Manifest.load(f).graph != "fused":
             raise UserError(f"{f}: speculative decoding needs the fused graph (export --graph fused)")
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    data = {"k": a.speculate.k, "max_new_tokens": a.max_new_tokens, "systems": {}}
+    data = {"k": a.speculate.k, "max_new_tokens": a.max_new_tokens, "provider": a.provider, "systems": {}}
     for f in map(Path, a.export_dirs):
-        data["systems"][f.name] = measure(f, a.speculate, a.max_new_tokens, log)
+        data["systems"][f.name] = measure(f, a.speculate, a.max_new_tokens, log, a.provider)
     table = report(data) + "\n\n" + targets_table(data)
     print(table)
     out.mkdir(parents=True, exist_ok=True)

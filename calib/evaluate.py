@@ -36,7 +36,7 @@ def run(folder: Path, chunks: list[np.ndarray]):
     """Per window: log-probabilities [n, V] (float64) of the next token, each window a fresh sequence."""
     from mistral_trt.runtime.backend import open_backend
 
-    backend = open_backend(folder)
+    backend = open_backend(folder, exact=True)  # the artifact's arithmetic, not the CPU provider's shortcut
     for c in chunks:
         cache = backend.new_cache(1, len(c))
         cache.admit()

@@ -44,7 +44,7 @@ from pathlib import Path
 from mistral_trt.runtime.errors import UserError
 from mistral_trt.runtime.manifest import NBITS_PRECISIONS, ONNX_NAME, Manifest
 
-from mistral_trt.export.fused_graph import LM_HEAD_BITS, nbits_record
+from mistral_trt.export.fused_graph import LM_HEAD_BITS, activations, nbits_record
 from mistral_trt.export.pipeline import Calibration
 from mistral_trt.export.weights import WeightQdq, check_block_size, weight_only_record
 
@@ -69,7 +69,8 @@ def quantize(export_dir: str | Path, precision: str, out: str | Path, force: boo
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if m.dtype != "fp32" or m.precision:
-        flags = ("--graph fused " if precision in NBITS_PRECISIONS else "") + f"--precision {precision}" + (
+        fp16 = "--dtype fp16 " if precision in NBITS_PRECISIONS and m.dtype == "fp16" else ""
+        flags = ("--graph fused " if precision in NBITS_PRECISIONS else "") + fp16 + f"--precision {precision}" + (
             " --calib CALIB" if precision == "int8-w8a8" else "")
         hint = f"; or write it from the checkpoint: mistral-trt export {m.source.get('path', 'CHECKPOINT')} -o OUT {flags}"
         raise UserError(f"{export_dir}: quantize starts from an fp32 export, this one is "
@@ -197,14 +198,14 @@ class Int4Calibration:
     the quantized weights (TensorRT's positive scales: calibrated for int4-w4a16, not shared with the fused graph)."""
 
     def __init__(self, scales: dict, int4: dict, errors: dict, method: str, calib, calib_manifest: dict, sequences: int,
-                 precision: str = "int4", args=None, tuning: dict | None = None):
+                 precision: str = "int4", args=None, tuning: dict | None = None, dtype: str = "fp32"):
         self.scales, self.int4, self.errors, self.method, self.tuning = scales, int4, errors, method, tuning
         self.calib, self.calib_manifest, self.sequences = calib, calib_manifest, sequences
-        self.precision, self.args, self._edits = precision, args, None
+        self.precision, self.args, self.dtype, self._edits = precision, args, dtype, None
 
     def record(self) -> dict:
-        weights = ("onnxruntime MatMulNBits: symmetric int4 weights per block, int8 activations per block at run time "
-                   "(accuracy_level 4)") if self.precision == "int4" else (
+        weights = ("onnxruntime MatMulNBits: symmetric int4 weights per block, " + activations(self.dtype)
+                   ) if self.precision == "int4" else (
                    "symmetric int4 weights per block (blockwise DequantizeLinear, zero point 0, opset 21); float "
                    "activations")
         rounding = ("GPTQ (each block's scale searched by output error, H from every calibration token; "
@@ -298,7 +299,7 @@ class CheckpointInt4(Calibration):
                 tuned = tune_block_scales(weights, c.config, c.args, mixed, scales, int4, block_size, head, log=log)
             tuning = {**tuned, **trained_on}
         return Int4Calibration(scales, int4, errors, method, calib, calib_manifest, len(seqs), precision, c.args,
-                               tuning)
+                               tuning, target.dtype)
 
 
 def check_tuning_memory(args) -> None:

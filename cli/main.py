@@ -453,7 +453,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="Hugging Face checkpoint -> ONNX with KV cache + manifest.json, verified")
     s.add_argument("model", metavar="CHECKPOINT", help="Hugging Face checkpoint folder (or a hub id where the hub is reachable)")
     s.add_argument("-o", "--output", metavar="EXPORT_DIR", required=True, help="output folder (written atomically)")
-    s.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    s.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
+                   help="activations, KV cache and float weights; with --graph fused --precision int4 or "
+                        "int8-w8a8-dynamic, fp16 is the GPU form (onnxruntime's CUDA provider) and fp32 the CPU one")
     s.add_argument("--precision", choices=EXPORT_PRECISIONS,
                    help="weights as written, straight from the checkpoint, tensor by tensor: fp32, fp16, int8-w8a16, "
                         "int8-w8a8 or int4-w4a16 (explicit Q/DQ for TensorRT; w8a8 takes --calib), int8-w8a8-dynamic "
@@ -581,6 +583,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("export_dirs", nargs="+", metavar="EXPORT_DIR", help="fused-graph export folder(s)")
     s.add_argument("--speculate", type=_speculation, default="ngram", metavar="ngram[:K]")
     s.add_argument("--max-new-tokens", type=_count(2), default=128)
+    s.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     s.add_argument("-o", "--output", default="build/bench-speculate", help="folder for bench-speculate.md, .json, .png")
     s.set_defaults(func=cmd_bench_speculate)
 

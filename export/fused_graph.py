@@ -46,13 +46,15 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26  # protobuf's 2 GB limit, with room for 
 LM_HEAD_BITS = 8
 
 OPSET = 18
+IR_VERSION = 10  # what opset 18 needs, and what the portable exports carry
 MS = "com.microsoft"
 
 
 @dataclass(frozen=True)
 class NBits:
     """Weights written as onnxruntime MatMulNBits: symmetric integer blocks of `block_size` input channels, one
-    float32 scale per block, activations quantized per block at run time (accuracy_level 4: int8 dot products)."""
+    scale per block (in the graph's dtype), activations quantized per block at run time on onnxruntime's CPU
+    provider (accuracy_level 4: int8 dot products; its CUDA provider computes in the activations' dtype)."""
     bits: int = 8
     block_size: int = 32
     accuracy_level: int = 4
@@ -79,17 +81,25 @@ class NBits:
         fn(packed, np.ascontiguousarray(w, np.float32), scales, zero_points, self.block_size, cols, rows, True)
         return packed, scales
 
-    def nbytes(self, k: int, n: int) -> int:
+    def nbytes(self, k: int, n: int, scale_bytes: int = 4) -> int:
         blocks = -(-k // self.block_size)
-        return n * blocks * (self.block_size * self.bits // 8 + 4)
+        return n * blocks * (self.block_size * self.bits // 8 + scale_bytes)
 
 
-def nbits_record(precision: str, block_size: int, lm_head_bits: int | None) -> dict:
+def activations(dtype: str) -> str:
+    """How a MatMulNBits graph of `dtype` computes, for the precision record: fp32 is the CPU form (int8 dot products),
+    fp16 the GPU form (the CUDA provider's GroupQueryAttention takes fp16 only)."""
+    return ("int8 activations per block at run time (accuracy_level 4)" if dtype == "fp32" else
+            "fp16 activations and scales (onnxruntime's CUDA provider form; its CPU provider quantizes them to int8 "
+            "per block, accuracy_level 4)")
+
+
+def nbits_record(precision: str, block_size: int, lm_head_bits: int | None, dtype: str = "fp32") -> dict:
     """The manifest's precision record of the fused MatMulNBits precisions, round to nearest (both roads)."""
     bits = NBITS_PRECISIONS[precision]
     head = f"; lm_head int{lm_head_bits}" if lm_head_bits and lm_head_bits != bits else ""
     return {"name": precision, "method": f"onnxruntime MatMulNBits: symmetric int{bits} weights per block of "
-            f"{block_size}{head}, int8 activations per block at run time (accuracy_level 4), round to nearest",
+            f"{block_size}{head}, {activations(dtype)}, round to nearest",
             "calibration": None, "block_size": block_size, **({"lm_head_bits": lm_head_bits} if bits == 4 else {})}
 
 
@@ -100,8 +110,8 @@ def output_bytes(weights: CheckpointWeights, args: ModelArgs, dtype: str, nbits:
     for name, t in weights.index.items():
         n = math.prod(t.shape)
         nb = nbits.for_lm_head() if nbits and name == "lm_head.weight" else nbits
-        total += nb.nbytes(t.shape[1], t.shape[0]) if nb and len(t.shape) == 2 and name != "model.embed_tokens.weight" \
-            else n * item
+        matrix = nb and len(t.shape) == 2 and name != "model.embed_tokens.weight"
+        total += nb.nbytes(t.shape[1], t.shape[0], item) if matrix else n * item
     return total + args.max_position_embeddings * args.head_dim * item  # cos/sin caches
 
 
@@ -121,8 +131,6 @@ def build_graph(weights: CheckpointWeights, config: dict, args: ModelArgs, dtype
     import onnx
     from onnx import TensorProto, helper
 
-    if nbits is not None and dtype != "fp32":
-        raise ValueError("MatMulNBits weights come with float32 activations (dtype fp32)")
     np_dtype = np.dtype(NUMPY_DTYPE[dtype])
     sink = TensorSink(folder, external=output_bytes(weights, args, dtype, nbits) >= EXTERNAL_DATA_THRESHOLD)
     inits: list = []
@@ -135,6 +143,10 @@ def build_graph(weights: CheckpointWeights, config: dict, args: ModelArgs, dtype
 
     def w(name: str) -> np.ndarray:
         return weights.get(name, np_dtype.name)  # fp16 stays fp16: no fp32 detour
+
+    # the weights of quantized MatMuls are read in fp32 whatever the dtype, so an fp16 graph holds the fp32 graph's
+    # integer blocks to the bit and only its scales are rounded to fp16
+    wm = w if nbits is None else (lambda name: weights.get(name, "float32"))
 
     def node(op: str, ins: list[str], outs: list[str], domain: str = "", **attrs) -> list[str]:
         nodes.append(helper.make_node(op, ins, outs, name=f"{op}_{len(nodes)}", domain=domain, **attrs))
@@ -156,6 +168,7 @@ def build_graph(weights: CheckpointWeights, config: dict, args: ModelArgs, dtype
         packed, scales = pre if pre is not None else nb.quantize(wt)
         k, n = wt.shape
         del wt
+        scales = scales.astype(np_dtype)  # MatMulNBits' scales share the activations' type
         stats["matmuls"] += 1
         stats["bytes"] += packed.nbytes + scales.nbytes
         # names as onnxruntime's MatMulNBitsQuantizer gives them, so the two artifacts read alike
@@ -194,29 +207,30 @@ def build_graph(weights: CheckpointWeights, config: dict, args: ModelArgs, dtype
         else:
             x, _, _, residual = node("SkipSimplifiedLayerNormalization", [down, residual, g_in],
                                      [f"l{i}.x", "", "", f"l{i}.res_attn"], domain=MS, epsilon=eps)
-        wqkv = np.concatenate([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"], axis=0).T  # [H, (N+2KV)D]
+        wqkv = np.concatenate([wm(p + f"self_attn.{n}_proj.weight") for n in "qkv"], axis=0).T  # [H, (N+2KV)D]
         qkv = matmul(x, f"{p}qkv_proj", wqkv * s_qkv[:, None] if (i, "qkv") in awq else wqkv, f"l{i}.qkv",
                      sources=[p + f"self_attn.{n}_proj.weight" for n in "qkv"])
         attn = node("GroupQueryAttention",
                     [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
                      "total_sequence_length", "cos_cache", "sin_cache"] + [""] * 7 + ["query_seqlens"],
                     [f"l{i}.attn", f"present.{i}.key", f"present.{i}.value"], domain=MS, **gqa)[0]
-        o = matmul(attn, f"{p}o_proj", w(p + "self_attn.o_proj.weight").T, f"l{i}.o", sources=[p + "self_attn.o_proj.weight"])
+        o = matmul(attn, f"{p}o_proj", wm(p + "self_attn.o_proj.weight").T, f"l{i}.o",
+                   sources=[p + "self_attn.o_proj.weight"])
         g_post = init(f"{p}post_attention_layernorm", (w(p + "post_attention_layernorm.weight") / s_gu).astype(np_dtype)
                       if (i, "gate_up") in awq else w(p + "post_attention_layernorm.weight"))
         x, _, _, residual = node("SkipSimplifiedLayerNormalization", [o, residual, g_post],
                                  [f"l{i}.x2", "", "", f"l{i}.res_mlp"], domain=MS, epsilon=eps)
         # gate and up as two MatMuls, not one packed MatMul + Split: the Split's copy cost more than it saved
-        gate = matmul(x, f"{p}gate_proj", w(p + "mlp.gate_proj.weight").T * s_gu[:, None] if (i, "gate_up") in awq
-                      else w(p + "mlp.gate_proj.weight").T, f"l{i}.gate", sources=[p + "mlp.gate_proj.weight"])
-        w_up = w(p + "mlp.up_proj.weight").T  # [H, I]: rows read x (gate/up's s), columns feed down (down's 1/s)
+        gate = matmul(x, f"{p}gate_proj", wm(p + "mlp.gate_proj.weight").T * s_gu[:, None] if (i, "gate_up") in awq
+                      else wm(p + "mlp.gate_proj.weight").T, f"l{i}.gate", sources=[p + "mlp.gate_proj.weight"])
+        w_up = wm(p + "mlp.up_proj.weight").T  # [H, I]: rows read x (gate/up's s), columns feed down (down's 1/s)
         if awq:
             w_up = (w_up * s_gu[:, None]) / s_down[None, :]
         up = matmul(x, f"{p}up_proj", w_up, f"l{i}.up", sources=[p + "mlp.up_proj.weight"])
         sig = node("Sigmoid", [gate], [f"l{i}.sig"])[0]
         silu = node("Mul", [gate, sig], [f"l{i}.silu"])[0]
         act = node("Mul", [silu, up], [f"l{i}.act"])[0]
-        w_down = w(p + "mlp.down_proj.weight").T
+        w_down = wm(p + "mlp.down_proj.weight").T
         down = matmul(act, f"{p}down_proj", w_down * s_down[:, None] if (i, "down") in awq else w_down, f"l{i}.down",
                       sources=[p + "mlp.down_proj.weight"])
         progress(i + 1, a.num_layers)
@@ -227,7 +241,7 @@ def build_graph(weights: CheckpointWeights, config: dict, args: ModelArgs, dtype
     # whole prompt is a fifth of a prefill's work (576 x 49152 per token on the demo model).
     idx = node("Unsqueeze", ["logits_index", init("axis_2", np.array([2], np.int64))], ["logits_index_3d"])[0]
     x = node("GatherND", [x, idx], ["final_norm_kept"], batch_dims=1)[0]  # [B, logits_len, H]
-    matmul(x, "lm_head", w("lm_head.weight").T, "logits",  # a tied lm_head reads the embedding (weights.py)
+    matmul(x, "lm_head", wm("lm_head.weight").T, "logits",  # a tied lm_head reads the embedding (weights.py)
            nbits.for_lm_head() if nbits else None)
 
     inputs, outputs = fused_io_specs(a, dtype)
@@ -237,6 +251,7 @@ def build_graph(weights: CheckpointWeights, config: dict, args: ModelArgs, dtype
     graph = helper.make_graph(nodes, "mistral", [vi(t) for t in inputs], [vi(t) for t in outputs], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="mistral-trt")
+    proto.ir_version = IR_VERSION  # onnx's newest by default (14 with onnx 1.23), which onnxruntime < 1.32 refuses
     sink.close()
     path = folder / ONNX_NAME
     onnx.save_model(proto, str(path))

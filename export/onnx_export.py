@@ -6,6 +6,7 @@ runtime/manifest.py), so any runtime can own the cache: keep it whole, or trim i
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import math
@@ -41,11 +42,12 @@ class KVCacheWrapper(nn.Module):
         cache = DynamicCache()
         for i in range(self.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
-        )
+        # transformers renamed `past_key_values` to `cache` (argument and output) during 5.x: either works
+        named = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, **{named: cache})
         flat = [out.logits]
-        for layer in out.cache.layers:
+        for layer in getattr(out, named).layers:
             flat += [layer.keys, layer.values]
         return tuple(flat)
 

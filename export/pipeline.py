@@ -131,12 +131,14 @@ def check_memory(c: ck.Checkpoint, dtype: str, run_verify: bool, provider: str) 
 
 @dataclass(frozen=True)
 class Target:
-    """What an export writes, as its calibration needs to know it: the precision, the weight block and lm_head's
-    bits (export_model's own values, so the calibration and the writer cannot disagree)."""
+    """What an export writes, as its calibration needs to know it: the precision, the weight block, lm_head's
+    bits and the activations' dtype (export_model's own values, so the calibration and the writer cannot
+    disagree)."""
 
     precision: str
     block_size: int
     lm_head_bits: int
+    dtype: str = "fp32"
 
 
 class Calibration:
@@ -167,9 +169,11 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
         if precision not in EXPORT_PRECISIONS:
             raise UserError(f"--precision {precision!r}: expected one of {', '.join(EXPORT_PRECISIONS)}")
         want = "fp16" if precision == "fp16" else "fp32"
-        if dtype != want and dtype != "fp32":
+        # MatMulNBits takes fp16 activations as well: --dtype fp16 is the GPU form (onnxruntime's CUDA provider runs
+        # GroupQueryAttention in fp16 only), fp32 the CPU one (int8 dot products, accuracy_level 4)
+        if dtype != want and dtype != "fp32" and precision not in NBITS_PRECISIONS:
             raise UserError(f"--precision {precision} computes in {want}; leave out --dtype {dtype}")
-        dtype = want
+        dtype = dtype if precision in NBITS_PRECISIONS else want
         if precision in NBITS_PRECISIONS and graph != "fused":
             hint = "; int4 for TensorRT (Q/DQ, portable graph) is --precision int4-w4a16" if precision == "int4" else ""
             raise UserError(f"--precision {precision} writes onnxruntime MatMulNBits weights: add --graph fused{hint}")
@@ -232,7 +236,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
         if calibrate is not None:
             n += 1
             with stage(n, total, f"calibrate activations on {src}, one decoder layer at a time (torch)"):
-                edits = calibrate.run(weights, c, Target(precision, block_size, lm_head_bits), log)
+                edits = calibrate.run(weights, c, Target(precision, block_size, lm_head_bits, dtype), log)
 
         def progress(i, count):
             check_interrupted()
@@ -269,7 +273,8 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
             elif nbits is not None:
                 from .fused_graph import nbits_record
 
-                precision_record = {**nbits_record(precision, block_size, nbits.lm_head_bits), "from": str(src.absolute()),
+                precision_record = {**nbits_record(precision, block_size, nbits.lm_head_bits, dtype),
+                                    "from": str(src.absolute()),
                                     "quantized_matmuls": stats["matmuls"], "weight_bytes": stats["bytes"]}
             elif precision in ("int8-w8a16", "int4-w4a16"):
                 precision_record = {**weight_only_record(precision, block_size, lm_head_bits), "from": str(src.absolute()),

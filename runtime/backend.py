@@ -88,9 +88,11 @@ class Buffers:
         return arr
 
 
-def open_backend(folder: str | Path, provider: str = "cpu"):
+def open_backend(folder: str | Path, provider: str = "cpu", exact: bool = False):
     """An engine folder (engine.json) -> TensorRTBackend; an export folder -> PortableBackend or FusedBackend
-    (by the manifest's graph) on onnxruntime's `provider`. The files are checked against the manifest first."""
+    (by the manifest's graph) on onnxruntime's `provider`. The files are checked against the manifest first.
+    `exact`: the artifact's own arithmetic where the provider would approximate it for speed (weight-only
+    int8-w8a16 / int4-w4a16 on the CPU provider: float activations, not int8; 10-20x slower): `eval` asks for it."""
     from .engine import ENGINE_MANIFEST
 
     if (Path(folder) / ENGINE_MANIFEST).is_file():
@@ -104,4 +106,4 @@ def open_backend(folder: str | Path, provider: str = "cpu"):
         raise UserError(f"{folder}: the fused graph uses onnxruntime contrib ops TensorRT does not have; "
                         "export the portable graph for TensorRT (mistral-trt export --graph portable)")
     cls = FusedBackend if m.graph == "fused" else PortableBackend
-    return cls(folder, providers=provider_list(provider, folder), manifest=m)
+    return cls(folder, providers=provider_list(provider, folder), manifest=m, exact=exact)

@@ -72,8 +72,21 @@ def check_session_io(session, manifest: Manifest, path: Path) -> None:
                             "not the graph this manifest describes")
 
 
-def open_session(folder: Path, manifest: Manifest, providers: list | None, graph: str):
-    """An onnxruntime session on folder/model.onnx, after every check (module docstring)."""
+FUSED_MIN_ORT = (1, 32)  # GroupQueryAttention's query_seqlens (right-padded rows of their own lengths) came in 1.32
+
+
+def ort_version(text: str) -> tuple[int, int]:
+    """'1.31.1' -> (1, 31); '1.32.0.dev20261101' -> (1, 32)."""
+    major, minor = (text.split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+WEIGHT_ONLY = ("int8-w8a16", "int4-w4a16")  # portable Q/DQ weights, float activations
+
+
+def open_session(folder: Path, manifest: Manifest, providers: list | None, graph: str, exact: bool = False):
+    """An onnxruntime session on folder/model.onnx, after every check (module docstring). `exact`: compute what the
+    artifact says where the provider's fast path would approximate it (weight-only artifacts on the CPU provider)."""
     import onnxruntime as ort  # imported here: `import mistral_trt.runtime` stays cheap
 
     if manifest.graph != graph:
@@ -83,14 +96,32 @@ def open_session(folder: Path, manifest: Manifest, providers: list | None, graph
     if not path.is_file():
         raise UserError(f"{path}: missing (the export folder is incomplete)")
     manifest.check_files(folder)  # weights changed after export would run and print garbage
+    if graph == "fused" and ort_version(ort.__version__) < FUSED_MIN_ORT:
+        raise UserError(f"{folder}: the fused graph needs onnxruntime >= {'.'.join(map(str, FUSED_MIN_ORT))} (its "
+                        f"GroupQueryAttention's query_seqlens input: rows of different lengths in one step); this is "
+                        f"onnxruntime {ort.__version__}: upgrade it, or run a --graph portable export")
     providers = providers or ["CPUExecutionProvider"]
     first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
     if first not in ort.get_available_providers():
         raise UserError(f"--provider: this onnxruntime ({ort.__version__}) has no {first}; available: "
                         f"{', '.join(ort.get_available_providers())} (GPU providers come with onnxruntime-gpu)")
+    if first != "CPUExecutionProvider" and hasattr(ort, "preload_dlls"):
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints each library it misses; the check below says so
+            ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels (torch's too) where the library path has none
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if (manifest.precision or {}).get("name") == "int8-w8a8" and first == "CPUExecutionProvider":
+    precision = (manifest.precision or {}).get("name")
+    if exact and precision in WEIGHT_ONLY and first == "CPUExecutionProvider":
+        # The CPU provider fuses each DequantizeLinear -> MatMul of a weight-only artifact into MatMulNBits, whose
+        # default accuracy level (4) quantizes the activations to int8 per block: fast (int8-w8a16 decodes in 11 ms
+        # on the demo, against 20 for fp32), but not what the artifact, TensorRT or the CUDA provider computes (their
+        # logits differed by up to 2 on an H200). Level 0 keeps the activations float, the unfused graph's logits to
+        # 3e-4, at 10-20x the time on this provider: what `eval` measures, not what `generate` runs.
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    if precision == "int8-w8a8" and first == "CPUExecutionProvider":
         # int8-w8a8 is a TensorRT artifact (int8 GEMMs, int32 accumulation). onnxruntime's CPU provider would fuse
         # its Q/DQ pairs into integer kernels that saturate 16-bit intermediates on CPUs without VNNI (AVX2 only:
         # microsoft/onnxruntime#6004), a different answer per machine; unfused, DequantizeLinear -> float MatMul
@@ -100,6 +131,10 @@ def open_session(folder: Path, manifest: Manifest, providers: list | None, graph
         session = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types
         raise UserError(f"{path}: onnxruntime cannot load it: {str(e).splitlines()[0][:300]}") from None
+    if session.get_providers()[0] != first:  # onnxruntime falls back to its CPU provider with only a log line
+        raise UserError(f"--provider: onnxruntime could not start {first} here (no GPU or driver, or its CUDA or "
+                        f"cuDNN libraries did not load; onnxruntime {ort.__version__}), and would have run on "
+                        f"{session.get_providers()[0]}")
     check_session_io(session, manifest, path)
     return session
 
@@ -114,11 +149,11 @@ def _run(backend, io) -> None:
                         "the ONNX does not match its manifest or was edited after export") from None
 
 
-def _open(backend, folder, providers, manifest: Manifest | None, graph: str) -> None:
+def _open(backend, folder, providers, manifest: Manifest | None, graph: str, exact: bool = False) -> None:
     """What both onnxruntime backends set up: the manifest, the checked session, the names they bind."""
     backend.folder = Path(folder)
     backend.manifest = m = manifest or Manifest.load(backend.folder)
-    backend.session = open_session(backend.folder, m, providers, graph)
+    backend.session = open_session(backend.folder, m, providers, graph, exact)
     backend.args, backend.kv_dtype = m.model, np.dtype(NUMPY_DTYPE[m.dtype])
     backend.past_names = [n for n in m.input_names() if n.startswith("past_key_values.")]
     backend.present_names = m.output_names()[1:]
@@ -128,8 +163,9 @@ def _open(backend, folder, providers, manifest: Manifest | None, graph: str) -> 
 class PortableBackend:
     ragged = False
 
-    def __init__(self, folder: str | Path, providers: list | None = None, manifest: Manifest | None = None):
-        _open(self, folder, providers, manifest, "portable")
+    def __init__(self, folder: str | Path, providers: list | None = None, manifest: Manifest | None = None,
+                 exact: bool = False):
+        _open(self, folder, providers, manifest, "portable", exact)
         self.buffers = Buffers(self.kv_dtype)
 
     def new_cache(self, slots: int, capacity: int, trim: bool = True) -> ColumnCache:
@@ -192,8 +228,9 @@ class FusedBackend:
 
     ragged = True
 
-    def __init__(self, folder: str | Path, providers: list | None = None, manifest: Manifest | None = None):
-        _open(self, folder, providers, manifest, "fused")
+    def __init__(self, folder: str | Path, providers: list | None = None, manifest: Manifest | None = None,
+                 exact: bool = False):
+        _open(self, folder, providers, manifest, "fused", exact)
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.buffers = Buffers(self.kv_dtype)
         self._bound = None  # (cache, {rows: [IOBinding, {name: bound array}, bound logits]})

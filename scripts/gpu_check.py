@@ -2,11 +2,14 @@
 
     python scripts/gpu_check.py build/gpu-check          # after scripts/gpu_check.sh has built the artifacts
 
-For each artifact folder (fp32, fp16, int8-w8a16, int8-w8a8, int4-w4a16) and each path available here — the native
-TensorRT engine (ENGINE_DIR from `mistral-trt engine`), onnxruntime's TensorRT execution provider and its
-CUDA execution provider — one table row: logits of a 128-token prefill compared with onnxruntime CPU fp32
-(max |Δlogit|, top-1 agreement), whether 64 greedy tokens equal the CPU fp32 run, and decode ms/token.
-Writes gpu_check.md and gpu_check.json beside the artifacts.
+For each artifact folder (portable: fp32, fp16, int8-w8a16, int8-w8a8, int4-w4a16; fused: fused-fp16,
+fused-int4-fp16) and each path available here — the native TensorRT engine (ENGINE_DIR from `mistral-trt
+engine`), onnxruntime's TensorRT execution provider and its CUDA execution provider (the fused graph: CUDA only)
+— one table row: logits of a 128-token prefill compared with onnxruntime CPU fp32 (max |Δlogit|, top-1
+agreement), whether 64 greedy tokens equal the CPU fp32 run, and decode ms/token. Fused rows also decode the
+same 64 tokens speculatively (prompt lookup: drafts verified in one step, rejected ones rolled back in the
+device cache) and say whether they equal that path's plain greedy tokens. Writes gpu_check.md and
+gpu_check.json beside the artifacts.
 """
 from __future__ import annotations
 
@@ -20,9 +23,11 @@ import numpy as np
 from mistral_trt.runtime.errors import UserError
 from mistral_trt.runtime.generate import Generator, Sampling
 from mistral_trt.runtime.manifest import Manifest
-from mistral_trt.runtime.ort import PortableBackend, provider_list
-from mistral_trt.runtime.tensorrt_backend import TensorRTBackend
+from mistral_trt.runtime.ort import FusedBackend, PortableBackend, provider_list
+from mistral_trt.runtime.speculative import Speculation
 from mistral_trt.runtime.tokenizer import Tokenizer
+
+ARTIFACTS = ("fp32", "fp16", "int8-w8a16", "int8-w8a8", "int4-w4a16", "fused-fp16", "fused-int4-fp16")
 
 PROMPT = ("Explain, step by step, how a hash map handles collisions, and compare separate chaining with open "
           "addressing in terms of memory use and cache behaviour.")
@@ -38,6 +43,13 @@ def logits_and_tokens(backend, ids: np.ndarray, n: int) -> tuple[np.ndarray, lis
     return first, toks, ms
 
 
+def speculative_tokens(backend, ids: np.ndarray, n: int) -> list[int]:
+    gen = Generator(backend)
+    toks = [t for step in gen.generate_speculative([ids], n, Speculation.parse("ngram"), Sampling(), stop_on_eos=False)
+            for t in step[0]]
+    return toks[:n]
+
+
 def main(root: Path) -> int:
     ref_dir = root / "fp32"
     tok = Tokenizer.for_export(ref_dir, Manifest.load(ref_dir))
@@ -46,18 +58,33 @@ def main(root: Path) -> int:
     ref_logits, ref_toks, cpu_ms = logits_and_tokens(PortableBackend(ref_dir), ids, 64)
     rows = [{"artifact": "fp32", "path": "onnxruntime cpu", "max_abs_dlogit": 0.0, "top1": 1.0, "greedy_equal": True,
              "decode_ms": cpu_ms}]
-    for art in ("fp32", "fp16", "int8-w8a16", "int8-w8a8", "int4-w4a16"):
-        for path in ("tensorrt native", "onnxruntime tensorrt", "onnxruntime cuda"):
+    for art in ARTIFACTS:
+        if not (root / art).exists():
+            continue
+        fused = Manifest.load(root / art).graph == "fused"
+        # the same artifact on the CPU provider: what the GPU path must reproduce (quantization error excluded)
+        try:
+            same = logits_and_tokens((FusedBackend if fused else PortableBackend)(root / art, exact=True), ids, 64)
+        except (UserError, RuntimeError) as e:
+            same = None
+            print(f"{art} / onnxruntime cpu: {e}", file=sys.stderr)
+        for path in ("onnxruntime cuda",) if fused else ("tensorrt native", "onnxruntime tensorrt", "onnxruntime cuda"):
             folder = root / (f"engine-{art}" if path == "tensorrt native" else art)
             if not folder.exists():
                 continue
+            spec = None
             try:
                 if path == "tensorrt native":
+                    from mistral_trt.runtime.tensorrt_backend import TensorRTBackend
+
                     backend = TensorRTBackend(folder)
                 else:
                     provider = path.split()[1]
-                    backend = PortableBackend(folder, providers=provider_list(provider, folder))
+                    kind = FusedBackend if fused else PortableBackend
+                    backend = kind(folder, providers=provider_list(provider, folder))
                 got, toks, ms = logits_and_tokens(backend, ids, 64)
+                if fused:
+                    spec = speculative_tokens(backend, ids, 64) == toks
             except (UserError, RuntimeError) as e:
                 rows.append({"artifact": art, "path": path, "error": str(e)[:160]})
                 print(f"{art} / {path}: {e}", file=sys.stderr)
@@ -66,17 +93,25 @@ def main(root: Path) -> int:
                          "top1": float((got.argmax(-1) == ref_logits.argmax(-1)).mean()),
                          "greedy_equal": toks == ref_toks, "greedy_first_diff": next(
                              (i for i, (a, b) in enumerate(zip(toks, ref_toks)) if a != b), None),
-                         "decode_ms": ms})
+                         "decode_ms": ms, "speculative_equal": spec})
+            if same is not None:
+                rows[-1].update({"max_abs_dlogit_same_cpu": float(np.abs(got - same[0]).max()),
+                                 "top1_same_cpu": float((got.argmax(-1) == same[0].argmax(-1)).mean()),
+                                 "greedy_equal_same_cpu": toks == same[1]})
             print(rows[-1], file=sys.stderr, flush=True)
-    lines = ["| artifact | path | max abs dlogit vs CPU fp32 | top-1 (128 positions) | 64 greedy tokens equal | decode ms/token |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| artifact | path | vs CPU fp32: max abs dlogit | top-1 (128 positions) | 64 greedy tokens equal | "
+             "vs this artifact on CPU: max abs dlogit | top-1 | greedy equal | decode ms/token | "
+             "speculative = plain greedy |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['artifact']} | {r['path']} | error: {r['error']} | | | |")
+            lines.append(f"| {r['artifact']} | {r['path']} | error: {r['error']} | | | | | | | |")
         else:
             eq = "yes" if r["greedy_equal"] else f"no (from token {r.get('greedy_first_diff')})"
+            spec = {None: "", True: "yes", False: "NO"}[r.get("speculative_equal")]
+            same = (f"{r['max_abs_dlogit_same_cpu']:.3g} | {100 * r['top1_same_cpu']:.1f}% | "
+                    f"{'yes' if r['greedy_equal_same_cpu'] else 'no'}") if "top1_same_cpu" in r else "- | - | -"
             lines.append(f"| {r['artifact']} | {r['path']} | {r['max_abs_dlogit']:.3g} | {100 * r['top1']:.1f}% | "
-                         f"{eq} | {r['decode_ms']:.2f} |")
+                         f"{eq} | {same} | {r['decode_ms']:.2f} | {spec} |")
     table = "\n".join(lines)
     print(table)
     (root / "gpu_check.md").write_text(table + "\n")

@@ -278,10 +278,58 @@ def test_export_precision_equals_export_then_quantize(tiny_full, tiny_fused, tmp
     assert bits == {"int8-w8a8-dynamic": 8, "int4": 4}[precision]
 
 
+def test_int4_fp16_activations_hold_the_fp32_blocks(tiny_full, tmp_path):
+    """`export --graph fused --dtype fp16 --precision int4` (the GPU form: onnxruntime's CUDA provider runs
+    GroupQueryAttention in fp16 only) writes the fp32 int4 artifact's integer blocks to the bit, its scales rounded
+    to fp16, fp16 cache and logits; it runs, and greedy decoding follows the fp32 artifact's."""
+    f32, f16 = tmp_path / "fp32", tmp_path / "fp16"
+    export_model(str(tiny_full), f32, graph="fused", precision="int4")
+    assert main(["export", str(tiny_full), "-o", str(f16), "--graph", "fused", "--precision", "int4", "--dtype", "fp16"]) == 0
+    a, b = _initializers(f32), _initializers(f16)
+    assert a.keys() == b.keys()
+    blocks = [k for k in a if k.endswith(("_Q4", "_Q8"))]
+    assert len(blocks) == 5 * Manifest.load(f32).model.num_layers + 1 and a["lm_head_Q8"].size
+    assert all(a[k].tobytes() == b[k].tobytes() for k in blocks)
+    for k in (k for k in a if k.endswith("_scales")):
+        assert b[k].dtype == np.float16 and np.array_equal(b[k], a[k].astype(np.float16)), k
+    m = Manifest.load(f16)
+    m.check_files(f16, full=True)
+    assert m.dtype == "fp16" and m.precision["name"] == "int4" and "fp16 activations" in m.precision["method"]
+    assert m.precision["weight_bytes"] < Manifest.load(f32).precision["weight_bytes"]  # 2-byte scales
+    ids = np.random.default_rng(3).integers(3, 32000, 24)
+    want, got = score(f32, ids), score(f16, ids)
+    # both quantize activations to int8 per block on the CPU provider (accuracy_level 4), each from its own
+    # rounding of them: the two differ by that noise, not by the weights
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    assert open_backend(f16).kv_dtype == np.float16
+    # decoding through the fp16 cache, one token a step, picks what one prefill of the whole text ranks first
+    new = greedy(f16, [ids[:12]], 16)[0]
+    whole = score(f16, np.concatenate([ids[:12], new]))
+    np.testing.assert_array_equal(whole[11:-1].argmax(-1), new)
+
+
+def test_fused_graph_names_the_onnxruntime_it_needs(tiny_fused, monkeypatch):
+    """The fused graph's GroupQueryAttention reads query_seqlens, new in onnxruntime 1.32 (onnxruntime-gpu 1.31.1,
+    PyPI's newest in 2026-12, refuses the graph): an older onnxruntime gets one line naming both versions, not its
+    invalid-graph error. The ONNX carries IR version 10, not onnx's newest (14), which onnxruntime < 1.32 refuses."""
+    import onnxruntime as ort
+
+    from mistral_trt.runtime.ort import FUSED_MIN_ORT, ort_version
+
+    assert onnx.load(str(tiny_fused["full"] / "model.onnx"), load_external_data=False).ir_version == 10
+    assert ort_version("1.31.1") == (1, 31) and ort_version("1.32.0.dev20261101") == (1, 32)
+    assert ort_version(ort.__version__) >= FUSED_MIN_ORT  # this machine's runs the graph
+    open_backend(tiny_fused["full"])
+    monkeypatch.setattr(ort, "__version__", "1.31.1")
+    with pytest.raises(UserError, match=r"the fused graph needs onnxruntime >= 1\.32 .*this is onnxruntime 1\.31\.1"):
+        open_backend(tiny_fused["full"])
+
+
 def test_export_precision_bad_input(tiny_full, tmp_path, capsys):
     out = str(tmp_path / "o")
     cases = [(["--precision", "int4"], "--precision int4 writes onnxruntime MatMulNBits weights: add --graph fused"),
-             (["--graph", "fused", "--precision", "int4", "--dtype", "fp16"], "computes in fp32; leave out --dtype fp16"),
+             (["--precision", "int8-w8a16", "--dtype", "fp16"], "computes in fp32; leave out --dtype fp16"),
              (["--graph", "fused", "--precision", "int4", "--block-size", "24"], "--block-size 24: expected a power of two")]
     for flags, message in cases:
         assert main(["export", str(tiny_full), "-o", out, *flags]) == 2

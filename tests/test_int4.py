@@ -14,6 +14,7 @@ from onnx import numpy_helper
 
 from mistral_trt.calib.quantize import quantize
 from mistral_trt.main import main
+from mistral_trt.runtime.backend import open_backend
 from mistral_trt.runtime.manifest import Manifest
 from conftest import score
 
@@ -186,6 +187,28 @@ def test_int4_w4a16_structure_and_tensorrt_scales(tiny_full, tiny_exports, tmp_p
     head = next(n for n in g.node if n.op_type == "DequantizeLinear" and "lm_head" in n.input[0])
     assert next(t for t in g.initializer if t.name == head.input[0]).data_type == onnx.TensorProto.INT4
     assert Manifest.load(pure).precision["lm_head_bits"] == 4
+
+
+@pytest.mark.parametrize("precision", ["int8-w8a16", "int4-w4a16"])
+def test_weight_only_artifacts_exact_on_cpu(precision, tiny_full, tmp_path):
+    """Weight-only artifacts compute with float activations (TensorRT's weight-only GEMMs, onnxruntime's CUDA
+    provider). The CPU provider fuses their DequantizeLinear -> MatMul into MatMulNBits, whose default accuracy level
+    quantizes the activations to int8: fast, what `generate` runs. `exact` (what `eval` opens) gives the unfused
+    graph's logits (every graph optimization off) to float rounding; the fast default does not."""
+    import onnxruntime as ort
+
+    out = tmp_path / precision
+    assert main(["export", str(tiny_full), "-o", str(out), "--precision", precision]) == 0
+    ids = np.random.default_rng(11).integers(3, 32000, 24)
+    exact, fast = score(open_backend(out, exact=True), ids), score(open_backend(out), ids)
+    backend = open_backend(out)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    backend.session = ort.InferenceSession(str(out / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    unfused = score(backend, ids)
+    scale = np.abs(unfused).max()
+    assert np.abs(exact - unfused).max() <= 1e-4 * scale
+    assert np.abs(fast - unfused).max() > 10 * max(np.abs(exact - unfused).max(), 1e-6 * scale)
 
 
 def test_int4_w4a16_external_data(tiny_full, tmp_path, monkeypatch):
