@@ -29,9 +29,9 @@ else
   # onnxruntime-gpu (CUDA and TensorRT execution providers) in place of the CPU onnxruntime, in .venv only
   DRIVER=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1 | cut -d. -f1)
   CU=$([ "$DRIVER" -ge 580 ] && echo cu13 || echo cu12)
-  $PY -m pip install -q -e ".[tensorrt-$CU]"
+  $PY -m pip install -q -e ".[tensorrt-$CU]" || echo "note: TensorRT did not install; its rows will be skipped"
   $PY -m pip uninstall -y -q onnxruntime
-  $PY -m pip install -q onnxruntime-gpu
+  $PY -m pip install -q onnxruntime-gpu || exit 1
 fi
 TRT_LIBS=$($PY -c "import importlib.util, os; s = importlib.util.find_spec('tensorrt_libs'); print(os.path.dirname(s.origin) if s else '')")
 export LD_LIBRARY_PATH="${TRT_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
