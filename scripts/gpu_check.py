@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mistral_trt.runtime.backend import open_backend
 from mistral_trt.runtime.errors import UserError
 from mistral_trt.runtime.generate import Generator, Sampling
 from mistral_trt.runtime.manifest import Manifest
-from mistral_trt.runtime.ort import FusedBackend, PortableBackend, provider_list
 from mistral_trt.runtime.speculative import Speculation
 from mistral_trt.runtime.tokenizer import Tokenizer
 
@@ -55,7 +55,7 @@ def main(root: Path) -> int:
     tok = Tokenizer.for_export(ref_dir, Manifest.load(ref_dir))
     ids = np.asarray(tok.encode(PROMPT, bos=True), np.int64)
     ids = np.resize(ids, 128)  # a 128-token prefill
-    ref_logits, ref_toks, cpu_ms = logits_and_tokens(PortableBackend(ref_dir), ids, 64)
+    ref = ref_logits, ref_toks, cpu_ms = logits_and_tokens(open_backend(ref_dir), ids, 64)
     rows = [{"artifact": "fp32", "path": "onnxruntime cpu", "max_abs_dlogit": 0.0, "top1": 1.0, "greedy_equal": True,
              "decode_ms": cpu_ms}]
     for art in ARTIFACTS:
@@ -64,7 +64,7 @@ def main(root: Path) -> int:
         fused = Manifest.load(root / art).graph == "fused"
         # the same artifact on the CPU provider: what the GPU path must reproduce (quantization error excluded)
         try:
-            same = logits_and_tokens((FusedBackend if fused else PortableBackend)(root / art, exact=True), ids, 64)
+            same = ref if art == "fp32" else logits_and_tokens(open_backend(root / art, exact=True), ids, 64)
         except (UserError, RuntimeError) as e:
             same = None
             print(f"{art} / onnxruntime cpu: {e}", file=sys.stderr)
@@ -74,14 +74,8 @@ def main(root: Path) -> int:
                 continue
             spec = None
             try:
-                if path == "tensorrt native":
-                    from mistral_trt.runtime.tensorrt_backend import TensorRTBackend
-
-                    backend = TensorRTBackend(folder)
-                else:
-                    provider = path.split()[1]
-                    kind = FusedBackend if fused else PortableBackend
-                    backend = kind(folder, providers=provider_list(provider, folder))
+                # an engine folder opens as the native TensorRT backend; an export on the path's provider
+                backend = open_backend(folder, "cpu" if path == "tensorrt native" else path.split()[1])
                 got, toks, ms = logits_and_tokens(backend, ids, 64)
                 if fused:
                     spec = speculative_tokens(backend, ids, 64) == toks

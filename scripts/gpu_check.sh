@@ -36,7 +36,7 @@ fi
 TRT_LIBS=$($PY -c "import importlib.util, os; s = importlib.util.find_spec('tensorrt_libs'); print(os.path.dirname(s.origin) if s else '')")
 export LD_LIBRARY_PATH="${TRT_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-# onnxruntime-gpu finds CUDA and cuDNN in the nvidia-* wheels (torch's) when asked to preload them
+# (the runtime has onnxruntime-gpu preload CUDA and cuDNN from the nvidia-* wheels, torch's too, where needed)
 $PY -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
 HAVE_TRT=$($PY -c "import tensorrt; print(1)" 2>/dev/null || echo 0)
 [ "$HAVE_TRT" = 1 ] || echo "note: tensorrt is not installed here: TensorRT engines and their rows are skipped"

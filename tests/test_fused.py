@@ -281,7 +281,8 @@ def test_export_precision_equals_export_then_quantize(tiny_full, tiny_fused, tmp
 def test_int4_fp16_activations_hold_the_fp32_blocks(tiny_full, tmp_path):
     """`export --graph fused --dtype fp16 --precision int4` (the GPU form: onnxruntime's CUDA provider runs
     GroupQueryAttention in fp16 only) writes the fp32 int4 artifact's integer blocks to the bit, its scales rounded
-    to fp16, fp16 cache and logits; it runs, and greedy decoding follows the fp32 artifact's."""
+    to fp16, fp16 cache and logits; its logits follow the fp32 artifact's, and decoding one token a step through its
+    fp16 cache picks what one prefill of the whole text ranks first."""
     f32, f16 = tmp_path / "fp32", tmp_path / "fp16"
     export_model(str(tiny_full), f32, graph="fused", precision="int4")
     assert main(["export", str(tiny_full), "-o", str(f16), "--graph", "fused", "--precision", "int4", "--dtype", "fp16"]) == 0

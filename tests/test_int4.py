@@ -200,8 +200,8 @@ def test_weight_only_artifacts_exact_on_cpu(precision, tiny_full, tmp_path):
     out = tmp_path / precision
     assert main(["export", str(tiny_full), "-o", str(out), "--precision", precision]) == 0
     ids = np.random.default_rng(11).integers(3, 32000, 24)
-    exact, fast = score(open_backend(out, exact=True), ids), score(open_backend(out), ids)
     backend = open_backend(out)
+    exact, fast = score(open_backend(out, exact=True), ids), score(backend, ids)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     backend.session = ort.InferenceSession(str(out / "model.onnx"), opts, providers=["CPUExecutionProvider"])
