@@ -149,6 +149,24 @@ class ColumnStorage:
             np.copyto(d, s[:, :, total - keep:])
 
 
+class PointerColumns:
+    """ColumnStorage's three calls over device memory: `sides[side][tensor]` is a device pointer, and a
+    [B, KV, length, D] tensor is its buffer's first B*KV*length*D elements, as on the host. Subclasses allocate
+    and trim: runtime/cuda.py's DeviceColumns (cuda-python, for TensorRT engines), runtime/ort.py's OrtColumns
+    (onnxruntime's allocator, for its GPU providers)."""
+
+    shape: tuple[int, int, int]  # (B, KV, D)
+    sides: list[list[int]]
+
+    def views(self, side: int, length: int) -> list[int]:
+        """Device pointers; the tensor shape is [B, KV, length, D] (shape_for)."""
+        return self.sides[side]
+
+    def shape_for(self, length: int) -> tuple[int, int, int, int]:
+        b, h, d = self.shape
+        return (b, h, length, d)
+
+
 class ColumnCache(SlotTable):
     """Rows on one column axis, double-buffered (module docstring). `storage`: ColumnStorage or, for
     TensorRT, runtime/cuda.py's DeviceColumns (same three calls)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .cache import PointerColumns
 from .errors import UserError
 
 
@@ -78,7 +79,7 @@ def gpu_info(device: int = 0) -> tuple[str, str]:
     return name.rstrip("\x00"), f"{props.major}.{props.minor}"
 
 
-class DeviceColumns:
+class DeviceColumns(PointerColumns):
     """runtime/cache.py's ColumnStorage in device memory: the same two sides and the same three calls, device
     pointers instead of numpy views, the window trim as one strided device-to-device copy per tensor."""
 
@@ -88,14 +89,6 @@ class DeviceColumns:
         b, h, d = shape
         n = b * h * capacity * d * self.itemsize
         self.sides = [[cuda.malloc(n) for _ in range(tensors)] for _ in range(2)]
-
-    def views(self, side: int, length: int) -> list[int]:
-        """Device pointers; the tensor shape is [B, KV, length, D] (shape_for)."""
-        return self.sides[side]
-
-    def shape_for(self, length: int) -> tuple[int, int, int, int]:
-        b, h, d = self.shape
-        return (b, h, length, d)
 
     def keep_tail(self, src: int, dst: int, total: int, keep: int) -> None:
         b, h, d = self.shape

@@ -111,3 +111,30 @@ def test_fused_runs_split_a_mixed_step():
     assert as_lists([1, 1, 0, 40, 0, 1]) == [[0, 1, 5], [3]]
     assert as_lists([1, 30, 30, 1]) == [[0, 3], [1, 2]]  # neighbouring chunks: one run
     assert as_lists([40, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 40]) == [list(range(1, 11)), [0], [11]]  # far apart: two
+
+
+@pytest.mark.parametrize("name", ["full", "window"])
+def test_portable_cache_in_onnxruntime_memory(tiny_exports, name):
+    """The portable graph's cache as onnxruntime-allocated buffers bound by pointer (runtime/ort.py's OrtColumns:
+    what a GPU provider gets, so the cache stays in device memory) computes what the host numpy cache does: the
+    same logits to the bit over chunked prefill and decode of a batch of 2, through the window's trim too. Run here
+    on host OrtValues; the GPU differs only in the device name bound."""
+    from mistral_trt.runtime.ort import OrtColumns
+
+    host, dev = open_backend(tiny_exports[name, "fp32"]), open_backend(tiny_exports[name, "fp32"])
+    assert host.cache_device is None
+    dev.cache_device = "cpu"
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(3, 32000, 13), rng.integers(3, 32000, 5)]
+    out = {}
+    for key, backend in (("host", host), ("dev", dev)):
+        gen = Generator(backend, prefill_chunk=4)
+        cache = gen.new_cache(2, 64)
+        assert isinstance(cache.storage, OrtColumns) == (key == "dev")
+        slots = [cache.admit(), cache.admit()]
+        steps = [gen.prefill(cache, slots, prompts).copy()]
+        for _ in range(14):
+            steps.append(gen.decode_one_token(cache, slots, steps[-1].argmax(-1).tolist()).copy())
+        out[key] = (np.stack(steps), cache.length)
+    np.testing.assert_array_equal(out["dev"][0], out["host"][0])
+    assert out["dev"][1] == out["host"][1] == (7 if name == "window" else 13 + 14)
