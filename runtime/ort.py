@@ -276,7 +276,8 @@ class FusedBackend:
     def __init__(self, folder: str | Path, providers: list | None = None, manifest: Manifest | None = None,
                  exact: bool = False):
         _open(self, folder, providers, manifest, "fused", exact)
-        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        # where the cache lives: None, host numpy arrays (the CPU provider); "cuda", OrtValues in the GPU's memory
+        self.cache_device = None if self.session.get_providers()[0] == "CPUExecutionProvider" else "cuda"
         self.buffers = Buffers(self.kv_dtype)
         self._bound = None  # (cache, {rows: [IOBinding, {name: bound array}, bound logits]})
 
@@ -285,12 +286,12 @@ class FusedBackend:
         a = self.args
         w = a.sliding_window
         shape = (slots, a.num_kv_heads, max(capacity, w or 0), a.head_dim)
-        if self.device == "cpu":
+        if self.cache_device is None:
             buffers = [np.zeros(shape, self.kv_dtype) for _ in range(2 * a.num_layers)]
         else:  # the cache never crosses PCIe
             import onnxruntime as ort
 
-            buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
+            buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.cache_device, 0)
                        for _ in range(2 * a.num_layers)]
         return InPlaceCache(buffers, slots, shape[2], w)
 

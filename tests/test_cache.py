@@ -16,16 +16,21 @@ def alone(backend, prompt, n) -> list[int]:
     return [int(t[0]) for t in Generator(backend).generate([prompt], n, Sampling(), stop_on_eos=False)]
 
 
+@pytest.mark.parametrize("where", ["numpy", "ortvalue"])
 @pytest.mark.parametrize("name", ["window", "full"])
-def test_sequences_join_and_leave_a_running_batch(tiny_fused, name):
+def test_sequences_join_and_leave_a_running_batch(tiny_fused, name, where):
     """Three sequences, two slots: B joins while A decodes (B's whole prompt in the same step as A's token),
-    A ends and C takes A's slot while B decodes. Each gets exactly the tokens it gets alone."""
+    A ends and C takes A's slot while B decodes. Each gets exactly the tokens it gets alone. `ortvalue`: the
+    cache as onnxruntime-allocated OrtValues bound whole (what the CUDA provider gets, its memory uninitialised),
+    here in host memory; the reference is still the numpy cache."""
     backend = open_backend(tiny_fused[name])
     rng = np.random.default_rng(7)
     prompts = {"A": rng.integers(3, 32000, 11), "B": rng.integers(3, 32000, 6), "C": rng.integers(3, 32000, 9)}
     want = {k: alone(backend, p, 12) for k, p in prompts.items()}
+    if where == "ortvalue":
+        backend.cache_device = "cpu"
     cache = backend.new_cache(2, 64)
-    assert cache.ragged
+    assert cache.ragged and isinstance(cache.buffers[0], np.ndarray) == (where == "numpy")
     got = {k: [] for k in prompts}
     slot = {}
     pending = {}  # slot -> tokens to feed next step
