@@ -63,6 +63,12 @@ class Cuda:
         self.check(self.rt.cudaMemcpyAsync(arr.ctypes.data, src, arr.nbytes,
                                            self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
 
+    def d2h_2d(self, arr: np.ndarray, src: int, spitch: int, stream) -> None:
+        """arr [height, width bytes] (contiguous) from `height` rows of device memory `spitch` bytes apart."""
+        width = arr.nbytes // arr.shape[0]
+        self.check(self.rt.cudaMemcpy2DAsync(arr.ctypes.data, width, src, spitch, width, arr.shape[0],
+                                             self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
+
     def d2d_2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, stream) -> None:
         self.check(self.rt.cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height,
                                              self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream))
@@ -77,6 +83,21 @@ def gpu_info(device: int = 0) -> tuple[str, str]:
     props = cuda.check(cuda.rt.cudaGetDeviceProperties(device))
     name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
     return name.rstrip("\x00"), f"{props.major}.{props.minor}"
+
+
+def logits_to_host(cuda, src: int, shape: tuple[int, int, int], dtype, last: bool, stream) -> np.ndarray:
+    """A left-padded graph's device logits [B, S, V] -> host. With `last`, only each row's last column (its last
+    token's; left padding puts every row's there) comes over, in one strided copy: a 2048-token prefill of the
+    demo copies 98 KB in fp16 instead of 201 MB. Returns [B, S, V], or [B, 1, V] with `last`."""
+    b, s, v = shape
+    if not last or s == 1:
+        out = np.empty(shape, dtype)
+        cuda.d2h(out, src, stream)
+        return out
+    out = np.empty((b, 1, v), dtype)
+    row = v * out.itemsize
+    cuda.d2h_2d(out.reshape(b, -1), src + (s - 1) * row, s * row, stream)
+    return out
 
 
 class DeviceColumns(PointerColumns):

@@ -18,7 +18,7 @@ import numpy as np
 
 from .backend import left_padded_logits
 from .cache import ColumnCache
-from .cuda import Cuda, DeviceColumns, check_cuda_versions, gpu_info
+from .cuda import Cuda, DeviceColumns, check_cuda_versions, gpu_info, logits_to_host
 from .engine import PROFILES, EngineManifest, check_compatible, check_plan_io, prefill_past_max
 from .errors import UserError
 from .manifest import DTYPE_BYTES, ENGINE_NAME, NUMPY_DTYPE, Manifest
@@ -136,8 +136,8 @@ class TensorRTBackend:
                                f"!= expected {present_shape}")
         if not ctx.execute_async_v3(self.stream_handle):
             raise RuntimeError("TensorRT execute_async_v3 failed (messages above)")
-        logits = np.empty((b, s, self.args.vocab_size), self.kv_dtype)
-        self.cuda.d2h(logits, self.buf["logits"], self.stream)
+        logits = logits_to_host(self.cuda, self.buf["logits"], (b, s, self.args.vocab_size), self.kv_dtype, last,
+                                self.stream)
         cache.commit(plan)
         self.cuda.sync(self.stream)
         return left_padded_logits(logits, plan.seqlens, last)

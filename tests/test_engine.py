@@ -181,6 +181,14 @@ class FakeCuda:
         ptr, self.top = self.top, self.top + n + 64
         return ptr
 
+    def d2h(self, arr, src, stream):
+        arr.reshape(-1).view(np.uint8)[:] = self.mem[src:src + arr.nbytes]
+
+    def d2h_2d(self, arr, src, spitch, stream):
+        width = arr.nbytes // arr.shape[0]
+        for r in range(arr.shape[0]):
+            arr[r].reshape(-1).view(np.uint8)[:] = self.mem[src + r * spitch: src + r * spitch + width]
+
     def d2d_2d(self, dst, dpitch, src, spitch, width, height, stream):
         for r in range(height):
             self.mem[dst + r * dpitch: dst + r * dpitch + width] = self.mem[src + r * spitch: src + r * spitch + width].copy()
@@ -411,3 +419,22 @@ def test_gpu_check_builds_what_its_bench_runs():
     engine_lines = [ln for ln in script.splitlines() if "$CLI engine $OUT/$p" in ln]
     assert engine_lines and all("--max-batch $MAX_BATCH" in ln for ln in engine_lines)
     assert "--batch $BATCH" in script and 'MAX_BATCH=$(echo $BATCH' in script
+
+
+@pytest.mark.parametrize("s", [1, 5])
+def test_logits_to_host_copies_each_rows_last_column(s):
+    """With `last`, the engine's logits come to the host one column per row (a 2048-token prefill: 98 KB, not 201
+    MB); what arrives is the full copy's last column, and left_padded_logits reads it as before."""
+    from mistral_trt.runtime.backend import left_padded_logits
+    from mistral_trt.runtime.cuda import logits_to_host
+
+    cuda, shape = FakeCuda(), (3, s, 37)
+    src = cuda.malloc(int(np.prod(shape)) * 2)
+    cuda.view(src, shape, np.float16)[...] = np.random.default_rng(3).standard_normal(shape)
+    full = logits_to_host(cuda, src, shape, np.float16, False, None)
+    np.testing.assert_array_equal(full, cuda.view(src, shape, np.float16))
+    last = logits_to_host(cuda, src, shape, np.float16, True, None)
+    assert last.shape == (3, 1, 37)
+    seqlens = np.array([s, 1, 0])
+    np.testing.assert_array_equal(left_padded_logits(last, seqlens, True), left_padded_logits(full.copy(), seqlens, True))
+    assert left_padded_logits(last, seqlens, True)[0].any() and not left_padded_logits(last, seqlens, True)[2].any()
