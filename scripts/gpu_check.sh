@@ -104,10 +104,12 @@ if [ "${GPU_7B:-0}" = 1 ]; then
       -o $OUT/7b-fused-int4-fp16 --graph fused --dtype fp16 --precision int4
     SEVEN="$OUT/7b-fused-fp16 $OUT/7b-fused-int4-fp16"
   fi
+  # the portable fp16 runs on onnxruntime's CUDA provider with or without TensorRT (its cache in device memory)
+  test -f $OUT/7b-fp16/manifest.json || step 7b-fp16 $CLI export $OUT/ckpt-7b -o $OUT/7b-fp16 --dtype fp16 --no-verify
+  test -f $OUT/7b-fp16/manifest.json && SEVEN="$SEVEN $OUT/7b-fp16"
   if [ "$HAVE_TRT" = 1 ]; then
-    test -f $OUT/7b-fp16/manifest.json || step 7b-fp16 $CLI export $OUT/ckpt-7b -o $OUT/7b-fp16 --dtype fp16 --no-verify
     step engine-7b-fp16 $CLI engine $OUT/7b-fp16 -o $OUT/engine-7b-fp16 --max-seq 512 --max-total 4096 \
-      --timing-cache $OUT/timing-7b.cache --force && SEVEN="$SEVEN $OUT/engine-7b-fp16 $OUT/7b-fp16"
+      --timing-cache $OUT/timing-7b.cache --force && SEVEN="$SEVEN $OUT/engine-7b-fp16"
   fi
   [ -n "$SEVEN" ] && step bench-7b $CLI bench $SEVEN --provider cuda --prompt-len ${GPU_PROMPTS:-128,512,2048} \
     --gen-len 128 --batch 1 --repeat 3 $BWFLAG -o $OUT/bench-7b
