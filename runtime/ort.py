@@ -161,6 +161,12 @@ def _open(backend, folder, providers, manifest: Manifest | None, graph: str, exa
     backend.max_context, backend.max_seq, backend.prefill_past_max = m.max_context, None, None
 
 
+def cache_device(session) -> str | None:
+    """Where a backend's KV cache lives: "cuda" (OrtValues in the GPU's memory) under onnxruntime's CUDA or TensorRT
+    provider, None (host numpy arrays) under any other, which onnxruntime then copies to its device itself."""
+    return "cuda" if session.get_providers()[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else None
+
+
 class OrtColumns(PointerColumns):
     """runtime/cache.py's ColumnStorage in an onnxruntime device's memory (the CUDA provider's, or the TensorRT
     provider's): the same two sides and three calls (PointerColumns), device pointers for numpy views, so the portable
@@ -200,8 +206,7 @@ class PortableBackend:
                  exact: bool = False):
         _open(self, folder, providers, manifest, "portable", exact)
         self.buffers = Buffers(self.kv_dtype)
-        # where the cache lives: None, host numpy arrays (the CPU provider); "cuda", the GPU providers' memory
-        self.cache_device = None if self.session.get_providers()[0] == "CPUExecutionProvider" else "cuda"
+        self.cache_device = cache_device(self.session)
 
     def new_cache(self, slots: int, capacity: int, trim: bool = True) -> ColumnCache:
         a = self.args
@@ -276,8 +281,7 @@ class FusedBackend:
     def __init__(self, folder: str | Path, providers: list | None = None, manifest: Manifest | None = None,
                  exact: bool = False):
         _open(self, folder, providers, manifest, "fused", exact)
-        # where the cache lives: None, host numpy arrays (the CPU provider); "cuda", OrtValues in the GPU's memory
-        self.cache_device = None if self.session.get_providers()[0] == "CPUExecutionProvider" else "cuda"
+        self.cache_device = cache_device(self.session)
         self.buffers = Buffers(self.kv_dtype)
         self._bound = None  # (cache, {rows: [IOBinding, {name: bound array}, bound logits]})
 
