@@ -168,8 +168,9 @@ class PointerColumns:
 
 
 class ColumnCache(SlotTable):
-    """Rows on one column axis, double-buffered (module docstring). `storage`: ColumnStorage or, for
-    TensorRT, runtime/cuda.py's DeviceColumns (same three calls)."""
+    """Rows on one column axis, double-buffered (module docstring). `storage`: ColumnStorage (host numpy) or a
+    PointerColumns in device memory (runtime/cuda.py's DeviceColumns for TensorRT engines, runtime/ort.py's
+    OrtColumns for onnxruntime's GPU providers): the same three calls."""
 
     def __init__(self, storage, slots: int, capacity: int, keep: int | None, sliding_window: int | None = None):
         super().__init__(slots, capacity)
