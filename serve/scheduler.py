@@ -231,7 +231,7 @@ class Scheduler:
 
     def submit(self, req: Request, emit) -> Handle:
         self.check(req)
-        seq = Sequence(req, emit, self.tok, self.eos, self.speculate)
+        seq = Sequence(req, lambda ev: self._deliver(seq, emit, ev), self.tok, self.eos, self.speculate)
         with self.cv:
             if self.stopping:
                 raise QueueFull("the server is shutting down")
@@ -288,9 +288,8 @@ class Scheduler:
             try:
                 self._step()
             except Exception as e:  # a failing step fails its sequences, not the server
-                for seq in list(self.running.values()):
+                for seq in list(self.running.values()):  # the error event retires each
                     seq._send(Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
-                    self._retire(seq)
                 if self.metrics:
                     self.metrics.step_errors.inc()
 
@@ -307,10 +306,19 @@ class Scheduler:
                 seq.slot = self.cache.admit()
                 self.running[seq.slot] = seq
 
+    def _deliver(self, seq: Sequence, emit, ev: Event) -> None:
+        """A sequence's event to its caller. A final one retires the sequence first: a client holding its last
+        token reads gauges without it (an idle server shows 0 running, not the last step's count)."""
+        if ev.finish_reason:
+            self._retire(seq)
+        emit(ev)
+
     def _retire(self, seq: Sequence) -> None:
-        self.running.pop(seq.slot, None)
+        if seq.slot is None or self.running.get(seq.slot) is not seq:  # never admitted, or already retired
+            return
+        del self.running[seq.slot]
         self.cache.release(seq.slot)
-        self._gauges()  # an idle server shows 0 running, not the last step's count
+        self._gauges()
 
     def _step(self) -> None:
         for seq in [s for s in self.running.values() if s.cancelled]:  # clients that went away
@@ -345,16 +353,15 @@ class Scheduler:
             n = len(tokens[slot])
             if not n or not seq.prefilled:
                 continue
+            # a sequence that finishes retires itself with its final event (_deliver)
             if not wide:
-                finished = seq.take(logits[slot], self.metrics)
+                seq.take(logits[slot], self.metrics)
             elif seq in decoding:
                 finished, back = seq.take_speculative(logits[slot, :n], self.metrics)
                 if back and not finished:
                     self.cache.rollback(slot, back)
             else:  # a prompt's last chunk, in a step that checks drafts: its last column
-                finished = seq.take(logits[slot, n - 1], self.metrics)
-            if finished:
-                self._retire(seq)
+                seq.take(logits[slot, n - 1], self.metrics)
 
     def _prefill_batch(self) -> None:
         """Static batch (non-ragged backend): prefill every admitted prompt together, rows ending together."""
