@@ -116,19 +116,45 @@ def probabilities(logits: np.ndarray, s: Sampling) -> np.ndarray:
     with np.errstate(over="ignore"):  # a tiny temperature sends all but the top logit to -inf: fine
         logits = (logits - logits.max(-1, keepdims=True)) / s.temperature  # <= 0, the max at 0: never NaN
     if s.top_k:
-        kth = np.sort(logits, axis=-1)[:, -min(s.top_k, logits.shape[-1])][:, None]
+        v = logits.shape[-1]
+        kth = np.partition(logits, v - min(s.top_k, v), axis=-1)[:, [v - min(s.top_k, v)]]  # the k-th largest
         logits = np.where(logits < kth, -np.inf, logits)
     probs = np.exp(logits)
     probs /= probs.sum(-1, keepdims=True)
     if s.top_p < 1.0:
-        order = np.argsort(-probs, axis=-1)
-        sorted_p = np.take_along_axis(probs, order, -1)
-        keep = np.cumsum(sorted_p, -1) - sorted_p < s.top_p  # smallest set whose mass reaches top_p
-        mask = np.zeros_like(keep)
-        np.put_along_axis(mask, order, keep, -1)
+        mask = np.zeros(probs.shape, bool)
+        for b, p in enumerate(probs):
+            mask[b, nucleus(p, s.top_p)] = True
         probs = np.where(mask, probs, 0.0)
         probs /= probs.sum(-1, keepdims=True)
     return probs
+
+
+def nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
+    """The ids of the smallest set of most likely tokens whose mass reaches top_p (p [V], summing to 1).
+
+    Sorting all of p finds it too, but an argsort of 49k floats takes 3-4 ms, half a decode step of the demo's
+    int8 export, while the set is usually a few dozen tokens. So only the tokens with p >= (1 - top_p) / 2V are
+    sorted: the others hold less than (1 - top_p) / 2 together, so these hold more than top_p, and the set (a
+    prefix of the descending order whose mass before its last token is < top_p) lies within them. The cumulative
+    sums are the full sort's, term for term. A flat distribution keeps every token and costs the full sort.
+
+        nucleus(np.array([0.1, 0.5, 0.15, 0.25]), 0.7)    # array([1, 3]): 0.5 + 0.25 >= 0.7
+    """
+    top = np.flatnonzero(p >= (1.0 - top_p) / (2 * p.shape[-1]))
+    if p[top].sum() <= top_p:  # only where rounding eats the margin (top_p within 1e-16 x V of 1)
+        top = np.arange(p.shape[-1])
+    order = top[np.argsort(-p[top])]
+    sorted_p = p[order]
+    return order[np.cumsum(sorted_p) - sorted_p < top_p]
+
+
+def draw(p: np.ndarray, rng: np.random.Generator) -> int:
+    """A token drawn from p [V]: rng.choice(V, p=p)'s draw (one uniform, the same cumulative sums at every nonzero
+    entry, so the same token for the same generator state), over p's nonzero entries only, which after top-p or
+    top-k are few: 0.36 ms -> 0.02 ms on the demo's 49k vocabulary."""
+    nz = np.flatnonzero(p)
+    return int(nz[rng.choice(len(nz), p=p[nz])])
 
 
 def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator, seen: list[list[int]],
@@ -138,7 +164,7 @@ def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator, seen: list
     if s.greedy:
         return logits.argmax(-1)
     probs = probabilities(logits, s)
-    return np.array([rng.choice(probs.shape[-1], p=p) for p in probs])
+    return np.array([draw(p, rng) for p in probs])
 
 
 def columns(rows: list[np.ndarray], start: int, n: int) -> list[np.ndarray]:

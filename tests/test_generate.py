@@ -116,6 +116,34 @@ def test_sampling_rules():
     assert set(draws) == {1, 2} and 0.6 < np.mean(np.array(draws) == 1) < 0.85  # softmax([3, 2]) = 0.73 / 0.27
 
 
+def test_nucleus_and_draw_equal_the_full_sort_and_rng_choice():
+    """top-p's set from the top m only (nucleus) equals the one a full descending sort gives, on peaked and flat
+    distributions of the demo's vocabulary size (flat ones need every token: m grows past V); top-k's partition
+    keeps the sort's k; draw() picks rng.choice's token for the same generator state."""
+    from mistral_trt.runtime.generate import draw, nucleus, probabilities
+
+    def by_full_sort(p, top_p):  # the definition: the smallest prefix of the descending order reaching top_p
+        order = np.argsort(-p, kind="stable")
+        sp = p[order]
+        return np.sort(order[np.cumsum(sp) - sp < top_p])
+
+    rng = np.random.default_rng(0)
+    for scale in (0.01, 0.5, 3.0, 12.0):
+        for top_p in (0.05, 0.5, 0.9, 0.999):
+            x = rng.standard_normal(49152) * scale
+            p = np.exp(x - x.max())
+            p /= p.sum()
+            assert (np.sort(nucleus(p, top_p)) == by_full_sort(p, top_p)).all()
+    logits = rng.standard_normal((3, 1000)) * 2
+    for k in (1, 7, 1000, 5000):
+        kept = probabilities(logits, Sampling(temperature=1.0, top_k=k)) > 0
+        assert (kept.sum(-1) == min(k, 1000)).all()
+        assert (kept == (logits >= np.sort(logits, -1)[:, [-min(k, 1000)]])).all()
+    p = probabilities(logits[:1], Sampling(temperature=0.8, top_p=0.9))[0]
+    for seed in range(200):
+        assert draw(p, np.random.default_rng(seed)) == np.random.default_rng(seed).choice(len(p), p=p)
+
+
 def test_seed_gives_same_tokens(tiny_exports):
     gen = Generator(open_backend(tiny_exports["full", "fp32"]))
     run = lambda seed: np.stack(list(gen.generate([np.arange(3, 9)], 16, Sampling(temperature=1.5, seed=seed))))  # noqa: E731
