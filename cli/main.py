@@ -113,14 +113,17 @@ def _stream(gen, tok, prompt_ids, a, out):
 
     for stop in a.stop:
         check_text(stop, "--stop")
-    dec, ids, text = StreamDecoder(tok), [], ""
-    if a.speculate:  # per model step, the new tokens of our one sequence (1 to k + 1)
-        from mistral_trt.runtime.speculative import exactness_note
+    from mistral_trt.runtime.speculative import auto_speculation, exactness_note
 
-        note = exactness_note(gen.backend.manifest)
-        if note:
-            print(note, file=sys.stderr)
-        steps = (step[0] for step in gen.generate_speculative([prompt_ids], a.max_new_tokens, a.speculate, _sampling(a),
+    dec, ids, text = StreamDecoder(tok), [], ""
+    speculate = a.speculate
+    if speculate == "auto":  # on where it is lossless and measured faster (auto_speculation), else plain decoding
+        speculate = auto_speculation(gen, len(prompt_ids), a.max_new_tokens)
+    elif speculate is not None and exactness_note(gen.backend.manifest):
+        print(exactness_note(gen.backend.manifest), file=sys.stderr)
+    gen.speculation = speculate  # what ran, for the caller's stats
+    if speculate:  # per model step, the new tokens of our one sequence (1 to k + 1)
+        steps = (step[0] for step in gen.generate_speculative([prompt_ids], a.max_new_tokens, speculate, _sampling(a),
                                                                truncate=a.truncate, names=CLI_NAMES))
     else:
         steps = ([int(tokens[0])] for tokens in gen.generate([prompt_ids], a.max_new_tokens, _sampling(a),
@@ -171,14 +174,17 @@ def cmd_generate(a):
     ids, text = _stream(gen, tok, prompt, a, None if a.json else sys.stdout)
     if a.json:
         stats = gen.stats[0].as_dict()
-        if a.speculate:
-            stats["speculation"] = {"drafted": gen.drafted[0], "accepted": gen.accepted[0]}
+        if gen.speculation:
+            stats["speculation"] = {"k": gen.speculation.k, "drafted": gen.drafted[0], "accepted": gen.accepted[0]}
         print(json.dumps({"prompt_ids": prompt, "ids": ids, "text": text, "stats": stats}, ensure_ascii=False))
     else:
         print()
         st = gen.stats[0].as_dict()
+        drafts = (f", speculative: {gen.accepted[0]} of {gen.drafted[0]} drafted tokens kept" if gen.speculation
+                  else "")
         print(f"[{st['prompt_tokens']} prompt tokens, {st['new_tokens']} new, first token after "
-              f"{st['time_to_first_token_s'] * 1000:.0f} ms, {st['decode_tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
+              f"{st['time_to_first_token_s'] * 1000:.0f} ms, {st['decode_tokens_per_s']:.1f} tokens/s{drafts}]",
+              file=sys.stderr)
 
 
 def _read_line(prompt: str) -> str | None:
@@ -405,9 +411,22 @@ def _add_sampling_args(s):
     s.add_argument("--truncate", action="store_true",
                    help="keep the last tokens of a prompt over the context limit (at least half of the prompt, else refuse)")
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="onnxruntime execution provider")
-    s.add_argument("--speculate", type=_speculation, metavar="ngram[:K]", help="speculative decoding with prompt-lookup "
-                   "drafts, up to K tokens a step (default 7; 2n + 1 after a match of n tokens): the same output, faster "
-                   "where the reply quotes its input (fused graph)")
+    s.add_argument("--speculate", type=_speculation_or_auto, default="auto", metavar="auto|off|ngram[:K]",
+                   help="speculative decoding with prompt-lookup drafts, up to K tokens a step (default 7; 2n + 1 after "
+                   "a match of n tokens; fused graph): the same output, faster where the reply quotes its input. auto "
+                   "(the default): ngram where it is lossless and measured faster (a fused fp32 export on the CPU "
+                   "provider), else off")
+
+
+def _speculation_or_auto(text: str):
+    """generate's and chat's --speculate: `auto` stays "auto" (resolved per request: auto_speculation), `off` ->
+    None, ngram[:K] -> Speculation."""
+    if text in ("auto", "off"):
+        return None if text == "off" else text
+    try:
+        return _speculation(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("expected ngram", "expected auto, off, ngram")) from None
 
 
 def _speculation(text: str):

@@ -53,6 +53,32 @@ def exactness_note(manifest) -> str | None:
     return None
 
 
+def auto_speculation(gen, prompt_len: int, max_new_tokens: int) -> "Speculation | None":
+    """`generate`'s and `chat`'s default (`--speculate auto`): prompt-lookup speculation where it is lossless and
+    measured faster, plain decoding (None) elsewhere. `gen`: the runtime's Generator.
+
+    - lossless: rows that roll back independently (the fused graph) and float weights (exactness_note is None);
+    - measured faster: fp32 on onnxruntime's CPU provider, in every workload `bench-speculate` runs (on the demo:
+      grounded 1.7x, open chat 1.3x greedy and 1.1x sampled, open chat after a long document 1.5x greedy and 1.15x
+      sampled; docs/performance.md). fp16 and the GPU providers are not measured yet, so they stay plain;
+    - no larger cache: speculation keeps the whole sequence (a rollback must never meet a window's eviction), so
+      with a sliding window only a request that fits plain decoding's trimmed cache (window plus one chunk).
+
+        >>> auto_speculation(Generator(open_backend("build/onnx/smollm2-135m-instruct-fused-fp32")), 20, 128)
+        Speculation(k=7, ngram_max=3, ngram_min=1)
+    """
+    b, spec = gen.backend, Speculation()
+    m = b.manifest
+    if not b.ragged or m.dtype != "fp32" or m.precision or exactness_note(m):
+        return None
+    session = getattr(b, "session", None)
+    if session is None or session.get_providers()[0] != "CPUExecutionProvider":
+        return None
+    if gen.keep is not None and prompt_len + max_new_tokens + spec.k > gen.keep + gen.chunk:
+        return None
+    return spec
+
+
 def draft_length(n: int) -> int:
     """How many tokens to draft after a match of the last n tokens: 2n + 1 (3, 5, 7 for n = 1, 2, 3).
 
@@ -124,7 +150,7 @@ def accept(logits: np.ndarray, drafts: list[int], sampling, rng: np.random.Gener
            generated: list[int]) -> list[int]:
     """logits [len(drafts) + 1, V]: column i predicts the token after drafts[:i]. Returns the tokens this step
     yields: the accepted drafts, then one token of the model's own (a correction, or the bonus after all k)."""
-    from .generate import probabilities, transformed
+    from .generate import draw, probabilities, transformed
 
     out: list[int] = []
     for i in range(len(drafts) + 1):
@@ -144,6 +170,6 @@ def accept(logits: np.ndarray, drafts: list[int], sampling, rng: np.random.Gener
             p = p.copy()
             p[d] = 0.0
             p /= p.sum()
-        out.append(int(rng.choice(p.shape[-1], p=p)))
+        out.append(draw(p, rng))
         return out
     return out

@@ -154,15 +154,49 @@ def test_speculate_needs_the_fused_graph_and_cli(tiny_exports, tiny_fused, capsy
                        "--max-new-tokens", 24, "--json")
     assert rc == rc2 == 0 and got["ids"] == json.loads(out2)["ids"] and "speculation" in got["stats"]
     rc, _, err = cli(capsys, "generate", tiny_fused["window"], "--prompt", "x", "--speculate", "ngram:99")
-    assert rc == 2 and "--speculate: expected ngram or ngram:K" in err
+    assert rc == 2 and "--speculate: expected auto, off, ngram or ngram:K" in err
+
+
+def test_generate_speculates_by_default_only_where_lossless_and_measured(tiny_exports, tiny_fused, tmp_path, capsys):
+    """--speculate auto (the default): prompt lookup on a fused fp32 export on the CPU provider, with the same
+    tokens as --speculate off; plain decoding on the portable graph (no per-row rollback), on MatMulNBits exports
+    (not token-identical), and on a windowed model whose request would need a larger cache than plain decoding's."""
+    from mistral_trt.calib.quantize import quantize
+    from mistral_trt.runtime.speculative import auto_speculation
+
+    ids = ",".join(map(str, window_prompts(tiny_fused["full"], 1)[0]))  # its last 16 tokens occurred before: drafts
+    args = ("--ids", ids, "--max-new-tokens", 24, "--json")
+    rc, out, _ = cli(capsys, "generate", tiny_fused["full"], *args)
+    rc2, out2, _ = cli(capsys, "generate", tiny_fused["full"], *args, "--speculate", "off")
+    on, off = json.loads(out), json.loads(out2)
+    assert rc == rc2 == 0 and on["ids"] == off["ids"] and len(on["ids"]) == 24
+    assert on["stats"]["speculation"]["k"] == 7 and on["stats"]["speculation"]["drafted"] > 0
+    assert "speculation" not in off["stats"]
+    rc, out, err = cli(capsys, "generate", tiny_fused["full"], *args[:-1])  # the summary line says what it kept
+    assert rc == 0 and "drafted tokens kept" in err
+    rc, out, _ = cli(capsys, "generate", tiny_exports["full", "fp32"], *args)  # portable: plain, no error
+    assert rc == 0 and "speculation" not in json.loads(out)["stats"]
+
+    full = Generator(open_backend(tiny_fused["full"]))
+    assert auto_speculation(full, 20, 128) == Speculation()
+    quantize(tiny_fused["full"], "int8-w8a8-dynamic", tmp_path / "q8")
+    assert auto_speculation(Generator(open_backend(tmp_path / "q8")), 20, 128) is None
+    assert auto_speculation(Generator(open_backend(tiny_exports["full", "fp32"])), 20, 128) is None
+    window = Generator(open_backend(tiny_fused["window"]))  # window 8: plain decoding's cache holds window + chunk
+    fits = window.keep + window.chunk - Speculation().k
+    assert auto_speculation(window, fits - 4, 4) == Speculation() and auto_speculation(window, fits - 4, 5) is None
 
 
 def test_bench_speculate_end_to_end(tiny_fused, tmp_path, capsys):
     out = tmp_path / "bs"
     rc, stdout, _ = cli(capsys, "bench-speculate", tiny_fused["full"], "--max-new-tokens", 6, "-o", out)
     assert rc == 0 and "| grounded | 20 |" in stdout and "| open chat | 10 |" in stdout
+    assert "| open chat, sampled | 10 |" in stdout and "| open chat after a document | 10 |" in stdout
     data = json.loads((out / "bench-speculate.json").read_text())["systems"]["full-fused"]
     assert data["grounded"]["identical"] and data["open chat"]["identical"]
+    assert data["open chat after a document"]["identical"] and data["open chat, sampled"]["identical"] is None
+    # the document as long as the tiny model's context (1024) leaves room for, not the demo's ~1,500 tokens
+    assert all(600 < r["prompt_tokens"] <= 1024 - 6 - 7 for r in data["open chat after a document"]["rows"])
     assert all(r["plain_tok_s"] > 0 and r["speculative_tok_s"] > 0 for r in data["grounded"]["rows"])
     assert (out / "bench-speculate.png").read_bytes()[:4] == b"\x89PNG"
     from mistral_trt.bench.speculative import TARGETS
