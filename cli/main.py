@@ -108,7 +108,7 @@ CLI_NAMES = {"max_new_tokens": "--max-new-tokens", "truncate": "--truncate"}  # 
 
 
 def _stream(gen, tok, prompt_ids, a, out):
-    """Generate for one prompt, writing text as it comes; returns (new ids, text)."""
+    """Generate for one prompt, writing text as it comes; returns (new ids, text, the Speculation that ran or None)."""
     from mistral_trt.runtime.tokenizer import StreamDecoder, check_text
 
     for stop in a.stop:
@@ -121,7 +121,6 @@ def _stream(gen, tok, prompt_ids, a, out):
         speculate = auto_speculation(gen, len(prompt_ids), a.max_new_tokens)
     elif speculate is not None and exactness_note(gen.backend.manifest):
         print(exactness_note(gen.backend.manifest), file=sys.stderr)
-    gen.speculation = speculate  # what ran, for the caller's stats
     if speculate:  # per model step, the new tokens of our one sequence (1 to k + 1)
         steps = (step[0] for step in gen.generate_speculative([prompt_ids], a.max_new_tokens, speculate, _sampling(a),
                                                                truncate=a.truncate, names=CLI_NAMES))
@@ -146,7 +145,7 @@ def _stream(gen, tok, prompt_ids, a, out):
         text += tail
         if out and tail:
             out.write(tail)
-    return ids, text
+    return ids, text, speculate
 
 
 def cmd_generate(a):
@@ -171,17 +170,16 @@ def cmd_generate(a):
         prompt = tok.encode(a.prompt, bos=tok.add_bos).tolist()
     else:
         prompt = format_chat(tok, [{"role": "user", "content": a.prompt}], m.chat_format, m.chat_template)
-    ids, text = _stream(gen, tok, prompt, a, None if a.json else sys.stdout)
+    ids, text, speculated = _stream(gen, tok, prompt, a, None if a.json else sys.stdout)
     if a.json:
         stats = gen.stats[0].as_dict()
-        if gen.speculation:
-            stats["speculation"] = {"k": gen.speculation.k, "drafted": gen.drafted[0], "accepted": gen.accepted[0]}
+        if speculated:
+            stats["speculation"] = {"k": speculated.k, "drafted": gen.drafted[0], "accepted": gen.accepted[0]}
         print(json.dumps({"prompt_ids": prompt, "ids": ids, "text": text, "stats": stats}, ensure_ascii=False))
     else:
         print()
         st = gen.stats[0].as_dict()
-        drafts = (f", speculative: {gen.accepted[0]} of {gen.drafted[0]} drafted tokens kept" if gen.speculation
-                  else "")
+        drafts = f", speculative: {gen.accepted[0]} of {gen.drafted[0]} drafted tokens kept" if speculated else ""
         print(f"[{st['prompt_tokens']} prompt tokens, {st['new_tokens']} new, first token after "
               f"{st['time_to_first_token_s'] * 1000:.0f} ms, {st['decode_tokens_per_s']:.1f} tokens/s{drafts}]",
               file=sys.stderr)
@@ -222,7 +220,7 @@ def cmd_chat(a):
         prefix = history.pop()["content"] if history[-1].get("prefix") else ""  # a reply to continue
         if prefix:
             print(prefix, end="", flush=True)
-        _, text = _stream(gen, tok, prompt, a, sys.stdout)
+        _, text, _ = _stream(gen, tok, prompt, a, sys.stdout)
         print()
         history.append({"role": "assistant", "content": (prefix + text).strip() or " "})
 

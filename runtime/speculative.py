@@ -58,9 +58,9 @@ def auto_speculation(gen, prompt_len: int, max_new_tokens: int) -> "Speculation 
     measured faster, plain decoding (None) elsewhere. `gen`: the runtime's Generator.
 
     - lossless: rows that roll back independently (the fused graph) and float weights (exactness_note is None);
-    - measured faster: fp32 on onnxruntime's CPU provider, in every workload `bench-speculate` runs (on the demo:
-      grounded 1.7x, open chat 1.3x greedy and 1.1x sampled, open chat after a long document 1.5x greedy and 1.15x
-      sampled; docs/performance.md). fp16 and the GPU providers are not measured yet, so they stay plain;
+    - measured faster: fp32 on onnxruntime's CPU provider, in every workload `bench-speculate` runs (medians on
+      the demo, 2 cores: grounded 1.75-1.8x, open chat 1.2-1.3x greedy and 1.1x sampled, open chat after a
+      ~1,500-token document 1.5x; docs/performance.md). fp16 and the GPU providers are not measured, so plain;
     - no larger cache: speculation keeps the whole sequence (a rollback must never meet a window's eviction), so
       with a sliding window only a request that fits plain decoding's trimmed cache (window plus one chunk).
 
