@@ -248,27 +248,42 @@ class PortableBackend:
 RUN_COST_TOKENS = 16  # a run's fixed cost (one more pass over the weights) in prefill tokens' worth (CPU: ~18 vs ~1.2 ms)
 
 
-def runs(q: np.ndarray) -> list[np.ndarray]:
+def runs(q: np.ndarray, room: np.ndarray | None = None) -> list[np.ndarray]:
     """How a fused-graph step with q[b] tokens per row splits into runs (each padded to its widest row):
     rows of one token together; rows of several merged while one wider run costs less than separate ones.
-    A step whose busy rows are all one-token or all wider is one run.
 
         runs(np.array([1, 1, 0, 40, 0, 1]))    # [array([0, 1, 5]), array([3])]
+
+    `room[b]`: positions row b's cache has left. The op pads every row a run spans, busy or idle, to the run's
+    width and refuses one whose cached tokens plus that width pass the capacity, so with `room` a run is split
+    where a row in its span lacks the room (found as serve --speculate's drafts merged with a prefill chunk).
     """
-    busy, multi = np.flatnonzero(q), np.flatnonzero(q > 1)
-    if not len(busy):
-        return []
-    if not len(multi) or len(multi) == len(busy):
-        return [busy]
-    groups, cur = [np.flatnonzero(q == 1)], [int(multi[0])]
-    cost = lambda rows: RUN_COST_TOKENS + (rows[-1] - rows[0] + 1) * int(q[rows].max())  # noqa: E731
-    for r in multi[1:]:
-        if cost(cur + [int(r)]) <= cost(cur) + cost([int(r)]):
-            cur.append(int(r))
+    ones, multi = np.flatnonzero(q == 1), np.flatnonzero(q > 1)
+    groups = [ones] if len(ones) else []
+    if len(multi):  # the cost rule even when every busy row is wider: speculative rows of 3-8 tokens beside a
+        cur = [int(multi[0])]  # 512-token chunk would otherwise all be padded to 512
+        cost = lambda rows: RUN_COST_TOKENS + (rows[-1] - rows[0] + 1) * int(q[rows].max())  # noqa: E731
+        for r in multi[1:]:
+            if cost(cur + [int(r)]) <= cost(cur) + cost([int(r)]):
+                cur.append(int(r))
+            else:
+                groups.append(np.array(cur))
+                cur = [int(r)]
+        groups.append(np.array(cur))
+    return groups if room is None else [part for g in groups for part in _fitting(g, q, room)]
+
+
+def _fitting(rows: np.ndarray, q: np.ndarray, room: np.ndarray) -> list[np.ndarray]:
+    """A run's rows (ascending) as consecutive runs whose every spanned row has room for the run's width. A row
+    alone always fits (the cache's plan refused an overflow), so this always ends."""
+    out, cur = [], [int(rows[0])]
+    for r in map(int, rows[1:]):
+        if room[cur[0]:r + 1].min() >= max(int(q[cur].max()), int(q[r])):
+            cur.append(r)
         else:
-            groups.append(np.array(cur))
-            cur = [int(r)]
-    return groups + [np.array(cur)]
+            out.append(np.array(cur))
+            cur = [r]
+    return out + [np.array(cur)]
 
 
 class FusedBackend:
@@ -327,8 +342,11 @@ class FusedBackend:
         q, before = plan.seqlens, cache.tokens
         width = plan.logits_index.shape[1]
         out = self.buffers.get("logits", (cache.slots, width, self.args.vocab_size))
-        groups = runs(q)
         device = not isinstance(cache.buffers[0], np.ndarray)
+        # Without a window a row's room is capacity - tokens (with one the op evicts: it always has room). A device
+        # cache binds every row in every run, which no split can help; a step that pads past a row's room fails there.
+        room = None if cache.sliding_window is not None or device else cache.capacity - before
+        groups = runs(q, room)
         for rows in groups:
             lo, hi = (0, cache.slots) if device else (int(rows[0]), int(rows[-1]) + 1)
             qq = np.zeros(hi - lo, np.int64)

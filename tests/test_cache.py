@@ -116,6 +116,39 @@ def test_fused_runs_split_a_mixed_step():
     assert as_lists([1, 1, 0, 40, 0, 1]) == [[0, 1, 5], [3]]
     assert as_lists([1, 30, 30, 1]) == [[0, 3], [1, 2]]  # neighbouring chunks: one run
     assert as_lists([40, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 40]) == [list(range(1, 11)), [0], [11]]  # far apart: two
+    # with each row's room: a run never spans a row (busy or idle) that lacks room for the run's width
+    fit = lambda q, room: [g.tolist() for g in runs(np.array(q), np.array(room))]  # noqa: E731
+    assert fit([1, 30, 30, 1], [9, 99, 99, 9]) == [[0, 3], [1, 2]]  # room enough: as without
+    assert fit([1, 30, 30, 1], [9, 99, 29, 29]) == [[0, 3], [1], [2]]
+    assert as_lists([8, 512, 5]) == [[0], [1], [2]]  # drafts beside a chunk: not all padded to 512
+    assert fit([8, 1, 8], [50, 50, 50]) == [[1], [0, 2]] and fit([8, 1, 8], [50, 7, 50]) == [[1], [0], [2]]
+    assert fit([8, 20], [10, 100]) == [[0], [1]] and fit([8, 20], [20, 100]) == [[0, 1]]
+    assert fit([1, 0, 1], [1, 0, 1]) == [[0], [2]]  # a full idle row inside a one-token run
+
+
+def test_fused_step_runs_within_every_rows_room(tiny_fused):
+    """A speculative row near its capacity (8 tokens fed, 10 positions left) beside a 20-token prefill: one run
+    of width 20 would pad the first row past its capacity, which onnxruntime's GroupQueryAttention refuses (seen
+    in serve --speculate under load). The step runs them apart and gives each row what it gets alone."""
+    from mistral_trt.runtime.ort import runs
+
+    assert len(runs(np.array([8, 20]))) == 1  # without the room, the cost rule merges them
+    backend = open_backend(tiny_fused["full"])
+    rng = np.random.default_rng(5)
+    past, drafts, prompt = rng.integers(3, 32000, 54), rng.integers(3, 32000, 8), rng.integers(3, 32000, 20)
+    cache = backend.new_cache(2, 64)
+    a, b = cache.admit(), cache.admit()
+    backend.step(cache, [past, np.zeros(0, np.int64)])
+    both = backend.step(cache, [drafts, prompt], last=False).copy()
+    alone = []
+    for rows in ([past, drafts], [prompt]):
+        c = backend.new_cache(1, 64)
+        c.admit()
+        for r in rows:
+            out = backend.step(c, [r], last=False)
+        alone.append(out[0, :len(rows[-1])].copy())
+    np.testing.assert_allclose(both[a, :8], alone[0], atol=1e-4)
+    np.testing.assert_allclose(both[b, :20], alone[1], atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["full", "window"])
