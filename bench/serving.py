@@ -12,6 +12,10 @@ held-out text, the same for every system; `ignore_eos` so each yields exactly --
 
 and one interference run: short streams decoding while a long prompt arrives; their ITL before and while it
 is prefilled (chunked prefill bounds it). Writes bench-serve.md, bench-serve.json and bench-serve.png.
+
+With --triton or --speculate, each export is also served by Triton or by `serve --speculate`, all up at once, the
+levels alternated between them. Tokens are timed as their stream events arrive: a speculative step's tokens come
+out together, so its ITL p50 is the gap inside such a burst and p99 the gap between steps.
 """
 from __future__ import annotations
 
@@ -308,6 +312,12 @@ def main_bench_serve(a) -> None:
         if a.triton:  # both servers up at once, levels alternated between them: drift hits both alike
             servers = {f"{folder.name} (serve)": (ServerProcess, stream),
                        f"{folder.name} (triton)": (lambda *x: TritonProcess(a.triton, *x), stream_triton)}
+        if a.speculate:  # the same export served with prompt-lookup speculation, up at once and alternated too
+            if m.graph != "fused":
+                raise UserError(f"{folder}: --speculate needs the fused graph (export --graph fused)")
+            servers = {(f"{folder.name} (serve)" if len(servers) == 1 else name): v for name, v in servers.items()}
+            flag = ("--speculate", f"ngram:{a.speculate.k}")
+            servers[f"{folder.name} (serve --speculate)"] = (lambda *x: ServerProcess(*x, extra=flag), stream)
         log(f"{folder.name}: starting {len(servers)} server(s) ({max(levels)} slots of {max_model_len} positions) ...")
         running, sends = {}, {}
         try:

@@ -592,6 +592,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--long-prompt", type=_count(1), default=1024, help="the prompt that arrives while streams decode")
     s.add_argument("--triton", metavar="CLI", help="also serve each export through Triton (`triton-serve`, run by this "
                    "mistral-trt command: an environment with nvidia-pytriton), levels alternated with `serve`")
+    s.add_argument("--speculate", type=_speculation, metavar="ngram[:K]", help="also serve each export with `serve "
+                   "--speculate` (fused graph), levels alternated with plain `serve`")
     s.add_argument("-o", "--output", default="build/bench-serve", help="folder for bench-serve.md, .json, .png")
     s.set_defaults(func=cmd_bench_serve)
 

@@ -335,12 +335,18 @@ def test_bench_serve_end_to_end(tiny_fused, tmp_path, capsys):
 
     out = tmp_path / "bs"
     assert main(["bench-serve", str(tiny_fused["full"]), "--concurrency", "1,2", "--rounds", "1", "--prompt-len", "8-16",
-                 "--max-tokens", "6", "--long-prompt", "40", "-o", str(out)]) == 0
+                 "--max-tokens", "6", "--long-prompt", "40", "--speculate", "ngram:3", "-o", str(out)]) == 0
     data = json.loads((out / "bench-serve.json").read_text())
-    levels = data["systems"]["full-fused"]["levels"]
-    assert [lv["concurrency"] for lv in levels] == [1, 2]
-    for lv in levels:  # ignore_eos: every request gives exactly max_tokens tokens
-        assert lv["tokens"] == lv["requests"] * 6 and lv["throughput_tok_s"] == pytest.approx(lv["tokens"] / lv["wall_s"])
-        assert 0 < lv["itl_p50_ms"] <= lv["itl_p99_ms"]
-    assert data["systems"]["full-fused"]["interference"]["long_prompt_tokens"] == 40
-    assert "| full-fused | 2 |" in capsys.readouterr().out and (out / "bench-serve.png").read_bytes()[:4] == b"\x89PNG"
+    assert set(data["systems"]) == {"full-fused (serve)", "full-fused (serve --speculate)"}  # both, side by side
+    for name, system in data["systems"].items():
+        levels = system["levels"]
+        assert [lv["concurrency"] for lv in levels] == [1, 2]
+        for lv in levels:  # ignore_eos: every request gives exactly max_tokens tokens
+            assert lv["tokens"] == lv["requests"] * 6
+            assert lv["throughput_tok_s"] == pytest.approx(lv["tokens"] / lv["wall_s"])
+            assert lv["itl_p50_ms"] <= lv["itl_p99_ms"]
+            assert lv["itl_p50_ms"] >= 0 if "speculate" in name else lv["itl_p50_ms"] > 0  # a burst's gaps: ~0
+        assert system["interference"]["long_prompt_tokens"] == 40
+    stdout = capsys.readouterr().out
+    assert "| full-fused (serve) | 2 |" in stdout and "| full-fused (serve --speculate) | 2 |" in stdout
+    assert (out / "bench-serve.png").read_bytes()[:4] == b"\x89PNG"
