@@ -57,9 +57,11 @@ def open_prompts(n: int = 10) -> list[str]:
     return PROMPTS[:n]
 
 
-def after_document_prompts(n: int = 10, chars: int = 6000) -> list[str]:
-    """The open questions, each after the same `chars` characters of documentation it does not need (6,000: about
-    1,500 tokens)."""
+DOCUMENT_CHARS = 6000  # the "after a document" workload's document: about 1,500 tokens
+
+
+def after_document_prompts(n: int = 10, chars: int = DOCUMENT_CHARS) -> list[str]:
+    """The open questions, each after the same `chars` characters of documentation it does not need."""
     doc = "\n\n".join(inspect.getdoc(importlib.import_module(m)) or "" for m in DOC_MODULES)[:chars]
     return [f"Here is a document:\n\n{doc}\n\nSet the document aside; it is not needed. {q}" for q in open_prompts(n)]
 
@@ -93,6 +95,7 @@ def measure(folder: Path, speculate, max_new_tokens: int, log, provider: str = "
     m = backend.manifest
     tok = Tokenizer.for_export(folder, m)
     gen = Generator(backend)
+
     def chat(text: str) -> list[int]:
         return format_chat(tok, [{"role": "user", "content": text}], m.chat_format, m.chat_template)
 
@@ -101,7 +104,7 @@ def measure(folder: Path, speculate, max_new_tokens: int, log, provider: str = "
         rows = []
         prompts = [chat(t) for t in make_prompts()]
         room = gen.max_context - max_new_tokens - speculate.k
-        chars = 6000
+        chars = DOCUMENT_CHARS
         while make_prompts is after_document_prompts and max(map(len, prompts)) > room:  # a short context
             chars = int(chars * min(room / max(map(len, prompts)), 0.9))
             prompts = [chat(t) for t in after_document_prompts(chars=chars)]

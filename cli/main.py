@@ -119,8 +119,10 @@ def _stream(gen, tok, prompt_ids, a, out):
     speculate = a.speculate
     if speculate == "auto":  # on where it is lossless and measured faster (auto_speculation), else plain decoding
         speculate = auto_speculation(gen, len(prompt_ids), a.max_new_tokens)
-    elif speculate is not None and exactness_note(gen.backend.manifest):
-        print(exactness_note(gen.backend.manifest), file=sys.stderr)
+    elif speculate is not None:
+        note = exactness_note(gen.backend.manifest)
+        if note:
+            print(note, file=sys.stderr)
     if speculate:  # per model step, the new tokens of our one sequence (1 to k + 1)
         steps = (step[0] for step in gen.generate_speculative([prompt_ids], a.max_new_tokens, speculate, _sampling(a),
                                                                truncate=a.truncate, names=CLI_NAMES))

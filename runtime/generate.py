@@ -116,8 +116,8 @@ def probabilities(logits: np.ndarray, s: Sampling) -> np.ndarray:
     with np.errstate(over="ignore"):  # a tiny temperature sends all but the top logit to -inf: fine
         logits = (logits - logits.max(-1, keepdims=True)) / s.temperature  # <= 0, the max at 0: never NaN
     if s.top_k:
-        v = logits.shape[-1]
-        kth = np.partition(logits, v - min(s.top_k, v), axis=-1)[:, [v - min(s.top_k, v)]]  # the k-th largest
+        at = logits.shape[-1] - min(s.top_k, logits.shape[-1])  # where the k-th largest sits in ascending order
+        kth = np.partition(logits, at, axis=-1)[:, [at]]
         logits = np.where(logits < kth, -np.inf, logits)
     probs = np.exp(logits)
     probs /= probs.sum(-1, keepdims=True)

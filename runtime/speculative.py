@@ -57,7 +57,8 @@ def auto_speculation(gen, prompt_len: int, max_new_tokens: int) -> "Speculation 
     """`generate`'s and `chat`'s default (`--speculate auto`): prompt-lookup speculation where it is lossless and
     measured faster, plain decoding (None) elsewhere. `gen`: the runtime's Generator.
 
-    - lossless: rows that roll back independently (the fused graph) and float weights (exactness_note is None);
+    - lossless: rows that roll back independently (the fused graph) and float weights (no `quantize` precision:
+      MatMulNBits exports are not token-identical, exactness_note);
     - measured faster: fp32 on onnxruntime's CPU provider, in every workload `bench-speculate` runs (medians on
       the demo, 2 cores: grounded 1.75-1.8x, open chat 1.2-1.3x greedy and 1.1x sampled, open chat after a
       ~1,500-token document 1.5x; docs/performance.md). fp16 and the GPU providers are not measured, so plain;
@@ -69,10 +70,9 @@ def auto_speculation(gen, prompt_len: int, max_new_tokens: int) -> "Speculation 
     """
     b, spec = gen.backend, Speculation()
     m = b.manifest
-    if not b.ragged or m.dtype != "fp32" or m.precision or exactness_note(m):
+    if not b.ragged or m.dtype != "fp32" or m.precision:
         return None
-    session = getattr(b, "session", None)
-    if session is None or session.get_providers()[0] != "CPUExecutionProvider":
+    if b.session.get_providers()[0] != "CPUExecutionProvider":  # ragged: a FusedBackend, on onnxruntime
         return None
     if gen.keep is not None and prompt_len + max_new_tokens + spec.k > gen.keep + gen.chunk:
         return None
