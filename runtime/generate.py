@@ -316,7 +316,7 @@ class Generator:
         Greedy output is generate()'s; sampled output has its distribution (another draw of the generator). Needs
         rows that advance independently (the fused graph); the cache holds the whole sequence, so a rollback
         never meets an eviction. self.drafted / self.accepted count drafts per sequence."""
-        from .speculative import NgramIndex, accept
+        from .speculative import NgramIndex, accept, draft_lengths
 
         if not self.backend.ragged:
             raise UserError("--speculate rolls rejected drafts back per sequence, which needs the fused graph "
@@ -325,7 +325,7 @@ class Generator:
         prompts = self.fit_context([np.asarray(p, np.int64) for p in prompts], max_new_tokens, truncate, names)
         rng = np.random.default_rng(s.seed)
         t0 = time.perf_counter()
-        k = speculate.k
+        k, lengths = speculate.k, draft_lengths(self.backend.manifest)
         cache = self.backend.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens + k)
         slots = [cache.admit() for _ in prompts]
         logits = self.prefill(cache, slots, prompts)
@@ -365,7 +365,7 @@ class Generator:
             drafts = {}
             for b in np.flatnonzero(~self.done):
                 room = max_new_tokens - len(generated[b]) - 1  # the model's own token always comes too
-                drafts[b] = index[b].draft(min(k, room)) if room > 0 else []
+                drafts[b] = index[b].draft(min(k, room), lengths) if room > 0 else []
                 full[slots[b]] = np.array([generated[b][-1]] + drafts[b], np.int64)
             out = self.backend.step(cache, full, last=False)  # [B, S, V]: every fed column's next-token logits
             step = [[] for _ in prompts]

@@ -141,13 +141,16 @@ def open_session(folder: Path, manifest: Manifest, providers: list | None, graph
 
 
 def _run(backend, io) -> None:
-    """Run a bound step. The inputs come from the cache and the manifest, so a failure is the graph's: name it."""
+    """Run a bound step. The inputs come from the cache and the manifest, checked against the session at load, so a
+    failure is onnxruntime's refusal of this step (a kernel's limit, such as GroupQueryAttention's cache capacity) or a
+    graph edited since: name the file and say both."""
     try:
         backend.session.run_with_iobinding(io)
     except Exception as e:  # onnxruntime's own exception types
         msg = str(e).split("Status Message:")[-1].strip().splitlines()[0][:300]
-        raise UserError(f"{backend.folder / ONNX_NAME}: onnxruntime failed running the graph ({msg}); "
-                        "the ONNX does not match its manifest or was edited after export") from None
+        raise UserError(f"{backend.folder / ONNX_NAME}: onnxruntime failed running the graph ({msg}); its inputs "
+                        "and outputs matched the manifest when loaded, so onnxruntime refused this step or the graph "
+                        "was edited after export") from None
 
 
 def _open(backend, folder, providers, manifest: Manifest | None, graph: str, exact: bool = False) -> None:

@@ -32,7 +32,9 @@ from .errors import UserError
 
 NGRAM_MAX = 3  # the longest tail looked up (then shorter ones, down to NGRAM_MIN)
 NGRAM_MIN = 1
-DEFAULT_K = 2 * NGRAM_MAX + 1  # drafts per step at most: draft_length's longest
+DEFAULT_K = 2 * NGRAM_MAX + 1  # drafts per step at most: draft_lengths' longest
+FLOAT_LENGTHS = (3, 5, 7)  # tokens drafted after a match of 1, 2, 3 tokens (2n + 1): float weights
+NBITS_LENGTHS = (0, 2, 6)  # the same for MatMulNBits exports, whose several-token steps cost more (draft_lengths)
 
 
 def exactness_note(manifest) -> str | None:
@@ -60,7 +62,7 @@ def auto_speculation(gen, prompt_len: int, max_new_tokens: int) -> "Speculation 
     - lossless: rows that roll back independently (the fused graph) and float weights (no `quantize` precision:
       MatMulNBits exports are not token-identical, exactness_note);
     - measured faster: fp32 on onnxruntime's CPU provider, in every workload `bench-speculate` runs (medians on
-      the demo, 2 cores: grounded 1.75-1.8x, open chat 1.2-1.3x greedy and 1.1x sampled, open chat after a
+      the demo, 2 cores: grounded 1.7-1.9x, open chat 1.2-1.3x greedy and 1.1x sampled, open chat after a
       ~1,500-token document 1.5x; docs/performance.md). fp16 and the GPU providers are not measured, so plain;
     - no larger cache: speculation keeps the whole sequence (a rollback must never meet a window's eviction), so
       with a sliding window only a request that fits plain decoding's trimmed cache (window plus one chunk).
@@ -79,22 +81,31 @@ def auto_speculation(gen, prompt_len: int, max_new_tokens: int) -> "Speculation 
     return spec
 
 
-def draft_length(n: int) -> int:
-    """How many tokens to draft after a match of the last n tokens: 2n + 1 (3, 5, 7 for n = 1, 2, 3).
+def draft_lengths(manifest) -> tuple[int, ...]:
+    """How many tokens to draft after a match of the last 1, 2 or 3 tokens, for this export: (3, 5, 7) (2n + 1),
+    or (0, 2, 6) for MatMulNBits weights (int8-w8a8-dynamic, int4).
 
     A longer match predicts its continuation more often (on bench-speculate's prompts, the first draft is kept
     after 27 % of 1-token matches, 47 % of 2-token and 62 % of 3-token ones), and every drafted token costs part of
-    a step (a step of 5 tokens costs 1.3-2x a step of one on 2 CPU cores): a wrong draft is paid for, a kept one
-    saves a step. Measured against 4 drafts after any match, alternated per prompt (docs/performance.md): median
-    speedup on the demo's grounded prompts 1.69x against 1.63x (fp32), 1.43x against 1.45x (int8); open chat 1.30x
-    against 1.25x and 1.05x against 0.98x."""
-    return 2 * n + 1
+    a step: a wrong draft is paid for, a kept one saves a step. How much it costs depends on the weights. A float
+    MatMul streams its weights once for any few rows, so on the demo (fused fp32, 2 cores) a step of 2 / 4 / 8 tokens
+    costs 1.12 / 1.28 / 1.53x a step of one. MatMulNBits' one-token step is a cheap read of 8- or 4-bit weights,
+    but each further row is compute (its activations quantized, then integer dot products): 1.27 / 1.70 / 2.44x
+    (int8). There a 1-token match's drafts (first kept 27 %) cost more than they save, so none are made, and 3-token
+    matches draft 6, not 7.
+    Measured on bench-speculate's prompts, both tables alternated per prompt (docs/performance.md): int8 grounded /
+    open chat / sampled / after a document 1.39 / 1.07 / 0.95 / 1.13x over plain decoding with (3, 5, 7), 1.42 /
+    1.11 / 1.01 / 1.35x with (0, 2, 6). For fp32, (3, 5, 7) stayed best among 11 tables replayed against its
+    step costs (int4's steps cost as int8's or more)."""
+    from .manifest import NBITS_PRECISIONS
+
+    return NBITS_LENGTHS if (manifest.precision or {}).get("name") in NBITS_PRECISIONS else FLOAT_LENGTHS
 
 
 @dataclass(frozen=True)
 class Speculation:
-    """`generate --speculate ngram[:k]`: up to k drafted tokens per step (draft_length: 3, 5 or 7 after a match of
-    1, 2 or 3 tokens), from n-grams of 3 down to 1."""
+    """`generate --speculate ngram[:k]`: up to k drafted tokens per step (draft_lengths: 3, 5 or 7 after a match of
+    1, 2 or 3 tokens; 0, 2 or 6 on MatMulNBits exports), from n-grams of 3 down to 1."""
 
     k: int = DEFAULT_K
     ngram_max: int = NGRAM_MAX
@@ -133,16 +144,16 @@ class NgramIndex:
             if end - n >= 0:
                 self.where[tuple(seq[end - n:end])] = end - n
 
-    def draft(self, k: int) -> list[int]:
+    def draft(self, k: int, lengths: tuple[int, ...] = FLOAT_LENGTHS) -> list[int]:
         """What followed the latest earlier occurrence of the longest matching tail (n tokens): up to
-        min(k, draft_length(n)) tokens."""
+        min(k, lengths[n - 1]) tokens (draft_lengths)."""
         seq = self.seq
         for n in range(self.nmax, self.nmin - 1, -1):
             if len(seq) < n:
                 continue
             at = self.where.get(tuple(seq[len(seq) - n:]))
             if at is not None:
-                return seq[at + n:at + n + min(k, draft_length(n))]
+                return seq[at + n:at + n + min(k, lengths[n - 1])]
         return []
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from mistral_trt.runtime.errors import UserError
 from mistral_trt.runtime.generate import Generator, Sampling, sample
-from mistral_trt.runtime.speculative import NgramIndex, accept
+from mistral_trt.runtime.speculative import FLOAT_LENGTHS, NgramIndex, accept, draft_lengths
 from mistral_trt.runtime.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -76,7 +76,8 @@ class Handle:
 class Sequence:
     ids = itertools.count()
 
-    def __init__(self, req: Request, emit, tok: Tokenizer, eos: set[int], speculate=None):
+    def __init__(self, req: Request, emit, tok: Tokenizer, eos: set[int], speculate=None,
+                 lengths: tuple[int, ...] = FLOAT_LENGTHS):
         self.req, self.emit, self.tok, self.eos = req, emit, tok, eos
         self.id = next(self.ids)
         self.slot: int | None = None
@@ -92,6 +93,7 @@ class Sequence:
         self.last_token_at: float | None = None
         self.speculate = speculate  # Speculation: prompt-lookup drafts, checked by the model (runtime/speculative.py)
         self.index = NgramIndex(req.prompt.tolist(), speculate.ngram_max, speculate.ngram_min) if speculate else None
+        self.lengths = lengths  # drafted tokens after a match of 1, 2, 3 tokens (draft_lengths: by the export)
         self.drafts: list[int] = []  # fed this step after the last token
 
     @property
@@ -103,7 +105,7 @@ class Sequence:
         self.drafts = []
         if self.index is not None:
             room = self.req.max_tokens - len(self.generated) - 1  # the model's own token always comes too
-            self.drafts = self.index.draft(min(self.speculate.k, room)) if room > 0 else []
+            self.drafts = self.index.draft(min(self.speculate.k, room), self.lengths) if room > 0 else []
         return np.array([self.generated[-1]] + self.drafts, np.int64)
 
     # -- new tokens -----------------------------------------------------------------------------
@@ -234,7 +236,8 @@ class Scheduler:
 
     def submit(self, req: Request, emit) -> Handle:
         self.check(req)
-        seq = Sequence(req, lambda ev: self._deliver(seq, emit, ev), self.tok, self.eos, self.speculate)
+        seq = Sequence(req, lambda ev: self._deliver(seq, emit, ev), self.tok, self.eos, self.speculate,
+                       draft_lengths(self.backend.manifest))
         with self.cv:
             if self.stopping:
                 raise QueueFull("the server is shutting down")

@@ -157,6 +157,29 @@ def test_speculate_needs_the_fused_graph_and_cli(tiny_exports, tiny_fused, capsy
     assert rc == 2 and "--speculate: expected auto, off, ngram or ngram:K" in err
 
 
+def test_draft_lengths_follow_the_exports_step_costs(tiny_fused, tmp_path):
+    """Float weights draft 3 / 5 / 7 tokens after a match of 1 / 2 / 3; MatMulNBits exports, whose several-token steps
+    cost more, 0 / 2 / 6 (draft_lengths). A prompt whose tail repeats what came before (3-token matches that come
+    true, window_prompts) gets steps of 8 tokens on the fp32 export, of at most 7 on its int8 quantization."""
+    from mistral_trt.calib.quantize import quantize
+    from mistral_trt.runtime.speculative import FLOAT_LENGTHS, NBITS_LENGTHS, draft_lengths
+
+    ix = NgramIndex(list(range(10, 30)) + [10])
+    assert ix.draft(16, NBITS_LENGTHS) == [] and ix.draft(16) == [11, 12, 13]  # a 1-token match: none on nbits
+    ix.append(11)
+    assert ix.draft(16, NBITS_LENGTHS) == [12, 13]
+    ix.append(12)
+    assert ix.draft(16, NBITS_LENGTHS) == list(range(13, 19)) and ix.draft(4, NBITS_LENGTHS) == [13, 14, 15, 16]
+    quantize(tiny_fused["window"], "int8-w8a8-dynamic", tmp_path / "q8")
+    widest = {}
+    for name, folder in (("fp32", tiny_fused["window"]), ("int8", tmp_path / "q8")):
+        gen = Generator(open_backend(folder))
+        assert draft_lengths(gen.backend.manifest) == (FLOAT_LENGTHS if name == "fp32" else NBITS_LENGTHS)
+        steps = gen.generate_speculative(window_prompts(tiny_fused["window"], 1), 40, Speculation(), stop_on_eos=False)
+        widest[name] = max(len(step[0]) for step in steps)
+    assert widest == {"fp32": 8, "int8": 7}
+
+
 def test_generate_speculates_by_default_only_where_lossless_and_measured(tiny_exports, tiny_fused, tmp_path, capsys):
     """--speculate auto (the default): prompt lookup on a fused fp32 export on the CPU provider, with the same
     tokens as --speculate off; plain decoding on the portable graph (no per-row rollback), on MatMulNBits exports

@@ -153,7 +153,8 @@ class OrtBackend : public Backend {
       if (p != std::string::npos) msg = msg.substr(p + 15);
       msg.erase(0, msg.find_first_not_of(' '));
       throw Error(path_ + ": onnxruntime failed running the graph (" + first_line(msg) +
-                  "); the ONNX does not match its manifest or was edited after export");
+                  "); its inputs and outputs matched the manifest when loaded, so onnxruntime refused "
+                  "this step or the graph was edited after export");
     }
   }
 
