@@ -413,9 +413,9 @@ def _add_sampling_args(s):
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="onnxruntime execution provider")
     s.add_argument("--speculate", type=_speculation_or_auto, default="auto", metavar="auto|off|ngram[:K]",
                    help="speculative decoding with prompt-lookup drafts, up to K tokens a step (default 7; 2n + 1 after "
-                   "a match of n tokens, 0 / 2 / 6 on int8 and int4 exports; fused graph): the same output, faster where the reply quotes its input. auto "
-                   "(the default): ngram where it is lossless and measured faster (a fused fp32 export on the CPU "
-                   "provider), else off")
+                   "a match of n tokens, 0 / 2 / 6 on int8 and int4 exports; fused graph): the same output, faster "
+                   "where the reply quotes its input. auto (the default): ngram where it is lossless and measured "
+                   "faster (a fused fp32 export on the CPU provider), else off")
 
 
 def _speculation_or_auto(text: str):
@@ -600,7 +600,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bench_serve)
 
     s = sub.add_parser("bench-speculate", help="speculative decoding against plain decoding on grounded and open "
-                       "prompts: table, JSON and PNG")
+                       "prompts, with the ceiling of its drafts: table, JSON and PNG")
     s.add_argument("export_dirs", nargs="+", metavar="EXPORT_DIR", help="fused-graph export folder(s)")
     s.add_argument("--speculate", type=_speculation, default="ngram", metavar="ngram[:K]")
     s.add_argument("--max-new-tokens", type=_count(2), default=128)

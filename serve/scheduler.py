@@ -206,6 +206,7 @@ class Scheduler:
             raise UserError("--speculate rolls rejected drafts back per sequence, which needs the fused graph "
                             "(export --graph fused)")
         self.backend, self.tok, self.metrics, self.speculate = backend, tokenizer, metrics, speculate
+        self.draft_lengths = draft_lengths(backend.manifest)  # drafts after a match of 1, 2, 3 tokens, by the export
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_model_len = min(max_model_len or backend.max_context, backend.max_context)
         self.gen = Generator(backend, prefill_chunk)  # chunk sizes and the static-batch prefill
@@ -237,7 +238,7 @@ class Scheduler:
     def submit(self, req: Request, emit) -> Handle:
         self.check(req)
         seq = Sequence(req, lambda ev: self._deliver(seq, emit, ev), self.tok, self.eos, self.speculate,
-                       draft_lengths(self.backend.manifest))
+                       self.draft_lengths)
         with self.cv:
             if self.stopping:
                 raise QueueFull("the server is shutting down")

@@ -210,6 +210,20 @@ def test_generate_speculates_by_default_only_where_lossless_and_measured(tiny_ex
     assert auto_speculation(window, fits - 4, 4) == Speculation() and auto_speculation(window, fits - 4, 5) is None
 
 
+def test_ceiling_pays_only_for_the_drafts_the_model_keeps():
+    """bench-speculate's ceiling: a reply replayed with the n-gram index's drafts (up to k), each step charged for
+    the last token and the kept drafts only."""
+    from mistral_trt.bench.speculative import ceiling
+
+    cost = {w: 1.0 + 0.1 * (w - 1) for w in range(1, 9)}
+    # after 1, the prompt's "2 3 4 5 6" comes true: one step of 6 tokens (1.5) for 6 plain steps (6.0)
+    assert ceiling([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6, 9], 7, cost) == pytest.approx(4.0)
+    # k = 2: two steps of 3 (2 x 1.2), the second drafting after the 3-token match "1 2 3"
+    assert ceiling([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6, 9], 2, cost) == pytest.approx(6.0 / 2.4)
+    # drafts that never come true cost nothing here: plain decoding's time exactly
+    assert ceiling([1, 2, 3], [1, 7, 8, 9], 7, cost) == pytest.approx(1.0)
+
+
 def test_bench_speculate_end_to_end(tiny_fused, tmp_path, capsys):
     out = tmp_path / "bs"
     rc, stdout, _ = cli(capsys, "bench-speculate", tiny_fused["full"], "--max-new-tokens", 6, "-o", out)
@@ -221,6 +235,9 @@ def test_bench_speculate_end_to_end(tiny_fused, tmp_path, capsys):
     # the document as long as the tiny model's context (1024) leaves room for, not the demo's ~1,500 tokens
     assert all(600 < r["prompt_tokens"] <= 1024 - 6 - 7 for r in data["open chat after a document"]["rows"])
     assert all(r["plain_tok_s"] > 0 and r["speculative_tok_s"] > 0 for r in data["grounded"]["rows"])
+    # the ceiling for the greedy workloads (never below plain decoding: unkept drafts are not charged), none sampled
+    assert all(data[k]["ceiling"] >= 1.0 for k in ("grounded", "open chat", "open chat after a document"))
+    assert data["open chat, sampled"]["ceiling"] is None and "| ceiling of these drafts |" in stdout
     assert (out / "bench-speculate.png").read_bytes()[:4] == b"\x89PNG"
     from mistral_trt.bench.speculative import TARGETS
 
