@@ -93,22 +93,21 @@ def run_one(gen, prompt: list[int], n: int, speculate, sampling) -> dict:
 
 def step_costs(backend, positions: int, widths, reps: int = 12) -> dict[int, float]:
     """Median seconds of a step that feeds w tokens (every column's logits, as a speculative step asks) after
-    `positions` cached ones (fewer where the context is shorter), for each w in widths; widths alternated per
-    repetition so drift hits them all."""
-    positions = max(1, min(positions, backend.max_context - (reps + 2) * max(widths)))
+    `positions` cached ones (fewer where the context is shorter), for each w in widths: one cache, each timed step
+    rolled back (as a rejected draft is), widths alternated per repetition so drift hits them all."""
+    positions = max(1, min(positions, backend.max_context - max(widths)))
     ids = np.random.default_rng(0).integers(3, backend.args.vocab_size, positions + max(widths))
-    caches = {}
-    for w in widths:
-        caches[w] = cache = backend.new_cache(1, positions + (reps + 2) * w)
-        cache.admit()
-        backend.step(cache, [ids[:positions]])
-        backend.step(cache, [ids[:w]], last=False)  # warm this width's kernels
+    cache = backend.new_cache(1, positions + max(widths))
+    slot = cache.admit()
+    backend.step(cache, [ids[:positions]])
     times: dict[int, list[float]] = {w: [] for w in widths}
-    for _ in range(reps):
+    for rep in range(reps + 1):  # the first round warms each width's kernels
         for w in widths:
             t = time.perf_counter()
-            backend.step(caches[w], [ids[:w]], last=False)
-            times[w].append(time.perf_counter() - t)
+            backend.step(cache, [ids[positions:positions + w]], last=False)
+            if rep:
+                times[w].append(time.perf_counter() - t)
+            cache.rollback(slot, w)
     return {w: statistics.median(v) for w, v in times.items()}
 
 
