@@ -62,7 +62,7 @@ def auto_speculation(gen, prompt_len: int, max_new_tokens: int) -> "Speculation 
     - lossless: rows that roll back independently (the fused graph) and float weights (no `quantize` precision:
       MatMulNBits exports are not token-identical, exactness_note);
     - measured faster: fp32 on onnxruntime's CPU provider, in every workload `bench-speculate` runs (medians on
-      the demo, 2 cores: grounded 1.7-1.9x, open chat 1.2-1.3x greedy and 1.1x sampled, open chat after a
+      the demo, 2 cores: grounded 1.7-2.0x, open chat 1.2-1.3x greedy and 1.1x sampled, open chat after a
       ~1,500-token document 1.5x; docs/performance.md). fp16 and the GPU providers are not measured, so plain;
     - no larger cache: speculation keeps the whole sequence (a rollback must never meet a window's eviction), so
       with a sliding window only a request that fits plain decoding's trimmed cache (window plus one chunk).
