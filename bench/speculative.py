@@ -182,7 +182,7 @@ def measure(folder: Path, speculate, max_new_tokens: int, log, provider: str = "
         if not sampled:  # the ceiling: plain replies replayed, drafts paid only where kept (step costs near here)
             positions = int(statistics.median(len(p) for p in prompts)) + max_new_tokens // 2
             cost = step_costs(backend, positions, range(1, speculate.k + 2))
-            for r, (prompt, ids) in zip(rows, zip(prompts, plain_ids)):
+            for r, prompt, ids in zip(rows, prompts, plain_ids):
                 r["ceiling"] = ceiling(list(map(int, prompt)), ids, speculate.k, cost)
         out[kind] = {"rows": rows, "median_speedup": statistics.median(r["speedup"] for r in rows),
                      "ceiling": statistics.median(r["ceiling"] for r in rows) if not sampled else None,
