@@ -2,6 +2,7 @@
 Mistral v1 tokenizer from the mistral-common wheel, and the embedded demo model converted once."""
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import shutil
@@ -16,6 +17,7 @@ import pytest
 # Verified-file records (runtime/integrity.py) go to a throwaway folder, never the user's ~/.cache; set before
 # any test runs so subprocesses inherit it.
 os.environ["MISTRAL_TRT_CACHE"] = tempfile.mkdtemp(prefix="mistral-trt-test-cache-")
+atexit.register(shutil.rmtree, os.environ["MISTRAL_TRT_CACHE"], ignore_errors=True)
 # Third-party clients in their own venvs: `make test-interop` and `make test-triton`, not `make test`. (Not a folder
 # named `triton`: tests/ is on sys.path, and torch and transformers take a `triton` package for OpenAI's compiler.)
 collect_ignore = [d for d, env in (("interop", "MISTRAL_TRT_INTEROP"), ("triton_server", "MISTRAL_TRT_TRITON_EXPORT"))
