@@ -269,7 +269,7 @@ class CheckpointInt4(Calibration):
 
     def preflight(self, c) -> None:
         if self.method == "awq-gptq-e2e":
-            check_tuning_memory(c.args)
+            check_tuning_memory(c.args, self.calib)
 
     def run(self, weights, c, target, log):
         from .awq import int4_calibration
@@ -302,17 +302,28 @@ class CheckpointInt4(Calibration):
                                tuning, target.dtype)
 
 
-def check_tuning_memory(args) -> None:
-    """awq-gptq-e2e holds the model three times in float32 and runs its backward pass: refused up front (before hours of
-    layer-by-layer calibration) where the memory is not there."""
+def check_tuning_memory(args, calib) -> None:
+    """awq-gptq-e2e holds the int4 levels, the scales' training state, the float model's final hidden states and a
+    step's backward pass (calib/tune.py memory_needed): refused up front (before hours of layer-by-layer calibration)
+    where the memory is not there. The tuning set's size comes from the calibration manifest: its chat tokens, the
+    probe's sequences again, and a plain-text window per chat sequence (calib/tune.py tuning_set)."""
     from mistral_trt.export.pipeline import available_gib
 
-    from .tune import memory_needed
+    from .data import TUNING_TEXT_TOKENS, TUNING_TEXT_WINDOWS, load_manifest
+    from .tune import PROBE_SEQUENCES, memory_needed
 
-    need, have = memory_needed(args) / 2**30, available_gib()
+    m = load_manifest(calib)
+    t = m.get("tokens") if isinstance(m.get("tokens"), dict) else {}
+    if isinstance(t.get("total"), int) and isinstance(t.get("max"), int) and isinstance(m["count"], int):
+        tokens = t["total"] + PROBE_SEQUENCES * t["max"] + min(m["count"], TUNING_TEXT_WINDOWS) * TUNING_TEXT_TOKENS
+        need = memory_needed(args, tokens, longest=max(t["max"], TUNING_TEXT_TOKENS)) / 2**30
+    else:  # a manifest without token counts: the default set's bound
+        need = memory_needed(args) / 2**30
+    have = available_gib()
     if need > have:
-        raise UserError(f"--int4-method awq-gptq-e2e: tuning this model's block scales end to end needs about {need:.1f} "
-                        f"GiB (the model three times in float32 and a backward pass), {have:.1f} GiB available: use "
+        raise UserError(f"--int4-method awq-gptq-e2e: tuning this model's block scales end to end needs about "
+                        f"{need:.1f} GiB (the int4 model, its scales' training state and a backward pass), {have:.1f} "
+                        "GiB available: use "
                         "--int4-method awq-gptq-layerwise (the scales tuned one layer at a time, one layer in memory), "
                         "awq-gptq, or a larger machine")
 

@@ -20,9 +20,10 @@ artifact keeps its bytes and layout, and a tuned scale keeps its sign (TensorRT'
     tuned = tune_block_scales(weights, config, args, seqs, scales, int4, block, lm_head=...)
 
 The KL on a fixed probe of calibration sequences is measured before and after; if tuning did not lower it, GPTQ's
-scales are kept. The whole model is held three times in float32 (teacher, student, the student's weights kept for
-the backward pass): minutes on a CPU for the demo model, a GPU-sized job for Mistral-7B (`memory_needed` says how
-much; export refuses before calibrating where it is not available).
+scales are kept. Neither model is held whole in float32: the float model runs once, a layer at a time, for its
+final hidden states; the student keeps its levels as int8 and its layers are checkpointed (`memory_needed`: about
+20 GiB for Mistral-7B, 3 GiB on the demo; export refuses before calibrating where it is not available). Minutes on a
+CPU for the demo model, a GPU-sized job in time for Mistral-7B.
 
     tuned = tune_layerwise(weights, config, args, seqs, scales, int4, block)
 
@@ -50,16 +51,26 @@ TUNE_LR = 2e-3  # Adam on log-scales: a step moves a scale by ~0.2 %
 PROBE_SEQUENCES = 8
 
 
-def memory_needed(args) -> int:
-    """Bytes the tuning holds: the teacher's weights in float32, the student's int4 levels in float32 and its
-    weights q * s as the forward builds and keeps them for the backward pass (so 12 bytes a parameter), and a
-    backward pass's activations (TUNE_BATCH sequences of ~512 tokens); Adam's state per block scale is small."""
-    h, i, v = args.hidden_size, args.intermediate_size, args.vocab_size
+TUNING_TOKENS = 256 * 512 + 256 * 256  # what memory_needed assumes before the set is read: 256 chat sequences of up
+# to 512 tokens and as many plain-text windows of 256 (calib/data.py; the demo's set is 69k tokens)
+
+
+def memory_needed(args, tokens: int = TUNING_TOKENS, longest: int = 512) -> int:
+    """Bytes tune_block_scales holds at its peak: the student's int4 levels (a byte a weight) and, per block of 32
+    weights, a scale, a log-scale, its gradient and Adam's two moments (20 bytes); the embedding and two lm_heads
+    (the float model's, the artifact's) in float32; the float model's final hidden states at every token of the set;
+    and in a step each decoder layer's input (checkpointed), one layer's float weights rebuilt for the backward pass
+    with their activations, and four [rows, V] tensors (the teacher's probabilities, the student's log-probabilities,
+    their gradient and the logits' gradient; TUNE_BATCH sequences of `longest`);
+    and 1 GiB for the process itself (torch, onnxruntime, the checkpoint's reader). Mistral-7B: about 20 GiB (three
+    float32 copies of the model before 2026-12-05: about 100 GiB); measured on two of its layers, docs/precision.md."""
+    h, i, v, n = args.hidden_size, args.intermediate_size, args.vocab_size, args.num_layers
     kv = args.num_kv_heads * args.head_dim
     layer = h * (h + 2 * kv) + h * h + 3 * h * i
-    params = args.num_layers * layer + 2 * v * h
-    acts = TUNE_BATCH * 512 * (args.num_layers * (8 * h + 4 * i) + 3 * v) * 4
-    return 3 * 4 * params + acts
+    rows = TUNE_BATCH * longest
+    weights = n * layer * (1 + 20 / 32) + 3 * v * h * 4
+    step = (n * h + 8 * h + 4 * i + 4 * v) * rows * 4 + 2 * layer * 4
+    return int(weights + tokens * h * 4 + step) + 2**30
 
 
 def lm_head_as_written(w: np.ndarray, precision: str, block: int, bits: int) -> np.ndarray:
@@ -89,7 +100,7 @@ class Int4Linear(torch.nn.Module):
     def __init__(self, q: np.ndarray, s0: np.ndarray, block: int):
         super().__init__()
         self.block, self.k = block, q.shape[0]
-        self.register_buffer("q", torch.from_numpy(q.astype(np.float32)))
+        self.register_buffer("q", torch.from_numpy(q.astype(np.int8)))  # a byte a weight; float only inside forward
         self.register_buffer("s0", torch.from_numpy(np.ascontiguousarray(s0, np.float32)))
         self.t = torch.nn.Parameter(torch.zeros_like(self.s0))
 
@@ -97,7 +108,7 @@ class Int4Linear(torch.nn.Module):
         return self.s0 * torch.exp(self.t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K]
-        return x @ (self.q * torch.repeat_interleave(self.scales(), self.block, 0)[:self.k])
+        return x @ (self.q.to(x.dtype) * torch.repeat_interleave(self.scales(), self.block, 0)[:self.k])
 
 
 def as_artifact(layer, li: int, scales: dict, int4: dict, block: int) -> dict[str, Int4Linear]:
@@ -137,55 +148,98 @@ def tune_block_scales(weights, config: dict, args, seqs: list[np.ndarray], scale
     """Tune int4's block scales in place (`int4`: checkpoint weight name -> MatMulNBits-packed, as
     calib/awq.py's int4_calibration returns it); `scales`: AWQ's (layer, group) -> (s, ...); `lm_head` [K, N]: the
     artifact's lm_head (lm_head_as_written); `seqs`: the probe first (tuning_set's). Returns the record: steps, KL
-    on the probe before and after, kept."""
-    from transformers import MistralForCausalLM
-    from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
+    on the probe before and after, kept.
 
-    from .layerwise import torch_config
+    Neither model is held whole in float32. The float model (the teacher) runs once, before any step, one decoder
+    layer at a time over the whole set, as calibration does; what the steps need of it is its final hidden state at
+    every token ([tokens, H]: Mistral-7B, 200k tokens, 3 GB), from which its log-probabilities come through its
+    lm_head in each step. The student keeps its int4 levels as int8 (a byte a weight) and rebuilds each layer's
+    float weights q * s inside its forward; its layers are checkpointed, so the backward pass recomputes a layer's
+    weights and activations from the layer's input instead of keeping them (a second student forward, in place of
+    the teacher's forward that each step used to run). memory_needed adds it up."""
+    from torch.utils.checkpoint import checkpoint
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm, MistralRotaryEmbedding
+
+    from .layerwise import attention_mask, decoder_layers, torch_config
 
     torch.manual_seed(0)
     cfg = torch_config(config, "sdpa")
+    emb = torch.from_numpy(weights.get("model.embed_tokens.weight", "float32"))  # [V, H]
+    norm = MistralRMSNorm(args.hidden_size, eps=args.rms_norm_eps).requires_grad_(False)
+    norm.weight = torch.nn.Parameter(torch.from_numpy(weights.get("model.norm.weight", "float32")), requires_grad=False)
+    rope = MistralRotaryEmbedding(config=cfg)
 
-    with torch.device("meta"):
-        teacher, student = MistralForCausalLM(cfg), MistralForCausalLM(cfg)
-    # one float copy of the checkpoint, read once: the student replaces (never edits in place) what it changes
-    state = {k: torch.from_numpy(weights.get(k, "float32")) for k in teacher.state_dict()}
-    for model in (teacher, student):
-        model.load_state_dict(state, assign=True)
-        model.model.rotary_emb = MistralRotaryEmbedding(config=cfg)  # its buffers are not in the state dict
-        model.requires_grad_(False).eval()
-    del state
-    student.lm_head.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(lm_head.T)), requires_grad=False)
+    def inputs(idx) -> tuple[torch.Tensor, torch.Tensor, tuple, torch.Tensor]:
+        """Sequences idx as a right-padded batch: the embedding rows [b, s, H], and what every layer reads beside
+        them: the additive mask [b, 1, s, s], rotary (cos, sin), real [b, s] (which tokens are not padding)."""
+        lengths = np.array([len(seqs[i]) for i in idx])
+        b, n = len(idx), int(lengths.max())
+        ids = np.zeros((b, n), np.int64)
+        for r, i in enumerate(idx):
+            ids[r, :lengths[r]] = seqs[i]
+        x = emb[torch.from_numpy(ids)]
+        with torch.no_grad():
+            rot = rope(x, torch.arange(n)[None].expand(b, n))
+        real = torch.from_numpy(np.arange(n)[None] < lengths[:, None])
+        return x, attention_mask(lengths, n, args.sliding_window), rot, real
+
+    # the teacher: every sequence's final hidden states [len, H], its layers read one at a time, batches of similar
+    # lengths (little padding)
+    by_length = np.argsort([len(x) for x in seqs], kind="stable")
+    groups = [by_length[a:a + TUNE_BATCH] for a in range(0, len(seqs), TUNE_BATCH)]
+    batches = [inputs(g) for g in groups]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for li in range(args.num_layers):
+            check_interrupted()
+            layer, = decoder_layers(weights, cfg, li)
+            for k, (x, mask, rot, real) in enumerate(batches):
+                batches[k] = (layer(x, attention_mask=mask, position_embeddings=rot), mask, rot, real)
+            del layer
+            if (li + 1) % max(1, args.num_layers // 4) == 0 or li + 1 == args.num_layers:
+                log(f"  the float model's final hidden states, layer by layer: {li + 1}/{args.num_layers} layers "
+                    f"({time.perf_counter() - t0:.0f}s)")
+        final: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+        for g, (x, *_) in zip(groups, batches):
+            x = norm(x)
+            for r, i in enumerate(g):
+                final[i] = x[r, :len(seqs[i])].clone()
+    del batches
+    teacher_head = torch.from_numpy(weights.get("lm_head.weight", "float32"))  # [V, H]
+
+    student = []
     tuned: dict[str, Int4Linear] = {}
-    for li, layer in enumerate(student.model.layers):
-        tuned.update(as_artifact(layer, li, scales, int4, block))
+    for li in range(args.num_layers):
+        layer, = decoder_layers(weights, cfg, li)
+        built = as_artifact(layer, li, scales, int4, block)  # its float linears dropped, one layer at a time
+        for name in built:
+            int4[name] = None  # the student holds the levels and GPTQ's scales; packed again at the end
+        tuned.update(built)
+        student.append(layer)
+    student_head = torch.from_numpy(np.ascontiguousarray(lm_head, np.float32))  # [H, V]: the artifact's
     params = [m.t for m in tuned.values()]
 
-    def kl(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean KL(teacher || student) over the real tokens of a right-padded batch (lm_head on those rows only)."""
-        keep = mask.bool()
-        with torch.no_grad():
-            h = teacher.model(input_ids=ids, attention_mask=mask).last_hidden_state[keep]
-            ref = torch.log_softmax(teacher.lm_head(h), -1)
-        h = student.model(input_ids=ids, attention_mask=mask).last_hidden_state[keep]
-        out = torch.log_softmax(student.lm_head(h), -1)
-        return (ref.exp() * (ref - out)).sum(-1).mean()
+    def kl(idx, train: bool) -> torch.Tensor:
+        """Mean KL(teacher || student) over the real tokens of sequences idx (lm_head on those rows only)."""
+        x, mask, rot, real = inputs(idx)
+        for layer in student:
+            if train:  # keep only x; the backward pass reruns the layer
+                x = checkpoint(layer, x, attention_mask=mask, position_embeddings=rot, use_reentrant=False)
+            else:
+                x = layer(x, attention_mask=mask, position_embeddings=rot)
+        with torch.no_grad():  # sum p log p per row, then p alone: [rows, V] tensors are the step's largest
+            ref = torch.log_softmax(torch.cat([final[i] for i in idx]) @ teacher_head.T, -1)
+            p_log_p = (ref.exp() * ref).sum(-1)
+            p = ref.exp_()
+        out = torch.log_softmax(norm(x)[real] @ student_head, -1)  # real rows, sequence by sequence
+        return (p_log_p - (p * out).sum(-1)).mean()
 
-    def batch_of(idx) -> tuple[torch.Tensor, torch.Tensor]:
-        longest = max(len(seqs[i]) for i in idx)
-        ids = torch.zeros(len(idx), longest, dtype=torch.long)
-        mask = torch.zeros(len(idx), longest, dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, :len(seqs[i])] = torch.from_numpy(seqs[i].astype(np.int64))
-            mask[r, :len(seqs[i])] = 1
-        return ids, mask
-
-    probe = [batch_of(range(a, min(a + TUNE_BATCH, PROBE_SEQUENCES, len(seqs))))
-             for a in range(0, min(PROBE_SEQUENCES, len(seqs)), TUNE_BATCH)]
+    first = min(PROBE_SEQUENCES, len(seqs))
+    probe = [range(a, min(a + TUNE_BATCH, first)) for a in range(0, first, TUNE_BATCH)]
 
     def probe_kl() -> float:
         with torch.no_grad():
-            return float(np.mean([kl(*b).item() for b in probe]))
+            return float(np.mean([kl(idx, train=False).item() for idx in probe]))
 
     before = probe_kl()
     log(f"  probe KL {before:.4f} (int4 levels and scales from GPTQ), tuning the block scales end to end")
@@ -196,7 +250,7 @@ def tune_block_scales(weights, config: dict, args, seqs: list[np.ndarray], scale
     t0, running = time.perf_counter(), []
     for step in range(steps):
         check_interrupted()
-        loss = kl(*batch_of(order[step * TUNE_BATCH:(step + 1) * TUNE_BATCH]))
+        loss = kl(order[step * TUNE_BATCH:(step + 1) * TUNE_BATCH], train=True)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -207,9 +261,8 @@ def tune_block_scales(weights, config: dict, args, seqs: list[np.ndarray], scale
             running.clear()
     after = probe_kl()
     kept = after < before
-    if kept:
-        for name, m in tuned.items():
-            int4[name] = pack_nbits4(m.q.numpy().astype(np.int8), m.scales().detach().numpy(), block)
+    for name, m in tuned.items():
+        int4[name] = pack_nbits4(m.q.numpy(), (m.scales().detach() if kept else m.s0).numpy(), block)
     log(f"  probe KL {before:.4f} -> {after:.4f} ({'tuned scales kept' if kept else 'not lower: GPTQ scales kept'})")
     return {"steps": steps, "batch": TUNE_BATCH, "learning_rate": lr, "probe_sequences": PROBE_SEQUENCES,
             "probe_kl_before": before, "probe_kl_after": after, "kept": kept,
@@ -275,7 +328,7 @@ def tune_layerwise(weights, config: dict, args, seqs: list[np.ndarray], scales: 
         kept = after < before
         for name, m in tuned.items():
             if kept:
-                int4[name] = pack_nbits4(m.q.numpy().astype(np.int8), m.scales().detach().numpy(), block)
+                int4[name] = pack_nbits4(m.q.numpy(), m.scales().detach().numpy(), block)
             else:
                 m.t.data.zero_()  # GPTQ's scales, also for what the next layer reads
         x_int4 = outs if kept else outputs()[0]
