@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from mistral_trt.export.weights import int4_dequantize, pack_nbits4, unpack_nbits4
+from mistral_trt.runtime.cache import pack_rows
 from mistral_trt.runtime.errors import check_interrupted
 
 from .data import digest, packed
@@ -172,11 +173,9 @@ def tune_block_scales(weights, config: dict, args, seqs: list[np.ndarray], scale
     def inputs(idx) -> tuple[torch.Tensor, torch.Tensor, tuple, torch.Tensor]:
         """Sequences idx as a right-padded batch: the embedding rows [b, s, H], and what every layer reads beside
         them: the additive mask [b, 1, s, s], rotary (cos, sin), real [b, s] (which tokens are not padding)."""
+        ids = pack_rows([seqs[i] for i in idx], align="right")
         lengths = np.array([len(seqs[i]) for i in idx])
-        b, n = len(idx), int(lengths.max())
-        ids = np.zeros((b, n), np.int64)
-        for r, i in enumerate(idx):
-            ids[r, :lengths[r]] = seqs[i]
+        b, n = ids.shape
         x = emb[torch.from_numpy(ids)]
         with torch.no_grad():
             rot = rope(x, torch.arange(n)[None].expand(b, n))
