@@ -182,9 +182,41 @@ class CheckpointW8a8(Calibration):
 
 
 # --int4-method with --calib (without --calib int4 rounds to nearest): awq-gptq-layerwise then tunes GPTQ's block scales
-# on each decoder layer's output, awq-gptq-e2e on the whole model's (calib/tune.py)
-INT4_METHODS = ("awq-gptq", "awq-gptq-layerwise", "awq-gptq-e2e", "awq")
+# on each decoder layer's output, awq-gptq-e2e on the whole model's (calib/tune.py); auto (the default) chooses by the
+# model's size (auto_int4_method)
+INT4_METHODS = ("auto", "awq-gptq", "awq-gptq-layerwise", "awq-gptq-e2e", "awq")
 TUNED_INT4_METHODS = ("awq-gptq-layerwise", "awq-gptq-e2e")
+AUTO_E2E_BELOW = 10**9  # parameters
+
+
+def parameters(args) -> int:
+    """Every weight of a MistralForCausalLM of these numbers: the embedding, each decoder layer's seven projections
+    and two norms, the final norm, and lm_head unless it is tied to the embedding. Mistral-7B: 7,241,732,096."""
+    h, i, n = args.hidden_size, args.intermediate_size, args.num_layers
+    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+    return n * layer + h + args.vocab_size * h * (1 if args.tie_word_embeddings else 2)
+
+
+def auto_int4_method(args) -> tuple[str, str]:
+    """`--int4-method auto`: awq-gptq-e2e below a billion parameters, awq-gptq from there; returns (method, why).
+
+    4-bit weights cost a small model far more than a large one (the demo's 135M: AWQ + GPTQ +6.4 % perplexity, tuned
+    end to end +2.2 %; 7B models lose a few percent with AWQ or GPTQ alone, docs/precision.md), and the end-to-end
+    tuning's time grows with the parameters: minutes to an hour below a billion on a CPU, hours for Mistral-7B. The
+    choice depends on the checkpoint alone, so the same command gives the same artifact on every machine.
+
+    >>> from mistral_trt.runtime.manifest import ModelArgs
+    >>> auto_int4_method(ModelArgs("MistralForCausalLM", 32, 32, 8, 128, 4096, 14336, 32000, 1e6, 32768, None, 1e-5,
+    ...                            False))[0]
+    'awq-gptq'
+    """
+    p = parameters(args)
+    if p < AUTO_E2E_BELOW:
+        return "awq-gptq-e2e", (f"{p / 1e6:,.0f}M parameters, below 1B: the block scales tuned end to end, about 5x "
+                                "awq-gptq's time; --int4-method awq-gptq for the faster recipe")
+    return "awq-gptq", (f"{p / 1e9:.1f}B parameters, 1B or more: AWQ + GPTQ; --int4-method awq-gptq-e2e tunes the "
+                        "block scales end to end too (hours on a CPU at this size)")
 
 
 class Int4Calibration:
@@ -198,8 +230,10 @@ class Int4Calibration:
     the quantized weights (TensorRT's positive scales: calibrated for int4-w4a16, not shared with the fused graph)."""
 
     def __init__(self, scales: dict, int4: dict, errors: dict, method: str, calib, calib_manifest: dict, sequences: int,
-                 precision: str = "int4", args=None, tuning: dict | None = None, dtype: str = "fp32"):
+                 precision: str = "int4", args=None, tuning: dict | None = None, dtype: str = "fp32",
+                 requested: str | None = None):
         self.scales, self.int4, self.errors, self.method, self.tuning = scales, int4, errors, method, tuning
+        self.requested = requested or method
         self.calib, self.calib_manifest, self.sequences = calib, calib_manifest, sequences
         self.precision, self.args, self.dtype, self._edits = precision, args, dtype, None
 
@@ -215,6 +249,7 @@ class Int4Calibration:
                    if self.method == "awq-gptq-layerwise" else "end to end (KL to the float model")
             rounding += f", then the block scales tuned {how} on calibration chat and plain text, int4 levels fixed)"
         return {"name": self.precision, "int4_method": self.method,
+                **({"int4_method_requested": self.requested} if self.requested != self.method else {}),
                 "method": ("activation-aware scaling (AWQ: s = mean|x|^alpha, alpha per activation by output error, "
                            f"folded into RMSNorm gammas and up_proj columns), then {rounding} + {weights}"),
                 **({"tuning": self.tuning} if self.tuning else {}),
@@ -260,16 +295,18 @@ class CheckpointInt4(Calibration):
     `--precision int4-w4a16 --calib CALIB` for TensorRT), by `method` (INT4_METHODS). The precision, block and
     lm_head's bits (which awq-gptq-e2e's tuning computes through) are the export's: export_model hands them to run."""
 
-    def __init__(self, calib, method: str = "awq-gptq"):
+    def __init__(self, calib, method: str = "auto"):
         if calib is None:
             raise UserError("calibrated int4 calibrates on a set: pass --calib CALIB (from `mistral-trt calibrate`)")
         if method not in INT4_METHODS:
             raise UserError(f"--int4-method {method!r}: expected one of {', '.join(INT4_METHODS)}")
-        self.calib, self.method = calib, method
+        self.calib, self.method, self.requested = calib, method, method
 
     def preflight(self, c) -> None:
+        if self.requested == "auto":
+            self.method, self.why = auto_int4_method(c.args)
         if self.method == "awq-gptq-e2e":
-            check_tuning_memory(c.args, self.calib)
+            check_tuning_memory(c.args, self.calib, self.requested)
 
     def run(self, weights, c, target, log):
         from .awq import int4_calibration
@@ -277,7 +314,7 @@ class CheckpointInt4(Calibration):
         calib, method, precision, block_size = self.calib, self.method, target.precision, target.block_size
         calib_manifest, seqs = load_calibration(calib, c.args.vocab_size)
         log(f"  {len(seqs)} calibration sequences, {sum(len(x) for x in seqs)} tokens, {c.args.num_layers} layers, "
-            f"{method}")
+            f"{method}" + (f" (--int4-method auto: {self.why})" if self.requested == "auto" else ""))
         scales, int4, errors = int4_calibration(weights, c.config, c.args, seqs, block_size, gptq=method != "awq",
                                                 positive=precision == "int4-w4a16", log=log)
         tuning = None
@@ -299,10 +336,10 @@ class CheckpointInt4(Calibration):
                 tuned = tune_block_scales(weights, c.config, c.args, mixed, scales, int4, block_size, head, log=log)
             tuning = {**tuned, **trained_on}
         return Int4Calibration(scales, int4, errors, method, calib, calib_manifest, len(seqs), precision, c.args,
-                               tuning, target.dtype)
+                               tuning, target.dtype, self.requested)
 
 
-def check_tuning_memory(args, calib) -> None:
+def check_tuning_memory(args, calib, requested: str = "awq-gptq-e2e") -> None:
     """awq-gptq-e2e holds the int4 levels, the scales' training state, the float model's final hidden states and a
     step's backward pass (calib/tune.py memory_needed): refused up front (before hours of layer-by-layer calibration)
     where the memory is not there. The tuning set's size comes from the calibration manifest: its chat tokens, the
@@ -321,11 +358,12 @@ def check_tuning_memory(args, calib) -> None:
         need = memory_needed(args) / 2**30
     have = available_gib()
     if need > have:
-        raise UserError(f"--int4-method awq-gptq-e2e: tuning this model's block scales end to end needs about "
+        chose = "--int4-method auto chose awq-gptq-e2e (below 1B parameters)" if requested == "auto" else \
+            "--int4-method awq-gptq-e2e"
+        raise UserError(f"{chose}: tuning this model's block scales end to end needs about "
                         f"{need:.1f} GiB (the int4 model, its scales' training state and a backward pass), {have:.1f} "
-                        "GiB available: use "
-                        "--int4-method awq-gptq-layerwise (the scales tuned one layer at a time, one layer in memory), "
-                        "awq-gptq, or a larger machine")
+                        "GiB available: use --int4-method awq-gptq (no tuning), awq-gptq-layerwise (the scales tuned "
+                        "one layer at a time, one layer in memory), or a larger machine")
 
 
 def nbits(src: Path, dst: Path, bits: int = 8, block_size: int = NBITS_BLOCK, lm_head_bits: int | None = None) -> dict:

@@ -26,10 +26,10 @@ def cmd_export(a):
         from mistral_trt.calib.quantize import CheckpointW8a8
 
         calibrate = CheckpointW8a8(a.calib, a.calib_method, _alpha_value(a), a.outlier_ratio)
-    elif a.precision in ("int4", "int4-w4a16") and a.calib:  # AWQ + GPTQ (or AWQ alone), likewise
+    elif a.precision in ("int4", "int4-w4a16") and a.calib:  # --int4-method (auto: by the model's size), likewise
         from mistral_trt.calib.quantize import CheckpointInt4
 
-        calibrate = CheckpointInt4(a.calib, a.int4_method or "awq-gptq")
+        calibrate = CheckpointInt4(a.calib, a.int4_method or "auto")
     elif a.calib:
         from mistral_trt.export.pipeline import CALIB_MESSAGE
 
@@ -479,16 +479,17 @@ def parser() -> argparse.ArgumentParser:
                    help="weights as written, straight from the checkpoint, tensor by tensor: fp32, fp16, int8-w8a16, "
                         "int8-w8a8 or int4-w4a16 (explicit Q/DQ for TensorRT; w8a8 takes --calib), int8-w8a8-dynamic "
                         "or int4 (onnxruntime MatMulNBits, --graph fused); int4 and int4-w4a16 take an optional "
-                        "--calib (AWQ + GPTQ)")
+                        "--calib (calibrated: --int4-method)")
     s.add_argument("--block-size", type=int, default=NBITS_BLOCK,
                    help="int8-w8a8-dynamic / int4 / int4-w4a16: input channels per weight scale")
     s.add_argument("--lm-head-bits", type=int, choices=[4, 8],
                    help="int4 / int4-w4a16: lm_head's weight bits (default 8: far better quality for few bytes)")
     s.add_argument("--int4-method", choices=INT4_METHODS,
-                   help="int4 / int4-w4a16 with --calib: awq-gptq (default: AWQ's scaling, then GPTQ's rounding), "
-                        "awq-gptq-layerwise (then the block scales tuned on each decoder layer's output, one layer "
-                        "in memory: about 5x awq-gptq's time), awq-gptq-e2e (then tuned on the whole model's output: "
-                        "the model 3x in float32 in memory) or awq (AWQ's scaling, then round to nearest)")
+                   help="int4 / int4-w4a16 with --calib: auto (default: awq-gptq-e2e below 1B parameters, "
+                        "awq-gptq from 1B), awq-gptq (AWQ's scaling, then GPTQ's rounding), awq-gptq-layerwise (then "
+                        "the block scales tuned on each decoder layer's output: about 5x awq-gptq's time), "
+                        "awq-gptq-e2e (then tuned on the whole model's output: about 5x awq-gptq's time, the best "
+                        "perplexity) or awq (AWQ's scaling, then round to nearest)")
     _add_w8a8_args(s)
     s.add_argument("--graph", choices=GRAPHS, default="portable",
                    help="portable: traced standard ONNX ops, runs anywhere incl. TensorRT; fused: onnxruntime "

@@ -54,7 +54,8 @@ test -f $OUT/int8-w8a16/manifest.json || step int8-w8a16 $CLI quantize $OUT/fp32
 if [ "${GPU_CALIB:-1}" = 1 ]; then
   test -f $OUT/calib/manifest.json || step calib $CLI calibrate $OUT/fp32 -o $OUT/calib
   test -f $OUT/int8-w8a8/manifest.json || step int8-w8a8 $CLI quantize $OUT/fp32 --precision int8-w8a8 --calib $OUT/calib -o $OUT/int8-w8a8
-  test -f $OUT/int4-w4a16/manifest.json || step int4-w4a16 $CLI export $DEMO -o $OUT/int4-w4a16 --precision int4-w4a16 --calib $OUT/calib
+  test -f $OUT/int4-w4a16/manifest.json || step int4-w4a16 $CLI export $DEMO -o $OUT/int4-w4a16 --precision int4-w4a16 --calib $OUT/calib \
+    --int4-method awq-gptq  # auto would tune the demo end to end: 20 min of CPU
 else
   test -f $OUT/int4-w4a16/manifest.json || step int4-w4a16 $CLI export $DEMO -o $OUT/int4-w4a16 --precision int4-w4a16
 fi

@@ -486,16 +486,18 @@ def test_demo_w8a8_quality_target(demo_onnx, demo_hf, demo_calib, tmp_path):
 
 @pytest.mark.quality
 def test_demo_int4_calibrated_quality(demo_onnx, demo_hf, demo_calib, tmp_path):
-    """int4 (fused, block 32, lm_head int8) on the demo model, first 2048 held-out tokens: calibrated (AWQ + GPTQ,
-    the default of --calib) loses at most half of what round to nearest loses, and at most 10 % perplexity (the
-    whole text: +6.45 % against +21.8 %, docs/precision.md). The issue's +3 % is out of reach for 4-bit weights on
-    this 135M model; the test holds what was reached."""
+    """The issue's int4 target on the demo model: the default calibrated recipe (`--calib` alone: --int4-method auto,
+    which chooses awq-gptq-e2e for a model below a billion parameters; fused, block 32, lm_head int8) within +3 %
+    perplexity of fp32 on the first 2048 held-out tokens (the whole text: +2.15 %, docs/precision.md), against
+    round to nearest's +20 % or so; about 20 minutes on 2 cores, most of it the end-to-end tuning."""
     from mistral_trt.calib.evaluate import evaluate
 
-    rtn, cal = tmp_path / "rtn", tmp_path / "awq-gptq"
+    rtn, cal = tmp_path / "rtn", tmp_path / "default"
     assert main(["export", str(demo_hf), "-o", str(rtn), "--graph", "fused", "--precision", "int4"]) == 0
     assert main(["export", str(demo_hf), "-o", str(cal), "--graph", "fused", "--precision", "int4",
                  "--calib", str(demo_calib)]) == 0
+    p = Manifest.load(cal).precision
+    assert (p["int4_method"], p["int4_method_requested"]) == ("awq-gptq-e2e", "auto") and p["tuning"]["kept"], p
     rows = evaluate([rtn, cal], demo_calib / "eval.txt", demo_onnx, max_tokens=2048)
-    assert rows[2]["ppl_delta_pct"] <= 0.5 * rows[1]["ppl_delta_pct"] and rows[2]["ppl_delta_pct"] <= 10.0, rows
-    assert rows[2]["mean_kl"] < 0.6 * rows[1]["mean_kl"], rows
+    assert rows[2]["ppl_delta_pct"] <= 3.0 and rows[1]["ppl_delta_pct"] > 10.0, rows
+    assert rows[2]["mean_kl"] < 0.5 * rows[1]["mean_kl"], rows

@@ -233,8 +233,8 @@ def test_int4_w4a16_external_data(tiny_full, tmp_path, monkeypatch):
 
 
 def test_int4_calibrated_awq_gptq(tiny_window, tiny_exports, tmp_path):
-    """`export --precision int4-w4a16 --calib` and `--graph fused --precision int4 --calib` (AWQ + GPTQ, the default
-    method; `--int4-method awq` rounds to nearest after AWQ): GPTQ's output error below round to nearest's for every
+    """`export --precision int4-w4a16 --calib` and `--graph fused --precision int4 --calib` with `--int4-method
+    awq-gptq` (AWQ + GPTQ; `--int4-method awq` rounds to nearest after AWQ): GPTQ's output error below round to nearest's for every
     layer's inputs (awq.json), TensorRT's artifact with scales > 0, the fused one in onnxruntime's signed convention,
     all of them runnable."""
     import json
@@ -243,9 +243,10 @@ def test_int4_calibrated_awq_gptq(tiny_window, tiny_exports, tmp_path):
     assert main(["calibrate", str(tiny_exports["full", "fp32"]), "-o", str(cal), "--count", "12",
                  "--reply-tokens", "4"]) == 0
     portable, fused, awq, rtn = (tmp_path / n for n in ("portable", "fused", "awq", "rtn"))
-    assert main(["export", str(tiny_window), "-o", str(portable), "--precision", "int4-w4a16", "--calib", str(cal)]) == 0
+    assert main(["export", str(tiny_window), "-o", str(portable), "--precision", "int4-w4a16", "--calib", str(cal),
+                 "--int4-method", "awq-gptq"]) == 0
     assert main(["export", str(tiny_window), "-o", str(fused), "--graph", "fused", "--precision", "int4", "--calib",
-                 str(cal)]) == 0
+                 str(cal), "--int4-method", "awq-gptq"]) == 0
     assert main(["export", str(tiny_window), "-o", str(awq), "--graph", "fused", "--precision", "int4", "--calib",
                  str(cal), "--int4-method", "awq"]) == 0
     assert main(["export", str(tiny_window), "-o", str(rtn), "--graph", "fused", "--precision", "int4"]) == 0
@@ -278,8 +279,10 @@ def test_int4_block_scales_tuned(method, tiny_window, tiny_exports, tmp_path):
     assert main(["calibrate", str(tiny_exports["window", "fp32"]), "-o", str(cal), "--count", "16",
                  "--reply-tokens", "4"]) == 0
     gptq, tuned, w4 = (tmp_path / n for n in ("gptq", "tuned", "w4"))
-    for folder, flags in ((gptq, ["--graph", "fused", "--precision", "int4"]),
-                          (tuned, ["--graph", "fused", "--precision", "int4", "--int4-method", method]),
+    # awq-gptq-e2e is what the default (auto) chooses below a billion parameters: the fused export runs it unasked
+    auto = method == "awq-gptq-e2e"
+    for folder, flags in ((gptq, ["--graph", "fused", "--precision", "int4", "--int4-method", "awq-gptq"]),
+                          (tuned, ["--graph", "fused", "--precision", "int4", *([] if auto else ["--int4-method", method])]),
                           (w4, ["--precision", "int4-w4a16", "--int4-method", method])):
         assert main(["export", str(tiny_window), "-o", str(folder), "--calib", str(cal), *flags]) == 0
     layers = Manifest.load(gptq).model.num_layers
@@ -287,6 +290,7 @@ def test_int4_block_scales_tuned(method, tiny_window, tiny_exports, tmp_path):
         p = Manifest.load(folder).precision
         t = p["tuning"]
         assert p["int4_method"] == method and t["kept"], t
+        assert p.get("int4_method_requested") == ("auto" if auto and folder == tuned else None), p
         # trained on chat and plain text alike: as many text windows as chat sequences drawn, after the 8-long probe
         assert t["text_windows"] == 16 and t["chat_sequences"] == 8 + 16, t
         if method == "awq-gptq-e2e":
@@ -337,11 +341,27 @@ def test_int4_e2e_refused_without_memory(tiny_window, tiny_exports, tmp_path, ca
                  "--reply-tokens", "2"]) == 0
     capsys.readouterr()
     out = tmp_path / "o"
-    assert main(["export", str(tiny_window), "-o", str(out), "--graph", "fused", "--precision", "int4", "--calib",
-                 str(cal), "--int4-method", "awq-gptq-e2e"]) == 2
-    err = capsys.readouterr().err
-    assert "--int4-method awq-gptq-e2e" in err and "GiB available" in err and "Traceback" not in err, err
-    assert len(err.strip().splitlines()) == 1 and not out.exists() and "layer by layer: 1/" not in err
+    for method, says in ((["--int4-method", "awq-gptq-e2e"], "--int4-method awq-gptq-e2e: "),
+                         ([], "--int4-method auto chose awq-gptq-e2e (below 1B parameters): ")):  # the default
+        assert main(["export", str(tiny_window), "-o", str(out), "--graph", "fused", "--precision", "int4", "--calib",
+                     str(cal), *method]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "GiB available" in err and "use --int4-method awq-gptq (no tuning)" in err, err
+        assert len(err.strip().splitlines()) == 1 and not out.exists() and "layer by layer: 1/" not in err, err
+
+
+def test_int4_method_auto():
+    """`--int4-method auto` (the default with --calib) chooses by the checkpoint's parameter count alone: end-to-end
+    tuning below a billion (the demo), AWQ + GPTQ from there (Mistral-7B). The counts are the published ones."""
+    from mistral_trt.calib.quantize import auto_int4_method, parameters
+    from mistral_trt.runtime.manifest import ModelArgs
+
+    mistral_7b = ModelArgs("MistralForCausalLM", 32, 32, 8, 128, 4096, 14336, 32000, 1e6, 32768, None, 1e-5, False)
+    smollm2 = ModelArgs("MistralForCausalLM", 30, 9, 3, 64, 576, 1536, 49152, 1e5, 8192, None, 1e-5, True)
+    assert parameters(mistral_7b) == 7_241_732_096 and parameters(smollm2) == 134_515_008
+    assert auto_int4_method(mistral_7b)[0] == "awq-gptq" and auto_int4_method(smollm2)[0] == "awq-gptq-e2e"
+    edge = ModelArgs("MistralForCausalLM", 1, 1, 1, 8, 8, 8, 10**9 // 8, 1e4, 64, None, 1e-5, True)  # 1B and a few
+    assert parameters(edge) >= 10**9 and auto_int4_method(edge)[0] == "awq-gptq"
 
 
 @pytest.mark.parametrize("flags, message", [
