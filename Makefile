@@ -41,8 +41,9 @@ else
 endif
 	@echo "export ready: $(OUT)"
 
-# make test: everything but the demo model's quality targets (about 12 minutes on 2 cores); those take their own
-# target (about 12 more: each calibrates or evaluates on the demo model). .ci/run runs both, then test-interop.
+# make test: everything but the demo model's quality targets (about 10 minutes on 2 cores); those take their own
+# target (about 35-40 more: each calibrates or evaluates on the demo model, int4's default tunes it end to end for
+# ~25 of them). .ci/run runs both, then cpp-asan, test-interop and test-triton (about an hour in all).
 test: setup cpp
 	$(PY) -m pytest -q -m "not quality" tests
 
