@@ -189,13 +189,19 @@ TUNED_INT4_METHODS = ("awq-gptq-layerwise", "awq-gptq-e2e")
 AUTO_E2E_BELOW = 10**9  # parameters
 
 
+def projection_weights(args) -> int:
+    """The weights of one decoder layer's seven projections (q, k, v, o, gate, up, down): what int4 quantizes."""
+    h, i = args.hidden_size, args.intermediate_size
+    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    return h * (q + 2 * kv) + q * h + 3 * h * i
+
+
 def parameters(args) -> int:
     """Every weight of a MistralForCausalLM of these numbers: the embedding, each decoder layer's seven projections
     and two norms, the final norm, and lm_head unless it is tied to the embedding. Mistral-7B: 7,241,732,096."""
-    h, i, n = args.hidden_size, args.intermediate_size, args.num_layers
-    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
-    return n * layer + h + args.vocab_size * h * (1 if args.tie_word_embeddings else 2)
+    h = args.hidden_size
+    return args.num_layers * (projection_weights(args) + 2 * h) + h + \
+        args.vocab_size * h * (1 if args.tie_word_embeddings else 2)
 
 
 def auto_int4_method(args) -> tuple[str, str]:
@@ -300,21 +306,24 @@ class CheckpointInt4(Calibration):
             raise UserError("calibrated int4 calibrates on a set: pass --calib CALIB (from `mistral-trt calibrate`)")
         if method not in INT4_METHODS:
             raise UserError(f"--int4-method {method!r}: expected one of {', '.join(INT4_METHODS)}")
-        self.calib, self.method, self.requested = calib, method, method
+        self.calib, self.requested = calib, method
+
+    def method(self, args) -> tuple[str, str | None]:
+        """The method this export runs, and why where auto chose it (auto_int4_method)."""
+        return auto_int4_method(args) if self.requested == "auto" else (self.requested, None)
 
     def preflight(self, c) -> None:
-        if self.requested == "auto":
-            self.method, self.why = auto_int4_method(c.args)
-        if self.method == "awq-gptq-e2e":
+        if self.method(c.args)[0] == "awq-gptq-e2e":
             check_tuning_memory(c.args, self.calib, self.requested)
 
     def run(self, weights, c, target, log):
         from .awq import int4_calibration
 
-        calib, method, precision, block_size = self.calib, self.method, target.precision, target.block_size
+        (method, why), calib = self.method(c.args), self.calib
+        precision, block_size = target.precision, target.block_size
         calib_manifest, seqs = load_calibration(calib, c.args.vocab_size)
         log(f"  {len(seqs)} calibration sequences, {sum(len(x) for x in seqs)} tokens, {c.args.num_layers} layers, "
-            f"{method}" + (f" (--int4-method auto: {self.why})" if self.requested == "auto" else ""))
+            f"{method}" + (f" (--int4-method auto: {why})" if why else ""))
         scales, int4, errors = int4_calibration(weights, c.config, c.args, seqs, block_size, gptq=method != "awq",
                                                 positive=precision == "int4-w4a16", log=log)
         tuning = None

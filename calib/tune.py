@@ -65,9 +65,10 @@ def memory_needed(args, tokens: int = TUNING_TOKENS, longest: int = 512) -> int:
     their gradient and the logits' gradient; TUNE_BATCH sequences of `longest`);
     and 1 GiB for the process itself (torch, onnxruntime, the checkpoint's reader). Mistral-7B: about 20 GiB (three
     float32 copies of the model before 2026-12-05: about 100 GiB); measured on two of its layers, docs/precision.md."""
+    from .quantize import projection_weights
+
     h, i, v, n = args.hidden_size, args.intermediate_size, args.vocab_size, args.num_layers
-    kv = args.num_kv_heads * args.head_dim
-    layer = h * (h + 2 * kv) + h * h + 3 * h * i
+    layer = projection_weights(args)
     rows = TUNE_BATCH * longest
     weights = n * layer * (1 + 20 / 32) + 3 * v * h * 4
     step = (n * h + 8 * h + 4 * i + 4 * v) * rows * 4 + 2 * layer * 4

@@ -234,9 +234,9 @@ def test_int4_w4a16_external_data(tiny_full, tmp_path, monkeypatch):
 
 def test_int4_calibrated_awq_gptq(tiny_window, tiny_exports, tmp_path):
     """`export --precision int4-w4a16 --calib` and `--graph fused --precision int4 --calib` with `--int4-method
-    awq-gptq` (AWQ + GPTQ; `--int4-method awq` rounds to nearest after AWQ): GPTQ's output error below round to nearest's for every
-    layer's inputs (awq.json), TensorRT's artifact with scales > 0, the fused one in onnxruntime's signed convention,
-    all of them runnable."""
+    awq-gptq` (AWQ + GPTQ; `--int4-method awq` rounds to nearest after AWQ): GPTQ's output error below round to
+    nearest's for every layer's inputs (awq.json), TensorRT's artifact with scales > 0, the fused one in
+    onnxruntime's signed convention, all of them runnable."""
     import json
 
     cal = tmp_path / "cal"
@@ -282,7 +282,8 @@ def test_int4_block_scales_tuned(method, tiny_window, tiny_exports, tmp_path):
     # awq-gptq-e2e is what the default (auto) chooses below a billion parameters: the fused export runs it unasked
     auto = method == "awq-gptq-e2e"
     for folder, flags in ((gptq, ["--graph", "fused", "--precision", "int4", "--int4-method", "awq-gptq"]),
-                          (tuned, ["--graph", "fused", "--precision", "int4", *([] if auto else ["--int4-method", method])]),
+                          (tuned, ["--graph", "fused", "--precision", "int4",
+                                   *([] if auto else ["--int4-method", method])]),
                           (w4, ["--precision", "int4-w4a16", "--int4-method", method])):
         assert main(["export", str(tiny_window), "-o", str(folder), "--calib", str(cal), *flags]) == 0
     layers = Manifest.load(gptq).model.num_layers
