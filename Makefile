@@ -1,9 +1,12 @@
-# The two commands a fresh machine needs:  `make demo`  and  `make test`.
-# Everything installs into .venv from this repo's own files.
+# A fresh machine needs two commands: `make demo` and `make test` (docs/development.md: the tiers and their budgets).
+# Everything installs into .venv from this repo's own files. The demo model and everything derived from it live in
+# the artifact store (scripts/store.py; $(MISTRAL_TRT_STORE) or ~/.cache/mistral-trt/store), keyed by content and
+# shared by pytest and every target here; build/ holds links to its entries.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CLI    := $(VENV)/bin/mistral-trt
+STORE  := $(PY) scripts/store.py
 TORCH  ?= torch==2.13.0
 MODEL  ?=
 DTYPE  ?= fp32
@@ -12,8 +15,10 @@ FLAGS  ?=
 DEMO_HF  := build/smollm2-135m-instruct
 DEMO_OUT := build/onnx/smollm2-135m-instruct-$(DTYPE)
 OUT      ?= $(if $(MODEL),build/onnx/$(notdir $(abspath $(MODEL)))-$(DTYPE),$(DEMO_OUT))
+FUSED_OUT := build/onnx/smollm2-135m-instruct-fused-fp32
+FUSED_Q8  := build/onnx/smollm2-135m-instruct-fused-int8-w8a8-dynamic
 
-.PHONY: setup demo export test test-quality test-interop cpp cpp-asan bench-cpp test-triton bench-triton bench-speculate bench-int4 clean measure-export measure-7b bench bench-serve serve gpu-check
+.PHONY: setup demo export test test-fast test-main test-quality test-quality-if-changed test-interop demo-fused demo-fused-int8 cpp cpp-asan bench-cpp test-triton bench-triton bench-speculate bench-int4 clean measure-export measure-7b bench bench-serve serve gpu-check
 
 setup: $(VENV)/.installed
 
@@ -34,21 +39,34 @@ demo: export
 
 export: setup
 ifeq ($(MODEL),)
-	@test -f $(DEMO_HF)/config.json || $(CLI) convert-gguf -o $(DEMO_HF)
-	@test -f $(OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(OUT) --dtype $(DTYPE)
+	@$(STORE) demo-hf --link $(DEMO_HF) > /dev/null
+	@$(STORE) demo-$(DTYPE) --link $(OUT) > /dev/null
 else
 	$(CLI) export $(MODEL) -o $(OUT) --dtype $(DTYPE) $(if $(FORCE),--force) $(FLAGS)
 endif
 	@echo "export ready: $(OUT)"
 
-# make test: everything but the demo model's quality targets (about 10 minutes on 2 cores); those take their own
-# target (about 35-40 more: each calibrates or evaluates on the demo model, int4's default tunes it end to end for
-# ~25 of them). .ci/run runs both, then cpp-asan, test-interop and test-triton (about an hour in all).
-test: setup cpp
-	$(PY) -m pytest -q -m "not quality" tests
+# The tiers (docs/development.md). Each pytest run prints its count and time; the budgets are for 2 cores.
+#   test-fast: the inner loop before every commit (<= 5 min after `make setup`): no test marked slow or quality.
+#   test:      everything but the quality tier (<= 12 min): the main suite, then interop and Triton as their own runs.
+#   test-quality: each precision's quality target on the demo model on two held-out texts; it records its pass in
+#              docs/results/quality.json, and test-quality-if-changed (CI) runs it only when what it guards changed.
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider
+test-fast: setup
+	$(PYTEST) -m "not slow and not quality" tests
+
+test: test-main test-interop test-triton
+
+test-main: setup cpp
+	$(PYTEST) -m "not quality" tests
 
 test-quality: setup
-	$(PY) -m pytest -q -m quality tests
+	@rm -f build/quality-results.json; mkdir -p build
+	@start=$$(date +%s); MISTRAL_TRT_QUALITY_RESULTS=$(abspath build/quality-results.json) $(PYTEST) -rA -m quality \
+	  tests/test_quality.py && $(PY) scripts/quality_guard.py record build/quality-results.json $$(( $$(date +%s) - start ))
+
+test-quality-if-changed: setup
+	@$(PY) scripts/quality_guard.py check || $(MAKE) -s test-quality
 
 # The embedded C++ runtime (cpp/): build/cpp/mistral-trt-cpp, libmistral_trt.so and the C example `embed`.
 # cpp/scripts/deps.sh installs libsentencepiece-dev and nlohmann-json3-dev (Debian), fetches onnxruntime's headers
@@ -76,39 +94,42 @@ cpp-asan: setup
 	  $(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests/test_cpp.py
 
 # Third-party clients on our export folder as written: onnxruntime-genai and transformers 5 here, optimum (which
-# needs transformers < 4.58) in its own venv. .ci/run runs it after `make test`.
-INTEROP_DIR := build/interop/smollm2-135m-instruct-fp32
-OPT_VENV    := build/venv-optimum
+# needs transformers < 4.58) in its own venv. `make test` runs it.
+INTEROP_DIR := build/onnx/smollm2-135m-instruct-fp32
+# The third-party venvs live beside the store, named by a hash of what they install, so a clean clone (CI) reuses them.
+VENVS       ?= $(HOME)/.cache/mistral-trt/venvs
+OPT_VENV    := $(VENVS)/optimum-$(shell sha256sum tests/interop/requirements-optimum.txt | cut -c1-12)
 INTEROP_ENV  = MISTRAL_TRT_INTEROP=$(abspath $(INTEROP_DIR)) MISTRAL_TRT_CLI=$(abspath $(CLI))
-$(OPT_VENV)/.installed: tests/interop/requirements-optimum.txt
+$(OPT_VENV)/.installed:
+	rm -rf $(OPT_VENV)
 	$(PYTHON) -m venv $(OPT_VENV)
 	$(OPT_VENV)/bin/python -m pip install -q $(TORCH)
 	$(OPT_VENV)/bin/python -m pip install -q -r tests/interop/requirements-optimum.txt
 	touch $@
 
 test-interop: setup $(OPT_VENV)/.installed
-	@test -f $(DEMO_HF)/config.json || $(CLI) convert-gguf -o $(DEMO_HF)
-	@test -f $(INTEROP_DIR)/manifest.json || $(CLI) export $(DEMO_HF) -o $(INTEROP_DIR) --no-verify
-	$(INTEROP_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/interop/test_main_venv_clients.py
+	@$(STORE) demo-fp32 --link $(INTEROP_DIR) > /dev/null
+	$(INTEROP_ENV) $(PYTEST) tests/interop/test_main_venv_clients.py
 	$(INTEROP_ENV) $(OPT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/interop/test_optimum.py
 
 # Triton Inference Server on the demo's fused export: the tritonserver nvidia-pytriton bundles (python backend) in
 # its own venv (it pins numpy < 2) with the runtime-only install of mistral-trt, tritonclient against it.
-TRITON_VENV := build/venv-triton
-$(TRITON_VENV)/.installed: pyproject.toml
+# Named by a hash of pyproject.toml; this checkout is installed into it (editable, no dependencies) at each use.
+TRITON_VENV := $(VENVS)/triton-$(shell sha256sum pyproject.toml | cut -c1-12)
+$(TRITON_VENV)/.installed:
+	rm -rf $(TRITON_VENV)
 	$(PYTHON) -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/python -m pip install -q --upgrade pip
 	$(TRITON_VENV)/bin/python -m pip install -q -e '.[triton]' pytest
 	touch $@
 
-test-triton: setup $(TRITON_VENV)/.installed
-	@test -f $(DEMO_HF)/config.json || $(CLI) convert-gguf -o $(DEMO_HF)
-	@test -f $(FUSED_OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_OUT) --graph fused
+test-triton: setup $(TRITON_VENV)/.installed demo-fused
+	@$(TRITON_VENV)/bin/python -m pip install -q --no-deps -e .
 	MISTRAL_TRT_TRITON_EXPORT=$(abspath $(FUSED_OUT)) $(TRITON_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/triton_server
 
 # Triton against `serve` on the demo's fused export, 1/4/16 concurrent streams, levels alternated (docs/triton.md).
-bench-triton: export $(TRITON_VENV)/.installed
-	@test -f $(FUSED_OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_OUT) --graph fused
+bench-triton: demo-fused $(TRITON_VENV)/.installed
+	@$(TRITON_VENV)/bin/python -m pip install -q --no-deps -e .
 	$(CLI) bench-serve $(FUSED_OUT) --triton $(abspath $(TRITON_VENV))/bin/mistral-trt --prompt-len 32-128 \
 	  --concurrency 1,4,16 --rounds 4 -o build/bench-triton
 
@@ -124,19 +145,20 @@ measure-7b: setup
 
 # Latency of the demo exports (fused fp32 first = "ours", portable fp32, fused int8) against HF eager and
 # onnxruntime-genai, side by side.
-FUSED_OUT := build/onnx/smollm2-135m-instruct-fused-fp32
-FUSED_Q8  := build/onnx/smollm2-135m-instruct-fused-int8-w8a8-dynamic
-bench: export
-	@test -f $(FUSED_OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_OUT) --graph fused
-	@test -f $(FUSED_Q8)/manifest.json || $(CLI) quantize $(FUSED_OUT) --precision int8-w8a8-dynamic -o $(FUSED_Q8)
+# The demo's fused exports, as links into the store.
+demo-fused: setup
+	@$(STORE) demo-hf --link $(DEMO_HF) > /dev/null
+	@$(STORE) demo-fused --link $(FUSED_OUT) > /dev/null
+demo-fused-int8: demo-fused
+	@$(STORE) demo-fused-int8 --link $(FUSED_Q8) > /dev/null
+
+bench: export demo-fused-int8
 	$(CLI) bench $(FUSED_OUT) $(OUT) $(FUSED_Q8) --baseline hf --baseline ort-genai --prompt-len 128,512,2048 \
 	  --gen-len 64 --repeat 3 -o build/bench
 
 # The C++ runtime beside the Python one on the same demo exports (fused fp32, portable fp32, fused int8): decode p50
 # and TTFT at prompts 128/512/2048, in one run.
-bench-cpp: export cpp
-	@test -f $(FUSED_OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_OUT) --graph fused
-	@test -f $(FUSED_Q8)/manifest.json || $(CLI) quantize $(FUSED_OUT) --precision int8-w8a8-dynamic -o $(FUSED_Q8)
+bench-cpp: export demo-fused-int8 cpp
 	$(CLI) bench $(FUSED_OUT) $(OUT) $(FUSED_Q8) --cpp --prompt-len 128,512,2048 --gen-len 64 --repeat 3 -o build/bench-cpp
 
 # int4 (AWQ + GPTQ, block 32; and block 64, faster and lossier) beside int8 and fp32, and beside onnxruntime-genai's
@@ -148,16 +170,11 @@ CALIB_DEMO := build/calib-demo
 FUSED_Q4   := build/onnx/smollm2-135m-instruct-fused-int4
 FUSED_Q4_64 := build/onnx/smollm2-135m-instruct-fused-int4-b64
 W4A16      := build/onnx/smollm2-135m-instruct-int4-w4a16
-bench-int4: export
-	@test -f $(FUSED_OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_OUT) --graph fused
-	@test -f $(FUSED_Q8)/manifest.json || $(CLI) quantize $(FUSED_OUT) --precision int8-w8a8-dynamic -o $(FUSED_Q8)
-	@test -f $(CALIB_DEMO)/manifest.json || $(CLI) calibrate $(OUT) -o $(CALIB_DEMO)
-	@test -f $(FUSED_Q4)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_Q4) --graph fused --precision int4 --calib $(CALIB_DEMO) \
-	  --int4-method awq-gptq
-	@test -f $(FUSED_Q4_64)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_Q4_64) --graph fused --precision int4 \
-	  --block-size 64 --calib $(CALIB_DEMO) --int4-method awq-gptq
-	@test -f $(W4A16)/manifest.json || $(CLI) export $(DEMO_HF) -o $(W4A16) --precision int4-w4a16 --calib $(CALIB_DEMO) \
-	  --int4-method awq-gptq
+bench-int4: export demo-fused-int8
+	@$(STORE) demo-calib --link $(CALIB_DEMO) > /dev/null
+	@$(STORE) demo-fused-int4 --link $(FUSED_Q4) > /dev/null
+	@$(STORE) demo-fused-int4-b64 --link $(FUSED_Q4_64) > /dev/null
+	@$(STORE) demo-int4-w4a16 --link $(W4A16) > /dev/null
 	$(CLI) bench $(FUSED_Q4) $(FUSED_Q8) $(FUSED_OUT) $(FUSED_Q4_64) $(W4A16) $(EXTRA) --baseline ort-genai-int4 \
 	  --baseline ort-genai --baseline llama.cpp --baseline llama.cpp-q8_0 --baseline llama.cpp-q4_1 --prompt-len 128,512 \
 	  --gen-len 64 --repeat 3 --target 'ours:$(notdir $(FUSED_Q4))/ours:$(notdir $(FUSED_Q8))>=1.4' \
@@ -167,21 +184,16 @@ bench-int4: export
 
 # Speculative decoding (prompt lookup) against plain decoding, fused fp32 and int8: grounded and open-chat prompts,
 # with the targets' table (grounded >= 1.8x, open chat not slower).
-bench-speculate: export
-	@test -f $(FUSED_OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_OUT) --graph fused
-	@test -f $(FUSED_Q8)/manifest.json || $(CLI) quantize $(FUSED_OUT) --precision int8-w8a8-dynamic -o $(FUSED_Q8)
+bench-speculate: demo-fused-int8
 	$(CLI) bench-speculate $(FUSED_OUT) $(FUSED_Q8) -o build/bench-speculate
 
 # The OpenAI-compatible server on the demo model's fused export, 127.0.0.1:$(PORT) (Ctrl-C or SIGTERM stops it).
 PORT ?= 8000
-serve: export
-	@test -f $(FUSED_OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_OUT) --graph fused
+serve: demo-fused
 	$(CLI) serve $(FUSED_OUT) --port $(PORT) --model-name smollm2
 
 # The server under 1, 4 and 16 concurrent streaming clients: fused fp32 and int8, long and short prompts.
-bench-serve: export
-	@test -f $(FUSED_OUT)/manifest.json || $(CLI) export $(DEMO_HF) -o $(FUSED_OUT) --graph fused
-	@test -f $(FUSED_Q8)/manifest.json || $(CLI) quantize $(FUSED_OUT) --precision int8-w8a8-dynamic -o $(FUSED_Q8)
+bench-serve: demo-fused-int8
 	$(CLI) bench-serve $(FUSED_OUT) $(FUSED_Q8) --prompt-len 32-1024 -o build/bench-serve/prompts-32-1024
 	$(CLI) bench-serve $(FUSED_OUT) $(FUSED_Q8) --prompt-len 32-128 -o build/bench-serve/prompts-32-128
 
@@ -189,5 +201,6 @@ bench-serve: export
 gpu-check:
 	bash scripts/gpu_check.sh
 
+# build/ only: the store keeps its entries (scripts/store.py --list; remove ~/.cache/mistral-trt/store to empty it).
 clean:
 	rm -rf build

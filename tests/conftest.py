@@ -3,7 +3,6 @@ Mistral v1 tokenizer from the mistral-common wheel, and the embedded demo model 
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -13,6 +12,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+from store import Store, make_tiny_mistral, mistral_tokenizer_file  # noqa: F401  (scripts/store.py; tests import them from here)
 
 # Verified-file records (runtime/integrity.py) go to a throwaway folder, never the user's ~/.cache; set before
 # any test runs so subprocesses inherit it.
@@ -24,97 +25,110 @@ collect_ignore = [d for d, env in (("interop", "MISTRAL_TRT_INTEROP"), ("triton_
                   if not os.environ.get(env)]
 
 
-def mistral_tokenizer_file() -> Path:
-    spec = importlib.util.find_spec("mistral_common")
-    assert spec is not None, "tests need mistral-common (pip install -e '.[test]')"
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "tokenizer.model.v1"
-    assert path.is_file(), f"{path} missing from the mistral-common wheel"
-    return path
-
-
-def make_tiny_mistral(folder: Path, sliding_window: int | None, seed: int = 0, **overrides) -> Path:
-    """A 2-layer Mistral with Mistral-7B's vocabulary and GQA layout (4 heads, 2 kv heads), random weights."""
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
-
-    cfg = dict(
-        vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, sliding_window=sliding_window,
-        rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-        initializer_range=0.2,  # wider than the default 0.02 so random logits are not all near-ties
-    )
-    cfg.update(overrides)
-    torch.manual_seed(seed)
-    model = MistralForCausalLM(MistralConfig(**cfg)).eval()
-    with torch.no_grad():  # RMSNorm gammas as a trained model has them: distinct, not all ones
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    model.save_pretrained(folder)
-    shutil.copy(mistral_tokenizer_file(), folder / "tokenizer.model")
-    return folder
+def pytest_terminal_summary(terminalreporter, config):
+    """Say what this run left out of the paths it was given, and where that runs: never a silent drop."""
+    targets = {"interop": "make test-interop", "triton_server": "make test-triton"}
+    here = Path(__file__).parent
+    asked = [Path(config.invocation_params.dir, a.split("::")[0]).resolve() for a in config.args]
+    for d in collect_ignore:
+        if any((here / d).is_relative_to(a) for a in asked):
+            terminalreporter.write_line(f"tests/{d}: not collected here; it runs in its own venv as `{targets[d]}` "
+                                        "(`make test` runs it)")
 
 
 @pytest.fixture(scope="session")
-def tiny_window(tmp_path_factory) -> Path:
-    return make_tiny_mistral(tmp_path_factory.mktemp("ckpt") / "tiny-window", sliding_window=8)
+def store():
+    """The artifact store (scripts/store.py): the demo model and its exports, built once per code version."""
+    return Store()
 
 
 @pytest.fixture(scope="session")
-def tiny_full(tmp_path_factory) -> Path:
-    return make_tiny_mistral(tmp_path_factory.mktemp("ckpt") / "tiny-full", sliding_window=None, seed=1)
+def tiny_window(store) -> Path:
+    return store.get("tiny-window")
 
 
 @pytest.fixture(scope="session")
-def tiny_exports(tmp_path_factory, tiny_window, tiny_full) -> dict:
+def tiny_full(store) -> Path:
+    return store.get("tiny-full")
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(store) -> dict:
     """Every (window?, dtype) combination exported once, verification included."""
-    from mistral_trt.export.pipeline import export_model
-
-    root = tmp_path_factory.mktemp("onnx")
-    out = {}
-    for name, ckpt in (("window", tiny_window), ("full", tiny_full)):
-        for dtype in ("fp32", "fp16"):
-            out[name, dtype] = root / f"{name}-{dtype}"
-            export_model(str(ckpt), out[name, dtype], dtype=dtype)
-    return out
+    return {(name, dtype): store.get(f"tiny-{name}-{dtype}") for name in ("window", "full") for dtype in ("fp32", "fp16")}
 
 
 @pytest.fixture(scope="session")
-def demo_hf(tmp_path_factory) -> Path:
-    """The embedded demo model (SmolLM2-135M-Instruct GGUF) converted once into a MistralForCausalLM folder."""
-    from mistral_trt.export.gguf_convert import convert_gguf, default_gguf
-
-    return convert_gguf(default_gguf(), tmp_path_factory.mktemp("demo") / "smollm2")
+def tiny_fused(store) -> dict:
+    """The fused graph (onnxruntime contrib ops, in-place cache) of both tiny models, fp32, verified."""
+    return {name: store.get(f"tiny-{name}-fused") for name in ("window", "full")}
 
 
 @pytest.fixture(scope="session")
-def demo_onnx(demo_hf, tmp_path_factory) -> Path:
+def demo_hf(store) -> Path:
+    """The embedded demo model (SmolLM2-135M-Instruct GGUF) converted into a MistralForCausalLM folder."""
+    return store.get("demo-hf")
+
+
+@pytest.fixture(scope="session")
+def demo_onnx(store) -> Path:
     """The demo model exported in fp32 (verification included)."""
-    from mistral_trt.export.pipeline import export_model
-
-    out = tmp_path_factory.mktemp("demo-onnx") / "smollm2-fp32"
-    export_model(str(demo_hf), out, dtype="fp32")
-    return out
+    return store.get("demo-fp32")
 
 
 @pytest.fixture(scope="session")
-def demo_fused(demo_hf, tmp_path_factory) -> Path:
+def demo_fused(store) -> Path:
     """The demo model's fused graph (onnxruntime contrib ops, in-place cache), fp32, verified."""
-    from mistral_trt.export.pipeline import export_model
-
-    out = tmp_path_factory.mktemp("demo-fused") / "smollm2-fused"
-    export_model(str(demo_hf), out, graph="fused")
-    return out
+    return store.get("demo-fused")
 
 
 @pytest.fixture(scope="session")
-def demo_calib(demo_onnx, tmp_path_factory) -> Path:
+def demo_calib(store) -> Path:
     """`mistral-trt calibrate` on the demo model: the default set (256 chat sequences), the held-out text and chat."""
+    return store.get("demo-calib")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cpp() -> Path:
+    """The C++ runtime's build folder: mistral-trt-cpp, libmistral_trt.so, embed (the C embedding example).
+    MISTRAL_TRT_CPP_BUILD points the suite at another build (`make cpp-asan`)."""
+    given = os.environ.get("MISTRAL_TRT_CPP_BUILD")
+    if given:
+        build = Path(given)
+    else:
+        r = subprocess.run(["make", "-s", "cpp"], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        build = ROOT / "build" / "cpp"
+    assert (build / "mistral-trt-cpp").is_file() and (build / "libmistral_trt.so").is_file()
+    return build
+
+
+def run_cpp(cpp: Path, *args, ok: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(cpp / "mistral-trt-cpp"), *map(str, args)], capture_output=True, text=True, timeout=600)
+    if ok:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def cpp_generate(cpp: Path, folder, *args) -> dict:
+    """`mistral-trt-cpp generate FOLDER ARGS --json`, parsed."""
+    import json
+
+    return json.loads(run_cpp(cpp, "generate", folder, *args, "--json").stdout)
+
+
+def py_generate(capsys, folder, *args) -> dict:
+    """`mistral-trt generate FOLDER ARGS --json` in this process, parsed."""
+    import json
+
     from mistral_trt.main import main
 
-    out = tmp_path_factory.mktemp("demo-calib") / "cal"
-    assert main(["calibrate", str(demo_onnx), "-o", str(out)]) == 0
-    return out
+    capsys.readouterr()
+    assert main(["generate", str(folder), *map(str, args), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
 
 
 def run_without_torch(code: str, blocked=("torch", "transformers")) -> subprocess.CompletedProcess:
@@ -155,19 +169,6 @@ def tree_state(folder: Path) -> dict:
 
     return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_ino)
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="session")
-def tiny_fused(tmp_path_factory, tiny_window, tiny_full) -> dict:
-    """The fused graph (onnxruntime contrib ops, in-place cache) of both tiny models, fp32, verified."""
-    from mistral_trt.export.pipeline import export_model
-
-    root = tmp_path_factory.mktemp("fused")
-    out = {}
-    for name, ckpt in (("window", tiny_window), ("full", tiny_full)):
-        out[name] = root / f"{name}-fused"
-        export_model(str(ckpt), out[name], graph="fused")
-    return out
 
 
 def score(backend, ids):

@@ -96,6 +96,7 @@ def test_output_not_writable(tiny_full, tmp_path, capsys):
     assert "output path is not writable" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_failed_verification_leaves_nothing(tiny_full, tmp_path, monkeypatch):
     import mistral_trt.export.verify as vf
 
@@ -187,6 +188,7 @@ def test_second_start_skips_the_hash_and_a_changed_file_is_hashed_again(export_c
     assert sorted(calls) == first
 
 
+@pytest.mark.slow
 def test_stray_tokenizer_of_another_model_is_not_used_and_a_swapped_one_is_refused(demo_onnx, tmp_path, capsys):
     """mistral-common's 32000-piece tokenizer.model beside the demo's 49152-vocab tokenizer.json."""
     from conftest import mistral_tokenizer_file
@@ -269,6 +271,7 @@ def test_sampling_flags_that_contradict(export_copy, capsys):
         Sampling(temperature=1.0, top_p=0)
 
 
+@pytest.mark.slow
 def test_context_limit_always_holds(tmp_path, capsys):
     """A model with max_context 16: the old truncation ran 31 positions and cut prompts to 1-2 tokens."""
     from conftest import make_tiny_mistral
@@ -293,6 +296,7 @@ def test_context_limit_always_holds(tmp_path, capsys):
     assert rc == 0 and st["prompt_tokens"] == half < prompt and st["prompt_tokens"] + st["new_tokens"] <= 16
 
 
+@pytest.mark.slow
 def test_raw_prompt_follows_the_tokenizer_bos_rule(demo_onnx, demo_hf, capsys):
     """SmolLM2's tokenizer.json adds no BOS: --raw feeds what HF feeds, and greedy output equals HF's."""
     import torch

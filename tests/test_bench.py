@@ -85,25 +85,27 @@ def test_bandwidth_probe_reaches_a_plain_read():
         raise AssertionError(f"probe GB/s vs plain read GB/s, each try: {tries}")
 
 
+@pytest.mark.slow
 def test_bench_end_to_end(tiny_exports, tmp_path, capsys):
     out = tmp_path / "bench"
+    f32, f16 = (f"ours:{tiny_exports['full', d].name}" for d in ("fp32", "fp16"))  # a system is named by its folder
     bad = ["bench", str(tiny_exports["full", "fp32"]), "--prompt-len", "8", "--gen-len", "4", "-o", str(tmp_path / "x")]
-    for target, message in (("ours:full-fp32>1.5", "expected FAST/SLOW>=RATIO"),
-                            ("ours:full-fp32/nobody>=2", "--target: no system 'nobody' in this run")):
+    for target, message in ((f"{f32}>1.5", "expected FAST/SLOW>=RATIO"),
+                            (f"{f32}/nobody>=2", "--target: no system 'nobody' in this run")):
         assert main([*bad, "--target", target]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     assert not (tmp_path / "x").exists()
     assert main(["bench", str(tiny_exports["full", "fp32"]), str(tiny_exports["full", "fp16"]), "--baseline", "hf", "--baseline", "ort-genai",
                  "--prompt-len", "8,16", "--gen-len", "4", "--warmup", "1", "--repeat", "2", "-o", str(out),
-                 "--genai-cache", str(tmp_path / "genai"), "--target", "ours:full-fp32/hf-eager>=1.0",
-                 "--target", "ours:full-fp16/ours:full-fp32>=1000"]) == 0
+                 "--genai-cache", str(tmp_path / "genai"), "--target", f"{f32}/hf-eager>=1.0",
+                 "--target", f"{f16}/{f32}>=1000"]) == 0
     table = capsys.readouterr().out
-    assert table.count("| ours:full-fp32 |") == 2 and table.count("| ours:full-fp16 |") == 2
+    assert table.count(f"| {f32} |") == 2 and table.count(f"| {f16} |") == 2
     assert table.count("| hf-eager |") == 2 and table.count("| ort-genai |") == 2
     data = json.loads((out / "bench.json").read_text())
     assert len(data["rows"]) == 8 and data["bandwidth_bytes_s"] > 0
-    first = {r["prompt_len"]: r for r in data["rows"] if r["system"] == "ours:full-fp32"}
+    first = {r["prompt_len"]: r for r in data["rows"] if r["system"] == f32}
     assert sorted(first) == [8, 16]
     for r in data["rows"]:
         assert r["decode_ms"]["n"] == 2 * 3  # 2 timed rounds x (4 new tokens - 1 intervals)

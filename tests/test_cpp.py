@@ -15,46 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import mistral_tokenizer_file
+from conftest import cpp_generate, mistral_tokenizer_file, py_generate, run_cpp
 from mistral_trt.main import main
-from mistral_trt.runtime.chat import format_chat
 from mistral_trt.runtime.manifest import Manifest
-from mistral_trt.runtime.tokenizer import Tokenizer
 from test_generate import hf_greedy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the `cpp` fixture (conftest.py) builds it with `make cpp`
 SANITIZED = bool(os.environ.get("MISTRAL_TRT_CPP_SANITIZED"))
-
-
-@pytest.fixture(scope="session")
-def cpp() -> Path:
-    """The build folder: mistral-trt-cpp, libmistral_trt.so, embed (the C embedding example)."""
-    given = os.environ.get("MISTRAL_TRT_CPP_BUILD")
-    if given:
-        build = Path(given)
-    else:
-        r = subprocess.run(["make", "-s", "cpp"], cwd=ROOT, capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-        build = ROOT / "build" / "cpp"
-    assert (build / "mistral-trt-cpp").is_file() and (build / "libmistral_trt.so").is_file()
-    return build
-
-
-def run_cpp(cpp: Path, *args, ok: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([str(cpp / "mistral-trt-cpp"), *map(str, args)], capture_output=True, text=True, timeout=600)
-    if ok:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def cpp_generate(cpp: Path, folder, *args) -> dict:
-    return json.loads(run_cpp(cpp, "generate", folder, *args, "--json").stdout)
-
-
-def py_generate(capsys, folder, *args) -> dict:
-    capsys.readouterr()
-    assert main(["generate", str(folder), *map(str, args), "--json"]) == 0
-    return json.loads(capsys.readouterr().out)
 
 
 def error_line(r: subprocess.CompletedProcess) -> str:
@@ -103,23 +70,6 @@ def test_fp16_export_equals_python(cpp, tiny_exports, capsys):
     assert cpp_generate(cpp, folder, *args)["ids"] == py_generate(capsys, folder, *args)["ids"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("graph", ["portable", "fused"])
-def test_demo_greedy_equals_python_and_hf_via_ids(cpp, graph, demo_onnx, demo_fused, demo_hf, capsys):
-    """The demo model (tokenizer.json: the C++ runtime decodes it, prompts come as ids), 64 tokens, both graphs."""
-    folder = demo_onnx if graph == "portable" else demo_fused
-    tok = Tokenizer.load(demo_onnx)
-    m = Manifest.load(demo_onnx)
-    prompt = format_chat(tok, [{"role": "user", "content": "Explain recursion to a child."}], m.chat_format,
-                         m.chat_template)
-    ids = ",".join(map(str, prompt))
-    got = cpp_generate(cpp, folder, "--ids", ids, "--max-new-tokens", 64)
-    want = py_generate(capsys, folder, "--ids", ids, "--max-new-tokens", 64)
-    assert got["ids"] == want["ids"] and len(got["ids"]) == 64
-    assert got["text"] == want["text"] == tok.decode(got["ids"])  # byte-level BPE decoded in C++
-    assert got["ids"] == hf_greedy(demo_hf, prompt, 64)
-
-
 def test_sampling_is_seeded_and_stop_strings_end_the_text(cpp, tiny_exports, capsys):
     folder = tiny_exports["full", "fp32"]
     args = ["--prompt", "Hi", "--max-new-tokens", 24, "--temperature", 0.8, "--top-p", 0.9, "--top-k", 50]
@@ -139,6 +89,7 @@ def test_sampling_is_seeded_and_stop_strings_end_the_text(cpp, tiny_exports, cap
 
 
 # -- tokenize against mistral-common -----------------------------------------------------------------------
+@pytest.mark.slow
 def test_tokenize_equals_mistral_common(cpp, tmp_path):
     """The conversations the Python tests use (test_tokenizer_chat): served form against mistral-common's default
     validation (refused where it refuses, with one line and exit 2), the training form (a final assistant reply)
@@ -339,7 +290,8 @@ def test_bench_runs_the_cpp_runtime_beside_the_python_one(cpp, tiny_fused, tmp_p
                  "16,40", "--gen-len", "6", "--warmup", "0", "--repeat", "2", "-o", str(out)]) == 0
     rows = json.loads((out / "bench.json").read_text())["rows"]
     systems = {r["system"] for r in rows}
-    assert systems == {"ours:full-fused", "cpp:full-fused"} and len(rows) == 4
+    name = tiny_fused["full"].name  # a system is named by its folder
+    assert systems == {f"ours:{name}", f"cpp:{name}"} and len(rows) == 4
     cpp_rows = [r for r in rows if r["system"].startswith("cpp:")]
     assert all(r["decode_ms"]["n"] == 2 * 5 and r["ttft_ms"] > 0 and "ours_speedup_decode" in r for r in cpp_rows)
     assert main(["bench", str(tiny_fused["full"]), "--cpp", "--batch", "2", "-o", str(tmp_path / "b2")]) == 2

@@ -49,6 +49,7 @@ def test_force_never_replaces_the_input(tiny_full, tmp_path, capsys):
     assert contents(tree_state(outer / "ckpt")) == contents(before)
 
 
+@pytest.mark.slow
 def test_force_replaces_an_export_but_not_files_added_to_it(tiny_full, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli(capsys, "export", tiny_full, "-o", out, "--no-verify")[0] == 0
@@ -88,6 +89,7 @@ def test_quantize_and_calibrate_never_replace_their_input(tiny_exports, tmp_path
     assert tree_state(src) == before
 
 
+@pytest.mark.slow
 def test_folder_created_during_the_export_is_kept(tiny_full, tmp_path, monkeypatch, capsys):
     """Without --force the publish is a rename that cannot replace: what appeared at OUT meanwhile stays."""
     out = tmp_path / "out"
@@ -104,6 +106,7 @@ def test_folder_created_during_the_export_is_kept(tiny_full, tmp_path, monkeypat
     assert sorted(p.name for p in out.iterdir()) == ["users.txt"] and leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_force_swap_checks_the_folder_it_replaces(tiny_full, tmp_path, monkeypatch, capsys):
     """--force: a file dropped into the old export during the run makes it not ours any more: kept, swap undone."""
     out = tmp_path / "out"
@@ -155,6 +158,7 @@ def _wait_for(cond, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused_at_once(tiny_full, tmp_path, capsys):
     out = tmp_path / "out"
     first = _slow_export(tiny_full, out)  # with verification: several seconds under the lock
@@ -169,6 +173,7 @@ def test_second_writer_is_refused_at_once(tiny_full, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.slow
 def test_killed_export_leaves_nothing_or_the_next_run_cleans_it(tiny_full, tmp_path, sig):
     out = tmp_path / "out"
     proc = _slow_export(tiny_full, out)
@@ -206,6 +211,7 @@ def test_not_enough_disk_is_refused_before_the_work(tiny_full, small_disk, capsy
     assert list(small_disk.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_disk_full_during_the_export(tiny_full, small_disk, monkeypatch, capsys):
     """The up-front estimate disabled: the disk really fills while the graph is written."""
     monkeypatch.setattr(pipeline, "output_bytes", lambda c, dtype: 0)

@@ -28,7 +28,7 @@ def _has_gpu() -> bool:
 def _has_gpu_tensorrt() -> str | None:
     """None when the native backend can run here, else why not."""
     if importlib.util.find_spec("tensorrt") is None:
-        return "tensorrt is not installed (TensorRT wheels need an NVIDIA host: README, TensorRT)"
+        return "tensorrt is not installed (TensorRT wheels need an NVIDIA host: docs/tensorrt.md)"
     try:
         from mistral_trt.runtime.cuda import gpu_info
 

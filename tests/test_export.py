@@ -111,6 +111,7 @@ def test_verify_fails_against_other_weights(tiny_exports, tmp_path, capsys):
     assert main(["verify", str(tiny_exports["window", "fp32"])]) == 0  # the recorded source passes
 
 
+@pytest.mark.slow
 def test_external_data_in_one_file(tiny_full, tmp_path, monkeypatch):
     """Above the 2 GB threshold the weights go to one model.onnx.data (threshold lowered to exercise it)."""
     from mistral_trt.export.interop import INTEROP_FILES
@@ -143,6 +144,7 @@ def test_runtime_runs_without_torch(tiny_exports):
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
+@pytest.mark.slow
 def test_existing_output_needs_force(tiny_full, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["export", str(tiny_full), "-o", str(out), "--no-verify"]) == 0

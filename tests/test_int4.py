@@ -130,6 +130,7 @@ def test_gptq_spreads_rounding_error_only_through_correlation():
         assert (s > 0).all() if positive else (s < 0).any()
 
 
+@pytest.mark.slow
 def test_int4_w4a16_structure_and_tensorrt_scales(tiny_full, tiny_exports, tmp_path):
     """Every layer's MatMul weight becomes int4 in blocks of 32 input channels behind DequantizeLinear (axis 0, zero
     point 0, opset 21) with every scale > 0 (TensorRT refuses others), lm_head int8 per channel (the default recipe);
@@ -190,6 +191,7 @@ def test_int4_w4a16_structure_and_tensorrt_scales(tiny_full, tiny_exports, tmp_p
 
 
 @pytest.mark.parametrize("precision", ["int8-w8a16", "int4-w4a16"])
+@pytest.mark.slow
 def test_weight_only_artifacts_exact_on_cpu(precision, tiny_full, tmp_path):
     """Weight-only artifacts compute with float activations (TensorRT's weight-only GEMMs, onnxruntime's CUDA
     provider). The CPU provider fuses their DequantizeLinear -> MatMul into MatMulNBits, whose default accuracy level
@@ -211,6 +213,7 @@ def test_weight_only_artifacts_exact_on_cpu(precision, tiny_full, tmp_path):
     assert np.abs(fast - unfused).max() > 10 * max(np.abs(exact - unfused).max(), 1e-6 * scale)
 
 
+@pytest.mark.slow
 def test_int4_w4a16_external_data(tiny_full, tmp_path, monkeypatch):
     """A 7B int4-w4a16 graph keeps its weights in model.onnx.data (over protobuf's 2 GB): int4 goes there packed two
     values a byte, with the packed length recorded; the tiny model forced external loads to the same logits."""
@@ -232,6 +235,7 @@ def test_int4_w4a16_external_data(tiny_full, tmp_path, monkeypatch):
     Manifest.load(external).check_files(external, full=True)
 
 
+@pytest.mark.slow
 def test_int4_calibrated_awq_gptq(tiny_window, tiny_exports, tmp_path):
     """`export --precision int4-w4a16 --calib` and `--graph fused --precision int4 --calib` with `--int4-method
     awq-gptq` (AWQ + GPTQ; `--int4-method awq` rounds to nearest after AWQ): GPTQ's output error below round to
@@ -267,6 +271,7 @@ def test_int4_calibrated_awq_gptq(tiny_window, tiny_exports, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["awq-gptq-e2e", "awq-gptq-layerwise"])
+@pytest.mark.slow
 def test_int4_block_scales_tuned(method, tiny_window, tiny_exports, tmp_path):
     """`--int4-method awq-gptq-e2e` and `awq-gptq-layerwise`: GPTQ's int4 levels kept bit for bit, only the block
     scales moved (each by a positive factor, so TensorRT's stay > 0), the tuning's own measure lowered (e2e: the

@@ -71,6 +71,7 @@ def one_line(err: str) -> str:
 
 @SETTINGS
 @given(field=st.sampled_from(sorted(FIELDS)), data=st.data())
+@pytest.mark.slow
 def test_any_bad_manifest_field_is_named(folder, capsys, field, data):
     value = data.draw(FIELDS[field], label="value")
     path = folder / "manifest.json"
@@ -119,6 +120,7 @@ def expected_ok(flag: str, text: str) -> bool:
 
 @SETTINGS
 @given(flag=st.sampled_from(sorted(FLAGS)), text=VALUES)
+@pytest.mark.slow
 def test_any_sampling_flag_value_runs_or_is_named(folder, capsys, flag, text):
     before = tree_state(folder)
     args = ["generate", folder, "--raw", "--prompt", PROMPT, "--json", flag, text]

@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 
+import openai  # the [test] extra installs it: missing, the module errors (never a skipped module)
 import pytest
 
 from mistral_trt.runtime.backend import open_backend
@@ -21,7 +22,6 @@ from mistral_trt.runtime.manifest import Manifest
 from mistral_trt.runtime.tokenizer import Tokenizer
 from mistral_trt.serve.api import SAFE_PROMPT
 
-openai = pytest.importorskip("openai", reason="the [test] extra installs the openai client")
 KEY = "sk-test-123"
 
 
@@ -97,6 +97,7 @@ def chat_ids(export_dir, messages):
     return format_chat(Tokenizer.for_export(export_dir, m), messages, m.chat_format, m.chat_template)
 
 
+@pytest.mark.slow
 def test_chat_streamed_and_not(server, demo_fused_dir):
     c = server.client()
     msgs = [{"role": "user", "content": "Name three colours of the rainbow, then say why the sky is blue."}]
@@ -208,6 +209,7 @@ def test_disconnect_frees_the_slot(server):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_greedy_does_not_depend_on_the_batch(server, demo_fused_dir):
     """Each request served among 15 others (mixed prompt lengths: prefill chunks beside decode steps) gives the
     tokens it gives alone."""
@@ -227,6 +229,7 @@ def test_greedy_does_not_depend_on_the_batch(server, demo_fused_dir):
         assert got == tok.decode(alone(demo_fused_dir, chat_ids(demo_fused_dir, m), 24)), m
 
 
+@pytest.mark.slow
 def test_speculative_server_gives_the_same_greedy_text(demo_fused_dir):
     """serve --speculate: prompt-lookup drafts checked by the model inside continuous batching (8 requests at once,
     grounded ones whose replies quote their input and open ones): every reply is the runtime's own greedy reply."""
@@ -256,6 +259,7 @@ def test_speculative_server_gives_the_same_greedy_text(demo_fused_dir):
     assert steps and float(steps[0].split()[-1]) > 0
 
 
+@pytest.mark.slow
 def test_queue_full_and_sigterm_finishes_running_streams(demo_fused_dir):
     """--max-batch 1 --max-queue 1: a third request gets 429 with Retry-After. SIGTERM: the running stream
     finishes, the waiting one ends with an error event, the process exits 0."""
@@ -294,6 +298,7 @@ def test_prefill_budget_follows_measured_costs(tiny_fused):
     assert s._prefill_budget(decoding=1) == 16  # no room: still progress
 
 
+@pytest.mark.slow
 def test_health_says_503_while_loading_and_a_model_that_cannot_load_exits_2(demo_fused_dir, tmp_path):
     """The port answers at once; /health is 503 until the model is ready (here: its 0.5 GB hashed first, with
     no remembered hash), then 200. A model whose files changed after export: one line, exit 2."""
@@ -330,6 +335,7 @@ def test_health_says_503_while_loading_and_a_model_that_cannot_load_exits_2(demo
     assert "model.onnx: sha256" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_bench_serve_end_to_end(tiny_fused, tmp_path, capsys):
     from mistral_trt.main import main
 
@@ -337,7 +343,8 @@ def test_bench_serve_end_to_end(tiny_fused, tmp_path, capsys):
     assert main(["bench-serve", str(tiny_fused["full"]), "--concurrency", "1,2", "--rounds", "1", "--prompt-len", "8-16",
                  "--max-tokens", "6", "--long-prompt", "40", "--speculate", "ngram:3", "-o", str(out)]) == 0
     data = json.loads((out / "bench-serve.json").read_text())
-    assert set(data["systems"]) == {"full-fused (serve)", "full-fused (serve --speculate)"}  # both, side by side
+    export = tiny_fused["full"].name  # a system is named by its folder
+    assert set(data["systems"]) == {f"{export} (serve)", f"{export} (serve --speculate)"}  # both, side by side
     for name, system in data["systems"].items():
         levels = system["levels"]
         assert [lv["concurrency"] for lv in levels] == [1, 2]
@@ -345,8 +352,10 @@ def test_bench_serve_end_to_end(tiny_fused, tmp_path, capsys):
             assert lv["tokens"] == lv["requests"] * 6
             assert lv["throughput_tok_s"] == pytest.approx(lv["tokens"] / lv["wall_s"])
             assert lv["itl_p50_ms"] <= lv["itl_p99_ms"]
-            assert lv["itl_p50_ms"] >= 0 if "speculate" in name else lv["itl_p50_ms"] > 0  # a burst's gaps: ~0
+            assert lv["itl_p99_ms"] > 0  # the slowest gaps are whole steps, speculating or not
+            if "speculate" not in name:  # a speculative burst's gaps are ~0, so its median may be too
+                assert lv["itl_p50_ms"] > 0
         assert system["interference"]["long_prompt_tokens"] == 40
     stdout = capsys.readouterr().out
-    assert "| full-fused (serve) | 2 |" in stdout and "| full-fused (serve --speculate) | 2 |" in stdout
+    assert f"| {export} (serve) | 2 |" in stdout and f"| {export} (serve --speculate) | 2 |" in stdout
     assert (out / "bench-serve.png").read_bytes()[:4] == b"\x89PNG"
