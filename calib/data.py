@@ -66,6 +66,12 @@ CALIB_MODULES = ["json", "argparse", "collections", "itertools", "functools", "p
 EVAL_PROSE_MODULES = ["http.client", "email.message", "zipfile", "tarfile", "socket", "sqlite3", "threading", "queue",
                       "pickle", "base64", "hashlib", "hmac", "uuid", "ipaddress"]
 EVAL_CODE_MODULES = ["colorsys", "graphlib", "shlex", "sched"]
+NUMPY_DOC_FUNCTIONS = [  # numpy_doc_text's sources, in order
+    "numpy.linalg.svd", "numpy.linalg.lstsq", "numpy.linalg.eig", "numpy.fft.fft", "numpy.fft.rfft", "numpy.einsum",
+    "numpy.histogram", "numpy.interp", "numpy.convolve", "numpy.percentile", "numpy.meshgrid", "numpy.polyfit",
+    "numpy.unique", "numpy.where", "numpy.searchsorted", "numpy.pad", "numpy.gradient", "numpy.cumsum",
+    "numpy.argsort", "numpy.concatenate", "numpy.reshape", "numpy.tensordot", "numpy.broadcast_to", "numpy.clip",
+    "numpy.lib.stride_tricks.sliding_window_view"]
 EVAL_CHAT_COUNT = 64  # held-out conversations (about 13k tokens on the demo model)
 TUNING_TEXT_WINDOWS = 256  # plain-text windows beside the chat set in awq-gptq-e2e's tuning (calib/tune.py)
 TUNING_TEXT_TOKENS = 256
@@ -92,6 +98,20 @@ def eval_text(min_chars: int = 30_000) -> str:
         parts.append(inspect.getsource(importlib.import_module(name)))
     text = "\n\n".join(p for p in parts if p)
     assert len(text) >= min_chars, f"eval text only {len(text)} characters"
+    return text
+
+
+def numpy_doc_text(min_chars: int = 30_000) -> str:
+    """A second held-out text, from another source than everything calibration and tuning read (the standard
+    library's documentation and source): numpy's reference documentation (numpydoc sections, formulas, doctest
+    examples) for NUMPY_DOC_FUNCTIONS, as the installed numpy writes it. A recipe tuned on the calibration sources
+    is judged here on text it could not have fitted."""
+    parts = []
+    for path in NUMPY_DOC_FUNCTIONS:
+        module, name = path.rsplit(".", 1)
+        parts.append(inspect.getdoc(getattr(importlib.import_module(module), name)) or "")
+    text = "\n\n".join(p for p in parts if p)
+    assert len(text) >= min_chars, f"numpy documentation text only {len(text)} characters"
     return text
 
 

@@ -53,7 +53,7 @@ from .smoothquant import ACTIVATION_GROUPS, CALIB_METHODS, GROUPS, Recipe, int8_
 
 PRECISIONS = ("fp16", "int8-w8a16", "int8-w8a8", "int4-w4a16", "int8-w8a8-dynamic", "int4")
 FUSED_PRECISIONS = ("fp16", "int8-w8a8-dynamic", "int4")  # what a --graph fused export takes; the others are Q/DQ graphs
-NBITS_BLOCK = 32  # int8-w8a8-dynamic's default block: the best quality of 32/64/128 (README table); 64 decodes 10-17 % faster
+NBITS_BLOCK = 32  # int8-w8a8-dynamic's default block: the best quality of 32/64/128 (docs/precision.md); 64 decodes 10-17 % faster
 
 
 def quantize(export_dir: str | Path, precision: str, out: str | Path, force: bool = False, calib: str | Path | None = None,

@@ -58,7 +58,7 @@ class NBits:
     bits: int = 8
     block_size: int = 32
     accuracy_level: int = 4
-    lm_head_bits: int | None = None  # int4's lm_head in 8 bits (the default recipe: README), None: `bits`
+    lm_head_bits: int | None = None  # int4's lm_head in 8 bits (the default recipe: docs/precision.md), None: `bits`
 
     def for_lm_head(self) -> "NBits":
         return NBits(self.lm_head_bits or self.bits, self.block_size, self.accuracy_level)
