@@ -152,7 +152,7 @@ def nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
 def draw(p: np.ndarray, rng: np.random.Generator) -> int:
     """A token drawn from p [V]: rng.choice(V, p=p)'s draw (one uniform, the same cumulative sums at every nonzero
     entry, so the same token for the same generator state), over p's nonzero entries only, which after top-p or
-    top-k are few: 0.36 ms -> 0.02 ms on the demo's 49k vocabulary."""
+    top-k are few, so a draw need not scan the whole vocabulary."""
     nz = np.flatnonzero(p)
     return int(nz[rng.choice(len(nz), p=p[nz])])
 

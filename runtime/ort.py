@@ -173,10 +173,9 @@ def cache_device(session) -> str | None:
 class OrtColumns(PointerColumns):
     """runtime/cache.py's ColumnStorage in an onnxruntime device's memory (the CUDA provider's, or the TensorRT
     provider's): the same two sides and three calls (PointerColumns), device pointers for numpy views, so the portable
-    graph's cache never crosses PCIe. Bound from host memory instead, onnxruntime copied the whole past to the
-    GPU and the whole present back every step: 200 MB each way a step at 2048 positions x 4 rows of the demo in
-    fp16, where an H200 decoded at 0.47x HF's speed (docs/tensorrt.md). onnxruntime allocates the buffers (no
-    cuda-python); `device` "cpu" runs the same code on host OrtValues (the tests).
+    graph's cache never crosses PCIe. Bound from host memory instead, onnxruntime copies the whole past to the
+    GPU and the whole present back every step (docs/tensorrt.md has what that cost). onnxruntime allocates the
+    buffers (no cuda-python); `device` "cpu" runs the same code on host OrtValues (the tests).
 
         storage = OrtColumns("cuda", tensors=2 * L, shape=(B, KV, D), capacity=4096, dtype=np.float16)
         ptrs = storage.views(0, length)     # device pointers of [B, KV, length, D] tensors
@@ -291,8 +290,8 @@ def _fitting(rows: np.ndarray, q: np.ndarray, room: np.ndarray) -> list[np.ndarr
 
 class FusedBackend:
     """The fused graph (export/fused_graph.py): the in-place cache is bound once per cache and reused every
-    step; small inputs of a decode step are copied into the arrays already bound (binding again costs
-    0.5-0.9 ms a step). With the CUDA provider the cache lives in device memory as OrtValues."""
+    step; small inputs of a decode step are copied into the arrays already bound (binding again would cost a large
+    part of a small model's step). With the CUDA provider the cache lives in device memory as OrtValues."""
 
     ragged = True
 

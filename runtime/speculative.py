@@ -61,9 +61,8 @@ def auto_speculation(gen, prompt_len: int, max_new_tokens: int) -> "Speculation 
 
     - lossless: rows that roll back independently (the fused graph) and float weights (no `quantize` precision:
       MatMulNBits exports are not token-identical, exactness_note);
-    - measured faster: fp32 on onnxruntime's CPU provider, in every workload `bench-speculate` runs (medians on
-      the demo, 2 cores: grounded 1.7-2.0x, open chat 1.2-1.3x greedy and 1.1x sampled, open chat after a
-      ~1,500-token document 1.5x; docs/performance.md). fp16 and the GPU providers are not measured, so plain;
+    - measured faster: fp32 on onnxruntime's CPU provider, in every workload `bench-speculate` runs (docs/results.md).
+      fp16 and the GPU providers are not measured, so plain;
     - no larger cache: speculation keeps the whole sequence (a rollback must never meet a window's eviction), so
       with a sliding window only a request that fits plain decoding's trimmed cache (window plus one chunk).
 
@@ -85,18 +84,12 @@ def draft_lengths(manifest) -> tuple[int, ...]:
     """How many tokens to draft after a match of the last 1, 2 or 3 tokens, for this export: (3, 5, 7) (2n + 1),
     or (0, 2, 6) for MatMulNBits weights (int8-w8a8-dynamic, int4).
 
-    A longer match predicts its continuation more often (on bench-speculate's prompts, the first draft is kept
-    after 27 % of 1-token matches, 47 % of 2-token and 62 % of 3-token ones), and every drafted token costs part of
-    a step: a wrong draft is paid for, a kept one saves a step. How much it costs depends on the weights. A float
-    MatMul streams its weights once for any few rows, so on the demo (fused fp32, 2 cores) a step of 2 / 4 / 8 tokens
-    costs 1.12 / 1.28 / 1.53x a step of one. MatMulNBits' one-token step is a cheap read of 8- or 4-bit weights,
-    but each further row is compute (its activations quantized, then integer dot products): 1.27 / 1.70 / 2.44x
-    (int8). There a 1-token match's drafts (first kept 27 %) cost more than they save, so none are made, and 3-token
-    matches draft 6, not 7.
-    Measured on bench-speculate's prompts, both tables alternated per prompt (docs/performance.md): int8 grounded /
-    open chat / sampled / after a document 1.39 / 1.07 / 0.95 / 1.13x over plain decoding with (3, 5, 7), 1.42 /
-    1.11 / 1.01 / 1.35x with (0, 2, 6). For fp32, (3, 5, 7) stayed best among 11 tables replayed against its
-    step costs (int4's steps cost as int8's or more)."""
+    A longer match predicts its continuation more often, and every drafted token costs part of a step: a wrong draft
+    is paid for, a kept one saves a step. How much it costs depends on the weights. A float MatMul streams its
+    weights once for any few rows, so a few more rows cost little. MatMulNBits' one-token step is a cheap read of 8-
+    or 4-bit weights, but each further row is compute (its activations quantized, then integer dot products), so
+    a 1-token match's drafts, kept least often, cost more than they save: none are made, and 3-token matches draft
+    6, not 7. The step costs and keep rates behind both tables, and the tables compared: docs/performance.md."""
     from .manifest import NBITS_PRECISIONS
 
     return NBITS_LENGTHS if (manifest.precision or {}).get("name") in NBITS_PRECISIONS else FLOAT_LENGTHS

@@ -29,7 +29,7 @@ def import_tensorrt():
         import tensorrt as trt
     except ImportError:
         raise UserError("tensorrt is not installed: on a host with an NVIDIA GPU run "
-                        "pip install 'mistral-trt[tensorrt-cu12]' (or -cu13; README: TensorRT)") from None
+                        "pip install 'mistral-trt[tensorrt-cu12]' (or -cu13; docs/tensorrt.md)") from None
     return trt
 
 
