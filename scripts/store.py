@@ -17,7 +17,8 @@ entry's files are recorded (size, mtime) when published: an entry changed since 
 hand edit) is rebuilt, not served.
 
 Where: $MISTRAL_TRT_STORE, else ~/.cache/mistral-trt/store. Each name keeps its two most recently used entries
-(today's code and one before), so the store stays a few GB. Concurrent builders of one entry wait on a lock.
+(today's code and one before) and any used within the hour (another checkout may be reading it), so the store stays
+a few GB. Concurrent builders of one entry wait on a lock.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ CODE_DIRS = ("cli", "export", "runtime", "calib")
 LIBRARIES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "numpy", "ml_dtypes", "gguf", "safetensors",
              "tokenizers", "sentencepiece", "mistral_common")
 KEEP_PER_NAME = 2
+IN_USE_S = 3600  # an entry used this recently may be open in another run (another checkout's code): never evicted
 
 
 def store_root() -> Path:
@@ -179,13 +181,17 @@ class Store:
         used.touch()
 
     def _evict(self, name: str) -> None:
-        """Keep the KEEP_PER_NAME most recently used entries of `name`; an entry another process holds stays."""
+        """Keep the KEEP_PER_NAME most recently used entries of `name`, and any used in the last IN_USE_S seconds
+        (a run of other code may be reading it); an entry another process is building or checking stays."""
         key_len = len(self.key(name))
         entries = [p for p in self.root.glob(f"{name}-*")
                    if p.is_dir() and len(p.name) == len(name) + 1 + key_len]
         used = self.root / ".used"
-        entries.sort(key=lambda p: (used / p.name).stat().st_mtime if (used / p.name).exists() else 0, reverse=True)
+        last = {p: (used / p.name).stat().st_mtime if (used / p.name).exists() else 0 for p in entries}
+        entries.sort(key=last.get, reverse=True)
         for old in entries[KEEP_PER_NAME:]:
+            if time.time() - last[old] < IN_USE_S:
+                continue
             with self._locked(old.name, block=False) as held:
                 if held:
                     shutil.rmtree(old, ignore_errors=True)
