@@ -60,7 +60,13 @@ def test_demo_greedy_equals_hf_generate(runtime, graph, demo_onnx, demo_fused, d
     if graph == "fused":  # the bar for an optimized graph: verify passed at export, every check
         m = Manifest.load(folder)
         assert all(r["passed"] for r in m.verification) and len(m.verification) == 4
+    eos, longest = set(Manifest.load(folder).eos_token_id), 0
     for q, prompt in demo_prompts.items():
-        got = python_greedy(folder, prompt) if runtime == "python" else cpp_greedy(request.getfixturevalue("cpp"),
-                                                                                   folder, prompt)
-        assert len(got) == NEW_TOKENS and got == hf_reference[q], q
+        want = hf_reference[q]
+        if runtime == "python":  # the runtime decodes past EOS when asked to, as HF's reference does
+            assert python_greedy(folder, prompt) == want, q
+        else:  # the C++ runtime stops at EOS: HF's tokens up to there, and HF's next token is that EOS
+            got = cpp_greedy(request.getfixturevalue("cpp"), folder, prompt)
+            assert got == want[:len(got)] and (len(got) == NEW_TOKENS or want[len(got)] in eos), q
+            longest = max(longest, len(got))
+    assert runtime == "python" or longest == NEW_TOKENS  # at least one reply compared over all 64 tokens
