@@ -114,8 +114,11 @@ test-interop: setup $(OPT_VENV)/.installed
 
 # Triton Inference Server on the demo's fused export: the tritonserver nvidia-pytriton bundles (python backend) in
 # its own venv (it pins numpy < 2) with the runtime-only install of mistral-trt, tritonclient against it.
-# Named by a hash of pyproject.toml; this checkout is installed into it (editable, no dependencies) at each use.
-TRITON_VENV := $(VENVS)/triton-$(shell sha256sum pyproject.toml | cut -c1-12)
+# Named by a hash of what it installs (the core and [triton] dependencies in pyproject.toml); this checkout is
+# installed into it (editable, no dependencies) at each use.
+TRITON_VENV := $(VENVS)/triton-$(shell $(PYTHON) -c "import tomllib, hashlib, json; \
+  p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+  print(hashlib.sha256(json.dumps([p['dependencies'], p['optional-dependencies']['triton']]).encode()).hexdigest()[:12])")
 $(TRITON_VENV)/.installed:
 	rm -rf $(TRITON_VENV)
 	$(PYTHON) -m venv $(TRITON_VENV)

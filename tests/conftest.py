@@ -25,6 +25,14 @@ collect_ignore = [d for d, env in (("interop", "MISTRAL_TRT_INTEROP"), ("triton_
                   if not os.environ.get(env)]
 
 
+def pytest_collection_modifyitems(items):
+    """A test that needs one of the demo model's exports is slow whatever its own time: built cold, they take minutes
+    (make test-fast never builds them)."""
+    for item in items:
+        if {"demo_onnx", "demo_fused", "demo_calib"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_terminal_summary(terminalreporter, config):
     """Say what this run left out of the paths it was given, and where that runs: never a silent drop."""
     targets = {"interop": "make test-interop", "triton_server": "make test-triton"}
