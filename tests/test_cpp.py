@@ -88,8 +88,7 @@ def test_sampling_is_seeded_and_stop_strings_end_the_text(cpp, tiny_exports, cap
     assert streamed == cut["text"] + "\n"  # a possible stop string is held back, never printed and taken back
 
 
-# -- tokenize against mistral-common -----------------------------------------------------------------------
-@pytest.mark.slow
+# -- tokenize against mistral-common (not marked slow at 3 s: make cpp-asan runs it under the sanitizers) ------------
 def test_tokenize_equals_mistral_common(cpp, tmp_path):
     """The conversations the Python tests use (test_tokenizer_chat): served form against mistral-common's default
     validation (refused where it refuses, with one line and exit 2), the training form (a final assistant reply)
