@@ -109,7 +109,7 @@ CLI_NAMES = {"max_new_tokens": "--max-new-tokens", "truncate": "--truncate"}  # 
 
 def _stream(gen, tok, prompt_ids, a, out):
     """Generate for one prompt, writing text as it comes; returns (new ids, text, the Speculation that ran or None)."""
-    from mistral_trt.runtime.tokenizer import StreamDecoder, check_text
+    from mistral_trt.runtime.tokenizer import StreamDecoder, check_text, stop_at, stop_holdback
 
     for stop in a.stop:
         check_text(stop, "--stop")
@@ -129,24 +129,33 @@ def _stream(gen, tok, prompt_ids, a, out):
     else:
         steps = ([int(tokens[0])] for tokens in gen.generate([prompt_ids], a.max_new_tokens, _sampling(a),
                                                             truncate=a.truncate, names=CLI_NAMES))
+    # The text is written as it comes, except an end that may begin a stop string: held back until the next piece
+    # shows whether the stop follows (then it is never written) or not. What is written is what --json returns.
+    written = 0
+
+    def write(upto: int) -> None:
+        nonlocal written
+        if out and upto > written:
+            out.write(text[written:upto])
+            out.flush()
+        written = max(written, upto)
+
+    stopped = False
     for t in (t for step in steps for t in step):
         if t in gen.eos:
             break
         ids.append(t)
-        piece = dec.push(t)
-        text += piece
-        stop = next((s for s in a.stop if s in text), None)
-        if stop:
-            text = text[: text.index(stop)]
+        text += dec.push(t)
+        cut = stop_at(text, a.stop)
+        if cut is not None:
+            text, stopped = text[:cut], True
             break
-        if out and piece:
-            out.write(piece)
-            out.flush()
-    else:
-        tail = dec.flush()
-        text += tail
-        if out and tail:
-            out.write(tail)
+        write(len(text) - stop_holdback(text, a.stop))
+    if not stopped:
+        text += dec.flush()
+        cut = stop_at(text, a.stop)  # the last characters may complete a stop string
+        text = text if cut is None else text[:cut]
+    write(len(text))
     return ids, text, speculate
 
 

@@ -235,3 +235,21 @@ class StreamDecoder:
         now = self.tok.decode(self.ids[self.prefix:])
         self.prefix = self.read = len(self.ids)
         return now[len(before):]
+
+
+def stop_at(text: str, stops) -> int | None:
+    """Where the text ends at the first stop string it holds (the earliest of any), or None."""
+    hits = [text.find(s) for s in stops if s in text]
+    return min(hits) if hits else None
+
+
+def stop_holdback(text: str, stops) -> int:
+    """How many characters at the end of `text` begin a stop string: a streamed reply holds them back until the
+    next text shows whether the stop string follows (then they are never sent) or not."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

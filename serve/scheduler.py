@@ -35,7 +35,7 @@ import numpy as np
 from mistral_trt.runtime.errors import UserError
 from mistral_trt.runtime.generate import Generator, Sampling, sample
 from mistral_trt.runtime.speculative import FLOAT_LENGTHS, NgramIndex, accept, draft_lengths
-from mistral_trt.runtime.tokenizer import StreamDecoder, Tokenizer
+from mistral_trt.runtime.tokenizer import StreamDecoder, Tokenizer, stop_at, stop_holdback
 
 
 @dataclass
@@ -147,7 +147,7 @@ class Sequence:
             return self._end(text + self.decoder.flush(), "length")
         if self._stop_in(text):
             return True
-        keep = self._stop_prefix_len(text)
+        keep = stop_holdback(text, self.req.stop)  # held back until we know
         self.held, out = text[len(text) - keep:], text[:len(text) - keep]
         if out or self.unsent_logprobs:
             self._send(Event(delta=out))
@@ -159,22 +159,11 @@ class Sequence:
         return True
 
     def _stop_in(self, text: str) -> bool:
-        hits = [(text.find(s), s) for s in self.req.stop if s in text]
-        if not hits:
+        i = stop_at(text, self.req.stop)
+        if i is None:
             return False
-        i, _ = min(hits)
         self._send(Event(delta=text[:i], finish_reason="stop"))
         return True
-
-    def _stop_prefix_len(self, text: str) -> int:
-        """The longest end of `text` that begins a stop string: held back until we know."""
-        best = 0
-        for s in self.req.stop:
-            for n in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:n]):
-                    best = n
-                    break
-        return best
 
     def _send(self, ev: Event) -> None:
         ev.token_ids, self.unsent_ids = self.unsent_ids, []

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import MistralForCausalLM
 
-from conftest import run_without_torch, score
+from conftest import cli, run_without_torch, score
 from mistral_trt.main import main
 from mistral_trt.runtime import UserError
 from mistral_trt.runtime.backend import open_backend
@@ -215,3 +215,29 @@ def test_chat_goes_on_with_a_conversation(tiny_exports, tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Hi") and r.stdout.count("> ") == 2  # the continued reply, one more turn, then EOF
+
+
+@pytest.mark.slow
+def test_stop_strings_print_what_json_returns(tiny_exports, capsys):
+    """`--stop` on stdout prints exactly the text `--json` returns: the start of a stop string that spans tokens is
+    held back, never printed, and the text before a stop string inside one token's piece is printed."""
+    folder = tiny_exports["full", "fp32"]
+    base = ["generate", folder, "--prompt", "Tell me a long story about the sea.", "--max-new-tokens", 48]
+    rc, out, _ = cli(capsys, *base, "--json")
+    full = json.loads(out)
+    text, ids = full["text"], full["ids"]
+    tok = Tokenizer.load(folder)
+    ends = {len(tok.decode(ids[:k])) for k in range(1, len(ids) + 1)}  # where each token's piece ends
+    assert len(text) > 40
+    spans = inside = 0
+    for start in range(1, len(text) - 3, 3):
+        stop = text[start:start + 3]
+        i = text.index(stop)
+        rc, printed, _ = cli(capsys, *base, "--stop", stop)
+        rc2, js, _ = cli(capsys, *base, "--stop", stop, "--json")
+        assert rc == rc2 == 0 and printed == text[:i] + "\n" and json.loads(js)["text"] == text[:i], stop
+        spans += any(i < e < i + 3 for e in ends)
+        inside += i not in ends and not any(i < e < i + 3 for e in ends)
+        if spans >= 2 and inside >= 2:
+            break
+    assert spans >= 2 and inside >= 2  # both ways a stop string meets the pieces were tried
