@@ -18,8 +18,8 @@ and every measured row. `make test-quality` writes it when the whole tier passes
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
+import os
 import platform
 import sys
 import time
@@ -48,10 +48,11 @@ def recipe_defaults() -> dict:
     return {cmd: {a.dest: repr(a.default) for a in sub.choices[cmd]._actions if a.dest != "help"} for cmd in COMMANDS}
 
 
-def store_recipes() -> dict:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from store import RECIPES
+sys.path.insert(0, str(ROOT / "scripts"))
+from store import RECIPES, library_versions  # noqa: E402  (scripts/store.py)
 
+
+def store_recipes() -> dict:
     return {n: [list(r.args), list(r.inputs)] for n, r in RECIPES.items() if n.startswith("demo-")}
 
 
@@ -63,11 +64,7 @@ def state(root: Path = ROOT) -> dict[str, str]:
     out = {str(p.relative_to(root)): h(p.read_bytes()) for p in guarded_files(root)}
     out["defaults of " + "/".join(COMMANDS)] = h(json.dumps(recipe_defaults(), sort_keys=True).encode())
     out["store recipes of demo-*"] = h(json.dumps(store_recipes(), sort_keys=True).encode())
-    for lib in LIBRARIES:
-        try:
-            out[f"version of {lib}"] = importlib.metadata.version(lib)
-        except importlib.metadata.PackageNotFoundError:
-            out[f"version of {lib}"] = "absent"
+    out.update({f"version of {lib}": v for lib, v in library_versions(LIBRARIES).items() if lib != "python"})
     return out
 
 
@@ -107,7 +104,7 @@ def main(argv: list[str]) -> int:
         results = json.loads(Path(argv[1]).read_text())
         RECORD.parent.mkdir(parents=True, exist_ok=True)
         RECORD.write_text(json.dumps({
-            "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cores": __import__("os").cpu_count(),
+            "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cores": os.cpu_count(),
             "seconds": round(float(argv[2])), "results": results, "guarded": state()}, indent=2) + "\n")
         print(f"quality tier: recorded the pass in {RECORD.relative_to(ROOT)} (commit it)")
         return 0

@@ -63,22 +63,15 @@ def code_digest(root: Path = ROOT, dirs=CODE_DIRS, extra=(Path(__file__).resolve
     return h.hexdigest()
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(names=LIBRARIES) -> dict[str, str]:
+    """Installed version of each distribution in `names` ("absent" where it is not installed), and Python's."""
     out = {"python": sys.version.split()[0]}
-    for name in LIBRARIES:
+    for name in names:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             out[name] = "absent"
     return out
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -97,6 +90,7 @@ class Store:
         self.recipes = recipes if recipes is not None else RECIPES
         self._code = code
         self._keys: dict[str, str] = {}
+        self._versions: dict[str, str] | None = None
 
     @property
     def code(self) -> str:
@@ -106,10 +100,13 @@ class Store:
 
     def key(self, name: str) -> str:
         if name not in self._keys:
+            from mistral_trt.runtime.integrity import sha256
+
+            if self._versions is None:  # once per store: they cannot change under a running process
+                self._versions = library_versions()
             r = self.recipes[name]
             parts = {"name": r.name, "args": list(r.args), "inputs": {i: self.key(i) for i in r.inputs},
-                     "files": [file_sha256(p) for p in r.files()], "code": self.code,
-                     "versions": library_versions()}
+                     "files": [sha256(p) for p in r.files()], "code": self.code, "versions": self._versions}
             self._keys[name] = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
         return self._keys[name]
 

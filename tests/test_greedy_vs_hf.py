@@ -3,15 +3,13 @@
 each runtime (Python, the C++ runtime) drives each graph (portable, fused) against it."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from transformers import MistralForCausalLM
 
 from conftest import cpp_generate
-from mistral_trt.runtime.backend import open_backend
+from test_generate import ours
 from mistral_trt.runtime.chat import format_chat
-from mistral_trt.runtime.generate import Generator, Sampling
 from mistral_trt.runtime.manifest import Manifest
 from mistral_trt.runtime.tokenizer import Tokenizer
 
@@ -39,11 +37,6 @@ def hf_reference(demo_hf, demo_prompts) -> dict[str, list[int]]:
     return out
 
 
-def python_greedy(folder, prompt: list[int]) -> list[int]:
-    gen = Generator(open_backend(folder))
-    return np.stack(list(gen.generate([prompt], NEW_TOKENS, Sampling(), stop_on_eos=False)), 1)[0].tolist()
-
-
 def cpp_greedy(cpp, folder, prompt: list[int]) -> list[int]:
     """Prompts come as ids (the demo's tokenizer.json has no C++ encoder); the reply's text is checked too: the C++
     runtime decodes byte-level BPE itself."""
@@ -64,7 +57,7 @@ def test_demo_greedy_equals_hf_generate(runtime, graph, demo_onnx, demo_fused, d
     for q, prompt in demo_prompts.items():
         want = hf_reference[q]
         if runtime == "python":  # the runtime decodes past EOS when asked to, as HF's reference does
-            assert python_greedy(folder, prompt) == want, q
+            assert ours(folder, [prompt], NEW_TOKENS)[0].tolist() == want, q
         else:  # the C++ runtime stops at EOS: HF's tokens up to there, and HF's next token is that EOS
             got = cpp_greedy(request.getfixturevalue("cpp"), folder, prompt)
             assert got == want[:len(got)] and (len(got) == NEW_TOKENS or want[len(got)] in eos), q

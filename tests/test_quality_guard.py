@@ -42,7 +42,7 @@ def test_recipe_defaults_and_library_versions_are_guarded(tmp_path, monkeypatch)
     monkeypatch.setattr(qg, "recipe_defaults", lambda: defaults)
     assert qg.differences(record, qg.state(root)) == ["defaults of export/quantize/calibrate: changed"]
     monkeypatch.undo()
-    monkeypatch.setattr(qg.importlib.metadata, "version", lambda name: "0.0.1")
+    monkeypatch.setattr(qg, "library_versions", lambda names: {n: "0.0.1" for n in names})
     assert "version of onnxruntime: changed" in qg.differences(record, qg.state(root))
 
 
