@@ -157,7 +157,7 @@ class Ours:
 
     def run(self, prompts: np.ndarray, n: int) -> list[float]:
         """Returns the timestamps of each new token, the call's start first."""
-        from mistral_trt.runtime.generate import Sampling
+        from mistral_trt.runtime.sampling import Sampling
 
         t = [time.perf_counter()]
         for _ in self.gen.generate(list(prompts), n, Sampling(), stop_on_eos=False):

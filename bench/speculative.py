@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from mistral_trt.runtime.errors import UserError
+from mistral_trt.runtime.sequence import Request
 
 GROUNDED_TASKS = [
     "Rewrite the following text, fixing any typos and keeping everything else as it is:\n\n{text}",
@@ -80,15 +81,13 @@ WORKLOADS = {"grounded": (grounded_prompts, False), "open chat": (open_prompts, 
 
 
 def run_one(gen, prompt: list[int], n: int, speculate, sampling) -> dict:
-    if speculate is None:
-        ids = [int(t[0]) for t in gen.generate([prompt], n, sampling)]
-        drafted = accepted = 0
-    else:
-        ids = [t for step in gen.generate_speculative([prompt], n, speculate, sampling) for t in step[0]]
-        drafted, accepted = gen.drafted[0], gen.accepted[0]
-    st = gen.stats[0]
+    ids, st = [], None
+    for (u,) in gen.run([Request(np.asarray(prompt, np.int64), n, sampling)], speculation=speculate):
+        if u is not None:
+            ids += u.tokens
+            st = u.output.stats if u.output is not None and u.output.finish_reason else st
     return {"ids": ids, "tok_s": st.decode_tokens_per_s, "new_tokens": st.new_tokens, "decode_s": st.decode_s,
-            "drafted": drafted, "accepted": accepted}
+            "drafted": st.drafted, "accepted": st.accepted}
 
 
 def step_costs(backend, positions: int, widths, reps: int = 12) -> dict[int, float]:
@@ -139,7 +138,8 @@ def ceiling(prompt: list[int], ids: list[int], k: int, cost: dict[int, float]) -
 def measure(folder: Path, speculate, max_new_tokens: int, log, provider: str = "cpu") -> dict:
     from mistral_trt.runtime.backend import open_backend
     from mistral_trt.runtime.chat import format_chat
-    from mistral_trt.runtime.generate import Generator, Sampling
+    from mistral_trt.runtime.generate import Generator
+    from mistral_trt.runtime.sampling import Sampling
     from mistral_trt.runtime.tokenizer import Tokenizer
 
     backend = open_backend(folder, provider)

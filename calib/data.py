@@ -30,7 +30,8 @@ import numpy as np
 from mistral_trt.runtime.chat import format_chat
 from mistral_trt.runtime.backend import open_backend
 from mistral_trt.runtime.errors import UserError, read_json
-from mistral_trt.runtime.generate import Generator, Sampling
+from mistral_trt.runtime.generate import Generator
+from mistral_trt.runtime.sampling import Sampling
 from mistral_trt.runtime.tokenizer import Tokenizer
 
 PROMPTS = [

@@ -145,3 +145,10 @@ def layerwise_plans(weights, config: dict, args, seqs: list[np.ndarray], recipe:
 
     layerwise_stats(weights, config, args, seqs, on_layer, groups, log=log)
     return plans
+
+
+def projection_weights(args) -> int:
+    """The weights of one decoder layer's seven projections (q, k, v, o, gate, up, down): what int4 quantizes."""
+    h, i = args.hidden_size, args.intermediate_size
+    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    return h * (q + 2 * kv) + q * h + 3 * h * i

@@ -48,6 +48,7 @@ from mistral_trt.export.fused_graph import LM_HEAD_BITS, activations, nbits_reco
 from mistral_trt.export.pipeline import Calibration
 from mistral_trt.export.weights import WeightQdq, check_block_size, weight_only_record
 
+from .layerwise import projection_weights
 from .qdq import save_model, weight_only
 from .smoothquant import ACTIVATION_GROUPS, CALIB_METHODS, GROUPS, Recipe, int8_w8a8
 
@@ -187,13 +188,6 @@ class CheckpointW8a8(Calibration):
 INT4_METHODS = ("auto", "awq-gptq", "awq-gptq-layerwise", "awq-gptq-e2e", "awq")
 TUNED_INT4_METHODS = ("awq-gptq-layerwise", "awq-gptq-e2e")
 AUTO_E2E_BELOW = 10**9  # parameters
-
-
-def projection_weights(args) -> int:
-    """The weights of one decoder layer's seven projections (q, k, v, o, gate, up, down): what int4 quantizes."""
-    h, i = args.hidden_size, args.intermediate_size
-    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    return h * (q + 2 * kv) + q * h + 3 * h * i
 
 
 def parameters(args) -> int:

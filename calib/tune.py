@@ -44,7 +44,7 @@ from mistral_trt.runtime.cache import pack_rows
 from mistral_trt.runtime.errors import check_interrupted
 
 from .data import digest, packed
-from .layerwise import GROUP_WEIGHTS
+from .layerwise import GROUP_WEIGHTS, projection_weights
 
 TUNE_BATCH = 4  # sequences per step
 TUNE_EPOCHS = 1  # passes over the calibration set
@@ -65,7 +65,6 @@ def memory_needed(args, tokens: int = TUNING_TOKENS, longest: int = 512) -> int:
     their gradient and the logits' gradient; TUNE_BATCH sequences of `longest`);
     and 1 GiB for the process itself (torch, onnxruntime, the checkpoint's reader). Mistral-7B: about 20 GiB (three
     float32 copies of the model before 2026-12-05: about 100 GiB); measured on two of its layers, docs/precision.md."""
-    from .quantize import projection_weights
 
     h, i, v, n = args.hidden_size, args.intermediate_size, args.vocab_size, args.num_layers
     layer = projection_weights(args)

@@ -84,113 +84,86 @@ def cmd_tokenize(a):
 def _load_runtime(folder, provider="cpu"):
     from mistral_trt.runtime.backend import open_backend
     from mistral_trt.runtime.generate import Generator
+
+    return Generator(open_backend(folder, provider))  # checks the files against the manifest's sha256
+
+
+def _load_tokenizer(folder):
+    from mistral_trt.runtime.manifest import Manifest
     from mistral_trt.runtime.tokenizer import Tokenizer
 
-    backend = open_backend(folder, provider)  # checks the files against the manifest's sha256
-    return backend.manifest, Tokenizer.for_export(folder, backend.manifest), Generator(backend)
+    m = Manifest.load(folder)
+    m.check_files(folder, names=m.tokenizer_files)
+    return m, Tokenizer.for_export(folder, m)
 
 
-def _sampling(a):
-    """--temperature 0 (or none) is greedy; --top-p/--top-k only shape sampling, so alone they are refused
-    rather than silently ignored."""
-    from mistral_trt.runtime.generate import Sampling
-
-    t = a.temperature or 0.0
-    if a.greedy and t > 0:
+def _request_params(a) -> dict:
+    """The sampling and stop flags as runtime/request.py's fields (None: not given). `--greedy` is the default
+    spelled out, so it only contradicts a temperature above 0."""
+    if a.greedy and (a.temperature or 0) > 0:
         raise UserError(f"--greedy and --temperature {a.temperature:g} contradict each other; give one")
-    if t == 0 and (a.top_p != 1.0 or a.top_k != 0):
-        flag = "--top-p" if a.top_p != 1.0 else "--top-k"
-        raise UserError(f"{flag} applies to sampling: add --temperature T (T > 0); without it decoding is greedy")
-    return Sampling(temperature=t, top_p=a.top_p, top_k=a.top_k, repetition_penalty=a.repetition_penalty, seed=a.seed)
+    return {"temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k,
+            "repetition_penalty": a.repetition_penalty, "seed": a.seed, "stop": a.stop or None,
+            "max_tokens": a.max_new_tokens, "truncate": a.truncate}
 
 
-CLI_NAMES = {"max_new_tokens": "--max-new-tokens", "truncate": "--truncate"}  # for the runtime's messages
+def _build(params: dict, tok, m, a):
+    from mistral_trt.runtime.request import CLI, CLI_DEFAULTS, build_request
+
+    return build_request(params, tok, m, m.max_context, CLI, CLI_DEFAULTS)
 
 
-def _stream(gen, tok, prompt_ids, a, out):
-    """Generate for one prompt, writing text as it comes; returns (new ids, text, the Speculation that ran or None)."""
-    from mistral_trt.runtime.tokenizer import StreamDecoder, check_text, stop_at, stop_holdback
-
-    for stop in a.stop:
-        check_text(stop, "--stop")
+def _stream(gen, tok, req, a, out):
+    """Run one request, writing its text as it comes (runtime/sequence.py holds back what may begin a stop string,
+    so what is written is exactly what --json returns); returns (new ids, text, final stats, the Speculation that
+    ran or None)."""
     from mistral_trt.runtime.speculative import auto_speculation, exactness_note
 
-    dec, ids, text = StreamDecoder(tok), [], ""
     speculate = a.speculate
     if speculate == "auto":  # on where it is lossless and measured faster (auto_speculation), else plain decoding
-        speculate = auto_speculation(gen, len(prompt_ids), a.max_new_tokens)
+        speculate = auto_speculation(gen, len(req.prompt), req.max_tokens)
     elif speculate is not None:
         note = exactness_note(gen.backend.manifest)
         if note:
             print(note, file=sys.stderr)
-    if speculate:  # per model step, the new tokens of our one sequence (1 to k + 1)
-        steps = (step[0] for step in gen.generate_speculative([prompt_ids], a.max_new_tokens, speculate, _sampling(a),
-                                                               truncate=a.truncate, names=CLI_NAMES))
-    else:
-        steps = ([int(tokens[0])] for tokens in gen.generate([prompt_ids], a.max_new_tokens, _sampling(a),
-                                                            truncate=a.truncate, names=CLI_NAMES))
-    # The text is written as it comes, except an end that may begin a stop string: held back until the next piece
-    # shows whether the stop follows (then it is never written) or not. What is written is what --json returns.
-    written = 0
-
-    def write(upto: int) -> None:
-        nonlocal written
-        if out and upto > written:
-            out.write(text[written:upto])
+    ids, text = [], []
+    for (u,) in gen.run([req], tok, speculate):
+        if u is None or u.output is None:
+            continue
+        ids += u.output.token_ids
+        text.append(u.output.text)
+        if out and u.output.text:
+            out.write(u.output.text)
             out.flush()
-        written = max(written, upto)
-
-    stopped = False
-    for t in (t for step in steps for t in step):
-        if t in gen.eos:
-            break
-        ids.append(t)
-        text += dec.push(t)
-        cut = stop_at(text, a.stop)
-        if cut is not None:
-            text, stopped = text[:cut], True
-            break
-        write(len(text) - stop_holdback(text, a.stop))
-    if not stopped:
-        text += dec.flush()
-        cut = stop_at(text, a.stop)  # the last characters may complete a stop string
-        text = text if cut is None else text[:cut]
-    write(len(text))
-    return ids, text, speculate
+        if u.output.finish_reason:
+            return ids, "".join(text), u.output.stats, speculate
+    raise AssertionError("the sequence ended without a final output")  # Generator.run always ends with one
 
 
 def cmd_generate(a):
     import json
 
-    from mistral_trt.runtime.chat import check_messages, format_chat
+    from mistral_trt.runtime.request import CLI
     from mistral_trt.runtime.tokenizer import check_text
 
-    if a.raw and a.prompt is None:
-        raise UserError("--raw goes with --prompt (a conversation has its chat format; --ids are ids already)")
     if a.prompt is not None:
-        check_text(a.prompt, "--prompt")
-    messages = check_messages(read_json(a.messages)) if a.messages else None
-    m, tok, gen = _load_runtime(a.export_dir, a.provider)
-    if a.ids is not None:
-        if not a.ids or min(a.ids) < 0 or max(a.ids) >= m.model.vocab_size:
-            raise UserError(f"--ids: expected token ids in [0, {m.model.vocab_size})")
-        prompt = list(a.ids)
-    elif messages is not None:
-        prompt = format_chat(tok, messages, m.chat_format, m.chat_template)  # a final "prefix": true is continued
-    elif a.raw:
-        prompt = tok.encode(a.prompt, bos=tok.add_bos).tolist()
-    else:
-        prompt = format_chat(tok, [{"role": "user", "content": a.prompt}], m.chat_format, m.chat_template)
-    ids, text, speculated = _stream(gen, tok, prompt, a, None if a.json else sys.stdout)
+        check_text(a.prompt, CLI("text"))
+    params = _request_params(a) | {"text": a.prompt, "raw": a.raw or None, "ids": a.ids,
+                                   "messages": read_json(a.messages) if a.messages else None}
+    m, tok = _load_tokenizer(a.export_dir)
+    req = _build(params, tok, m, a)  # a bad request fails before the model loads
+    gen = _load_runtime(a.export_dir, a.provider)
+    ids, text, stats, speculated = _stream(gen, tok, req, a, None if a.json else sys.stdout)
     if a.json:
-        stats = gen.stats[0].as_dict()
+        st = stats.as_dict()
         if speculated:
-            stats["speculation"] = {"k": speculated.k, "drafted": gen.drafted[0], "accepted": gen.accepted[0]}
-        print(json.dumps({"prompt_ids": prompt, "ids": ids, "text": text, "stats": stats}, ensure_ascii=False))
+            st["speculation"] = {"k": speculated.k, "drafted": stats.drafted, "accepted": stats.accepted}
+        print(json.dumps({"prompt_ids": req.prompt.tolist(), "ids": ids, "text": text, "stats": st},
+                         ensure_ascii=False))
     else:
         print()
-        st = gen.stats[0].as_dict()
-        drafts = f", speculative: {gen.accepted[0]} of {gen.drafted[0]} drafted tokens kept" if speculated else ""
+        st = stats.as_dict()
+        drafts = f", speculative: {stats.accepted} of {stats.drafted} drafted tokens kept" if speculated else ""
         print(f"[{st['prompt_tokens']} prompt tokens, {st['new_tokens']} new, first token after "
               f"{st['time_to_first_token_s'] * 1000:.0f} ms, {st['decode_tokens_per_s']:.1f} tokens/s{drafts}]",
               file=sys.stderr)
@@ -211,7 +184,8 @@ def _read_line(prompt: str) -> str | None:
 
 
 def cmd_chat(a):
-    from mistral_trt.runtime.chat import check_messages, format_chat
+    from mistral_trt.runtime.chat import check_messages
+    from mistral_trt.runtime.request import CLI, build_prompt
     from mistral_trt.runtime.tokenizer import check_text
 
     for flag, text in (("--system", a.system), ("--say", a.say)):
@@ -220,18 +194,21 @@ def cmd_chat(a):
     history = [{"role": "system", "content": a.system}] if a.system else []
     if a.messages:  # an earlier conversation to go on with
         history += check_messages(read_json(a.messages))
-    m, tok, gen = _load_runtime(a.export_dir, a.provider)
+    m, tok = _load_tokenizer(a.export_dir)
+    flags = _request_params(a)
+    _build(flags | {"text": "x"}, tok, m, a)  # the flags' own errors, before the model loads
+    gen = _load_runtime(a.export_dir, a.provider)
 
     def reply():
-        prompt = format_chat(tok, history, m.chat_format, m.chat_template)
+        prompt = build_prompt({"messages": history}, tok, m, CLI)
         while len(prompt) + a.max_new_tokens > gen.max_context and len(history) > 2:
             first = 1 if history[0]["role"] == "system" else 0  # keep the system prompt
             del history[first:first + 2]  # drop the oldest exchange
-            prompt = format_chat(tok, history, m.chat_format, m.chat_template)
+            prompt = build_prompt({"messages": history}, tok, m, CLI)
         prefix = history.pop()["content"] if history[-1].get("prefix") else ""  # a reply to continue
         if prefix:
             print(prefix, end="", flush=True)
-        _, text, _ = _stream(gen, tok, prompt, a, sys.stdout)
+        _, text, _, _ = _stream(gen, tok, _build(flags | {"ids": prompt}, tok, m, a), a, sys.stdout)
         print()
         history.append({"role": "assistant", "content": (prefix + text).strip() or " "})
 
@@ -358,27 +335,14 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _checked(kind, name: str, flag: str):
-    """An argparse type: parse with `kind`, then the runtime's own rule for `name` (runtime/generate.py)."""
+def _parsed(kind):
+    """An argparse type that only parses a number: its range is runtime/request.py's rule, checked with the rest
+    of the request, so the CLI, the HTTP API and Triton give one message."""
     def parse(text: str):
-        from mistral_trt.runtime.generate import check_sampling
-
         try:
-            value = kind(text)
+            return kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-        try:
-            return check_sampling(name, value, flag)
-        except UserError as e:
-            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1] + f", got {text}") from None
-    return parse
-
-
-def _nonempty(flag: str):
-    def parse(text: str) -> str:
-        if not text:
-            raise argparse.ArgumentTypeError("expected a non-empty string (an empty stop string would stop at once)")
-        return text
     return parse
 
 
@@ -405,18 +369,15 @@ def _count(low: int = 1):
 
 
 def _add_sampling_args(s):
-    s.add_argument("--max-new-tokens", type=_count(1), default=128,
+    s.add_argument("--max-new-tokens", type=_parsed(int), default=128,
                    help="at most this many new tokens (prompt + new tokens must fit the context limit)")
     s.add_argument("--greedy", action="store_true", help="argmax decoding (the default without --temperature)")
-    s.add_argument("--temperature", type=_checked(float, "temperature", "--temperature"),
-                   help="sample at this temperature (> 0); 0 means greedy")
-    s.add_argument("--top-p", type=_checked(float, "top_p", "--top-p"), default=1.0, help="nucleus sampling, (0, 1]")
-    s.add_argument("--top-k", type=_checked(int, "top_k", "--top-k"), default=0, help="sample among the k most likely (0: off)")
-    s.add_argument("--repetition-penalty", type=_checked(float, "repetition_penalty", "--repetition-penalty"), default=1.0,
-                   help="> 0; 1 is off (HF's rule)")
-    s.add_argument("--seed", type=_checked(int, "seed", "--seed"))
-    s.add_argument("--stop", action="append", default=[], type=_nonempty("--stop"),
-                   help="stop string (repeatable; not included in the output)")
+    s.add_argument("--temperature", type=_parsed(float), help="sample at this temperature (> 0); 0 means greedy")
+    s.add_argument("--top-p", type=_parsed(float), help="nucleus sampling, (0, 1] (1: off; needs --temperature)")
+    s.add_argument("--top-k", type=_parsed(int), help="sample among the k most likely (0: off; needs --temperature)")
+    s.add_argument("--repetition-penalty", type=_parsed(float), help="> 0; 1 is off (HF's rule)")
+    s.add_argument("--seed", type=_parsed(int))
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable; not included in the output)")
     s.add_argument("--truncate", action="store_true",
                    help="keep the last tokens of a prompt over the context limit (at least half of the prompt, else refuse)")
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="onnxruntime execution provider")

@@ -8,9 +8,9 @@
     all_ = backend.step(cache, [[7, 8], [9]], last=False)  # [2, 2, V]: logits of every token, row b's first n_b
 
 Three siblings implement it: `PortableBackend` and `FusedBackend` (runtime/ort.py, onnxruntime) and
-`TensorRTBackend` (runtime/tensorrt_backend.py, a native engine). Each asks its cache for the step's plan
-(positions, mask or sequence lengths: the cache owns them), packs the tokens on the side its graph wants,
-binds, runs and commits. `ragged` says whether slots advance independently: the fused graph's do (a sequence
+`TensorRTBackend` (runtime/tensorrt_backend.py, a native engine). Each asks its cache for the step's metadata
+(positions, mask or sequence lengths and runs: the cache owns them, runtime/cache.py), has the cache pack the
+tokens on the side its graph wants, binds, runs, and has the cache unpack the logits and commit. `ragged` says whether slots advance independently: the fused graph's do (a sequence
 may join a running batch; one step may prefill one slot and decode another); the portable graph's and
 TensorRT's share a column axis, so a batch starts together (runtime/cache.py says why), and a caller with
 new sequences waits for the batch to end.
@@ -22,8 +22,10 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from .engine import ENGINE_MANIFEST
 from .errors import UserError
 from .manifest import Manifest, ModelArgs
+from .ort import FusedBackend, PortableBackend, provider_list
 
 
 class Backend(Protocol):
@@ -31,9 +33,10 @@ class Backend(Protocol):
     args: ModelArgs
     kv_dtype: np.dtype  # of the KV cache and the logits
     ragged: bool  # slots advance independently (module docstring)
-    max_context: int  # positions one sequence may reach: the model's limit, or a TensorRT plan's max_total
-    max_seq: int | None  # tokens per slot in one step (a TensorRT plan's prefill profile); None: any
-    prefill_past_max: int | None  # past positions a multi-token step may follow (a plan's prefill profile)
+    max_context: int  # positions one sequence may reach: the model's limit, or a TensorRT engine's max_total
+    max_seq: int | None  # tokens per slot in one step (a TensorRT engine's prefill profile); None: any
+    prefill_past_max: int | None  # past positions a multi-token step may follow (an engine's prefill profile)
+    provider: str  # what runs the graph: onnxruntime's provider name (CPUExecutionProvider, ...) or "tensorrt"
 
     def new_cache(self, slots: int, capacity: int, trim: bool = True):
         """A cache of `slots` sequences of up to `capacity` positions. trim=False keeps every position even with
@@ -47,60 +50,15 @@ class Backend(Protocol):
         ...
 
 
-def left_padded_logits(logits: np.ndarray, seqlens: np.ndarray, last: bool) -> np.ndarray:
-    """A left-padded graph's logits [B, S, V] (row b's tokens in its last seqlens[b] columns) in the contract's
-    layout (Backend.step)."""
-    if last:
-        out = logits[:, -1]
-        out[seqlens == 0] = 0
-        return out
-    s = logits.shape[1]
-    out = np.zeros_like(logits)
-    for b, n in enumerate(seqlens):
-        out[b, :n] = logits[b, s - n:]
-    return out
-
-
-def right_padded_logits(logits: np.ndarray, seqlens: np.ndarray, last: bool) -> np.ndarray:
-    """A right-padded graph's logits [B, L, V] (L = 1 with last) in the contract's layout."""
-    if last:
-        out = logits[:, 0]
-        out[seqlens == 0] = 0
-        return out
-    for b, n in enumerate(seqlens):
-        logits[b, n:] = 0
-    return logits
-
-
-class Buffers:
-    """Output arrays reused while their shape repeats (every decode step): no allocation, and a bound
-    output's address stays the same, so an IOBinding need not be redone. One-column outputs (decode steps,
-    `last` logits) are held apart from wider ones, so a prefill between two decode steps does not evict them."""
-
-    def __init__(self, dtype):
-        self.dtype, self.held = np.dtype(dtype), {}
-
-    def get(self, name: str, shape: tuple) -> np.ndarray:
-        key = (name, shape[1] == 1)
-        arr = self.held.get(key)
-        if arr is None or arr.shape != shape:
-            arr = self.held[key] = np.empty(shape, self.dtype)
-        return arr
-
-
 def open_backend(folder: str | Path, provider: str = "cpu", exact: bool = False):
     """An engine folder (engine.json) -> TensorRTBackend; an export folder -> PortableBackend or FusedBackend
     (by the manifest's graph) on onnxruntime's `provider`. The files are checked against the manifest first.
     `exact`: the artifact's own arithmetic where the provider would approximate it for speed (weight-only
     int8-w8a16 / int4-w4a16 on the CPU provider: float activations, not int8; 10-20x slower): `eval` asks for it."""
-    from .engine import ENGINE_MANIFEST
-
     if (Path(folder) / ENGINE_MANIFEST).is_file():
-        from .tensorrt_backend import TensorRTBackend
+        from .tensorrt_backend import TensorRTBackend  # imports nothing of TensorRT's until it opens one
 
         return TensorRTBackend(folder)
-    from .ort import FusedBackend, PortableBackend, provider_list
-
     m = Manifest.load(folder)
     if m.graph == "fused" and provider == "tensorrt":
         raise UserError(f"{folder}: the fused graph uses onnxruntime contrib ops TensorRT does not have; "

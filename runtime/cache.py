@@ -3,14 +3,16 @@ and from those, everything the graph needs for a step (mistral-inference's Buffe
 
 A cache has `slots` rows. A sequence is admitted into a free slot, fed tokens step by step, and released
 when it ends; the slot then takes the next sequence. For a step the caller says how many tokens each slot
-gets (`seqlens`, 0: the slot is idle); the cache answers with a `StepPlan`:
+gets (`seqlens`, 0: the slot is idle); the cache answers with the step's `StepMetadata`, derived once and
+bound as it is by every backend:
 
     cache = backend.new_cache(slots=2, capacity=64)
     a, b = cache.admit(), cache.admit()                  # 0, 1
-    plan = cache.plan(np.array([5, 1]), last=True)       # seqlens: [B]
-    ids = cache.pack([prompt_a, [token_b]], plan)        # [B, S], padded on the side the graph wants
-    ... the backend binds ids, the plan's arrays and the cache's buffers, runs the graph ...
-    cache.commit(plan)
+    meta = cache.metadata(np.array([5, 1]), last=True)   # seqlens: [B]
+    ids = cache.pack([prompt_a, [token_b]], meta)        # [B, S], padded on the side the graph wants
+    ... the backend binds ids, the metadata's arrays and the cache's buffers, runs the graph ...
+    logits = cache.unpack(raw_logits, meta)              # the contract's layout (runtime/backend.py)
+    cache.commit(meta)
     cache.release(a)
 
 Two layouts, one per graph:
@@ -71,8 +73,23 @@ def pack_rows(rows, width: int | None = None, align: str = "left", vocab_size: i
 
 
 @dataclass
-class StepPlan:
-    """What one step feeds the graph, derived by the cache from its state and `seqlens`."""
+class Run:
+    """One run of the fused graph over the cache's rows [lo, hi): its inputs, each row padded to the run's width."""
+
+    lo: int
+    hi: int
+    rows: np.ndarray  # the busy rows it carries (absolute slots, ascending)
+    width: int  # S of this run: its widest row, at least 1
+    seqlens_k: np.ndarray  # [hi - lo] int32: a row's tokens after the step, minus one (0 for an empty idle row)
+    total_sequence_length: np.ndarray  # int32 scalar: the largest seqlens_k + 1
+    query_seqlens: np.ndarray  # [hi - lo] int32: tokens each row gets in this run (0: idle)
+    logits_index: np.ndarray  # [hi - lo, 1 or width] int64: the columns of each row that get logits
+
+
+@dataclass
+class StepMetadata:
+    """What one step feeds the graph, derived once by the cache from its state and `seqlens` (the backend binds
+    these arrays as they are)."""
 
     seqlens: np.ndarray  # [B] int: tokens each slot gets (0: idle)
     width: int  # S: the step's columns, max(seqlens) and at least 1
@@ -80,11 +97,8 @@ class StepPlan:
     # ColumnCache (rows left-padded):
     attention_mask: np.ndarray | None = None  # [B, P + S] int64, 1 = attend
     position_ids: np.ndarray | None = None  # [B, S] int64, absolute
-    # InPlaceCache (rows right-padded):
-    seqlens_k: np.ndarray | None = None  # [B] int32: row b's tokens after this step, minus one
-    total_sequence_length: np.ndarray | None = None  # int32 scalar: the largest seqlens_k + 1
-    query_seqlens: np.ndarray | None = None  # [B] int32: = seqlens
-    logits_index: np.ndarray | None = None  # [B, 1 or S] int64: the columns of each row that get logits
+    # InPlaceCache (rows right-padded): the runs the step is split into (runs())
+    runs: list[Run] | None = None
 
 
 class SlotTable:
@@ -175,12 +189,12 @@ class ColumnCache(SlotTable):
     def __init__(self, storage, slots: int, capacity: int, keep: int | None, sliding_window: int | None = None):
         super().__init__(slots, capacity)
         self.storage, self.keep, self.sliding_window = storage, keep, sliding_window
-        self.side, self.length = 0, 0  # the side `past` is read from; columns held
-        self.mask = np.zeros((slots, 0), np.int64)  # [B, length]: which held columns are real tokens
+        self.side, self.columns = 0, 0  # the side `past` is read from; columns held (shared by every row)
+        self.mask = np.zeros((slots, 0), np.int64)  # [B, columns]: which held columns are real tokens
         self.next_pos = np.zeros(slots, np.int64)  # [B]: absolute position of each row's next token
 
     def _can_admit(self) -> bool:
-        return self.length == 0  # no step taken since the cache was empty
+        return self.columns == 0  # no step taken since the cache was empty
 
     def _reset_slot(self, slot: int) -> None:
         self.next_pos[slot] = 0
@@ -188,9 +202,9 @@ class ColumnCache(SlotTable):
     def release(self, slot: int) -> None:
         super().release(slot)
         if not self.active.any():  # the batch is over: start the next one from an empty cache
-            self.length, self.mask = 0, np.zeros((self.slots, 0), np.int64)
+            self.columns, self.mask = 0, np.zeros((self.slots, 0), np.int64)
 
-    def plan(self, seqlens, last: bool = True) -> StepPlan:
+    def metadata(self, seqlens, last: bool = True) -> StepMetadata:
         seqlens = self._check_seqlens(seqlens)
         s = max(int(seqlens.max()), 1)
         skipped = self.active & (self.next_pos > 0) & (seqlens == 0)
@@ -199,30 +213,84 @@ class ColumnCache(SlotTable):
             raise UserError(f"slot(s) {np.flatnonzero(skipped).tolist()} take no token this step: with a sliding window "
                             "the rows of this cache (portable graph, TensorRT) advance together; release a "
                             "finished sequence first")
-        if self.length + s > self.capacity:
-            raise UserError(f"KV cache overflow: {self.length} + {s} positions > capacity {self.capacity}")
+        if self.columns + s > self.capacity:
+            raise UserError(f"KV cache overflow: {self.columns} + {s} positions > capacity {self.capacity}")
         new = (np.arange(s)[None] >= s - seqlens[:, None]).astype(np.int64)  # left-padded: real tokens last
-        return StepPlan(seqlens, s, last, attention_mask=np.concatenate([self.mask, new], axis=1),
-                        position_ids=positions(self.next_pos, new))
+        return StepMetadata(seqlens, s, last, attention_mask=np.concatenate([self.mask, new], axis=1),
+                            position_ids=positions(self.next_pos, new))
 
-    def pack(self, tokens, plan: StepPlan, vocab_size: int | None = None) -> np.ndarray:
-        return pack_rows(tokens, plan.width, "left", vocab_size)
+    def pack(self, tokens, meta: StepMetadata, vocab_size: int | None = None) -> np.ndarray:
+        return pack_rows(tokens, meta.width, "left", vocab_size)
+
+    def unpack(self, logits: np.ndarray, meta: StepMetadata) -> np.ndarray:
+        """The graph's logits [B, S, V] (row b's tokens in its last seqlens[b] columns; S = 1 where only the last
+        column came back) in the contract's layout (runtime/backend.py's Backend.step)."""
+        if meta.last:
+            out = logits[:, -1]
+            out[meta.seqlens == 0] = 0
+            return out
+        s = logits.shape[1]
+        out = np.zeros_like(logits)
+        for b, n in enumerate(meta.seqlens):
+            out[b, :n] = logits[b, s - n:]
+        return out
 
     def past(self) -> list:
-        return self.storage.views(self.side, self.length)
+        return self.storage.views(self.side, self.columns)
 
-    def present(self, plan: StepPlan) -> list:
-        return self.storage.views(1 - self.side, self.length + plan.width)
+    def present(self, meta: StepMetadata) -> list:
+        return self.storage.views(1 - self.side, self.columns + meta.width)
 
-    def commit(self, plan: StepPlan) -> None:
+    def commit(self, meta: StepMetadata) -> None:
         """The graph ran: `present` becomes the past (with a window: its last `keep` columns, copied back)."""
-        total = self.length + plan.width
-        self.next_pos += plan.seqlens
+        total = self.columns + meta.width
+        self.next_pos += meta.seqlens
         if self.keep is not None and total > self.keep:
             self.storage.keep_tail(1 - self.side, self.side, total, self.keep)
-            self.length, self.mask = self.keep, plan.attention_mask[:, total - self.keep:]
+            self.columns, self.mask = self.keep, meta.attention_mask[:, total - self.keep:]
         else:
-            self.side, self.length, self.mask = 1 - self.side, total, plan.attention_mask
+            self.side, self.columns, self.mask = 1 - self.side, total, meta.attention_mask
+
+
+RUN_COST_TOKENS = 16  # a run's fixed cost (one more pass over the weights) in prefill tokens' worth (CPU: ~18 vs ~1.2 ms)
+
+
+def runs(q: np.ndarray, room: np.ndarray | None = None) -> list[np.ndarray]:
+    """How a fused-graph step with q[b] tokens per row splits into runs (each padded to its widest row):
+    rows of one token together; rows of several merged while one wider run costs less than separate ones.
+
+        runs(np.array([1, 1, 0, 40, 0, 1]))    # [array([0, 1, 5]), array([3])]
+
+    `room[b]`: positions row b's cache has left. The op pads every row a run spans, busy or idle, to the run's
+    width and refuses one whose cached tokens plus that width pass the capacity, so with `room` a run is split
+    where a row in its span lacks the room (found as serve --speculate's drafts merged with a prefill chunk).
+    """
+    ones, multi = np.flatnonzero(q == 1), np.flatnonzero(q > 1)
+    groups = [ones] if len(ones) else []
+    if len(multi):  # the cost rule even when every busy row is wider: speculative rows of 3-8 tokens beside a
+        cur = [int(multi[0])]  # 512-token chunk would otherwise all be padded to 512
+        cost = lambda rows: RUN_COST_TOKENS + (rows[-1] - rows[0] + 1) * int(q[rows].max())  # noqa: E731
+        for r in multi[1:]:
+            if cost(cur + [int(r)]) <= cost(cur) + cost([int(r)]):
+                cur.append(int(r))
+            else:
+                groups.append(np.array(cur))
+                cur = [int(r)]
+        groups.append(np.array(cur))
+    return groups if room is None else [part for g in groups for part in _fitting(g, q, room)]
+
+
+def _fitting(rows: np.ndarray, q: np.ndarray, room: np.ndarray) -> list[np.ndarray]:
+    """A run's rows (ascending) as consecutive runs whose every spanned row has room for the run's width. A row
+    alone always fits (the cache's metadata refused an overflow), so this always ends."""
+    out, cur = [], [int(rows[0])]
+    for r in map(int, rows[1:]):
+        if room[cur[0]:r + 1].min() >= max(int(q[cur].max()), int(q[r])):
+            cur.append(r)
+        else:
+            out.append(np.array(cur))
+            cur = [r]
+    return out + [np.array(cur)]
 
 
 class InPlaceCache(SlotTable):
@@ -237,36 +305,60 @@ class InPlaceCache(SlotTable):
         if sliding_window is not None and capacity < sliding_window:
             raise UserError(f"capacity {capacity} < sliding_window {sliding_window}: the op keeps W positions")
         self.buffers, self.sliding_window = buffers, sliding_window
-        self.tokens = np.zeros(slots, np.int64)  # [B]: tokens each row has seen (= its next absolute position)
+        self.lengths = np.zeros(slots, np.int64)  # [B]: positions each row holds (= its next absolute position)
+        # a device cache is bound whole in every run (onnxruntime binds OrtValues, not row views)
+        self.whole_rows = bool(buffers) and not isinstance(buffers[0], np.ndarray)
 
     def _reset_slot(self, slot: int) -> None:
-        self.tokens[slot] = 0  # the op writes from position 0 again; what was there is never read
+        self.lengths[slot] = 0  # the op writes from position 0 again; what was there is never read
 
     @property
     def next_pos(self) -> np.ndarray:
-        return self.tokens
+        return self.lengths
 
-    def plan(self, seqlens, last: bool = True) -> StepPlan:
+    def metadata(self, seqlens, last: bool = True) -> StepMetadata:
+        """The runs the step is split into (runs(): the graph pads each row of a run to the run's widest), each with
+        its rows' inputs. Without a window a row's room is capacity - length (with one the op evicts: it always has
+        room); a device cache binds every row in every run, which no split can help."""
         seqlens = self._check_seqlens(seqlens)
         s = max(int(seqlens.max()), 1)
-        total = self.tokens + seqlens
-        if self.sliding_window is None and total.max() > self.capacity:
-            raise UserError(f"KV cache overflow: {int(total.max())} positions > capacity {self.capacity}")
-        # An idle row (query_seqlens 0) with no tokens yet has seqlens_k 0: the op leaves its cache alone.
-        index = (np.maximum(seqlens - 1, 0)[:, None] if last else np.tile(np.arange(s), (self.slots, 1)))
-        return StepPlan(seqlens, s, last, seqlens_k=np.maximum(total - 1, 0).astype(np.int32),
-                        total_sequence_length=np.array(max(int(total.max()), 1), np.int32),
-                        query_seqlens=seqlens.astype(np.int32), logits_index=index.astype(np.int64))
+        if self.sliding_window is None and (self.lengths + seqlens).max() > self.capacity:
+            raise UserError(f"KV cache overflow: {int((self.lengths + seqlens).max())} positions > capacity "
+                            f"{self.capacity}")
+        room = None if self.sliding_window is not None or self.whole_rows else self.capacity - self.lengths
+        out = []
+        for rows in runs(seqlens, room):  # none when every row is idle
+            lo, hi = (0, self.slots) if self.whole_rows else (int(rows[0]), int(rows[-1]) + 1)
+            q = np.zeros(hi - lo, np.int64)
+            q[rows - lo] = seqlens[rows]
+            w = int(q.max())
+            # An idle row (query_seqlens 0) with no tokens yet has seqlens_k 0: the op leaves its cache alone.
+            k = np.maximum(self.lengths[lo:hi] + q - 1, 0)
+            index = np.maximum(q - 1, 0)[:, None] if last else np.tile(np.arange(w), (hi - lo, 1))
+            out.append(Run(lo, hi, rows, w, k.astype(np.int32), np.array(int(k.max()) + 1, np.int32),
+                           q.astype(np.int32), index.astype(np.int64)))
+        return StepMetadata(seqlens, s, last, runs=out)
 
-    def pack(self, tokens, plan: StepPlan, vocab_size: int | None = None) -> np.ndarray:
-        return pack_rows(tokens, plan.width, "right", vocab_size)
+    def pack(self, tokens, meta: StepMetadata, vocab_size: int | None = None) -> np.ndarray:
+        return pack_rows(tokens, meta.width, "right", vocab_size)
 
-    def commit(self, plan: StepPlan) -> None:
-        self.tokens += plan.seqlens
+    def unpack(self, logits: np.ndarray, meta: StepMetadata) -> np.ndarray:
+        """The graph's logits [B, L, V] (L = 1 with last; row b's in its first seqlens[b] columns) in the
+        contract's layout."""
+        if meta.last:
+            out = logits[:, 0]
+            out[meta.seqlens == 0] = 0
+            return out
+        for b, n in enumerate(meta.seqlens):
+            logits[b, n:] = 0
+        return logits
+
+    def commit(self, meta: StepMetadata) -> None:
+        self.lengths += meta.seqlens
 
     def rollback(self, slot: int, n: int) -> None:
         """Forget the last n positions of `slot` (speculative drafts the model rejected): the next step writes over
         them. Exact while the op has evicted nothing, i.e. while capacity holds the whole sequence."""
-        if not 0 <= n <= self.tokens[slot]:
-            raise UserError(f"rollback of {n} positions: slot {slot} holds {int(self.tokens[slot])}")
-        self.tokens[slot] -= n
+        if not 0 <= n <= self.lengths[slot]:
+            raise UserError(f"rollback of {n} positions: slot {slot} holds {int(self.lengths[slot])}")
+        self.lengths[slot] -= n

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import Buffers, left_padded_logits, right_padded_logits
 from .cache import ColumnCache, ColumnStorage, InPlaceCache, PointerColumns
 from .errors import UserError
 from .manifest import NUMPY_DTYPE, ONNX_NAME, Manifest
@@ -158,6 +157,7 @@ def _open(backend, folder, providers, manifest: Manifest | None, graph: str, exa
     backend.folder = Path(folder)
     backend.manifest = m = manifest or Manifest.load(backend.folder)
     backend.session = open_session(backend.folder, m, providers, graph, exact)
+    backend.provider = backend.session.get_providers()[0]
     backend.args, backend.kv_dtype = m.model, np.dtype(NUMPY_DTYPE[m.dtype])
     backend.past_names = [n for n in m.input_names() if n.startswith("past_key_values.")]
     backend.present_names = m.output_names()[1:]
@@ -201,6 +201,22 @@ class OrtColumns(PointerColumns):
             t.update_inplace(full)
 
 
+class Buffers:
+    """Output arrays reused while their shape repeats (every decode step): no allocation, and a bound
+    output's address stays the same, so an IOBinding need not be redone. One-column outputs (decode steps,
+    `last` logits) are held apart from wider ones, so a prefill between two decode steps does not evict them."""
+
+    def __init__(self, dtype):
+        self.dtype, self.held = np.dtype(dtype), {}
+
+    def get(self, name: str, shape: tuple) -> np.ndarray:
+        key = (name, shape[1] == 1)
+        arr = self.held.get(key)
+        if arr is None or arr.shape != shape:
+            arr = self.held[key] = np.empty(shape, self.dtype)
+        return arr
+
+
 class PortableBackend:
     ragged = False
 
@@ -221,71 +237,30 @@ class PortableBackend:
     def step(self, cache: ColumnCache, tokens, last: bool = True) -> np.ndarray:
         """One step through IOBinding: past bound from the cache's side, present written into the other.
         The graph computes logits for every column anyway; `last` only picks them."""
-        plan = cache.plan([len(t) for t in tokens], last)
-        ids = cache.pack(tokens, plan, self.args.vocab_size)
+        meta = cache.metadata([len(t) for t in tokens], last)
+        ids = cache.pack(tokens, meta, self.args.vocab_size)
         b, s = ids.shape
         logits = self.buffers.get("logits", (b, s, self.args.vocab_size))
         io = self.session.io_binding()
-        for name, arr in (("input_ids", ids), ("attention_mask", plan.attention_mask), ("position_ids", plan.position_ids)):
+        for name, arr in (("input_ids", ids), ("attention_mask", meta.attention_mask), ("position_ids", meta.position_ids)):
             arr = np.ascontiguousarray(arr)
             io.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
         io.bind_output("logits", "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
         storage = cache.storage
         if isinstance(storage, OrtColumns):  # pointers into the provider's memory
-            past, present = storage.shape_for(cache.length), storage.shape_for(cache.length + s)
+            past, present = storage.shape_for(cache.columns), storage.shape_for(cache.columns + s)
             for name, ptr in zip(self.past_names, cache.past()):
                 io.bind_input(name, storage.device, 0, storage.dtype, past, ptr)
-            for name, ptr in zip(self.present_names, cache.present(plan)):
+            for name, ptr in zip(self.present_names, cache.present(meta)):
                 io.bind_output(name, storage.device, 0, storage.dtype, present, ptr)
         else:
             for name, arr in zip(self.past_names, cache.past()):
                 io.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
-            for name, arr in zip(self.present_names, cache.present(plan)):
+            for name, arr in zip(self.present_names, cache.present(meta)):
                 io.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
         _run(self, io)
-        cache.commit(plan)
-        return left_padded_logits(logits, plan.seqlens, last)
-
-
-RUN_COST_TOKENS = 16  # a run's fixed cost (one more pass over the weights) in prefill tokens' worth (CPU: ~18 vs ~1.2 ms)
-
-
-def runs(q: np.ndarray, room: np.ndarray | None = None) -> list[np.ndarray]:
-    """How a fused-graph step with q[b] tokens per row splits into runs (each padded to its widest row):
-    rows of one token together; rows of several merged while one wider run costs less than separate ones.
-
-        runs(np.array([1, 1, 0, 40, 0, 1]))    # [array([0, 1, 5]), array([3])]
-
-    `room[b]`: positions row b's cache has left. The op pads every row a run spans, busy or idle, to the run's
-    width and refuses one whose cached tokens plus that width pass the capacity, so with `room` a run is split
-    where a row in its span lacks the room (found as serve --speculate's drafts merged with a prefill chunk).
-    """
-    ones, multi = np.flatnonzero(q == 1), np.flatnonzero(q > 1)
-    groups = [ones] if len(ones) else []
-    if len(multi):  # the cost rule even when every busy row is wider: speculative rows of 3-8 tokens beside a
-        cur = [int(multi[0])]  # 512-token chunk would otherwise all be padded to 512
-        cost = lambda rows: RUN_COST_TOKENS + (rows[-1] - rows[0] + 1) * int(q[rows].max())  # noqa: E731
-        for r in multi[1:]:
-            if cost(cur + [int(r)]) <= cost(cur) + cost([int(r)]):
-                cur.append(int(r))
-            else:
-                groups.append(np.array(cur))
-                cur = [int(r)]
-        groups.append(np.array(cur))
-    return groups if room is None else [part for g in groups for part in _fitting(g, q, room)]
-
-
-def _fitting(rows: np.ndarray, q: np.ndarray, room: np.ndarray) -> list[np.ndarray]:
-    """A run's rows (ascending) as consecutive runs whose every spanned row has room for the run's width. A row
-    alone always fits (the cache's plan refused an overflow), so this always ends."""
-    out, cur = [], [int(rows[0])]
-    for r in map(int, rows[1:]):
-        if room[cur[0]:r + 1].min() >= max(int(q[cur].max()), int(q[r])):
-            cur.append(r)
-        else:
-            out.append(np.array(cur))
-            cur = [r]
-    return out + [np.array(cur)]
+        cache.commit(meta)
+        return cache.unpack(logits, meta)
 
 
 class FusedBackend:
@@ -336,37 +311,24 @@ class FusedBackend:
         return held
 
     def step(self, cache: InPlaceCache, tokens, last: bool = True) -> np.ndarray:
-        """The graph pads every row of a run to the run's widest, so a step that decodes one token in some slots
-        and prefills chunks in others runs as several (runs()). Each run binds only the rows it spans (rows are
-        independent; slots above the last busy one cost nothing)."""
-        plan = cache.plan([len(t) for t in tokens], last)
-        ids = cache.pack(tokens, plan, self.args.vocab_size)
-        q, before = plan.seqlens, cache.tokens
-        width = plan.logits_index.shape[1]
+        """The cache's metadata splits the step into runs (runtime/cache.py's runs(): the graph pads every row of a
+        run to its widest, so decoding one token in some slots and prefilling chunks in others runs as several).
+        Each run binds only the rows it spans (rows are independent; slots above the last busy one cost nothing)."""
+        meta = cache.metadata([len(t) for t in tokens], last)
+        ids = cache.pack(tokens, meta, self.args.vocab_size)
+        width = 1 if last else meta.width
         out = self.buffers.get("logits", (cache.slots, width, self.args.vocab_size))
-        device = not isinstance(cache.buffers[0], np.ndarray)
-        # Without a window a row's room is capacity - tokens (with one the op evicts: it always has room). A device
-        # cache binds every row in every run, which no split can help; a step that pads past a row's room fails there.
-        room = None if cache.sliding_window is not None or device else cache.capacity - before
-        groups = runs(q, room)
-        for rows in groups:
-            lo, hi = (0, cache.slots) if device else (int(rows[0]), int(rows[-1]) + 1)
-            qq = np.zeros(hi - lo, np.int64)
-            qq[rows - lo] = q[rows]
-            s = max(int(qq.max()), 1)
-            seqlens_k = np.maximum(before[lo:hi] + qq - 1, 0)
-            index = np.maximum(qq - 1, 0)[:, None] if last else np.tile(np.arange(s), (hi - lo, 1))
-            small = {"input_ids": ids[lo:hi, :s], "seqlens_k": seqlens_k.astype(np.int32),
-                     "query_seqlens": qq.astype(np.int32),
-                     "total_sequence_length": np.array(int(seqlens_k.max()) + 1, np.int32),
-                     "logits_index": index.astype(np.int64)}
-            logits = self._run_rows(cache, lo, hi, small, index.shape[1])
-            if len(groups) > 1 or (lo, hi) != (0, cache.slots):
-                out[lo:hi, :index.shape[1]][rows - lo] = logits[rows - lo]
+        for run in meta.runs:
+            small = {"input_ids": ids[run.lo:run.hi, :run.width], "seqlens_k": run.seqlens_k,
+                     "query_seqlens": run.query_seqlens, "total_sequence_length": run.total_sequence_length,
+                     "logits_index": run.logits_index}
+            logits = self._run_rows(cache, run.lo, run.hi, small, run.logits_index.shape[1])
+            if len(meta.runs) > 1 or (run.lo, run.hi) != (0, cache.slots):
+                out[run.lo:run.hi, :run.logits_index.shape[1]][run.rows - run.lo] = logits[run.rows - run.lo]
             else:
                 out = logits
-        cache.commit(plan)
-        return right_padded_logits(out, q, last)
+        cache.commit(meta)
+        return cache.unpack(out, meta)
 
     def _run_rows(self, cache, lo: int, hi: int, small: dict, width: int) -> np.ndarray:
         io, held, bound_logits = bound = self._binding(cache, lo, hi)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UserError
+from .manifest import NBITS_PRECISIONS
+from .sampling import TokenMask, draw, probabilities, transformed
 
 NGRAM_MAX = 3  # the longest tail looked up (then shorter ones, down to NGRAM_MIN)
 NGRAM_MIN = 1
@@ -45,8 +47,6 @@ def exactness_note(manifest) -> str | None:
     rounds each activation block to int8, and a last-bit difference that moves one rounding moves the logits: up to
     0.5-0.7 on the demo's int8 and int4 exports (one kernel on its own gives equal rows), enough to change a greedy
     token now and then."""
-    from .manifest import NBITS_PRECISIONS
-
     name = (manifest.precision or {}).get("name")
     if name in NBITS_PRECISIONS or name == "int4-w4a16":
         return (f"note: --speculate on {name} exports is not token-identical to plain decoding: onnxruntime's "
@@ -71,9 +71,7 @@ def auto_speculation(gen, prompt_len: int, max_new_tokens: int) -> "Speculation 
     """
     b, spec = gen.backend, Speculation()
     m = b.manifest
-    if not b.ragged or m.dtype != "fp32" or m.precision:
-        return None
-    if b.session.get_providers()[0] != "CPUExecutionProvider":  # ragged: a FusedBackend, on onnxruntime
+    if not b.ragged or m.dtype != "fp32" or m.precision or b.provider != "CPUExecutionProvider":
         return None
     if gen.keep is not None and prompt_len + max_new_tokens + spec.k > gen.keep + gen.chunk:
         return None
@@ -90,8 +88,6 @@ def draft_lengths(manifest) -> tuple[int, ...]:
     or 4-bit weights, but each further row is compute (its activations quantized, then integer dot products), so
     a 1-token match's drafts, kept least often, cost more than they save: none are made, and 3-token matches draft
     6, not 7. The step costs and keep rates behind both tables, and the tables compared: docs/performance.md."""
-    from .manifest import NBITS_PRECISIONS
-
     return NBITS_LENGTHS if (manifest.precision or {}).get("name") in NBITS_PRECISIONS else FLOAT_LENGTHS
 
 
@@ -151,29 +147,32 @@ class NgramIndex:
 
 
 def accept(logits: np.ndarray, drafts: list[int], sampling, rng: np.random.Generator, seen: list[int],
-           generated: list[int]) -> list[int]:
+           generated: list[int], mask: TokenMask | None = None) -> list[int]:
     """logits [len(drafts) + 1, V]: column i predicts the token after drafts[:i]. Returns the tokens this step
-    yields: the accepted drafts, then one token of the model's own (a correction, or the bonus after all k)."""
-    from .generate import draw, probabilities, transformed
-
+    yields: the accepted drafts, then one token of the model's own (a correction, or the bonus after all k).
+    `mask`: the tokens allowed at each position, asked after each kept token (a draft it forbids has p = 0: never
+    kept), and told every token kept."""
     out: list[int] = []
     for i in range(len(drafts) + 1):
-        x = transformed(logits[i:i + 1], sampling, [seen + out], [generated + out])[0]
+        allowed = mask.allowed() if mask is not None else None
+        x = transformed(logits[i:i + 1], sampling, [seen + out], [generated + out],
+                        None if allowed is None else allowed[None])[0]
         d = drafts[i] if i < len(drafts) else None
         if sampling.greedy:
             t = int(x.argmax())
-            out.append(t)
-            if t != d:
-                return out
-            continue
-        p = probabilities(x[None], sampling)[0]
-        if d is not None and rng.random() < p[d]:
-            out.append(d)
-            continue
-        if d is not None:  # rejected (so p[d] < 1): the residual max(0, p - q), q a point mass at d
-            p = p.copy()
-            p[d] = 0.0
-            p /= p.sum()
-        out.append(draw(p, rng))
-        return out
+        else:
+            p = probabilities(x[None], sampling)[0]
+            if d is not None and rng.random() < p[d]:
+                t = d
+            else:
+                if d is not None:  # rejected (so p[d] < 1): the residual max(0, p - q), q a point mass at d
+                    p = p.copy()
+                    p[d] = 0.0
+                    p /= p.sum()
+                t = draw(p, rng)
+        out.append(t)
+        if mask is not None:
+            mask.accept(t)
+        if t != d:
+            return out
     return out

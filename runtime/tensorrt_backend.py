@@ -4,7 +4,7 @@
     gen = Generator(backend)                              # the same Generator that drives onnxruntime
 
 The engine is built from the portable graph, so its cache is runtime/cache.py's ColumnCache with the
-columns in device memory (runtime/cuda.py's DeviceColumns): the same plan, the same trim. Two execution
+columns in device memory (runtime/cuda.py's DeviceColumns): the same metadata, the same trim. Two execution
 contexts, one per optimization profile (prefill: seq up to max_seq; decode: seq = 1), share the engine's
 weights, so switching between prefill and decode costs nothing per step. Before anything runs, engine.json
 is checked against this machine (TensorRT version, compute capability, driver) and the plan's tensors and
@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import left_padded_logits
 from .cache import ColumnCache
 from .cuda import Cuda, DeviceColumns, check_cuda_versions, gpu_info, logits_to_host
 from .engine import PROFILES, EngineManifest, check_compatible, check_plan_io, prefill_past_max
@@ -35,6 +34,7 @@ def import_tensorrt():
 
 class TensorRTBackend:
     ragged = False  # the portable graph: a batch starts together (runtime/cache.py)
+    provider = "tensorrt"
 
     def __init__(self, folder: str | Path, device: int = 0):
         self.folder = Path(folder)
@@ -99,15 +99,15 @@ class TensorRTBackend:
                            self.args.sliding_window)
 
     def step(self, cache: ColumnCache, tokens, last: bool = True) -> np.ndarray:
-        plan = cache.plan([len(t) for t in tokens], last)
-        ids = cache.pack(tokens, plan, self.args.vocab_size)
+        meta = cache.metadata([len(t) for t in tokens], last)
+        ids = cache.pack(tokens, meta, self.args.vocab_size)
         b, s = ids.shape
-        total = cache.length + s
+        total = cache.columns + s
         if s > self.max_seq or total > self.max_total:
-            raise UserError(f"{s} new + {cache.length} cached positions: this engine was built for "
+            raise UserError(f"{s} new + {cache.columns} cached positions: this engine was built for "
                             f"--max-seq {self.max_seq} --max-total {self.max_total}")
-        if s > 1 and cache.length > self.prefill_past_max:
-            raise UserError(f"a {s}-token step after {cache.length} cached positions: this engine's prefill profile "
+        if s > 1 and cache.columns > self.prefill_past_max:
+            raise UserError(f"a {s}-token step after {cache.columns} cached positions: this engine's prefill profile "
                             f"takes at most {self.prefill_past_max} past positions (--max-total {self.max_total} "
                             f"minus --max-seq {self.max_seq}); feed one token per step past that (Generator does)")
         profile = PROFILES[1 if s == 1 else 0]
@@ -119,17 +119,17 @@ class TensorRTBackend:
                 raise UserError(f"input {name} {list(dims)}: outside this engine's {profile} profile "
                                 f"({lo} .. {hi}); rebuild it with larger limits (mistral-trt engine)")
 
-        mask, pos = np.ascontiguousarray(plan.attention_mask), np.ascontiguousarray(plan.position_ids)
+        mask, pos = np.ascontiguousarray(meta.attention_mask), np.ascontiguousarray(meta.position_ids)
         for name, arr in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos)):
             self.cuda.h2d(self.buf[name], arr, self.stream)
             shape(name, arr.shape)
             ctx.set_tensor_address(name, self.buf[name])
-        past_shape, present_shape = cache.storage.shape_for(cache.length), cache.storage.shape_for(total)
+        past_shape, present_shape = cache.storage.shape_for(cache.columns), cache.storage.shape_for(total)
         for name, ptr in zip(self.past_names, cache.past()):
             shape(name, past_shape)
             ctx.set_tensor_address(name, ptr)
         ctx.set_tensor_address("logits", self.buf["logits"])
-        for name, ptr in zip(self.present_names, cache.present(plan)):
+        for name, ptr in zip(self.present_names, cache.present(meta)):
             ctx.set_tensor_address(name, ptr)
         if tuple(ctx.get_tensor_shape(self.present_names[0])) != present_shape:
             raise RuntimeError(f"engine's present shape {tuple(ctx.get_tensor_shape(self.present_names[0]))} "
@@ -138,9 +138,9 @@ class TensorRTBackend:
             raise RuntimeError("TensorRT execute_async_v3 failed (messages above)")
         logits = logits_to_host(self.cuda, self.buf["logits"], (b, s, self.args.vocab_size), self.kv_dtype, last,
                                 self.stream)
-        cache.commit(plan)
+        cache.commit(meta)
         self.cuda.sync(self.stream)
-        return left_padded_logits(logits, plan.seqlens, last)
+        return cache.unpack(logits, meta)
 
     def close(self) -> None:
         for p in self.buf.values():

@@ -22,7 +22,8 @@ import numpy as np
 
 from mistral_trt.runtime.backend import open_backend
 from mistral_trt.runtime.errors import UserError
-from mistral_trt.runtime.generate import Generator, Sampling
+from mistral_trt.runtime.generate import Generator
+from mistral_trt.runtime.sampling import Sampling
 from mistral_trt.runtime.manifest import Manifest
 from mistral_trt.runtime.speculative import Speculation
 from mistral_trt.runtime.tokenizer import Tokenizer

@@ -20,16 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mistral_trt.runtime.chat import format_chat
 from mistral_trt.runtime.errors import UserError
-from mistral_trt.runtime.generate import SAMPLING_RULES, Sampling
+from mistral_trt.runtime.request import HTTP, SAMPLING_RULES, RequestError, build_request
+from mistral_trt.runtime.sequence import Output, Request
 
-from .scheduler import Event, QueueFull, Request
-
-# Mistral's documented guardrail system prompt (docs.mistral.ai, "Guardrailing"); the model card says the
-# model has no moderation of its own. `safe_prompt: true` prepends it.
-SAFE_PROMPT = ("Always assist with care, respect, and truth. Respond with utmost utility yet securely. Avoid harmful, "
-               "unethical, prejudiced, or negative content. Ensure replies promote fairness and positivity.")
+from .scheduler import QueueFull
 UNSUPPORTED = {  # parameter -> why (a 400 instead of silently ignoring what the caller asked for)
     "tools": "tool calls are not supported", "tool_choice": "tool calls are not supported",
     "functions": "function calls are not supported", "function_call": "function calls are not supported",
@@ -61,7 +56,7 @@ class ServerState:
     load_error: str | None = None
 
 
-# -- request parsing --------------------------------------------------------------------------------
+# -- request parsing: OpenAI's shapes to runtime/request.py's fields (the rules and messages are its) -------------
 def _number(body: dict, name: str, default, low: float, high: float, integer: bool = False):
     v = body.get(name, default)
     if v is None:
@@ -71,31 +66,6 @@ def _number(body: dict, name: str, default, low: float, high: float, integer: bo
         kind = "an integer" if integer else "a number"
         raise ApiError(400, f"{name}: expected {kind} in [{low:g}, {high:g}], got {json.dumps(v)}", param=name)
     return v
-
-
-def _sampling(body: dict) -> Sampling:
-    temperature = _number(body, "temperature", 1.0, 0, 2)  # OpenAI's default and range; 0 = greedy
-    kw = {"temperature": float(temperature), "top_p": float(_number(body, "top_p", 1.0, 0, 1)),
-          "top_k": int(_number(body, "top_k", 0, 0, 10**9, integer=True)),  # extension, as vLLM
-          "repetition_penalty": float(_number(body, "repetition_penalty", 1.0, 0, 100)),
-          "frequency_penalty": float(_number(body, "frequency_penalty", 0.0, -2, 2)),
-          "presence_penalty": float(_number(body, "presence_penalty", 0.0, -2, 2)),
-          "seed": _number(body, "seed", None, 0, 2**64 - 1, integer=True)}
-    for name, value in kw.items():
-        ok, expected = SAMPLING_RULES[name]
-        if not ok(value):
-            raise ApiError(400, f"{name}: expected {expected}, got {json.dumps(value)}", param=name)
-    return Sampling(**kw)
-
-
-def _stop(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
-        raise ApiError(400, "stop: expected a non-empty string or a list of up to 16 of them", param="stop")
-    return stop
 
 
 def _common(body: dict, state: ServerState) -> None:
@@ -118,18 +88,6 @@ def _common(body: dict, state: ServerState) -> None:
     opts = body.get("stream_options")
     if opts is not None and not (isinstance(opts, dict) and isinstance(opts.get("include_usage", False), bool)):
         raise ApiError(400, "stream_options: expected {\"include_usage\": true|false}", param="stream_options")
-
-
-def _max_tokens(body: dict, prompt_len: int, state: ServerState) -> int:
-    room = state.max_model_len - prompt_len
-    names = [n for n in ("max_completion_tokens", "max_tokens") if body.get(n) is not None]
-    if not names:
-        if room < 1:
-            raise ApiError(400, f"This model's maximum context length is {state.max_model_len} tokens. However, your "
-                           f"messages resulted in {prompt_len} tokens. Please reduce the length of the messages.",
-                           param="messages", code="context_length_exceeded")
-        return room
-    return int(_number(body, names[0], None, 1, 10**9, integer=True))
 
 
 def _messages(body: dict, state: ServerState) -> list[dict]:
@@ -155,10 +113,7 @@ def _messages(body: dict, state: ServerState) -> list[dict]:
         if m.get("prefix") is not None:
             msg["prefix"] = m["prefix"]
         out.append(msg)
-    safe = body.get("safe_prompt", state.safe_prompt)
-    if not isinstance(safe, bool):
-        raise ApiError(400, "safe_prompt: expected true or false", param="safe_prompt")
-    return ([{"role": "system", "content": SAFE_PROMPT}] if safe else []) + out
+    return out
 
 
 # -- responses --------------------------------------------------------------------------------------
@@ -166,7 +121,7 @@ def _sse(obj) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
 
-def _usage(ev: Event) -> dict:
+def _usage(ev: Output) -> dict:
     return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
             "total_tokens": ev.prompt_tokens + ev.completion_tokens}
 
@@ -188,7 +143,7 @@ class Completion:
             raise ApiError(429, f"Too many requests: {e}; retry shortly", type_="rate_limit_error",
                            code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
         except UserError as e:
-            raise ApiError(400, str(e), param="messages" if chat else "prompt", code="context_length_exceeded") from None
+            raise ApiError(400, str(e), param="messages" if chat else "prompt") from None
 
     def _count(self, status: int, reason: str) -> None:
         if self.state.metrics:
@@ -210,8 +165,8 @@ class Completion:
     async def collect(self) -> dict:
         text, logprobs = [], []
         while True:
-            ev: Event = await self.queue.get()
-            text.append(ev.delta)
+            ev: Output = await self.queue.get()
+            text.append(ev.text)
             logprobs += ev.logprobs
             if ev.finish_reason:
                 break
@@ -230,13 +185,13 @@ class Completion:
                 yield _sse(self._envelope([{"index": 0, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}], chunk=True))
             while True:
-                ev: Event = await self.queue.get()
+                ev: Output = await self.queue.get()
                 if ev.error:
                     self._count(500, "error")
                     yield _sse({"error": {"message": ev.error, "type": "server_error", "param": None, "code": None}})
                     break
-                if ev.delta or ev.logprobs:
-                    yield _sse(self._envelope([self._choice(ev.delta, ev.logprobs, None, delta=True)], chunk=True))
+                if ev.text or ev.logprobs:
+                    yield _sse(self._envelope([self._choice(ev.text, ev.logprobs, None, delta=True)], chunk=True))
                 if ev.finish_reason:
                     self._count(200, ev.finish_reason)
                     last = self._choice("", [], ev.finish_reason, delta=True)
@@ -321,38 +276,38 @@ def create_app(state: ServerState):
 
 
 def _request(body: dict, state: ServerState, chat: bool) -> Request:
-    m, tok = state.manifest, state.tokenizer
-    try:
-        if chat:
-            prompt = format_chat(tok, _messages(body, state), m.chat_format, m.chat_template)
+    """The body's fields in runtime/request.py's names; its rules decide, and its messages (in the API's names) say
+    why not. What is OpenAI's alone stays here: content parts, the developer role, chat's logprobs pair."""
+    params = {name: body.get(name) for name in SAMPLING_RULES}
+    params |= {"stop": body.get("stop"), "ignore_eos": body.get("ignore_eos"),  # vLLM's extension (benchmarks)
+               "max_tokens": body.get("max_completion_tokens", body.get("max_tokens"))}
+    if chat:
+        params["messages"] = _messages(body, state)
+        params["safe_prompt"] = body.get("safe_prompt", state.safe_prompt)
+        if body.get("logprobs"):
+            if not isinstance(body["logprobs"], bool):
+                raise ApiError(400, "logprobs: expected true or false", param="logprobs")
+            params["logprobs"] = body.get("top_logprobs", 0)
+        elif body.get("top_logprobs") is not None:
+            raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+    else:
+        p = body.get("prompt")
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
+            p = p[0]
+        if isinstance(p, str):
+            params |= {"text": p, "raw": True}  # a completion's prompt is the text itself
+        elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            params["ids"] = p
         else:
-            p = body.get("prompt")
-            if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
-                p = p[0]
-            if isinstance(p, str):
-                prompt = tok.encode(p, bos=tok.add_bos).tolist()
-            elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-                if min(p) < 0 or max(p) >= m.model.vocab_size:
-                    raise ApiError(400, f"prompt: token ids must lie in [0, {m.model.vocab_size})", param="prompt")
-                prompt = p
-            else:
-                raise ApiError(400, "prompt: expected a string or a list of token ids (one prompt per request)",
-                               param="prompt")
-    except UserError as e:
-        raise ApiError(400, str(e), param="messages" if chat else "prompt") from None
-    logprobs = None
-    if chat and body.get("logprobs"):
-        if not isinstance(body["logprobs"], bool):
-            raise ApiError(400, "logprobs: expected true or false", param="logprobs")
-        logprobs = int(_number(body, "top_logprobs", 0, 0, 20, integer=True))
-    elif chat and body.get("top_logprobs") is not None:
-        raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
-    elif not chat and body.get("logprobs") is not None:
-        raise ApiError(400, "logprobs: not supported on /v1/completions (use /v1/chat/completions)", param="logprobs")
-    sampling = _sampling(body)
-    stop = _stop(body)
-    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: exactly max_tokens tokens (benchmarks)
-    if not isinstance(ignore_eos, bool):
-        raise ApiError(400, "ignore_eos: expected true or false", param="ignore_eos")
-    return Request(prompt=np.asarray(prompt, np.int64), max_tokens=_max_tokens(body, len(prompt), state),
-                   sampling=sampling, stop=stop, logprobs=logprobs, stop_on_eos=not ignore_eos)
+            raise ApiError(400, "prompt: expected a string or a list of token ids (one prompt per request)",
+                           param="prompt")
+        if body.get("logprobs") is not None:
+            raise ApiError(400, "logprobs: not supported on /v1/completions (use /v1/chat/completions)",
+                           param="logprobs")
+    try:
+        return build_request(params, state.tokenizer, state.manifest, state.max_model_len, HTTP)
+    except RequestError as e:
+        param = {"text": "prompt", "ids": "prompt", "logprobs": "top_logprobs"}.get(e.field, e.field)
+        if e.code == "context_length_exceeded":
+            param = "messages" if chat else "prompt"
+        raise ApiError(400, str(e), param=param, code=e.code) from None

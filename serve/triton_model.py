@@ -6,8 +6,9 @@ without gets a single response with the whole text (/generate).
 
 Inputs (config.pbtxt): `text_input` (a user message, in the model's chat format; with `raw: true` the text as it
 is), `messages` (a JSON conversation, formatted by runtime/chat.py) or `input_ids` (tokens, for clients that
-tokenize), `max_tokens`, and optionally `temperature` (0: greedy), `top_p`, `top_k`, `seed`, `stop` (strings),
-`stream`, `ignore_eos` (benchmarks). Output: `text_output`.
+tokenize), and optionally `max_tokens` (default: the room the context leaves), `temperature` (default 1, as the HTTP
+API; 0: greedy), `top_p`, `top_k`, `repetition_penalty`, `frequency_penalty`, `presence_penalty`, `seed`, `stop` (strings), `stream`, `ignore_eos` (benchmarks). Output:
+`text_output`. The rules and messages are runtime/request.py's, the same as the CLI's and the HTTP API's.
 Needs mistral-trt importable by the python backend (a wheel of this repository installed in the server's Python:
 docs/triton.md).
 """
@@ -21,11 +22,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mistral_trt.runtime.backend import open_backend
-from mistral_trt.runtime.chat import check_messages, format_chat
 from mistral_trt.runtime.errors import UserError
-from mistral_trt.runtime.generate import Sampling
-from mistral_trt.runtime.tokenizer import Tokenizer, check_text
-from mistral_trt.serve.scheduler import QueueFull, Request, Scheduler
+from mistral_trt.runtime.request import SAMPLING_RULES, TRITON, build_request
+from mistral_trt.runtime.sequence import Request
+from mistral_trt.runtime.tokenizer import Tokenizer
+from mistral_trt.serve.scheduler import QueueFull, Scheduler
 
 BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30]
 
@@ -120,44 +121,22 @@ class TritonPythonModel:
 
     # -- one request ---------------------------------------------------------------------------------------
     def _request(self, request) -> tuple[Request, bool]:
-        text, messages = _scalar(request, "text_input"), _scalar(request, "messages")
-        ids = pb_utils.get_input_tensor_by_name(request, "input_ids")
-        if (text is not None) + (messages is not None) + (ids is not None) != 1:
-            raise UserError("give text_input (a user message), messages (a JSON conversation) or input_ids, one of them")
-        m = self.manifest
-        if ids is not None:
-            prompt = ids.as_numpy().reshape(-1).astype(np.int64)
-            if not len(prompt) or prompt.min() < 0 or prompt.max() >= m.model.vocab_size:
-                raise UserError(f"input 'input_ids': expected token ids in [0, {m.model.vocab_size})")
-        elif messages is not None:
+        params = {name: _scalar(request, name) for name in ("raw", "max_tokens", "ignore_eos", *SAMPLING_RULES)}
+        params["text"] = _scalar(request, "text_input")
+        messages = _scalar(request, "messages")
+        if messages is not None:
             try:
-                conv = check_messages(json.loads(messages))
+                params["messages"] = json.loads(messages)
             except json.JSONDecodeError as e:
                 raise UserError(f"input 'messages': not valid JSON: {e}") from None
-            prompt = format_chat(self.tok, conv, m.chat_format, m.chat_template)
-        elif _scalar(request, "raw", False):
-            prompt = self.tok.encode(check_text(text, "text_input"), bos=self.tok.add_bos).tolist()
-        else:
-            prompt = format_chat(self.tok, [{"role": "user", "content": check_text(text, "text_input")}], m.chat_format,
-                                 m.chat_template)
-        max_tokens = _scalar(request, "max_tokens")
-        if max_tokens is None:
-            raise UserError("input 'max_tokens': missing (the most tokens to generate, an integer >= 1)")
-        if int(max_tokens) < 1:
-            raise UserError(f"input 'max_tokens' {max_tokens}: expected an integer >= 1")
-        temperature = float(_scalar(request, "temperature", 0.0))
-        top_p, top_k = float(_scalar(request, "top_p", 1.0)), int(_scalar(request, "top_k", 0))
-        if temperature == 0 and (top_p != 1.0 or top_k != 0):
-            raise UserError("top_p and top_k apply to sampling: give temperature > 0 (0 is greedy)")
-        seed = _scalar(request, "seed")
+        ids = pb_utils.get_input_tensor_by_name(request, "input_ids")
+        if ids is not None:
+            params["ids"] = ids.as_numpy().reshape(-1).tolist()
         stop = _strings(request, "stop")
-        if any(not s for s in stop):
-            raise UserError("input 'stop': empty stop strings would stop at once")
-        sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k,
-                            seed=None if seed is None else int(seed))
-        req = Request(prompt=np.asarray(prompt, np.int64), max_tokens=int(max_tokens), sampling=sampling, stop=stop,
-                      stop_on_eos=not _scalar(request, "ignore_eos", False))
-        return req, bool(_scalar(request, "stream", False))
+        params["stop"] = stop or None
+        stream = _scalar(request, "stream", False)
+        req = build_request(params, self.tok, self.manifest, self.sched.max_model_len, TRITON)
+        return req, bool(stream)
 
     def execute(self, requests):
         for request in requests:
@@ -191,9 +170,9 @@ class TritonPythonModel:
                     sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(ev.error)),
                                 flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                     return
-                if stream and ev.delta:
-                    sender.send(out(ev.delta))
-                text.append(ev.delta)
+                if stream and ev.text:
+                    sender.send(out(ev.text))
+                text.append(ev.text)
                 if ev.finish_reason:
                     state["done"] = True
                     self.metrics.finished.inc()

@@ -36,6 +36,7 @@ class FakeBackend:
     """Backend over `export_dir`'s manifest (its tokenizer, ids and limits); the graph is never loaded."""
 
     ragged = True
+    provider = "fake"
     max_seq = None
     prefill_past_max = None
     kv_dtype = np.dtype(np.float32)
@@ -58,18 +59,18 @@ class FakeBackend:
         self.steps += 1
         if self.fail_at_step is not None and self.steps == self.fail_at_step:
             raise RuntimeError("the fake graph failed this step")
-        plan = cache.plan([len(t) for t in tokens], last)
+        meta = cache.metadata([len(t) for t in tokens], last)
         hashes, vocab = self._hashes[id(cache)], self.args.vocab_size
-        out = np.zeros((cache.slots, 1 if last else plan.width, vocab), np.float32)
+        out = np.zeros((cache.slots, 1 if last else meta.width, vocab), np.float32)
         for b, row in enumerate(tokens):
-            pos = int(cache.tokens[b])  # the row's next position: a rollback moved it back, admit() reset it
+            pos = int(cache.lengths[b])  # the row's next position: a rollback moved it back, admit() reset it
             h = int(hashes[b, pos])  # the hash of the prefix before it (0 at position 0)
             for i, t in enumerate(row):
                 h = step_hash(h, t)
                 hashes[b, pos + i + 1] = h
                 if not last or i == len(row) - 1:
                     out[b, 0 if last else i] = logits_for(h, vocab, self.eos)
-        cache.commit(plan)
+        cache.commit(meta)
         return out
 
 

@@ -13,7 +13,7 @@ from conftest import cli, run_without_torch
 from mistral_trt.export.pipeline import export_model
 from mistral_trt.main import main
 from mistral_trt.runtime import Manifest, UserError
-from mistral_trt.runtime.generate import Sampling
+from mistral_trt.runtime.sampling import Sampling
 
 
 def run_export(capsys, model, out) -> str:
@@ -255,16 +255,16 @@ def test_temperature_zero_is_greedy(export_copy, capsys):
     ("--temperature", "inf", "finite number >= 0"), ("--top-p", "2", "(0, 1]"), ("--top-p", "0", "(0, 1]"),
     ("--top-k", "-5", "integer >= 0"), ("--repetition-penalty", "0", "> 0"), ("--repetition-penalty", "-1", "> 0"),
     ("--max-new-tokens", "-1", "integer >= 1"), ("--max-new-tokens", "0", "integer >= 1"),
-    ("--max-new-tokens", "1e9", "integer >= 1"), ("--seed", "-1", "[0, 2**64)"), ("--stop", "", "non-empty"),
+    ("--max-new-tokens", "1e9", "expected an integer"), ("--seed", "-1", "[0, 2**64)"), ("--stop", "", "non-empty"),
 ])
 def test_sampling_flags_are_validated(export_copy, capsys, flag, value, expected):
     rc, _, err = cli(capsys, "generate", export_copy, "--prompt", "Hi", flag, value)
-    assert rc == 2 and f"argument {flag}" in err and expected in err
+    assert rc == 2 and flag in err and expected in err and len(err.strip().splitlines()) <= 3, err
 
 
 def test_sampling_flags_that_contradict(export_copy, capsys):
     rc, _, err = cli(capsys, "generate", export_copy, "--prompt", "Hi", "--top-p", "0.9")
-    assert rc == 2 and "--top-p applies to sampling: add --temperature" in err
+    assert rc == 2 and "--top-p 0.9 applies to sampling: add --temperature" in err
     rc, _, err = cli(capsys, "generate", export_copy, "--prompt", "Hi", "--greedy", "--temperature", "0.5")
     assert rc == 2 and "contradict" in err
     with pytest.raises(UserError, match="top_p 0: expected a number in"):

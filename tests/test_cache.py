@@ -9,7 +9,8 @@ import pytest
 from mistral_trt.runtime import UserError
 from mistral_trt.runtime.backend import open_backend
 from mistral_trt.runtime.cache import ColumnCache, ColumnStorage, positions
-from mistral_trt.runtime.generate import Generator, Sampling
+from mistral_trt.runtime.generate import Generator
+from mistral_trt.runtime.sampling import Sampling
 
 
 def alone(backend, prompt, n) -> list[int]:
@@ -89,19 +90,19 @@ def test_portable_rows_advance_together(tiny_exports, name):
         got1.append(int(np.argmax(gen.decode_one_token(cache, [a], [got1[-1]])[0])))
     assert got1 == want1
     if name == "window":
-        assert cache.length == 7  # trimmed to W - 1 all along
+        assert cache.columns == 7  # trimmed to W - 1 all along
 
 
 def test_plan_of_a_column_step():
     """Worked example: two rows, the second left-padded; positions continue per row, padding masked."""
     cache = ColumnCache(ColumnStorage(2, (2, 1, 4), 16, np.float32), slots=2, capacity=16, keep=None)
     cache.admit(), cache.admit()
-    plan = cache.plan(np.array([3, 1]))
+    plan = cache.metadata(np.array([3, 1]))
     assert plan.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert plan.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
     assert cache.pack([[7, 8, 9], [5]], plan).tolist() == [[7, 8, 9], [0, 0, 5]]
     cache.commit(plan)
-    plan = cache.plan(np.array([1, 2]))
+    plan = cache.metadata(np.array([1, 2]))
     assert plan.attention_mask.tolist() == [[1, 1, 1, 0, 1], [0, 0, 1, 1, 1]]
     assert plan.position_ids.tolist() == [[3, 3], [1, 2]]
     assert positions(np.array([0, 5]), np.array([[0, 1, 1], [1, 1, 1]])).tolist() == [[0, 0, 1], [5, 6, 7]]
@@ -109,7 +110,7 @@ def test_plan_of_a_column_step():
 
 def test_fused_runs_split_a_mixed_step():
     """A one-token row padded to a prefill chunk's width would cost the chunk: such steps run apart."""
-    from mistral_trt.runtime.ort import runs
+    from mistral_trt.runtime.cache import runs
 
     as_lists = lambda q: [g.tolist() for g in runs(np.array(q))]  # noqa: E731
     assert as_lists([1, 1, 0, 1]) == [[0, 1, 3]] and as_lists([5, 0, 9]) == [[0, 2]] and as_lists([0, 0]) == []
@@ -130,7 +131,7 @@ def test_fused_step_runs_within_every_rows_room(tiny_fused):
     """A speculative row near its capacity (8 tokens fed, 10 positions left) beside a 20-token prefill: one run
     of width 20 would pad the first row past its capacity, which onnxruntime's GroupQueryAttention refuses (seen
     in serve --speculate under load). The step runs them apart and gives each row what it gets alone."""
-    from mistral_trt.runtime.ort import runs
+    from mistral_trt.runtime.cache import runs
 
     assert len(runs(np.array([8, 20]))) == 1  # without the room, the cost rule merges them
     backend = open_backend(tiny_fused["full"])
@@ -173,6 +174,6 @@ def test_portable_cache_in_onnxruntime_memory(tiny_exports, name):
         steps = [gen.prefill(cache, slots, prompts).copy()]
         for _ in range(14):
             steps.append(gen.decode_one_token(cache, slots, steps[-1].argmax(-1).tolist()).copy())
-        out[key] = (np.stack(steps), cache.length)
+        out[key] = (np.stack(steps), cache.columns)
     np.testing.assert_array_equal(out["dev"][0], out["host"][0])
     assert out["dev"][1] == out["host"][1] == (7 if name == "window" else 13 + 14)

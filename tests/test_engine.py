@@ -154,7 +154,8 @@ def test_native_tensorrt_matches_onnxruntime(tiny_exports, tmp_path, model):
     logits within fp32 kernel noise, through prefill (profile 0), decode (profile 1) and window trims."""
     from mistral_trt.export.tensorrt import build_engine
     from mistral_trt.runtime.engine import EngineManifest as EM
-    from mistral_trt.runtime.generate import Generator, Sampling
+    from mistral_trt.runtime.generate import Generator
+    from mistral_trt.runtime.sampling import Sampling
     from mistral_trt.runtime.ort import PortableBackend
     from mistral_trt.runtime.tensorrt_backend import TensorRTBackend
 
@@ -212,18 +213,18 @@ def test_device_columns_trim_like_host_columns():
         c.admit(), c.admit()
     rng = np.random.default_rng(0)
     for new in (5, 1, 9, 1, 1, 12):  # under the window, crossing it, chunks longer than it
-        plans = [c.plan(np.array([new, new])) for c in (dev, host)]
-        total = dev.length + new
+        plans = [c.metadata(np.array([new, new])) for c in (dev, host)]
+        total = dev.columns + new
         for ptr, past_ptr, h_present, h_past in zip(dev.present(plans[0]), dev.past(), host.present(plans[1]), host.past()):
             step = rng.standard_normal((2, 3, new, 4)).astype(np.float32)
-            full = np.concatenate([cuda.view(past_ptr, dev_store.shape_for(dev.length)), step], axis=2)  # the Concat
+            full = np.concatenate([cuda.view(past_ptr, dev_store.shape_for(dev.columns)), step], axis=2)  # the Concat
             cuda.view(ptr, dev_store.shape_for(total))[...] = full
             np.copyto(h_present, np.concatenate([h_past, step], axis=2))
         dev.commit(plans[0])
         host.commit(plans[1])
-        assert dev.length == host.length == min(total, 7) and (dev.mask == host.mask).all()
+        assert dev.columns == host.columns == min(total, 7) and (dev.mask == host.mask).all()
         for ptr, h in zip(dev.past(), host.past()):
-            np.testing.assert_array_equal(cuda.view(ptr, dev_store.shape_for(dev.length)), h)
+            np.testing.assert_array_equal(cuda.view(ptr, dev_store.shape_for(dev.columns)), h)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
@@ -371,10 +372,10 @@ def test_trt_step_checks_profile_limits_before_running(tiny_exports):
     cache = ColumnCache(DeviceColumns(e.cuda, None, 2 * a.num_layers, (1, a.num_kv_heads, a.head_dim), 64, np.float32),
                         slots=1, capacity=64, keep=None)
     cache.admit()
-    cache.length, cache.mask = 50, np.ones((1, 50), np.int64)  # as after 50 positions
+    cache.columns, cache.mask = 50, np.ones((1, 50), np.int64)  # as after 50 positions
     with pytest.raises(UserError, match="prefill profile takes at most 48 past positions"):
         e.step(cache, [np.ones(4, np.int64)])
-    cache.length, cache.mask = 10, np.ones((1, 10), np.int64)
+    cache.columns, cache.mask = 10, np.ones((1, 10), np.int64)
     with pytest.raises(UserError, match=r"input input_ids \[1, 4\]: outside this engine's prefill profile"):
         e.step(cache, [np.ones(4, np.int64)])
     assert PROFILES == ("prefill", "decode")
@@ -384,7 +385,8 @@ def test_generator_feeds_one_token_per_step_past_the_prefill_profile(tiny_export
     """With a plan whose prefill profile ends at 5 past positions, a long prompt still generates the same tokens:
     past that, the prompt goes through the decode profile one token per step."""
     from mistral_trt.runtime.backend import open_backend
-    from mistral_trt.runtime.generate import Generator, Sampling
+    from mistral_trt.runtime.generate import Generator
+    from mistral_trt.runtime.sampling import Sampling
 
     prompt = np.random.default_rng(4).integers(3, 32000, 23)
     ref = np.stack(list(Generator(open_backend(tiny_exports["window", "fp32"]), prefill_chunk=4).generate(
@@ -394,7 +396,7 @@ def test_generator_feeds_one_token_per_step_past_the_prefill_profile(tiny_export
     real = e.step
 
     def step(cache, tokens, last=True):
-        steps.append((max(len(t) for t in tokens), cache.length))  # (tokens fed, cached positions before)
+        steps.append((max(len(t) for t in tokens), cache.columns))  # (tokens fed, cached positions before)
         return real(cache, tokens, last)
 
     e.step, e.prefill_past_max = step, 5
@@ -424,9 +426,14 @@ def test_gpu_check_builds_what_its_bench_runs():
 @pytest.mark.parametrize("s", [1, 5])
 def test_logits_to_host_copies_each_rows_last_column(s):
     """With `last`, the engine's logits come to the host one column per row (a 2048-token prefill: 98 KB, not 201
-    MB); what arrives is the full copy's last column, and left_padded_logits reads it as before."""
-    from mistral_trt.runtime.backend import left_padded_logits
+    MB); what arrives is the full copy's last column, and ColumnCache.unpack reads it as before."""
+    from mistral_trt.runtime.cache import ColumnCache, ColumnStorage, StepMetadata
     from mistral_trt.runtime.cuda import logits_to_host
+
+    cache = ColumnCache(ColumnStorage(2, (3, 1, 4), 8, np.float16), slots=3, capacity=8, keep=None)
+
+    def left_padded_logits(logits, seqlens, last):
+        return cache.unpack(logits, StepMetadata(seqlens, int(seqlens.max()), last))
 
     cuda, shape = FakeCuda(), (3, s, 37)
     src = cuda.malloc(int(np.prod(shape)) * 2)

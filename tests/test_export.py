@@ -77,7 +77,7 @@ def test_window_mask_is_in_the_graph(tiny_exports, tiny_window):
     got = [backend.step(cache, [ids[:32]], last=False)[0].copy()]
     for t in range(32, 40):
         got.append(backend.step(cache, [ids[t:t + 1]], last=False)[0].copy())
-    assert cache.length == 40  # nothing trimmed: the graph's mask did the window
+    assert cache.columns == 40  # nothing trimmed: the graph's mask did the window
     np.testing.assert_allclose(np.concatenate(got), ref, atol=1e-4)
 
 
@@ -99,7 +99,7 @@ def test_step_contract_refuses_bad_use_by_name(tiny_exports):
     with pytest.raises(UserError, match="overflow"):
         backend.step(cache, [np.arange(3, 18), []])
     cache.release(a)
-    assert cache.admit() == 0 and cache.length == 0  # the batch ended: the cache starts empty
+    assert cache.admit() == 0 and cache.columns == 0  # the batch ended: the cache starts empty
 
 
 def test_verify_fails_against_other_weights(tiny_exports, tmp_path, capsys):
@@ -137,7 +137,7 @@ def test_runtime_runs_without_torch(tiny_exports):
         cache = e.new_cache(1, 8)
         cache.admit()
         logits = e.step(cache, [[1, 415, 2936]], last=False)
-        assert logits.shape == (1, 3, 32000) and cache.past()[0].shape == (1, 2, 3, 16), (logits.shape, cache.length)
+        assert logits.shape == (1, 3, 32000) and cache.past()[0].shape == (1, 2, 3, 16), (logits.shape, cache.columns)
         assert not any(m.split(".")[0] in ("torch", "transformers") for m in sys.modules)
         print("ok")
     """)

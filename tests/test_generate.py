@@ -16,7 +16,8 @@ from conftest import cli, run_without_torch, score
 from mistral_trt.main import main
 from mistral_trt.runtime import UserError
 from mistral_trt.runtime.backend import open_backend
-from mistral_trt.runtime.generate import Generator, Sampling, sample
+from mistral_trt.runtime.generate import Generator
+from mistral_trt.runtime.sampling import Sampling, sample
 from mistral_trt.runtime.tokenizer import Tokenizer
 
 
@@ -77,7 +78,7 @@ def test_cache_stays_bounded_past_the_window(tiny_exports):
     rss = []
     for i in range(900):
         logits = gen.decode_one_token(cache, [slot], [int(np.argmax(logits[0]))])
-        assert cache.length == 7 and cache.mask.shape == (1, 7)  # W - 1 = 7 positions, always
+        assert cache.columns == 7 and cache.mask.shape == (1, 7)  # W - 1 = 7 positions, always
         if i in (300, 899):
             rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     assert cache.next_pos[0] == 37 + 900  # positions stay absolute
@@ -89,7 +90,11 @@ def test_context_limit(tiny_exports):
     with pytest.raises(UserError, match="context limit 1024"):
         next(gen.generate([np.arange(3, 1003)], 30))
     steps = list(gen.generate([np.arange(3, 1003)], 30, truncate=True))
-    assert len(steps) == 30 and gen.stats[0].prompt_tokens == 994
+    assert len(steps) == 30
+    (prompt,) = gen.fit_context([np.arange(3, 1003)], 30, truncate=True)
+    assert prompt.tolist() == list(range(9, 1003))  # the last 994 tokens: 1024 - 30
+    with pytest.raises(UserError, match="do not fit the context limit at all: shorten the prompt"):
+        gen.fit_context([np.arange(3, 2103)], 30, truncate=True)  # over twice the limit: no max_new_tokens helps
 
 
 def test_sampling_rules():
@@ -107,7 +112,7 @@ def test_nucleus_and_draw_equal_the_full_sort_and_rng_choice():
     """top-p's set from the top m only (nucleus) equals the one a full descending sort gives, on peaked and flat
     distributions of the demo's vocabulary size (flat ones need every token: m grows past V); top-k's partition
     keeps the sort's k; draw() picks rng.choice's token for the same generator state."""
-    from mistral_trt.runtime.generate import draw, nucleus, probabilities
+    from mistral_trt.runtime.sampling import draw, nucleus, probabilities
 
     def by_full_sort(p, top_p):  # the definition: the smallest prefix of the descending order reaching top_p
         order = np.argsort(-p, kind="stable")

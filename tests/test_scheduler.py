@@ -11,7 +11,8 @@ import pytest
 
 from fake_backend import FakeBackend, reference_greedy
 from mistral_trt.runtime.tokenizer import Tokenizer
-from mistral_trt.serve.scheduler import QueueFull, Request, Scheduler
+from mistral_trt.runtime.sequence import Request
+from mistral_trt.serve.scheduler import QueueFull, Scheduler
 
 
 class Collector:
@@ -31,7 +32,7 @@ class Collector:
 
     @property
     def text(self) -> str:
-        return "".join(ev.delta for ev in self.events)
+        return "".join(ev.text for ev in self.events)
 
     @property
     def finish(self):

@@ -17,10 +17,11 @@ import pytest
 
 from mistral_trt.runtime.backend import open_backend
 from mistral_trt.runtime.chat import format_chat
-from mistral_trt.runtime.generate import Generator, Sampling
+from mistral_trt.runtime.generate import Generator
+from mistral_trt.runtime.sampling import Sampling
 from mistral_trt.runtime.manifest import Manifest
 from mistral_trt.runtime.tokenizer import Tokenizer
-from mistral_trt.serve.api import SAFE_PROMPT
+from mistral_trt.runtime.request import SAFE_PROMPT
 
 KEY = "sk-test-123"
 

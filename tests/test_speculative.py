@@ -10,7 +10,9 @@ import pytest
 from conftest import cli
 from mistral_trt.runtime import UserError
 from mistral_trt.runtime.backend import open_backend
-from mistral_trt.runtime.generate import Generator, Sampling
+from mistral_trt.runtime.generate import Generator
+from mistral_trt.runtime.sampling import Sampling
+from mistral_trt.runtime.sequence import Request
 from mistral_trt.runtime.speculative import NgramIndex, Speculation, accept
 
 
@@ -49,15 +51,27 @@ def window_prompts(folder, n: int = 3) -> list[list[int]]:
     return out
 
 
+def speculative(gen, prompts, n: int, spec: Speculation, sampling: Sampling | None = None):
+    """Generator.run with speculation, ids only: (rows of new ids, model steps, each row's final Stats)."""
+    reqs = [Request(np.asarray(p, np.int64), n, sampling or Sampling(), stop_on_eos=False) for p in prompts]
+    rows, steps, stats = [[] for _ in prompts], 0, [None] * len(prompts)
+    for updates in gen.run(reqs, speculation=spec):
+        steps += 1
+        for b, u in enumerate(updates):
+            if u is not None:
+                rows[b] += u.tokens
+                if u.output is not None and u.output.finish_reason:
+                    stats[b] = u.output.stats
+    return rows, steps, stats
+
+
 def plain_and_speculative(folder, prompts, n: int, k: int = 4):
     gen = Generator(open_backend(folder))
     plain = np.stack(list(gen.generate(prompts, n, Sampling(), stop_on_eos=False)), 1).tolist()
-    rows, steps = [[] for _ in prompts], 0
-    for step in gen.generate_speculative(prompts, n, Speculation(k=k), stop_on_eos=False):
-        steps += 1
-        for b, t in enumerate(step):
-            rows[b] += t
-    return plain, rows, steps, gen
+    rows, steps, stats = speculative(gen, prompts, n, Speculation(k=k))
+    assert rows == [[t for step in gen.generate_speculative(prompts, n, Speculation(k=k), stop_on_eos=False)
+                     for t in step[b]] for b in range(len(prompts))]  # the ids-only wrapper says the same
+    return plain, rows, steps, stats
 
 
 @pytest.mark.parametrize("name", ["window", "full"])
@@ -67,11 +81,11 @@ def test_greedy_speculative_equals_plain_decoding(tiny_fused, name):
     folder = tiny_fused[name]
     prompts = window_prompts(folder) if name == "window" else [
         np.random.default_rng(i).integers(3, 32000, 12 + 9 * i).tolist() * 2 for i in range(3)]
-    plain, spec, steps, gen = plain_and_speculative(folder, prompts, 160)
+    plain, spec, steps, stats = plain_and_speculative(folder, prompts, 160)
     assert spec == plain
-    assert sum(gen.drafted) > 20
+    assert sum(st.drafted for st in stats) > 20
     if name == "window":
-        assert sum(gen.accepted) > 60 and steps < 140
+        assert sum(st.accepted for st in stats) > 60 and steps < 140
 
 
 @pytest.mark.slow
@@ -88,9 +102,9 @@ def test_demo_greedy_speculative_equals_plain_and_saves_steps(demo_fused):
     doc = (inspect.getdoc(json) or "")[:700]
     prompt = format_chat(tok, [{"role": "user", "content": f"Rewrite the following text, fixing any typos:\n\n{doc}"}],
                          m.chat_format, m.chat_template)
-    plain, spec, steps, gen = plain_and_speculative(demo_fused, [prompt], 160)
+    plain, spec, steps, (st,) = plain_and_speculative(demo_fused, [prompt], 160)
     assert spec == plain
-    assert gen.accepted[0] > 0.5 * gen.drafted[0] and steps < 100
+    assert st.accepted > 0.5 * st.drafted and steps < 100
 
 
 @pytest.mark.slow
@@ -109,9 +123,8 @@ def test_sampled_speculative_keeps_the_distribution(tiny_fused):
         for i in range(draws):
             smp = Sampling(temperature=s.temperature, top_k=s.top_k, seed=seed + i)
             if speculate:
-                row = [t for step in gen.generate_speculative([prompt], 3, Speculation(k=3), smp, stop_on_eos=False)
-                       for t in step[0]]
-                drafted, accepted = drafted + gen.drafted[0], accepted + gen.accepted[0]
+                (row,), _, (st,) = speculative(gen, [prompt], 3, Speculation(k=3), smp)
+                drafted, accepted = drafted + st.drafted, accepted + st.accepted
             else:
                 row = [int(t[0]) for t in gen.generate([prompt], 3, smp, stop_on_eos=False)]
             counts[tuple(row)] = counts.get(tuple(row), 0) + 1

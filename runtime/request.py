@@ -1,0 +1,188 @@
+"""One request builder for every interface: `mistral-trt generate` / `chat`, the HTTP API and Triton's model turn
+their inputs into the same parameters, and this builds the Request (runtime/sequence.py) with one set of rules
+and one set of messages. Each interface only says how it spells a field (`Spelling`), so a bad value gets the
+same verdict and the same message everywhere, in the caller's own words:
+
+    req = build_request({"text": "Hi", "temperature": 0.7, "top_p": 0.9, "max_tokens": 64}, tok, manifest,
+                        max_context=4096, spell=HTTP)
+    build_request({"text": "Hi", "top_p": 0.9}, ..., spell=CLI, defaults=CLI_DEFAULTS)
+    # RequestError: --top-p 0.9 applies to sampling: add --temperature T (T > 0); at temperature 0 decoding is greedy
+
+Fields (canonical names): the prompt as `text` (a user message in the model's chat format; with `raw` the text as
+the tokenizer encodes it), `messages` (a conversation, with "prefix": true on a final assistant message to
+continue it) or `ids`; `safe_prompt`; `max_tokens`; `truncate`; the sampling parameters (runtime/sampling.py's
+SAMPLING_RULES); `stop`; `logprobs` (k alternatives, 0..20); `ignore_eos` (vLLM's: exactly max_tokens tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .chat import check_messages, format_chat
+from .errors import UserError
+from .generate import fit_context
+from .sampling import SAMPLING_RULES, Sampling, _is_count
+from .sequence import Request
+from .tokenizer import Tokenizer, check_text
+
+# Mistral's documented guardrail system prompt (docs.mistral.ai, "Guardrailing"); the model card says the
+# model has no moderation of its own. `safe_prompt` prepends it.
+SAFE_PROMPT = ("Always assist with care, respect, and truth. Respond with utmost utility yet securely. Avoid harmful, "
+               "unethical, prejudiced, or negative content. Ensure replies promote fairness and positivity.")
+MAX_STOPS = 16
+MAX_LOGPROBS = 20
+FIELDS = ("text", "messages", "ids", "raw", "safe_prompt", "max_tokens", "truncate", *SAMPLING_RULES, "stop",
+          "logprobs", "ignore_eos")
+
+
+class RequestError(UserError):
+    """A request refused, naming the field (canonical name) it is about: the HTTP API's `param` and `code`."""
+
+    def __init__(self, field: str, message: str, code: str | None = None):
+        super().__init__(message)
+        self.field, self.code = field, code
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """How an interface names the fields in its messages: canonical name -> its own (default: the same)."""
+
+    names: dict = field(default_factory=dict)
+    pattern: str = "{}"  # e.g. Triton's "input '{}'"
+
+    def __call__(self, name: str) -> str:
+        return self.pattern.format(self.names.get(name, name))
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What an interface assumes for a field the caller left out."""
+
+    temperature: float = 1.0  # OpenAI's: servers sample unless told otherwise
+    max_tokens: int | None = None  # None: the room the context limit leaves after the prompt (OpenAI's)
+
+
+CLI = Spelling({"text": "--prompt", "messages": "--messages", "ids": "--ids", "raw": "--raw",
+                "max_tokens": "--max-new-tokens", "truncate": "--truncate", "temperature": "--temperature",
+                "top_p": "--top-p", "top_k": "--top-k", "repetition_penalty": "--repetition-penalty",
+                "frequency_penalty": "--frequency-penalty", "presence_penalty": "--presence-penalty",
+                "seed": "--seed", "stop": "--stop"})
+CLI_DEFAULTS = Defaults(temperature=0.0, max_tokens=128)  # a command line is greedy (reproducible) by default
+HTTP = Spelling({"text": "prompt", "ids": "prompt", "logprobs": "top_logprobs"})
+TRITON = Spelling({"text": "text_input", "ids": "input_ids"}, "input '{}'")
+SERVER_DEFAULTS = Defaults()
+
+
+def _bool(params: dict, name: str, default: bool, spell: Spelling) -> bool:
+    v = params.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, (bool, np.bool_)):
+        raise RequestError(name, f"{spell(name)} {v!r}: expected true or false")
+    return bool(v)
+
+
+def build_prompt(params: dict, tok: Tokenizer, manifest, spell: Spelling = Spelling()) -> list[int]:
+    """The prompt's ids from exactly one of text, messages, ids (with raw and safe_prompt)."""
+    given = [n for n in ("text", "messages", "ids") if params.get(n) is not None]
+    if len(given) != 1:
+        names = ", ".join(dict.fromkeys(spell(n) for n in ("text", "messages", "ids")))
+        raise RequestError(given[1] if given else "text", f"give the prompt as one of {names}")
+    raw, safe = _bool(params, "raw", False, spell), _bool(params, "safe_prompt", False, spell)
+    if raw and given[0] != "text":
+        raise RequestError("raw", f"{spell('raw')} goes with {spell('text')} (a conversation has its chat format; "
+                                  f"ids are ids already)")
+    if params.get("ids") is not None:
+        ids = params["ids"]
+        vocab = manifest.model.vocab_size
+        if not (isinstance(ids, (list, np.ndarray)) and len(ids) and all(_is_count(i) and 0 <= i < vocab for i in ids)):
+            raise RequestError("ids", f"{spell('ids')}: expected a non-empty list of token ids in [0, {vocab})")
+        return [int(i) for i in ids]
+    if params.get("text") is not None:
+        text = params["text"]
+        if not isinstance(text, str):
+            raise RequestError("text", f"{spell('text')}: expected a string")
+        check_text(text, spell("text"))
+        if raw:
+            return tok.encode(text, bos=tok.add_bos).tolist()
+        messages = [{"role": "user", "content": text}]
+    else:
+        try:
+            messages = check_messages(params["messages"])
+            for m in messages:
+                check_text(m["content"], spell("messages"))
+        except RequestError:
+            raise
+        except UserError as e:
+            raise RequestError("messages", f"{spell('messages')}: {e}") from None
+    if safe:
+        messages = [{"role": "system", "content": SAFE_PROMPT}] + messages
+    try:
+        return format_chat(tok, messages, manifest.chat_format, manifest.chat_template)
+    except UserError as e:
+        raise RequestError(given[0], f"{spell(given[0])}: {e}") from None
+
+
+def build_sampling(params: dict, spell: Spelling = Spelling(), defaults: Defaults = SERVER_DEFAULTS) -> Sampling:
+    """Sampling from the parameters given (None: left out), by SAMPLING_RULES. top_p and top_k shape sampling
+    only, so with temperature 0 (greedy) they are refused rather than ignored; a seed is kept (greedy is
+    reproducible anyway, and clients pass both)."""
+    kw = {}
+    for name, (ok, expected) in SAMPLING_RULES.items():
+        v = params.get(name)
+        if v is None:
+            continue
+        if isinstance(v, np.generic):
+            v = v.item()
+        if not ok(v):
+            raise RequestError(name, f"{spell(name)} {v!r}: expected {expected}")
+        kw[name] = v
+    kw.setdefault("temperature", defaults.temperature)
+    if kw["temperature"] == 0:
+        for name, off in (("top_p", 1), ("top_k", 0)):
+            if kw.get(name, off) != off:
+                raise RequestError(name, f"{spell(name)} {kw[name]!r} applies to sampling: add {spell('temperature')} "
+                                         f"T (T > 0); at temperature 0 decoding is greedy")
+    return Sampling(**{k: (float(v) if k not in ("top_k", "seed") else int(v)) for k, v in kw.items()})
+
+
+def build_stop(params: dict, spell: Spelling = Spelling()) -> list[str]:
+    stop = params.get("stop")
+    if stop is None:
+        return []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not stop or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError("stop", f"{spell('stop')}: expected a non-empty string or a list of 1 to {MAX_STOPS} of "
+                                   "them (an empty stop string would stop at once)")
+    for s in stop:
+        check_text(s, spell("stop"))
+    return stop
+
+
+def build_request(params: dict, tok: Tokenizer, manifest, max_context: int, spell: Spelling = Spelling(),
+                  defaults: Defaults = SERVER_DEFAULTS) -> Request:
+    """The Request for `params` (canonical names, None or absent: left out); RequestError names what is wrong."""
+    unknown = set(params) - set(FIELDS)
+    if unknown:  # an interface passing a field this builder does not know is a bug, not a user's error
+        raise ValueError(f"unknown request fields {sorted(unknown)}")
+    sampling = build_sampling(params, spell, defaults)  # before the prompt: cheap checks first
+    stop = build_stop(params, spell)
+    logprobs = params.get("logprobs")
+    if logprobs is not None and not (_is_count(logprobs) and 0 <= logprobs <= MAX_LOGPROBS):
+        raise RequestError("logprobs", f"{spell('logprobs')} {logprobs!r}: expected an integer in [0, {MAX_LOGPROBS}]")
+    ignore_eos = _bool(params, "ignore_eos", False, spell)
+    truncate = _bool(params, "truncate", False, spell)
+    max_tokens = params.get("max_tokens")
+    if max_tokens is not None and not (_is_count(max_tokens) and max_tokens >= 1):
+        raise RequestError("max_tokens", f"{spell('max_tokens')} {max_tokens!r}: expected an integer >= 1")
+    prompt = np.asarray(build_prompt(params, tok, manifest, spell), np.int64)
+    if max_tokens is None:
+        max_tokens = defaults.max_tokens or max(max_context - len(prompt), 1)
+    names = {"max_new_tokens": spell("max_tokens"), "truncate": spell("truncate")}
+    try:
+        prompt = fit_context(prompt, int(max_tokens), max_context, truncate, names)
+    except UserError as e:
+        raise RequestError("max_tokens", str(e), "context_length_exceeded") from None
+    return Request(prompt=prompt, max_tokens=int(max_tokens), sampling=sampling, stop=stop,
+                   logprobs=None if logprobs is None else int(logprobs), stop_on_eos=not ignore_eos)
