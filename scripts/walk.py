@@ -73,7 +73,7 @@ class Tracer:
 
 
 def generate_walk(export: str, n: int) -> Tracer:
-    from mistral_trt.cli.main import main
+    from mistral_trt.main import main
 
     t = Tracer()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), t.on():

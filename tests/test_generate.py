@@ -17,6 +17,7 @@ from mistral_trt.main import main
 from mistral_trt.runtime import UserError
 from mistral_trt.runtime.backend import open_backend
 from mistral_trt.runtime.generate import Generator
+from mistral_trt.runtime.manifest import Manifest
 from mistral_trt.runtime.sampling import Sampling, sample
 from mistral_trt.runtime.tokenizer import Tokenizer
 
@@ -246,3 +247,26 @@ def test_stop_strings_print_what_json_returns(tiny_exports, capsys):
         if spans >= 2 and inside >= 2:
             break
     assert spans >= 2 and inside >= 2  # both ways a stop string meets the pieces were tried
+
+
+@pytest.mark.slow
+def test_stop_cases_stream_what_json_returns(demo_fused, capsys):
+    """tests/stop_cases.py's cases through `generate`: a stop spanning tokens, inside one piece, several stops, at
+    EOS, and with speculation. stdout (streamed) and --json return the reference reply cut before the earliest stop."""
+    from stop_cases import GROUNDED, stop_cases
+
+    base = ["generate", demo_fused, "--prompt", GROUNDED, "--max-new-tokens", 80]
+    rc, out, _ = cli(capsys, *base, "--speculate", "off", "--json")
+    ref = json.loads(out)
+    tok = Tokenizer.for_export(demo_fused, Manifest.load(demo_fused))
+    cases = stop_cases(ref["text"], ref["ids"], tok, ended_by_eos=len(ref["ids"]) < 80)
+    assert rc == 0 and {c.name for c in cases} >= {"spans tokens", "inside a piece", "several stops", "at EOS",
+                                                   "with speculation"}
+    for c in cases:
+        args = [*base, "--speculate", "ngram" if c.speculate else "off", *[x for s in c.stops for x in ("--stop", s)]]
+        rc, printed, _ = cli(capsys, *args)
+        rc2, js, _ = cli(capsys, *args, "--json")
+        got = json.loads(js)
+        assert rc == rc2 == 0 and printed == c.want + "\n" and got["text"] == c.want, c
+        if c.speculate:
+            assert got["stats"]["speculation"]["accepted"] > 0, got["stats"]  # steps of several tokens happened
