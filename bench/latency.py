@@ -139,9 +139,9 @@ def check_engine_limits(folder: Path, batches: list[int], prompt_lens: list[int]
     if max(batches) > lim["max_batch"]:
         raise UserError(f"--batch {max(batches)}: {folder} was built with --max-batch {lim['max_batch']} "
                         "(mistral-trt engine ... --max-batch N)")
-    if max(prompt_lens) + gen_len > lim["max_total"]:
+    if max(prompt_lens) + gen_len > lim["max_context"]:
         raise UserError(f"--prompt-len {max(prompt_lens)} + --gen-len {gen_len}: {folder} was built with "
-                        f"--max-total {lim['max_total']}")
+                        f"--max-context {lim['max_context']}")
 
 
 # -- systems ---------------------------------------------------------------------------------------

@@ -44,10 +44,10 @@ def log(msg: str) -> None:
 
 
 class ServerProcess:
-    def __init__(self, export_dir: Path, slots: int, max_model_len: int, extra=()):
+    def __init__(self, export_dir: Path, slots: int, max_context: int, extra=()):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mistral_trt.main", "serve", str(export_dir), "--port", "0", "--max-batch", str(slots),
-             "--max-queue", "1000", "--max-model-len", str(max_model_len), "--model-name", "bench", *extra],
+             "--max-queue", "1000", "--max-context", str(max_context), "--model-name", "bench", *extra],
             stderr=subprocess.PIPE, text=True)
         self.port = None
         for line in self.proc.stderr:
@@ -94,7 +94,8 @@ def stream(port: int, prompt: list[int], max_tokens: int) -> dict:
 def stream_triton(port: int, prompt: list[int], max_tokens: int) -> dict:
     """One streaming request to Triton's /generate_stream (serve/triton_model.py's inputs), timed as stream()."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    body = json.dumps({"input_ids": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True})
+    body = json.dumps({"input_ids": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
+                       "temperature": 0})
     t0 = time.perf_counter()
     conn.request("POST", "/v2/models/bench/generate_stream", body, {"Content-Type": "application/json"})
     resp = conn.getresponse()
@@ -113,14 +114,14 @@ class TritonProcess:
     """`triton-serve` on a repository of the export (in a temporary folder), via `cli`: a mistral-trt command whose
     environment has nvidia-pytriton (`make test-triton`'s venv)."""
 
-    def __init__(self, cli: str, export_dir: Path, slots: int, max_model_len: int):
+    def __init__(self, cli: str, export_dir: Path, slots: int, max_context: int):
         import socket
         import tempfile
 
         self.work = Path(tempfile.mkdtemp(prefix="mistral-trt-bench-triton-"))
         repo = self.work / "repo"
         r = subprocess.run([cli, "triton-repo", str(export_dir), "-o", str(repo), "--name", "bench", "--max-batch",
-                            str(slots), "--max-queue", "1000", "--max-model-len", str(max_model_len), "--force"],
+                            str(slots), "--max-queue", "1000", "--max-context", str(max_context), "--force"],
                            capture_output=True, text=True)
         if r.returncode:
             raise UserError(f"triton-repo failed: {r.stderr.strip()[-300:]}")
@@ -231,14 +232,14 @@ def prompts_from_text(export_dir: Path, lengths: list[int]) -> list[list[int]]:
     return out
 
 
-def slots_on_paper(m: Manifest, max_model_len: int) -> list[str]:
+def slots_on_paper(m: Manifest, max_context: int) -> list[str]:
     a = m.model
     kv_token = 2 * a.num_layers * a.num_kv_heads * a.head_dim * DTYPE_BYTES[m.dtype]
     b7 = MISTRAL_7B
     kv7 = 2 * b7["num_layers"] * b7["num_kv_heads"] * b7["head_dim"] * 2  # fp16
     free = 80e9 - b7["params"] * 2 - 4e9  # an 80 GB GPU, fp16 weights, ~4 GB activations and workspace
-    lines = [f"- this export: {kv_token / 1024:.1f} KiB of KV cache per position, {kv_token * max_model_len / 2**20:.0f} MiB "
-             f"per slot at {max_model_len} positions"]
+    lines = [f"- this export: {kv_token / 1024:.1f} KiB of KV cache per position, {kv_token * max_context / 2**20:.0f} MiB "
+             f"per slot at {max_context} positions"]
     for ctx in (4096, b7["max_context"]):
         lines.append(f"- Mistral-7B fp16 on an 80 GB GPU (on paper): {kv7 / 1024:.0f} KiB per position, "
                      f"{kv7 * ctx / 2**30:.2f} GiB per slot at {ctx} positions: {int(free // (kv7 * ctx))} slots "
@@ -300,7 +301,7 @@ def main_bench_serve(a) -> None:
     lo, hi = a.prompt_len
     rng = np.random.default_rng(0)
     levels = sorted(set(a.concurrency))
-    max_model_len = max(hi, a.long_prompt) + a.max_tokens + 8
+    max_context = max(hi, a.long_prompt) + a.max_tokens + 8
     data = {"max_tokens": a.max_tokens, "prompt_len": [lo, hi], "rounds": a.rounds, "systems": {}}
     for folder in map(Path, a.export_dirs):
         m = Manifest.load(folder)
@@ -318,11 +319,11 @@ def main_bench_serve(a) -> None:
             servers = {(f"{folder.name} (serve)" if len(servers) == 1 else name): v for name, v in servers.items()}
             flag = ("--speculate", f"ngram:{a.speculate.k}")
             servers[f"{folder.name} (serve --speculate)"] = (lambda *x: ServerProcess(*x, extra=flag), stream)
-        log(f"{folder.name}: starting {len(servers)} server(s) ({max(levels)} slots of {max_model_len} positions) ...")
+        log(f"{folder.name}: starting {len(servers)} server(s) ({max(levels)} slots of {max_context} positions) ...")
         running, sends = {}, {}
         try:
             for name, (start, send_fn) in servers.items():
-                running[name] = srv = start(folder, max(levels), max_model_len)
+                running[name] = srv = start(folder, max(levels), max_context)
                 sends[name] = (lambda f, port: lambda p, n: f(port, p, n))(send_fn, srv.port)
                 sends[name](prompts[0], 4)  # warm-up
             results = {name: {"levels": []} for name in servers}
@@ -340,7 +341,7 @@ def main_bench_serve(a) -> None:
             for srv in running.values():
                 srv.stop()
         data["systems"].update(results)
-        data["slots_on_paper"] = slots_on_paper(m, max_model_len)
+        data["slots_on_paper"] = slots_on_paper(m, max_context)
     table = report(data)
     print(table)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,28 @@ def cmd_convert_gguf(a):
     print(out)
 
 
+# Which precisions read each precision-specific flag of `export` and `quantize`: given for a precision that does not
+# read it, a flag is refused by name, never accepted and ignored (None: the float export without --precision).
+PRECISION_FLAGS = {
+    "--block-size": {"int8-w8a8-dynamic", "int4", "int4-w4a16"},
+    "--lm-head-bits": {"int4", "int4-w4a16"},
+    "--calib-method": {"int8-w8a8"},
+    "--smoothquant-alpha": {"int8-w8a8"},
+    "--outlier-ratio": {"int8-w8a8"},
+}
+
+
+def _refuse_unread(a, precision: str | None, extra: dict | None = None) -> None:
+    for flag, reads in (PRECISION_FLAGS | (extra or {})).items():
+        if flag in a.given and precision not in reads:
+            raise UserError(f"{flag} applies to --precision {' or '.join(sorted(reads))}, not "
+                            f"{precision or 'a float export (no --precision)'}")
+
+
 def cmd_export(a):
     from mistral_trt.export.pipeline import export_model
+
+    _refuse_unread(a, a.precision, {"--int4-method": {"int4", "int4-w4a16"}})
 
     calibrate = None
     if a.precision == "int8-w8a8":  # calibrated on the checkpoint, one decoder layer at a time
@@ -103,7 +123,8 @@ def _request_params(a) -> dict:
     if a.greedy and (a.temperature or 0) > 0:
         raise UserError(f"--greedy and --temperature {a.temperature:g} contradict each other; give one")
     return {"temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k,
-            "repetition_penalty": a.repetition_penalty, "seed": a.seed, "stop": a.stop or None,
+            "repetition_penalty": a.repetition_penalty, "frequency_penalty": a.frequency_penalty,
+            "presence_penalty": a.presence_penalty, "seed": a.seed, "stop": a.stop or None,
             "max_tokens": a.max_new_tokens, "truncate": a.truncate}
 
 
@@ -242,7 +263,7 @@ def cmd_serve(a):
 
     serve(a.export_dir, host=a.host, port=a.port, max_batch=a.max_batch, max_queue=a.max_queue,
           api_key=a.api_key or os.environ.get("MISTRAL_TRT_API_KEY"), model_name=a.model_name,
-          safe_prompt=a.safe_prompt, max_model_len=a.max_model_len, prefill_chunk=a.prefill_chunk,
+          safe_prompt=a.safe_prompt, max_context=a.max_context, prefill_chunk=a.prefill_chunk,
           itl_slack=a.itl_slack, provider=a.provider, shutdown_timeout=a.shutdown_timeout, speculate=a.speculate)
 
 
@@ -256,7 +277,8 @@ def cmd_triton_repo(a):
     from mistral_trt.export.triton import write_repo
 
     model = write_repo(a.export_dir, a.output, name=a.name, instances=a.instances, max_batch=a.max_batch,
-                       max_queue=a.max_queue, max_model_len=a.max_model_len, provider=a.provider, force=a.force)
+                       max_queue=a.max_queue, max_context=a.max_context, provider=a.provider, force=a.force,
+                       speculate=a.speculate)
     print(model)
 
 
@@ -299,6 +321,14 @@ def cmd_calibrate(a):
 def cmd_quantize(a):
     from mistral_trt.calib.quantize import quantize
 
+    if a.calib and a.precision in ("int4", "int4-w4a16"):  # quantize rounds to nearest; calibrated int4 needs the model
+        raise UserError(f"--calib with --precision {a.precision}: calibrated int4 (AWQ + GPTQ) is written from the "
+                        f"checkpoint, layer by layer: mistral-trt export CHECKPOINT -o OUT --graph "
+                        f"{'fused' if a.precision == 'int4' else 'portable'} --precision {a.precision} --calib CALIB_DIR")
+    if a.calib and a.precision != "int8-w8a8":
+        raise UserError(f"--calib applies to --precision int8-w8a8 (SmoothQuant), not {a.precision}")
+    _refuse_unread(a, a.precision)
+
     m = quantize(a.export_dir, a.precision, a.output, force=a.force, calib=a.calib, calib_method=a.calib_method,
                  alpha=_alpha_value(a), outlier_ratio=a.outlier_ratio, block_size=a.block_size,
                  lm_head_bits=a.lm_head_bits)
@@ -308,7 +338,7 @@ def cmd_quantize(a):
 def cmd_engine(a):
     from mistral_trt.export.tensorrt import build_engine
 
-    build_engine(a.export_dir, a.output, max_batch=a.max_batch, max_seq=a.max_seq, max_total=a.max_total,
+    build_engine(a.export_dir, a.output, max_batch=a.max_batch, max_step_tokens=a.max_step_tokens, max_context=a.max_context,
                  timing_cache=a.timing_cache, workspace_gib=a.workspace_gib, force=a.force)
 
 
@@ -376,6 +406,9 @@ def _add_sampling_args(s):
     s.add_argument("--top-p", type=_parsed(float), help="nucleus sampling, (0, 1] (1: off; needs --temperature)")
     s.add_argument("--top-k", type=_parsed(int), help="sample among the k most likely (0: off; needs --temperature)")
     s.add_argument("--repetition-penalty", type=_parsed(float), help="> 0; 1 is off (HF's rule)")
+    s.add_argument("--frequency-penalty", type=_parsed(float), help="in [-2, 2]; 0 is off (OpenAI's rule, over the "
+                   "generated tokens)")
+    s.add_argument("--presence-penalty", type=_parsed(float), help="in [-2, 2]; 0 is off (OpenAI's rule)")
     s.add_argument("--seed", type=_parsed(int))
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable; not included in the output)")
     s.add_argument("--truncate", action="store_true",
@@ -517,7 +550,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=_count(0), default=8000, help="0: any free port (the address is printed)")
     s.add_argument("--max-batch", type=_count(1), default=8, help="sequences generated at once (KV-cache slots)")
     s.add_argument("--max-queue", type=_count(0), default=64, help="requests waiting for a slot; beyond it, 429")
-    s.add_argument("--max-model-len", type=_count(2), help="positions per sequence, prompt + completion "
+    s.add_argument("--max-context", "--max-model-len", type=_count(2), help="positions per sequence, prompt + completion "
                    "(default: the model's limit); each slot's cache is sized for it")
     s.add_argument("--prefill-chunk", type=_count(1), default=512, help="most prompt tokens of one sequence per step")
     s.add_argument("--itl-slack", type=_positive, default=2.5, help="a step that prefills beside decoding may take "
@@ -541,9 +574,11 @@ def parser() -> argparse.ArgumentParser:
                    "each with its own scheduler and copy of the weights")
     s.add_argument("--max-batch", type=_count(1), default=8, help="sequences each instance generates at once")
     s.add_argument("--max-queue", type=_count(0), default=64, help="requests waiting per instance; beyond it, an error")
-    s.add_argument("--max-model-len", type=_count(2), help="positions per sequence, prompt + completion (default: the "
+    s.add_argument("--max-context", "--max-model-len", type=_count(2), help="positions per sequence, prompt + completion (default: the "
                    "model's limit); each slot's cache is sized for it")
     s.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="onnxruntime provider in the model")
+    s.add_argument("--speculate", type=_speculation, metavar="ngram[:K]", help="speculative decoding for every request "
+                   "(prompt-lookup drafts, checked by the model: the same output; fused graph), as serve --speculate")
     s.add_argument("--force", action="store_true", help="replace an earlier repository written by triton-repo")
     s.set_defaults(func=cmd_triton_repo)
 
@@ -617,8 +652,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("export_dir", metavar="EXPORT_DIR", help="export folder (fp32, fp16 or a Q/DQ int8 artifact)")
     s.add_argument("-o", "--output", metavar="ENGINE_DIR", required=True, help="engine folder (written atomically)")
     s.add_argument("--max-batch", type=_count(1), default=1)
-    s.add_argument("--max-seq", type=_count(1), default=512, help="longest prefill chunk (the prefill profile's seq)")
-    s.add_argument("--max-total", type=_count(2),
+    s.add_argument("--max-step-tokens", "--max-seq", type=_count(1), default=512,
+                   help="most tokens one sequence takes in one step: the longest prefill chunk (the prefill profile's seq)")
+    s.add_argument("--max-context", "--max-total", type=_count(2),
                    help="most positions a sequence reaches on this engine: past + seq (default: the model's limit, at most 4096)")
     s.add_argument("--timing-cache", help="timing cache file to reuse and update (default: one inside the engine folder)")
     s.add_argument("--workspace-gib", type=_positive, help="TensorRT workspace limit")
@@ -653,8 +689,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def given_flags(p: argparse.ArgumentParser, command: str, argv: list[str]) -> set[str]:
+    """The option strings of `command` that argv spells out (so a flag given at its default value still counts)."""
+    sub = next(x for x in p._actions if isinstance(x, argparse._SubParsersAction)).choices[command]
+    known = {o: a.option_strings[-1] if a.option_strings[-1].startswith("--") else a.option_strings[0]
+             for a in sub._actions for o in a.option_strings}
+    out = set()
+    for arg in argv:
+        head = arg.split("=", 1)[0]
+        if head in known:
+            out.add(known[head])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    a = parser().parse_args(argv)
+    p = parser()
+    argv = sys.argv[1:] if argv is None else [str(x) for x in argv]
+    a = p.parse_args(argv)
+    a.given = given_flags(p, a.command, argv)
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM unwinds like Ctrl-C (runtime/errors.py)
         try:

@@ -3,11 +3,11 @@
 The ONNX is parsed into a strongly typed network (TensorRT 11 has no other kind; TensorRT 10.12+ takes the
 STRONGLY_TYPED creation flag), so precision comes from the artifact itself: the fp16 export gives fp16
 kernels, a Q/DQ export gives int8 kernels, no builder precision flags. Two optimization profiles
-(runtime/engine.py: prefill with seq up to --max-seq, decode with seq = 1) cover batch/seq/past. The timing
+(runtime/engine.py: prefill with seq up to --max-step-tokens, decode with seq = 1) cover batch/seq/past. The timing
 cache is loaded before and saved after the build (--timing-cache to share one across engines), so a
 rebuild on the same GPU skips kernel timing.
 
-    mistral-trt engine build/onnx/smollm2-135m-instruct-fp16 --max-seq 512 --max-total 4096 -o build/engine/fp16
+    mistral-trt engine build/onnx/smollm2-135m-instruct-fp16 --max-step-tokens 512 --max-context 4096 -o build/engine/fp16
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from mistral_trt.runtime.manifest import ENGINE_NAME
 from mistral_trt.runtime.tensorrt_backend import import_tensorrt
 
 
-def build_engine(export_dir: str | Path, out: str | Path, max_batch: int = 1, max_seq: int = 512, max_total: int | None = None,
+def build_engine(export_dir: str | Path, out: str | Path, max_batch: int = 1, max_step_tokens: int = 512, max_context: int | None = None,
                  timing_cache: str | Path | None = None, workspace_gib: float | None = None, force: bool = False,
                  log=lambda s: print(s, file=sys.stderr, flush=True)) -> EngineManifest:
     from mistral_trt.export.atomic import atomic_folder, check_target
@@ -37,9 +37,9 @@ def build_engine(export_dir: str | Path, out: str | Path, max_batch: int = 1, ma
     if m.graph != "portable":
         raise UserError(f"{export_dir}: graph {m.graph!r} uses onnxruntime contrib ops TensorRT does not have; build from "
                         "a --graph portable export")
-    if max_total is None:  # the model's limit, at most 4096 (a 32k profile costs device memory for nothing)
-        max_total = min(4096, m.max_context)
-    shapes = profile_shapes(m, max_batch, max_seq, max_total)  # bad limits fail before TensorRT is needed
+    if max_context is None:  # the model's limit, at most 4096 (a 32k profile costs device memory for nothing)
+        max_context = min(4096, m.max_context)
+    shapes = profile_shapes(m, max_batch, max_step_tokens, max_context)  # bad limits fail before TensorRT is needed
     onnx_path = export_dir / ONNX_NAME
     m.check_files(export_dir)  # building a plan from weights changed after export would hide the change under a new hash
     onnx_sha = m.files[ONNX_NAME]
@@ -110,7 +110,7 @@ def build_engine(export_dir: str | Path, out: str | Path, max_batch: int = 1, ma
             tensorrt_version=trt.__version__,
             gpu={"name": gpu_name, "compute_capability": cc},
             profiles=shapes,
-            limits={"max_batch": max_batch, "max_seq": max_seq, "max_total": max_total},
+            limits={"max_batch": max_batch, "max_step_tokens": max_step_tokens, "max_context": max_context},
             source={"export": str(export_dir.absolute()), "onnx_sha256": onnx_sha, "precision": m.precision.get("name", m.dtype)},
             engine_sha256=hashlib.sha256(plan).hexdigest(),
             build={"seconds": round(build_s, 1), "timing_cache": str(cache_path) if cache_path else TIMING_CACHE,

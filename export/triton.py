@@ -51,8 +51,9 @@ parameters [
   {{ key: "export_dir", value: {{ string_value: "export" }} }},
   {{ key: "max_batch", value: {{ string_value: "{max_batch}" }} }},
   {{ key: "max_queue", value: {{ string_value: "{max_queue}" }} }},
-  {{ key: "max_model_len", value: {{ string_value: "{max_model_len}" }} }},
-  {{ key: "provider", value: {{ string_value: "{provider}" }} }}
+  {{ key: "max_context", value: {{ string_value: "{max_context}" }} }},
+  {{ key: "provider", value: {{ string_value: "{provider}" }} }},
+  {{ key: "speculate", value: {{ string_value: "{speculate}" }} }}
 ]
 """
 
@@ -72,8 +73,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def write_repo(export_dir: str | Path, out: str | Path, name: str | None = None, instances: int = 1,
-               max_batch: int = 8, max_queue: int = 64, max_model_len: int | None = None, provider: str = "cpu",
-               force: bool = False) -> Path:
+               max_batch: int = 8, max_queue: int = 64, max_context: int | None = None, provider: str = "cpu",
+               force: bool = False, speculate=None) -> Path:
+    """`speculate`: a runtime/speculative.py Speculation every request gets (fused graph), or None."""
     from mistral_trt.runtime.engine import ENGINE_MANIFEST
     from mistral_trt.runtime.manifest import MANIFEST_NAME, Manifest
 
@@ -85,11 +87,14 @@ def write_repo(export_dir: str | Path, out: str | Path, name: str | None = None,
     name = name or export_dir.resolve().name
     if not name or any(c in name for c in "/\\ \0") or name.startswith("."):
         raise UserError(f"--name {name!r}: expected a model name without spaces or slashes")
-    for flag, v in (("--instances", instances), ("--max-batch", max_batch), ("--max-model-len", max_model_len or 2)):
+    for flag, v in (("--instances", instances), ("--max-batch", max_batch), ("--max-context", max_context or 2)):
         if v < 1:
             raise UserError(f"{flag} {v}: expected an integer >= 1")
-    if max_model_len and max_model_len > m.max_context:
-        raise UserError(f"--max-model-len {max_model_len}: the model's context limit is {m.max_context}")
+    if max_context and max_context > m.max_context:
+        raise UserError(f"--max-context {max_context}: the model's context limit is {m.max_context}")
+    if speculate is not None and m.graph != "fused":
+        raise UserError("--speculate rolls rejected drafts back per sequence, which needs the fused graph "
+                        "(export --graph fused)")
     if provider not in ("cpu", "cuda"):
         raise UserError(f"--provider {provider!r}: expected cpu or cuda (the python backend runs onnxruntime)")
     check_target(out, "triton-repo", force, inputs=[export_dir])
@@ -103,7 +108,8 @@ def write_repo(export_dir: str | Path, out: str | Path, name: str | None = None,
         shutil.copy2(model_py(), version / "model.py")
         (tmp / name / "config.pbtxt").write_text(CONFIG.format(
             name=name, export=export_dir.resolve(), instances=instances, max_batch=max_batch, max_queue=max_queue,
-            max_model_len=max_model_len or "", provider=provider))
+            max_context=max_context or "", provider=provider,
+            speculate=f"ngram:{speculate.k}" if speculate is not None else ""))
         (tmp / TRITON_REPO_NAME).write_text(json.dumps({"written_by": "mistral-trt triton-repo", "models": [name],
                                                         "export": str(export_dir.resolve())}, indent=1) + "\n")
     return Path(out) / name

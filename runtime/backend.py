@@ -33,8 +33,8 @@ class Backend(Protocol):
     args: ModelArgs
     kv_dtype: np.dtype  # of the KV cache and the logits
     ragged: bool  # slots advance independently (module docstring)
-    max_context: int  # positions one sequence may reach: the model's limit, or a TensorRT engine's max_total
-    max_seq: int | None  # tokens per slot in one step (a TensorRT engine's prefill profile); None: any
+    max_context: int  # positions one sequence may reach: the model's limit, or a TensorRT engine's max_context
+    max_step_tokens: int | None  # tokens per slot in one step (a TensorRT engine's prefill profile); None: any
     prefill_past_max: int | None  # past positions a multi-token step may follow (an engine's prefill profile)
     provider: str  # what runs the graph: onnxruntime's provider name (CPUExecutionProvider, ...) or "tensorrt"
 

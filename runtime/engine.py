@@ -6,10 +6,11 @@ own), model.engine (the serialized plan), timing.cache, and engine.json:
 
     {"tensorrt_version": "11.4.0", "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
      "profiles": {"prefill": {"input_ids": [[1, 1], [1, 256], [1, 512]], ...}, "decode": {...}},
-     "limits": {"max_batch": 1, "max_seq": 512, "max_total": 4096}, "source": {"onnx_sha256": ...}, ...}
+     "limits": {"max_batch": 1, "max_step_tokens": 512, "max_context": 4096}, "source": {"onnx_sha256": ...}, ...}
 
-The limits are named after the graph's dims (runtime/manifest.py, DIMS): batch, seq (tokens per step),
-total (past + seq: the positions a sequence may reach on this plan, at most the model's `max_context`).
+The limits use the runtime's names (docs/architecture.md's glossary): max_batch (sequences at once),
+max_step_tokens (tokens one sequence takes in one step: the graph's `seq` dim) and max_context (positions a sequence
+may reach on this engine, past + seq: at most the model's own max_context).
 A plan only deserializes on the TensorRT version that built it and on GPUs of the same compute capability,
 so both are checked against engine.json first, and a mismatch names both sides.
 """
@@ -24,7 +25,8 @@ from .manifest import Manifest
 
 ENGINE_MANIFEST = "engine.json"
 TIMING_CACHE = "timing.cache"
-ENGINE_SCHEMA_VERSION = 2  # 2: limits.max_total (was max_context)
+ENGINE_SCHEMA_VERSION = 3  # 3: limits.max_step_tokens, max_context (2 named them max_seq, max_total)
+V2_LIMITS = {"max_seq": "max_step_tokens", "max_total": "max_context"}
 PROFILES = ("prefill", "decode")  # optimization profile i is PROFILES[i]
 
 
@@ -33,7 +35,7 @@ class EngineManifest:
     tensorrt_version: str
     gpu: dict  # {"name": str, "compute_capability": "9.0"}
     profiles: dict  # profile -> input name -> [min, opt, max] shapes
-    limits: dict  # max_batch, max_seq, max_total (past positions the decode profile accepts + 1)
+    limits: dict  # max_batch, max_step_tokens, max_context (past positions the decode profile accepts + 1)
     source: dict  # onnx_sha256, export folder, precision
     engine_sha256: str
     build: dict = field(default_factory=dict)  # seconds, timing cache hit, builder settings
@@ -48,6 +50,10 @@ class EngineManifest:
         if not path.is_file():
             raise UserError(f"{path}: missing (is {folder} a folder written by `mistral-trt engine`?)")
         raw = read_json(path)
+        if isinstance(raw, dict) and raw.get("schema_version") == 2 and isinstance(raw.get("limits"), dict):
+            # the same limits under their old names: an engine built by the previous release still loads
+            raw = {**raw, "schema_version": ENGINE_SCHEMA_VERSION,
+                   "limits": {V2_LIMITS.get(k, k): v for k, v in raw["limits"].items()}}
         if raw.get("schema_version") != ENGINE_SCHEMA_VERSION:
             raise UserError(f"{path}: schema_version {raw.get('schema_version')!r}, this runtime reads "
                             f"{ENGINE_SCHEMA_VERSION}: rebuild the engine")
@@ -60,8 +66,8 @@ class EngineManifest:
             if not isinstance(em.gpu, dict) or not isinstance(em.gpu.get(key), str):
                 raise UserError(f"{path}: field 'gpu.{key}' must be a string")
         if not isinstance(em.limits, dict) or not all(
-                type(em.limits.get(k)) is int and em.limits[k] > 0 for k in ("max_batch", "max_seq", "max_total")):
-            raise UserError(f"{path}: field 'limits' must hold positive integers max_batch, max_seq, max_total")
+                type(em.limits.get(k)) is int and em.limits[k] > 0 for k in ("max_batch", "max_step_tokens", "max_context")):
+            raise UserError(f"{path}: field 'limits' must hold positive integers max_batch, max_step_tokens, max_context")
         if set(em.profiles) != set(PROFILES):
             raise UserError(f"{path}: field 'profiles' must hold {' and '.join(PROFILES)}, got {sorted(em.profiles)}")
         return em
@@ -84,27 +90,27 @@ def check_compatible(em: EngineManifest, tensorrt_version: str, gpu_name: str, c
     return []
 
 
-def profile_shapes(m: Manifest, max_batch: int, max_seq: int, max_total: int) -> dict:
+def profile_shapes(m: Manifest, max_batch: int, max_step_tokens: int, max_context: int) -> dict:
     """min/opt/max shapes per input for the two optimization profiles.
 
-    max_total bounds past + seq. With a sliding window the runtime trims the cache to `cache.keep`
+    max_context bounds past + seq. With a sliding window the runtime trims the cache to `cache.keep`
     positions after every step, so past never exceeds keep however long the conversation runs.
 
-    Worked example (max_batch 2, max_seq 64, max_total 1024, no window):
+    Worked example (max_batch 2, max_step_tokens 64, max_context 1024, no window):
       prefill input_ids [1, 1] .. [1, 64] .. [2, 64], past [1, KV, 0, D] .. [2, KV, 960, D]
       decode  input_ids [1, 1] .. [1, 1]  .. [2, 1],  past [1, KV, 0, D] .. [2, KV, 1023, D]
     """
-    if max_batch < 1 or max_seq < 1 or max_total < 2:
-        raise UserError(f"--max-batch {max_batch} / --max-seq {max_seq} / --max-total {max_total}: "
+    if max_batch < 1 or max_step_tokens < 1 or max_context < 2:
+        raise UserError(f"--max-batch {max_batch} / --max-step-tokens {max_step_tokens} / --max-context {max_context}: "
                         "expected >= 1 / >= 1 / >= 2")
-    if max_total > m.max_context:
-        raise UserError(f"--max-total {max_total}: the model's limit (cache.max_context) is {m.max_context} positions")
-    if max_seq >= max_total:
-        raise UserError(f"--max-seq {max_seq}: must be below --max-total {max_total}")
+    if max_context > m.max_context:
+        raise UserError(f"--max-context {max_context}: the model's limit (cache.max_context) is {m.max_context} positions")
+    if max_step_tokens >= max_context:
+        raise UserError(f"--max-step-tokens {max_step_tokens}: must be below --max-context {max_context}")
     keep = m.cache["keep"]
     out = {}
-    for name, seq in (("prefill", (1, max(1, max_seq // 2), max_seq)), ("decode", (1, 1, 1))):
-        past_max = max_total - seq[2]
+    for name, seq in (("prefill", (1, max(1, max_step_tokens // 2), max_step_tokens)), ("decode", (1, 1, 1))):
+        past_max = max_context - seq[2]
         if keep is not None:
             past_max = min(past_max, keep)
         past = (0, past_max // 2, past_max)

@@ -67,8 +67,8 @@ class Generator:
         self.max_context = backend.max_context  # the model's limit, or a TensorRT engine's smaller one
         # A chunk longer than the window is fine for the graph, but chunks of at most W keep the
         # trimmed cache small; without a window, chunks only bound activation memory. A TensorRT engine
-        # takes at most its prefill profile's max_seq tokens per step.
-        self.chunk = min(prefill_chunk, self.sliding_window or prefill_chunk, backend.max_seq or prefill_chunk)
+        # takes at most its prefill profile's max_step_tokens tokens per step.
+        self.chunk = min(prefill_chunk, self.sliding_window or prefill_chunk, backend.max_step_tokens or prefill_chunk)
         self.eos = set(m.eos_token_id)
 
     def new_cache(self, slots: int, length: int, speculation: Speculation | None = None):

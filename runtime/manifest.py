@@ -237,10 +237,12 @@ def _plain_name(v) -> bool:
 
 
 POS_INT = (lambda v: _is_int(v) and v > 0, "a positive integer")
+# a model's sizes: positive and below 2**31 (what any runtime, the C++ one's int included, can hold and allocate)
+SIZE = (lambda v: _is_int(v) and 0 < v < 2**31, "a positive integer below 2**31")
 MODEL_SCHEMA = {
     "architecture": (lambda v: v == "MistralForCausalLM", '"MistralForCausalLM"'),
-    "num_layers": POS_INT, "num_heads": POS_INT, "num_kv_heads": POS_INT, "head_dim": POS_INT,
-    "hidden_size": POS_INT, "intermediate_size": POS_INT, "vocab_size": POS_INT, "max_position_embeddings": POS_INT,
+    "num_layers": SIZE, "num_heads": SIZE, "num_kv_heads": SIZE, "head_dim": SIZE,
+    "hidden_size": SIZE, "intermediate_size": SIZE, "vocab_size": SIZE, "max_position_embeddings": SIZE,
     "rope_theta": (lambda v: _is_num(v) and v > 0, "a positive number"),
     "sliding_window": (lambda v: v is None or (_is_int(v) and v > 0), "null or a positive integer"),
     "rms_norm_eps": (lambda v: _is_num(v) and v > 0, "a positive number"),

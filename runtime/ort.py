@@ -161,7 +161,7 @@ def _open(backend, folder, providers, manifest: Manifest | None, graph: str, exa
     backend.args, backend.kv_dtype = m.model, np.dtype(NUMPY_DTYPE[m.dtype])
     backend.past_names = [n for n in m.input_names() if n.startswith("past_key_values.")]
     backend.present_names = m.output_names()[1:]
-    backend.max_context, backend.max_seq, backend.prefill_past_max = m.max_context, None, None
+    backend.max_context, backend.max_step_tokens, backend.prefill_past_max = m.max_context, None, None
 
 
 def cache_device(session) -> str | None:

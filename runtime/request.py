@@ -92,7 +92,7 @@ def build_prompt(params: dict, tok: Tokenizer, manifest, spell: Spelling = Spell
     raw, safe = _bool(params, "raw", False, spell), _bool(params, "safe_prompt", False, spell)
     if raw and given[0] != "text":
         raise RequestError("raw", f"{spell('raw')} goes with {spell('text')} (a conversation has its chat format; "
-                                  f"ids are ids already)")
+                                  f"{spell('ids')} are ids already)")
     if params.get("ids") is not None:
         ids = params["ids"]
         vocab = manifest.model.vocab_size

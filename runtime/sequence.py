@@ -94,6 +94,7 @@ class Sequence:
         self.rng = np.random.default_rng(req.sampling.seed)
         self.decoder = StreamDecoder(tok) if tok is not None else None
         self.held = ""  # text that may be the start of a stop string
+        self.pending = ""  # text of this step safe to show, not yet in an output
         self.unsent_ids: list[int] = []
         self.unsent_logprobs: list[dict] = []
         self.finish_reason: str | None = None
@@ -152,19 +153,25 @@ class Sequence:
                 req.mask.accept(new[0])
             rows, back = logits[-1:], 0
         self.drafts = []
-        taken, out = [], None
+        taken = []
         for t, row in zip(new, rows):
             taken.append(t)
-            out = self._take(t, row)
+            self._take(t, row)
             if self.finished:
-                return Update(taken, out, 0)  # the slot is released: nothing to roll back
+                back = 0  # the slot is released: nothing to roll back
+                break
+        out = None
+        if self.finished or self.pending or self.unsent_logprobs or (self.decoder is None and taken):
+            out = self._output(self.pending, self.finish_reason)
         return Update(taken, out, back)
 
     def _seen(self) -> list[int]:
         """Prompt and generated ids: what the repetition penalty looks at (only it; not built when it is off)."""
         return self.prompt.tolist() + self.generated if self.req.sampling.repetition_penalty != 1.0 else []
 
-    def _take(self, token: int, logits: np.ndarray) -> Output | None:
+    def _take(self, token: int, logits: np.ndarray) -> None:
+        """One token: its stats and logprobs, then EOS, max_tokens and stop strings; the text it makes safe to show
+        is added to `pending` (a step of several tokens sends it as one output)."""
         now = time.perf_counter()
         st = self.stats
         if self.first_token_at is None:
@@ -187,24 +194,22 @@ class Sequence:
         if i is not None:
             return self._end(text[:i], "stop")
         keep = stop_holdback(text, self.req.stop)  # held back until we know
-        self.held, text = text[len(text) - keep:], text[:len(text) - keep]
-        return self._output(text) if text or self.unsent_logprobs or self.decoder is None else None
+        self.held, self.pending = text[len(text) - keep:], self.pending + text[:len(text) - keep]
 
     def _flush(self) -> str:
         return self.decoder.flush() if self.decoder else ""
 
-    def _end(self, text: str, reason: str) -> Output:
+    def _end(self, text: str, reason: str) -> None:
         i = stop_at(text, self.req.stop)  # a stop string completed by the last characters still wins
         if i is not None:
             text, reason = text[:i], "stop"
-        self.finish_reason, self.held = reason, ""
-        return self._output(text, reason)
+        self.finish_reason, self.held, self.pending = reason, "", self.pending + text
 
     def _output(self, text: str, reason: str | None = None) -> Output:
         out = Output(text=text, token_ids=self.unsent_ids, logprobs=self.unsent_logprobs, finish_reason=reason,
                      prompt_tokens=len(self.prompt), completion_tokens=len(self.generated),
                      stats=self.stats if reason else None)
-        self.unsent_ids, self.unsent_logprobs = [], []
+        self.unsent_ids, self.unsent_logprobs, self.pending = [], [], ""
         return out
 
     def _logprobs(self, logits: np.ndarray, token: int) -> dict:

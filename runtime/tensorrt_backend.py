@@ -5,7 +5,7 @@
 
 The engine is built from the portable graph, so its cache is runtime/cache.py's ColumnCache with the
 columns in device memory (runtime/cuda.py's DeviceColumns): the same metadata, the same trim. Two execution
-contexts, one per optimization profile (prefill: seq up to max_seq; decode: seq = 1), share the engine's
+contexts, one per optimization profile (prefill: seq up to max_step_tokens; decode: seq = 1), share the engine's
 weights, so switching between prefill and decode costs nothing per step. Before anything runs, engine.json
 is checked against this machine (TensorRT version, compute capability, driver) and the plan's tensors and
 profiles against both manifests.
@@ -74,17 +74,17 @@ class TensorRTBackend:
             ctx.set_optimization_profile_async(i, self.stream_handle)
             self.contexts.append(ctx)
         lim = em.limits
-        self.max_batch, self.max_seq, self.max_total = lim["max_batch"], lim["max_seq"], lim["max_total"]
-        self.max_context = min(self.max_total, self.manifest.max_context)
+        self.max_batch, self.max_step_tokens, self.max_context = lim["max_batch"], lim["max_step_tokens"], lim["max_context"]
+        self.max_context = min(self.max_context, self.manifest.max_context)
         self.prefill_past_max = prefill_past_max(em)
         self.past_names = self.manifest.input_names()[3:]
         self.present_names = self.manifest.output_names()[1:]
         # device staging for the small inputs and the logits, sized for the largest call
         self.buf = {
-            "input_ids": self.cuda.malloc(self.max_batch * self.max_seq * 8),
-            "position_ids": self.cuda.malloc(self.max_batch * self.max_seq * 8),
-            "attention_mask": self.cuda.malloc(self.max_batch * self.max_total * 8),
-            "logits": self.cuda.malloc(self.max_batch * self.max_seq * self.args.vocab_size
+            "input_ids": self.cuda.malloc(self.max_batch * self.max_step_tokens * 8),
+            "position_ids": self.cuda.malloc(self.max_batch * self.max_step_tokens * 8),
+            "attention_mask": self.cuda.malloc(self.max_batch * self.max_context * 8),
+            "logits": self.cuda.malloc(self.max_batch * self.max_step_tokens * self.args.vocab_size
                                        * DTYPE_BYTES[self.manifest.dtype]),
         }
 
@@ -92,7 +92,7 @@ class TensorRTBackend:
         if slots > self.max_batch:
             raise UserError(f"{slots} slots: this engine was built for --max-batch {self.max_batch}")
         a = self.args
-        capacity = min(capacity, self.max_total)
+        capacity = min(capacity, self.max_context)
         storage = DeviceColumns(self.cuda, self.stream, 2 * a.num_layers, (slots, a.num_kv_heads, a.head_dim),
                                 capacity, self.kv_dtype)
         return ColumnCache(storage, slots, capacity, self.manifest.cache["keep"] if trim else None,
@@ -103,13 +103,13 @@ class TensorRTBackend:
         ids = cache.pack(tokens, meta, self.args.vocab_size)
         b, s = ids.shape
         total = cache.columns + s
-        if s > self.max_seq or total > self.max_total:
+        if s > self.max_step_tokens or total > self.max_context:
             raise UserError(f"{s} new + {cache.columns} cached positions: this engine was built for "
-                            f"--max-seq {self.max_seq} --max-total {self.max_total}")
+                            f"--max-step-tokens {self.max_step_tokens} --max-context {self.max_context}")
         if s > 1 and cache.columns > self.prefill_past_max:
             raise UserError(f"a {s}-token step after {cache.columns} cached positions: this engine's prefill profile "
-                            f"takes at most {self.prefill_past_max} past positions (--max-total {self.max_total} "
-                            f"minus --max-seq {self.max_seq}); feed one token per step past that (Generator does)")
+                            f"takes at most {self.prefill_past_max} past positions (--max-context {self.max_context} "
+                            f"minus --max-step-tokens {self.max_step_tokens}); feed one token per step past that (Generator does)")
         profile = PROFILES[1 if s == 1 else 0]
         ctx = self.contexts[PROFILES.index(profile)]
 

@@ -75,12 +75,12 @@ ENGINES=""
 if [ "$HAVE_TRT" = 1 ]; then
   for p in fp32 fp16 int8-w8a16 int8-w8a8 int4-w4a16; do
     test -f $OUT/$p/manifest.json || continue
-    step engine-$p $CLI engine $OUT/$p -o $OUT/engine-$p --max-batch $MAX_BATCH --max-seq 512 --max-total 4096 \
+    step engine-$p $CLI engine $OUT/$p -o $OUT/engine-$p --max-batch $MAX_BATCH --max-step-tokens 512 --max-context 4096 \
       --timing-cache $OUT/timing.cache --force && ENGINES="$ENGINES $OUT/engine-$p"
   done
 fi
 step gpu_check.py $PY scripts/gpu_check.py $OUT
-[ "$HAVE_TRT" = 1 ] && step test_engine $PY -m pytest -q tests/test_engine.py
+[ "$HAVE_TRT" = 1 ] && step test_tensorrt $PY -m pytest -q tests/test_tensorrt.py
 
 # data-sheet bandwidth of the card for the roofline (GB/s)
 case "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" in
@@ -109,7 +109,7 @@ if [ "${GPU_7B:-0}" = 1 ]; then
   test -f $OUT/7b-fp16/manifest.json || step 7b-fp16 $CLI export $OUT/ckpt-7b -o $OUT/7b-fp16 --dtype fp16 --no-verify
   test -f $OUT/7b-fp16/manifest.json && SEVEN="$SEVEN $OUT/7b-fp16"
   if [ "$HAVE_TRT" = 1 ]; then
-    step engine-7b-fp16 $CLI engine $OUT/7b-fp16 -o $OUT/engine-7b-fp16 --max-seq 512 --max-total 4096 \
+    step engine-7b-fp16 $CLI engine $OUT/7b-fp16 -o $OUT/engine-7b-fp16 --max-step-tokens 512 --max-context 4096 \
       --timing-cache $OUT/timing-7b.cache --force && SEVEN="$SEVEN $OUT/engine-7b-fp16"
   fi
   [ -n "$SEVEN" ] && step bench-7b $CLI bench $SEVEN --provider cuda --prompt-len ${GPU_PROMPTS:-128,512,2048} \

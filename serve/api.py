@@ -46,7 +46,7 @@ class ServerState:
     """What the app serves; `scheduler` is None while the model loads."""
 
     model_name: str
-    max_model_len: int = 0
+    max_context: int = 0
     api_key: str | None = None
     safe_prompt: bool = False
     scheduler: object = None
@@ -253,7 +253,7 @@ def create_app(state: ServerState):
         if state.api_key is not None and http.headers.get("authorization") != f"Bearer {state.api_key}":
             return error(ApiError(401, "Incorrect API key provided.", code="invalid_api_key"))
         return JSONResponse({"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
-                                                         "owned_by": "mistral-trt", "max_model_len": state.max_model_len}]})
+                                                         "owned_by": "mistral-trt", "max_context": state.max_context}]})
 
     async def health(http):
         if state.scheduler is None:
@@ -305,7 +305,7 @@ def _request(body: dict, state: ServerState, chat: bool) -> Request:
             raise ApiError(400, "logprobs: not supported on /v1/completions (use /v1/chat/completions)",
                            param="logprobs")
     try:
-        return build_request(params, state.tokenizer, state.manifest, state.max_model_len, HTTP)
+        return build_request(params, state.tokenizer, state.manifest, state.max_context, HTTP)
     except RequestError as e:
         param = {"text": "prompt", "ids": "prompt", "logprobs": "top_logprobs"}.get(e.field, e.field)
         if e.code == "context_length_exceeded":

@@ -1,7 +1,7 @@
 """The model worker: one thread owns the backend and its cache; between steps it admits waiting requests into
 free slots and retires finished or cancelled ones (continuous batching; vLLM's scheduler in miniature).
 
-    sched = Scheduler(open_backend(export_dir), tokenizer, max_batch=8, max_model_len=4096)
+    sched = Scheduler(open_backend(export_dir), tokenizer, max_batch=8, max_context=4096)
     sched.start()
     handle = sched.submit(Request(prompt=ids, max_tokens=64, sampling=Sampling()), emit=print)
     # emit gets Output(text="Hello", ...), ..., Output(finish_reason="stop", ...) from the worker thread
@@ -70,17 +70,17 @@ class Entry:
 
 class Scheduler:
     def __init__(self, backend, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 max_model_len: int | None = None, prefill_chunk: int = 512, itl_slack: float = 2.5, metrics=None,
+                 max_context: int | None = None, prefill_chunk: int = 512, itl_slack: float = 2.5, metrics=None,
                  speculate=None):
         self.backend, self.tok, self.metrics, self.speculate = backend, tokenizer, metrics, speculate
         self.draft_lengths = draft_lengths(backend.manifest)  # drafts after a match of 1, 2, 3 tokens, by the export
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.max_model_len = min(max_model_len or backend.max_context, backend.max_context)
+        self.max_context = min(max_context or backend.max_context, backend.max_context)
         self.gen = Generator(backend, prefill_chunk)  # chunk sizes, the cache's size, the static-batch prefill
         self.prefill_chunk, self.itl_slack = self.gen.chunk, itl_slack
         self.eos = set(backend.manifest.eos_token_id)
         self.ragged = backend.ragged
-        self.cache = self.gen.new_cache(max_batch, self.max_model_len, speculate)
+        self.cache = self.gen.new_cache(max_batch, self.max_context, speculate)
         self.waiting: collections.deque[Entry] = collections.deque()
         self.running: dict[int, Entry] = {}  # slot -> entry
         self.cv = threading.Condition()
@@ -93,7 +93,7 @@ class Scheduler:
     # -- the API side (any thread) ---------------------------------------------------------------
     def check(self, req: Request) -> None:
         """Refuse what can never run (the caller turns it into a 400): runtime/generate.py's one context rule."""
-        fit_context(req.prompt, req.max_tokens, self.max_model_len, names={"max_new_tokens": "max_tokens"})
+        fit_context(req.prompt, req.max_tokens, self.max_context, names={"max_new_tokens": "max_tokens"})
 
     def submit(self, req: Request, emit) -> Handle:
         self.check(req)

@@ -25,7 +25,7 @@ def log(msg: str) -> None:
 
 
 def load(state: ServerState, export_dir: str, provider: str, max_batch: int, max_queue: int,
-         max_model_len: int | None, prefill_chunk: int, itl_slack: float = 2.5, on_failure=lambda: None,
+         max_context: int | None, prefill_chunk: int, itl_slack: float = 2.5, on_failure=lambda: None,
          speculate=None) -> None:
     """Runs in a thread while the server already answers /health with 503. A model that cannot load stops
     the server (`on_failure`): the command then exits 2 with the reason."""
@@ -39,14 +39,14 @@ def load(state: ServerState, export_dir: str, provider: str, max_batch: int, max
         backend = open_backend(export_dir, provider)
         tok = Tokenizer.for_export(export_dir, backend.manifest)
         metrics = Metrics(state.model_name, max_batch)
-        sched = Scheduler(backend, tok, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len,
+        sched = Scheduler(backend, tok, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
                           prefill_chunk=prefill_chunk, itl_slack=itl_slack, metrics=metrics, speculate=speculate)
         sched.start()
     except UserError as e:
         state.load_error = str(e)
         on_failure()
         return
-    state.manifest, state.tokenizer, state.metrics, state.max_model_len = backend.manifest, tok, metrics, sched.max_model_len
+    state.manifest, state.tokenizer, state.metrics, state.max_context = backend.manifest, tok, metrics, sched.max_context
     state.scheduler = sched
     if speculate is not None:
         from mistral_trt.runtime.speculative import exactness_note
@@ -54,13 +54,13 @@ def load(state: ServerState, export_dir: str, provider: str, max_batch: int, max
         if exactness_note(backend.manifest):
             log(exactness_note(backend.manifest))
     log(f"model ready: {state.model_name} ({backend.manifest.graph} graph, {type(backend).__name__}, "
-        f"{max_batch} slots of {sched.max_model_len} positions, "
+        f"{max_batch} slots of {sched.max_context} positions, "
         f"{'continuous batching' if backend.ragged else 'static batches'})")
 
 
 def serve(export_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
           api_key: str | None = None, model_name: str | None = None, safe_prompt: bool = False,
-          max_model_len: int | None = None, prefill_chunk: int = 512, itl_slack: float = 2.5, provider: str = "cpu",
+          max_context: int | None = None, prefill_chunk: int = 512, itl_slack: float = 2.5, provider: str = "cpu",
           shutdown_timeout: float = 30.0, speculate=None) -> None:
     try:
         import uvicorn
@@ -97,7 +97,7 @@ def serve(export_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
         server.should_exit = True
 
     threading.Thread(target=load, name="model-loader", daemon=True, args=(
-        state, export_dir, provider, max_batch, max_queue, max_model_len, prefill_chunk, itl_slack, failed,
+        state, export_dir, provider, max_batch, max_queue, max_context, prefill_chunk, itl_slack, failed,
         speculate)).start()
     log(f"mistral-trt serve: listening on http://{host}:{bound} (model {state.model_name}); loading {export_dir} ...")
     try:

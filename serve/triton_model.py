@@ -25,6 +25,7 @@ from mistral_trt.runtime.backend import open_backend
 from mistral_trt.runtime.errors import UserError
 from mistral_trt.runtime.request import SAMPLING_RULES, TRITON, build_request
 from mistral_trt.runtime.sequence import Request
+from mistral_trt.runtime.speculative import Speculation
 from mistral_trt.runtime.tokenizer import Tokenizer
 from mistral_trt.serve.scheduler import QueueFull, Scheduler
 
@@ -115,8 +116,9 @@ class TritonPythonModel:
         max_batch = int(params.get("max_batch", "8"))
         self.metrics = TritonMetrics(args["model_name"], args.get("model_instance_name", "0"), max_batch)
         self.sched = Scheduler(self.backend, self.tok, max_batch=max_batch, max_queue=int(params.get("max_queue", "64")),
-                               max_model_len=int(params["max_model_len"]) if params.get("max_model_len") else None,
-                               metrics=self.metrics)
+                               max_context=int(params["max_context"]) if params.get("max_context") else None,
+                               metrics=self.metrics,
+                               speculate=Speculation.parse(params["speculate"]) if params.get("speculate") else None)
         self.sched.start()
 
     # -- one request ---------------------------------------------------------------------------------------
@@ -135,7 +137,7 @@ class TritonPythonModel:
         stop = _strings(request, "stop")
         params["stop"] = stop or None
         stream = _scalar(request, "stream", False)
-        req = build_request(params, self.tok, self.manifest, self.sched.max_model_len, TRITON)
+        req = build_request(params, self.tok, self.manifest, self.sched.max_context, TRITON)
         return req, bool(stream)
 
     def execute(self, requests):

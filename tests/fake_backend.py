@@ -37,7 +37,7 @@ class FakeBackend:
 
     ragged = True
     provider = "fake"
-    max_seq = None
+    max_step_tokens = None
     prefill_past_max = None
     kv_dtype = np.dtype(np.float32)
 

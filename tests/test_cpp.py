@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import cpp_generate, mistral_tokenizer_file, py_generate, run_cpp
+from conftest import cli, cpp_generate, mistral_tokenizer_file, py_generate, run_cpp
 from mistral_trt.main import main
 from mistral_trt.runtime.manifest import Manifest
 from test_generate import hf_greedy
@@ -143,7 +143,7 @@ CORRUPTIONS = [  # (field path, new value or "DELETE")
     (("bos_token_id",), True), (("tokenizer", "vocab_size"), 0), (("tokenizer", "file"), "other.model"),
     (("cache", "max_context"), 10**9), (("cache", "keep"), 7), (("cache", "layout"), "in-place"),
     (("files", "model.onnx"), "abc"), (("inputs", 0, "dtype"), "int32"), (("inputs", 1, "dims"), ["batch", "seq"]),
-    (("outputs",), []), (("tokenizer_files",), ["../x"]),
+    (("outputs",), []), (("tokenizer_files",), ["../x"]), (("model", "vocab_size"), 10**12),
 ]
 
 
@@ -167,7 +167,7 @@ def test_bad_manifest_gets_the_python_runtimes_error(cpp, tiny_exports, tmp_path
     assert line.split(": error: ", 1)[1] == py.split(": error: ", 1)[1]
 
 
-def test_bad_input_is_one_line_and_exit_2(cpp, tiny_exports, tiny_fused, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(cpp, tiny_exports, tiny_fused, tmp_path, capsys):
     good = tiny_exports["full", "fp32"]
     missing = error_line(run_cpp(cpp, "generate", tmp_path / "nothing", "--prompt", "Hi", ok=False))
     assert "manifest.json: no manifest" in missing
@@ -189,19 +189,34 @@ def test_bad_input_is_one_line_and_exit_2(cpp, tiny_exports, tiny_fused, tmp_pat
     assert f"the context limit {limit} leaves room for {limit - 8} (--truncate keeps the last ones)" in line
     truncated = cpp_generate(cpp, good, "--prompt", "word " * (limit - 200), "--max-new-tokens", 300, "--truncate")
     assert truncated["stats"]["prompt_tokens"] == limit - 300
-    for args, says in ((["--prompt", "Hi", "--temperature", "-1"], "argument --temperature: expected a finite number"),
-                       (["--prompt", "Hi", "--top-p", "0.5"], "--top-p applies to sampling"),
-                       (["--prompt", "Hi", "--max-new-tokens", "0"], "argument --max-new-tokens: expected an integer >= 1"),
-                       (["--ids", "1,x"], "argument --ids: expected comma-separated integers"),
-                       (["--ids", "99999999"], "--ids: expected token ids in [0, 32000)"),
-                       (["--prompt", "Hi", "--ids", "1"], "give one of them"),
-                       (["--raw", "--ids", "1"], "--raw goes with --prompt"),
-                       (["--prompt", b"\xff".decode("utf-8", "surrogateescape")], "--prompt: not valid UTF-8"),
-                       (["--messages", tmp_path / "none.json"], "none.json: missing")):
+    # where both runtimes validate, one message (runtime/request.py's); True: the Python CLI's line, word for word
+    for args, says, same in (
+            (["--prompt", "Hi", "--temperature", "-1"], "--temperature -1.0: expected a finite number >= 0", True),
+            (["--prompt", "Hi", "--top-p", "0.5"], "--top-p 0.5 applies to sampling", True),
+            (["--prompt", "Hi", "--top-k", "3"], "--top-k 3 applies to sampling", True),
+            (["--prompt", "Hi", "--temperature", "1", "--top-p", "1.5"], "--top-p 1.5: expected a number in (0, 1]", True),
+            (["--prompt", "Hi", "--max-new-tokens", "0"], "--max-new-tokens 0: expected an integer >= 1", True),
+            (["--prompt", "Hi", "--seed", "-1"], "--seed -1: expected an integer in [0, 2**64)", True),
+            (["--prompt", "Hi", "--stop", ""], "--stop: expected a non-empty string", True),
+            (["--prompt", "Hi", "--repetition-penalty", "0"], "--repetition-penalty 0.0: expected a finite number > 0",
+             True),
+            (["--prompt", "Hi", "--temperature", "x"], "argument --temperature: expected a number, got 'x'", True),
+            (["--ids", "1,x"], "argument --ids: expected comma-separated integers", True),
+            (["--ids", "99999999"], "--ids: expected a non-empty list of token ids in [0, 32000)", True),
+            (["--raw", "--ids", "1"], "--raw goes with --prompt", True),
+            (["--prompt", "word " * (2 * limit + 10), "--max-new-tokens", str(limit // 4), "--truncate"],
+             "do not fit the context limit at all: shorten the prompt", True),
+            (["--prompt", "Hi", "--ids", "1"], "give one of them", False),
+            (["--prompt", b"\xff".decode("utf-8", "surrogateescape")], "--prompt: not valid UTF-8", False),
+            (["--messages", tmp_path / "none.json"], "none.json: missing", True)):
         r = subprocess.run([str(cpp / "mistral-trt-cpp"), "generate", str(good)] + [
             a if isinstance(a, str) else str(a) for a in args], capture_output=True, timeout=120)
         r = subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode("utf-8", "replace"))
         assert says in error_line(r), (args, r.stderr)
+        if same:
+            capsys.readouterr()
+            rc, _, py = cli(capsys, "generate", good, *args)
+            assert rc == 2 and error_line(r).split(": error: ", 1)[1] == py.split(": error: ", 1)[1], (args, py)
 
 
 # -- the C ABI: ctypes (Python embedding) and the C example --------------------------------------------------

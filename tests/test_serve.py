@@ -77,7 +77,7 @@ def demo_fused_dir(demo_fused):
 
 @pytest.fixture(scope="module")
 def server(demo_fused_dir):
-    s = Server(demo_fused_dir, "--max-batch", 16, "--max-model-len", 512, "--api-key", KEY, "--model-name", "demo")
+    s = Server(demo_fused_dir, "--max-batch", 16, "--max-context", 512, "--api-key", KEY, "--model-name", "demo")
     yield s
     assert s.stop() == 0
 
@@ -159,14 +159,15 @@ def test_errors_are_openai_shaped(server):
         c.chat.completions.create(model="gpt-4", messages=msgs)
     assert e.value.status_code == 404 and "The model `gpt-4` does not exist" in str(e.value)
     cases = [({"n": 2}, "n"), ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-             ({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_tokens": 600}, "messages"),
+             ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_tokens": 600}, "messages"),
              ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"), ({"stop": [""]}, "stop"),
              ({"logit_bias": {"5": 1}}, "logit_bias")]
     for extra, param in cases:
         status, body, _ = server.post("/v1/chat/completions", {"model": "demo", "messages": msgs, **extra})
         assert status == 400 and body["error"]["param"] == param and body["error"]["type"] == "invalid_request_error", body
     status, body, _ = server.post("/v1/chat/completions", {"model": "demo", "messages": msgs, "max_tokens": 600})
-    assert "maximum context length is 512 tokens" in body["error"]["message"] and "600 for the completion" in body["error"]["message"]
+    assert body["error"]["message"] == ("max_tokens 600: the context limit is 512 positions (prompt + new tokens); "
+                                        "expected at most 511") and body["error"]["code"] == "context_length_exceeded"
     status, body, _ = server.post("/v1/chat/completions", None, raw=b"{not json")
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     status, body, _ = server.post("/v1/chat/completions", {"model": "demo", "messages": msgs}, key="nope")
@@ -240,7 +241,7 @@ def test_speculative_server_gives_the_same_greedy_text(demo_fused_dir):
     msgs = [[{"role": "user", "content": f"Rewrite this text exactly, fixing typos:\n\n{d}"}] for d in docs]
     msgs += [[{"role": "user", "content": q}] for q in ("Why is the sky blue?", "Name three rivers.", "What is DNA?",
                                                          "Write a haiku about rain.")]
-    s = Server(demo_fused_dir, "--speculate", "ngram:4", "--max-batch", 8, "--max-model-len", 512, "--api-key", KEY,
+    s = Server(demo_fused_dir, "--speculate", "ngram:4", "--max-batch", 8, "--max-context", 512, "--api-key", KEY,
                "--model-name", "demo")
     try:
         c = s.client()
@@ -261,10 +262,66 @@ def test_speculative_server_gives_the_same_greedy_text(demo_fused_dir):
 
 
 @pytest.mark.slow
+def test_stop_cases_stream_what_is_returned(server, demo_fused_dir):
+    """tests/stop_cases.py's cases through the OpenAI API (the real client): a stop spanning tokens, inside one piece,
+    several stops, at EOS, and with speculation (serve --speculate). The streamed deltas joined and the non-streamed
+    message both equal the runtime's greedy reply cut before the earliest stop, with finish_reason "stop"."""
+    from stop_cases import GROUNDED, stop_cases
+
+    msgs = [{"role": "user", "content": GROUNDED}]
+    tok = Tokenizer.for_export(demo_fused_dir, Manifest.load(demo_fused_dir))
+    ids = alone(demo_fused_dir, chat_ids(demo_fused_dir, msgs), 80)
+    cases = stop_cases(tok.decode(ids), ids, tok, ended_by_eos=len(ids) < 80)
+    assert {c.name for c in cases} >= {"spans tokens", "inside a piece", "several stops", "at EOS", "with speculation"}
+    spec = Server(demo_fused_dir, "--speculate", "ngram", "--max-batch", 2, "--max-context", 512, "--api-key", KEY,
+                  "--model-name", "demo")
+    try:
+        for c in cases:
+            client = (spec if c.speculate else server).client()
+            kw = dict(model="demo", messages=msgs, max_tokens=80, temperature=0, stop=c.stops)
+            whole = client.chat.completions.create(**kw).choices[0]
+            chunks = list(client.chat.completions.create(**kw, stream=True))
+            streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+            reasons = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+            assert whole.message.content == streamed == c.want and whole.finish_reason == "stop" and reasons == ["stop"], c
+        _, metrics = spec.get("/metrics")
+    finally:
+        assert spec.stop() == 0
+    assert float(next(ln for ln in metrics.splitlines() if ln.startswith("mistral_trt_generation_tokens_total")
+                      ).split()[-1]) > 0
+
+
+@pytest.mark.slow
+def test_one_validation_table_cli_and_http(demo_fused_dir, capsys):
+    """tests/validation_cases.py against `mistral-trt generate` and the HTTP API on the same export: the same verdicts,
+    and the same message once the CLI's flags are read as the fields' names (Triton: tests/triton_server)."""
+    from conftest import cli
+    from validation_cases import ACCEPTED, CASES, canonical, cli_args
+
+    s = Server(demo_fused_dir, "--model-name", "demo")  # the model's own context limit, as the CLI's
+    try:
+        for fields, fragment in CASES + [(f, None) for f in ACCEPTED]:
+            rc, out, err = cli(capsys, "generate", demo_fused_dir, "--prompt", "Hi", "--speculate", "off",
+                               *cli_args(fields))
+            status, body, _ = s.post("/v1/chat/completions", {"model": "demo", "messages": [
+                {"role": "user", "content": "Hi"}], **fields}, key=None)
+            if fragment is None:
+                assert rc == 0 and status == 200, (fields, err, body)
+                continue
+            assert rc == 2 and status == 400 and body["error"]["type"] == "invalid_request_error", (fields, err, body)
+            from_cli = canonical(err.strip().splitlines()[-1].split("error: ", 1)[1])
+            assert from_cli == body["error"]["message"] and fragment in from_cli, (fields, from_cli, body)
+            param = "messages" if "context limit" in fragment else fragment.split()[0].rstrip(":")  # OpenAI's param
+            assert body["error"]["param"] == param, body
+    finally:
+        assert s.stop() == 0
+
+
+@pytest.mark.slow
 def test_queue_full_and_sigterm_finishes_running_streams(demo_fused_dir):
     """--max-batch 1 --max-queue 1: a third request gets 429 with Retry-After. SIGTERM: the running stream
     finishes, the waiting one ends with an error event, the process exits 0."""
-    s = Server(demo_fused_dir, "--max-batch", 1, "--max-queue", 1, "--max-model-len", 512, "--model-name", "demo")
+    s = Server(demo_fused_dir, "--max-batch", 1, "--max-queue", 1, "--max-context", 512, "--model-name", "demo")
     body = {"model": "demo", "prompt": [504, 3458, 314], "max_tokens": 300, "temperature": 0, "stream": True,
             "stop": ["<never>"]}
     first = urllib.request.urlopen(urllib.request.Request(s.url + "/v1/completions", data=json.dumps(body).encode(),
@@ -287,7 +344,7 @@ def test_prefill_budget_follows_measured_costs(tiny_fused):
     from mistral_trt.serve.scheduler import Scheduler
 
     backend = open_backend(tiny_fused["full"])
-    s = Scheduler(backend, Tokenizer.for_export(tiny_fused["full"], backend.manifest), max_batch=2, max_model_len=256,
+    s = Scheduler(backend, Tokenizer.for_export(tiny_fused["full"], backend.manifest), max_batch=2, max_context=256,
                   prefill_chunk=512, itl_slack=2.5)
     assert s._prefill_budget(decoding=0) == 512
     assert s._prefill_budget(decoding=1) == 32  # nothing measured yet

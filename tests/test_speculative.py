@@ -88,6 +88,29 @@ def test_greedy_speculative_equals_plain_decoding(tiny_fused, name):
         assert sum(st.accepted for st in stats) > 60 and steps < 140
 
 
+def test_speculative_text_equals_plain_text(tiny_fused):
+    """Through Sequence's text path (a tokenizer, held-back stops): a step that keeps several drafted tokens sends all
+    of their text. The streamed outputs of speculative decoding join to plain decoding's text, stop included."""
+    from mistral_trt.runtime.manifest import Manifest
+    from mistral_trt.runtime.tokenizer import Tokenizer
+
+    folder = tiny_fused["window"]
+    gen = Generator(open_backend(folder))
+    tok = Tokenizer.for_export(folder, Manifest.load(folder))
+    prompt = np.asarray(window_prompts(folder, 1)[0], np.int64)
+
+    def text(spec, stop=()):
+        req = Request(prompt, 40, Sampling(), stop=list(stop), stop_on_eos=False)
+        outs = [u.output for (u,) in gen.run([req], tok, spec) if u is not None and u.output is not None]
+        return "".join(o.text for o in outs), outs[-1].stats
+
+    plain, _ = text(None)
+    spec, st = text(Speculation(k=4))
+    assert spec == plain and st.accepted > 10, (st.drafted, st.accepted)
+    stop = plain[len(plain) // 2:len(plain) // 2 + 3]
+    assert text(Speculation(k=4), [stop])[0] == text(None, [stop])[0] == plain[:plain.index(stop)]
+
+
 @pytest.mark.slow
 def test_demo_greedy_speculative_equals_plain_and_saves_steps(demo_fused):
     """A grounded prompt (rewrite a given passage) on the demo model: identical greedy text, most drafts accepted."""

@@ -49,18 +49,21 @@ std::vector<int64_t> Generator::fit_context(std::vector<int64_t> p, const Option
                 std::to_string(max_context_) + " positions (prompt + new tokens); expected at most " +
                 std::to_string(max_context_ - 1));
   int64_t room = max_context_ - o.max_new_tokens;
-  if (p.empty()) throw Error("prompt 0 is empty");
+  if (p.empty()) throw Error("the prompt is empty");
   for (int64_t id : p)
     if (id < 0 || id >= backend_.manifest().model.vocab_size)
       throw Error("prompt ids must lie in [0, " + std::to_string(backend_.manifest().model.vocab_size) + "), got " +
                   std::to_string(id));
   int64_t len = static_cast<int64_t>(p.size());
   if (len > room) {
-    std::string fits = "prompt 0 has " + std::to_string(len) + " tokens; with " + n.max_new_tokens + " " +
+    std::string fits = "the prompt has " + std::to_string(len) + " tokens; with " + n.max_new_tokens + " " +
                        std::to_string(o.max_new_tokens) + " the context limit " + std::to_string(max_context_) +
                        " leaves room for " + std::to_string(room);
     if (!o.truncate) throw Error(fits + " (" + n.truncate + " keeps the last ones)");
     int64_t keep = static_cast<int64_t>(std::ceil(len * kTruncateKeep));
+    if (room < keep && keep >= max_context_)  // no max_new_tokens helps: the half that must stay does not fit
+      throw Error(fits + ": " + n.truncate + " keeps at least 50% of a prompt, and " + std::to_string(keep) +
+                  " tokens do not fit the context limit at all: shorten the prompt");
     if (room < keep)
       throw Error(fits + ": " + n.truncate + " keeps at least 50% of a prompt, so ask for at most " +
                   std::to_string(max_context_ - keep) + " new tokens");

@@ -16,6 +16,8 @@ const char* kEngine = "model.engine";
 bool is_int(const json& v) { return v.is_number_integer(); }  // a JSON integer: not 2.0, not true
 bool is_num(const json& v) { return v.is_number() && std::isfinite(v.get<double>()); }
 bool pos_int(const json& v) { return is_int(v) && v.get<int64_t>() > 0; }
+// a model's sizes: positive and below 2**31 (held as int here; runtime/manifest.py's SIZE)
+bool size_int(const json& v) { return pos_int(v) && v.get<int64_t>() < (int64_t{1} << 31); }
 bool plain_name(const json& v) {
   if (!v.is_string()) return false;
   auto s = v.get<std::string>();
@@ -104,14 +106,14 @@ void check_manifest(const json& raw, const std::string& where) {
   const json& model = raw["model"];
   std::vector<Rule> model_rules = {
       {"architecture", [](const json& v) { return v == "MistralForCausalLM"; }, "\"MistralForCausalLM\""},
-      {"num_layers", pos_int, "a positive integer"},
-      {"num_heads", pos_int, "a positive integer"},
-      {"num_kv_heads", pos_int, "a positive integer"},
-      {"head_dim", pos_int, "a positive integer"},
-      {"hidden_size", pos_int, "a positive integer"},
-      {"intermediate_size", pos_int, "a positive integer"},
-      {"vocab_size", pos_int, "a positive integer"},
-      {"max_position_embeddings", pos_int, "a positive integer"},
+      {"num_layers", size_int, "a positive integer below 2**31"},
+      {"num_heads", size_int, "a positive integer below 2**31"},
+      {"num_kv_heads", size_int, "a positive integer below 2**31"},
+      {"head_dim", size_int, "a positive integer below 2**31"},
+      {"hidden_size", size_int, "a positive integer below 2**31"},
+      {"intermediate_size", size_int, "a positive integer below 2**31"},
+      {"vocab_size", size_int, "a positive integer below 2**31"},
+      {"max_position_embeddings", size_int, "a positive integer below 2**31"},
       {"rope_theta", [](const json& v) { return is_num(v) && v.get<double>() > 0; }, "a positive number"},
       {"sliding_window", [](const json& v) { return v.is_null() || pos_int(v); }, "null or a positive integer"},
       {"rms_norm_eps", [](const json& v) { return is_num(v) && v.get<double>() > 0; }, "a positive number"},

@@ -137,6 +137,7 @@ Tokenizer Tokenizer::load(const std::string& path) {
     }
     const nlohmann::json* vocab = tj.contains("model") && tj["model"].contains("vocab") ? &tj["model"]["vocab"] : nullptr;
     if (!vocab || !vocab->is_object()) throw Error(path + ": not a tokenizers JSON file with a model vocabulary");
+    if (vocab->empty()) throw Error(path + ": the model vocabulary is empty");
     bool byte_level = tj.contains("decoder") && tj["decoder"].is_object() && tj["decoder"].value("type", "") == "ByteLevel";
     if (!byte_level)
       throw Error(path + ": the C++ runtime decodes only byte-level BPE tokenizer.json files (decoder ByteLevel); "

@@ -83,6 +83,17 @@ Args parse(int argc, char** argv) {
   return a;
 }
 
+constexpr size_t kMaxStops = 16;  // runtime/request.py's MAX_STOPS
+
+// Python's repr() of a float: the shortest text that reads back the same, with ".0" on a whole number.
+std::string repr_float(double v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  return py_repr(json(v));
+}
+
+// A number that does not parse is argparse's error; one out of range is runtime/request.py's: "FLAG VALUE: expected
+// ...", the value as Python's repr shows it, so both runtimes give one message.
 double number(const Args& a, const std::string& flag, const std::string& expected,
               bool (*ok)(double)) {
   const std::string& text = a.get(flag);
@@ -90,7 +101,7 @@ double number(const Args& a, const std::string& flag, const std::string& expecte
   errno = 0;
   double v = std::strtod(text.c_str(), &end);
   if (text.empty() || *end) throw ArgError("argument " + flag + ": expected a number, got '" + text + "'");
-  if (!ok(v)) throw ArgError("argument " + flag + ": expected " + expected + ", got " + text);
+  if (!ok(v)) throw Error(flag + " " + repr_float(v) + ": expected " + expected);
   return v;
 }
 
@@ -100,7 +111,7 @@ long long integer(const Args& a, const std::string& flag, long long low, const s
   errno = 0;
   long long v = std::strtoll(text.c_str(), &end, 10);
   if (text.empty() || *end || errno) throw ArgError("argument " + flag + ": expected an integer, got '" + text + "'");
-  if (v < low) throw ArgError("argument " + flag + ": expected " + expected + ", got " + text);
+  if (v < low) throw Error(flag + " " + std::to_string(v) + ": expected " + expected);
   return v;
 }
 
@@ -141,23 +152,30 @@ Options options(const Args& a) {
     const std::string& t = a.get("--seed");
     char* end = nullptr;
     errno = 0;
+    (void)std::strtoll(t.c_str(), &end, 10);
+    bool integer_text = !t.empty() && !*end;  // an integer, of any size
+    if (!integer_text && errno != ERANGE) throw ArgError("argument --seed: expected an integer, got '" + t + "'");
+    errno = 0;
     unsigned long long v = std::strtoull(t.c_str(), &end, 10);
-    if (t.empty() || *end || errno || t[0] == '-')
-      throw ArgError("argument --seed: expected an integer in [0, 2**64), got " + t);
+    if (errno || t[0] == '-') throw Error("--seed " + t + ": expected an integer in [0, 2**64)");
     s.seed = v;
   }
   if (a.has("--greedy") && s.temperature > 0)
     throw Error("--greedy and --temperature " + a.get("--temperature") + " contradict each other; give one");
   if (s.temperature == 0 && (s.top_p != 1.0 || s.top_k != 0))
-    throw Error(std::string(s.top_p != 1.0 ? "--top-p" : "--top-k") +
-                " applies to sampling: add --temperature T (T > 0); without it decoding is greedy");
-  if (a.has("--stop"))
-    for (const auto& stop : a.values.at("--stop")) {
-      if (stop.empty())
-        throw ArgError("argument --stop: expected a non-empty string (an empty stop string would stop at once)");
+    throw Error((s.top_p != 1.0 ? "--top-p " + repr_float(s.top_p) : "--top-k " + std::to_string(s.top_k)) +
+                " applies to sampling: add --temperature T (T > 0); at temperature 0 decoding is greedy");
+  if (a.has("--stop")) {
+    const auto& stops = a.values.at("--stop");
+    for (const auto& stop : stops)
+      if (stop.empty() || stops.size() > kMaxStops)
+        throw Error("--stop: expected a non-empty string or a list of 1 to " + std::to_string(kMaxStops) +
+                    " of them (an empty stop string would stop at once)");
+    for (const auto& stop : stops) {
       check_text(stop, "--stop");
       o.stop.push_back(stop);
     }
+  }
   o.truncate = a.has("--truncate");
   return o;
 }
@@ -194,8 +212,8 @@ int cmd_generate(const Args& a) {
   if (a.has("--ids")) {
     int v = m.model.vocab_size;
     for (auto id : given)
-      if (id < 0 || id >= v) throw Error("--ids: expected token ids in [0, " + std::to_string(v) + ")");
-    if (given.empty()) throw Error("--ids: expected token ids in [0, " + std::to_string(v) + ")");
+      if (id < 0 || id >= v) throw Error("--ids: expected a non-empty list of token ids in [0, " + std::to_string(v) + ")");
+    if (given.empty()) throw Error("--ids: expected a non-empty list of token ids in [0, " + std::to_string(v) + ")");
     prompt = given;
   } else if (a.has("--messages")) {
     prompt = format_chat(*tok, messages, m.chat_format);  // a final "prefix": true is continued

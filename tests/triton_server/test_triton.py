@@ -50,6 +50,11 @@ def server(tmp_path_factory):
     r = subprocess.run([CLI, "triton-repo", str(EXPORT), "-o", str(repo), "--name", "smollm2", "--max-batch", "8"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    spec = repo.parent / "spec"  # a second model in the same server: every request speculative (--speculate)
+    r = subprocess.run([CLI, "triton-repo", str(EXPORT), "-o", str(spec), "--name", "smollm2-spec", "--max-batch", "2",
+                        "--speculate", "ngram"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    shutil.move(str(spec / "smollm2-spec"), str(repo / "smollm2-spec"))
     http, grpc, metrics = free_ports(3)
     log = open(repo.parent / "tritonserver.log", "w")
     proc = subprocess.Popen([CLI, "triton-serve", str(repo), "--http-port", str(http), "--grpc-port", str(grpc),
@@ -69,8 +74,8 @@ def server(tmp_path_factory):
         proc.wait(timeout=90)
 
 
-def post(server, path: str, body: dict) -> tuple[int, object]:
-    req = urllib.request.Request(f"http://127.0.0.1:{server['http']}/v2/models/smollm2/{path}",
+def post(server, path: str, body: dict, model: str = "smollm2") -> tuple[int, object]:
+    req = urllib.request.Request(f"http://127.0.0.1:{server['http']}/v2/models/{model}/{path}",
                                  data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=300) as resp:
@@ -84,7 +89,8 @@ def post(server, path: str, body: dict) -> tuple[int, object]:
 
 
 def stream_text(server, prompt: str, n: int) -> tuple[str, int]:
-    status, events = post(server, "generate_stream", {"text_input": prompt, "max_tokens": n, "stream": True})
+    status, events = post(server, "generate_stream", {"text_input": prompt, "max_tokens": n, "stream": True,
+                                                        "temperature": 0.0})
     assert status == 200, events
     assert all("error" not in e for e in events), events
     return "".join(e["text_output"] for e in events), len(events)
@@ -98,10 +104,10 @@ def test_generate_stream_equals_mistral_trt_generate(server):
 
 
 def test_generate_without_streaming_is_one_response(server):
-    status, body = post(server, "generate", {"text_input": PROMPTS[0], "max_tokens": 24})
+    status, body = post(server, "generate", {"text_input": PROMPTS[0], "max_tokens": 24, "temperature": 0.0})
     assert status == 200 and body["text_output"] == reference(PROMPTS[0], 24)
     messages = json.dumps([{"role": "user", "content": PROMPTS[1]}])
-    status, body = post(server, "generate", {"messages": messages, "max_tokens": 16})
+    status, body = post(server, "generate", {"messages": messages, "max_tokens": 16, "temperature": 0.0})
     assert status == 200 and body["text_output"] == reference(PROMPTS[1], 16)
 
 
@@ -123,6 +129,7 @@ def test_grpc_streaming_equals_mistral_trt_generate(server):
     inputs = []
     for name, arr, dtype in (("text_input", np.array([PROMPTS[2].encode()], np.object_), "BYTES"),
                              ("max_tokens", np.array([40], np.int32), "INT32"),
+                             ("temperature", np.array([0.0], np.float32), "FP32"),
                              ("stream", np.array([True]), "BOOL")):
         t = grpcclient.InferInput(name, arr.shape, dtype)
         t.set_data_from_numpy(arr)
@@ -157,14 +164,58 @@ def test_eight_concurrent_streams_give_the_same_text_as_alone(server):
 
 def test_bad_requests_get_tritons_error_and_the_model_keeps_serving(server):
     status, body = post(server, "generate", {"max_tokens": 8})
-    assert status == 400 and "give text_input" in body["error"]
+    assert status == 400 and "give the prompt as one of input 'text_input'" in body["error"]
     status, body = post(server, "generate", {"text_input": "Hi", "max_tokens": -3})
     assert status == 400 and "max_tokens' -3: expected an integer >= 1" in body["error"]
-    status, events = post(server, "generate_stream", {"text_input": "Hi", "max_tokens": 8, "top_p": 0.5, "stream": True})
-    assert status == 400 and "top_p and top_k apply to sampling" in events[0]["error"], events
+    status, events = post(server, "generate_stream", {"text_input": "Hi", "max_tokens": 8, "top_p": 0.5, "stream": True,
+                                                      "temperature": 0.0})
+    assert status == 400 and "input 'top_p' 0.5 applies to sampling" in events[0]["error"], events
     status, body = post(server, "generate", {"input_ids": [10**9], "max_tokens": 2})
     assert status == 400 and "input_ids" in body["error"]
     assert stream_text(server, PROMPTS[0], 8)[0] == reference(PROMPTS[0], 8)  # still serving
+
+
+def test_stop_cases_stream_what_is_returned(server):
+    """tests/stop_cases.py's cases through Triton: a stop spanning tokens, inside one piece, several stops, at EOS, and
+    with speculation (the repository's second model, triton-repo --speculate). /generate_stream's events joined and
+    /generate's text both equal the CLI's greedy reply cut before the earliest stop."""
+    from stop_cases import GROUNDED, stop_cases
+
+    from mistral_trt.runtime.manifest import Manifest
+    from mistral_trt.runtime.tokenizer import Tokenizer
+
+    r = subprocess.run([CLI, "generate", str(EXPORT), "--prompt", GROUNDED, "--max-new-tokens", "80", "--json",
+                        "--speculate", "off"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ref = json.loads(r.stdout)
+    tok = Tokenizer.for_export(EXPORT, Manifest.load(EXPORT))
+    cases = stop_cases(ref["text"], ref["ids"], tok, ended_by_eos=len(ref["ids"]) < 80)
+    assert {c.name for c in cases} >= {"spans tokens", "inside a piece", "several stops", "at EOS", "with speculation"}
+    for c in cases:
+        model = "smollm2-spec" if c.speculate else "smollm2"
+        body = {"text_input": GROUNDED, "max_tokens": 80, "temperature": 0.0, "stop": c.stops}
+        status, whole = post(server, "generate", body, model)
+        status2, events = post(server, "generate_stream", {**body, "stream": True}, model)
+        assert status == status2 == 200, (whole, events)
+        streamed = "".join(e["text_output"] for e in events)
+        assert whole["text_output"] == streamed == c.want, (c, whole, streamed)
+
+
+def test_one_validation_table(server):
+    """tests/validation_cases.py, as tests/test_serve.py runs it against the CLI and the HTTP API: the same verdicts,
+    and the same messages once Triton's input names are read as the fields' names."""
+    from validation_cases import ACCEPTED, CASES, canonical
+
+    for fields, fragment in CASES + [(f, None) for f in ACCEPTED]:
+        status, body = post(server, "generate", {"text_input": "Hi", **fields})
+        if fragment is None:
+            assert status == 200, (fields, body)
+            continue
+        assert status == 400 and fragment in canonical(body["error"]), (fields, body)
+        r = subprocess.run([CLI, "generate", str(EXPORT), "--prompt", "Hi", "--speculate", "off",
+                            *__import__("validation_cases").cli_args(fields)], capture_output=True, text=True)
+        from_cli = canonical(r.stderr.strip().splitlines()[-1].split("error: ", 1)[1])
+        assert r.returncode == 2 and canonical(body["error"]) == from_cli, (fields, body, r.stderr)
 
 
 def test_metrics_have_tritons_and_ours(server):

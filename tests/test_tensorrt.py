@@ -52,7 +52,7 @@ def test_gpu_host_can_run_the_native_backend():
 def test_profile_shapes(tiny_exports):
     m = Manifest.load(tiny_exports["full", "fp32"])
     kv, d = m.model.num_kv_heads, m.model.head_dim
-    p = profile_shapes(m, max_batch=2, max_seq=64, max_total=1024)
+    p = profile_shapes(m, max_batch=2, max_step_tokens=64, max_context=1024)
     assert p["prefill"]["input_ids"] == [[1, 1], [1, 32], [2, 64]]
     assert p["prefill"]["attention_mask"] == [[1, 1], [1, 32 + 480], [2, 1024]]
     assert p["prefill"]["past_key_values.0.key"] == [[1, kv, 0, d], [1, kv, 480, d], [2, kv, 960, d]]
@@ -67,7 +67,7 @@ def test_profile_shapes_with_window(tiny_exports):
     m = Manifest.load(tiny_exports["window", "fp32"])
     keep = m.cache["keep"]
     assert keep == m.model.sliding_window - 1
-    p = profile_shapes(m, max_batch=1, max_seq=16, max_total=1024)
+    p = profile_shapes(m, max_batch=1, max_step_tokens=16, max_context=1024)
     assert p["decode"]["past_key_values.0.key"][2][2] == keep
     assert p["prefill"]["attention_mask"][2] == [1, keep + 16]
 
@@ -77,7 +77,7 @@ def test_profile_limits_are_checked(tiny_exports):
     limit = m.max_context
     with pytest.raises(UserError, match=rf"the model's limit \(cache.max_context\) is {limit}"):
         profile_shapes(m, 1, 64, limit + 1)
-    with pytest.raises(UserError, match="must be below --max-total"):
+    with pytest.raises(UserError, match="must be below --max-context"):
         profile_shapes(m, 1, 512, 512)
     with pytest.raises(UserError, match="expected >= 1"):
         profile_shapes(m, 0, 64, 512)
@@ -85,7 +85,7 @@ def test_profile_limits_are_checked(tiny_exports):
 
 def _engine_manifest(**over) -> EngineManifest:
     fields = dict(tensorrt_version="11.4.0", gpu={"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
-                  profiles={"prefill": {}, "decode": {}}, limits={"max_batch": 1, "max_seq": 64, "max_total": 512},
+                  profiles={"prefill": {}, "decode": {}}, limits={"max_batch": 1, "max_step_tokens": 64, "max_context": 512},
                   source={"onnx_sha256": "0" * 64}, engine_sha256="1" * 64)
     fields.update(over)
     return EngineManifest(**fields)
@@ -126,6 +126,12 @@ def test_engine_manifest_bad_input(tmp_path):
     (tmp_path / "engine.json").write_text("{not json")
     with pytest.raises(UserError, match="engine.json"):
         EngineManifest.load(tmp_path)
+    # schema 2 named the limits max_seq and max_total: an engine built then still loads, under today's names
+    raw = _as_dict(_engine_manifest())
+    old = {"max_batch": raw["limits"]["max_batch"], "max_seq": raw["limits"]["max_step_tokens"],
+           "max_total": raw["limits"]["max_context"]}
+    (tmp_path / "engine.json").write_text(json.dumps({**raw, "schema_version": 2, "limits": old}))
+    assert EngineManifest.load(tmp_path).limits == raw["limits"]
 
 
 def _as_dict(em: EngineManifest) -> dict:
@@ -142,9 +148,9 @@ def test_engine_command_without_tensorrt(tiny_exports, tmp_path, capsys):
     assert "mistral-trt engine: error: tensorrt is not installed" in err and "Traceback" not in err
     assert not out.exists()
     # bad limits are reported before TensorRT is needed
-    assert main(["engine", str(tiny_exports["full", "fp32"]), "-o", str(out), "--max-seq", "4096",
-                 "--max-total", "1024"]) == 2
-    assert "must be below --max-total" in capsys.readouterr().err
+    assert main(["engine", str(tiny_exports["full", "fp32"]), "-o", str(out), "--max-step-tokens", "4096",
+                 "--max-context", "1024"]) == 2
+    assert "must be below --max-context" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(GPU_SKIP is not None, reason=str(GPU_SKIP))
@@ -160,9 +166,9 @@ def test_native_tensorrt_matches_onnxruntime(tiny_exports, tmp_path, model):
     from mistral_trt.runtime.tensorrt_backend import TensorRTBackend
 
     src = tiny_exports[model, "fp32"]
-    build_engine(src, tmp_path / "e", max_batch=2, max_seq=32, max_total=256, timing_cache=tmp_path / "t.cache")
+    build_engine(src, tmp_path / "e", max_batch=2, max_step_tokens=32, max_context=256, timing_cache=tmp_path / "t.cache")
     assert (tmp_path / "t.cache").stat().st_size > 0
-    build_engine(src, tmp_path / "e2", max_batch=2, max_seq=32, max_total=256, timing_cache=tmp_path / "t.cache")
+    build_engine(src, tmp_path / "e2", max_batch=2, max_step_tokens=32, max_context=256, timing_cache=tmp_path / "t.cache")
     assert EM.load(tmp_path / "e2").build["timing_cache_reused"]
     prompts = [np.random.default_rng(1).integers(3, 32000, 40), np.random.default_rng(2).integers(3, 32000, 25)]
     ref = np.stack(list(Generator(PortableBackend(src), prefill_chunk=16).generate(prompts, 40, Sampling(), stop_on_eos=False)))
@@ -346,7 +352,7 @@ def test_trt_step_checks_profile_limits_before_running(tiny_exports):
     from mistral_trt.runtime.tensorrt_backend import TensorRTBackend
 
     m = Manifest.load(tiny_exports["full", "fp32"])
-    em = _engine_manifest(profiles=profile_shapes(m, 1, 16, 64), limits={"max_batch": 1, "max_seq": 16, "max_total": 64})
+    em = _engine_manifest(profiles=profile_shapes(m, 1, 16, 64), limits={"max_batch": 1, "max_step_tokens": 16, "max_context": 64})
 
     class Context:
         def __init__(self, limit):
@@ -364,7 +370,7 @@ def test_trt_step_checks_profile_limits_before_running(tiny_exports):
 
     e = object.__new__(TensorRTBackend)  # everything TensorRT would have set up, without TensorRT
     e.args, e.manifest, e.engine_manifest, e.kv_dtype = m.model, m, em, np.dtype(np.float32)
-    e.max_batch, e.max_seq, e.max_total, e.prefill_past_max = 1, 16, 64, 48
+    e.max_batch, e.max_step_tokens, e.max_context, e.prefill_past_max = 1, 16, 64, 48
     e.past_names, e.present_names = m.input_names()[3:], m.output_names()[1:]
     e.cuda, e.stream, e.buf = NoCopy(), None, {"input_ids": 0, "attention_mask": 0, "position_ids": 0, "logits": 0}
     e.contexts = [Context(limit=0), Context(limit=0)]  # refuses every shape
@@ -407,12 +413,12 @@ def test_generator_feeds_one_token_per_step_past_the_prefill_profile(tiny_export
 
 def test_bench_refuses_shapes_an_engine_was_not_built_for(tiny_exports, tmp_path, capsys):
     folder = shutil.copytree(tiny_exports["full", "fp32"], tmp_path / "engine")
-    _engine_manifest().save(folder)  # max_batch 1, max_total 512
+    _engine_manifest().save(folder)  # max_batch 1, max_context 512
     assert main(["bench", str(folder), "--batch", "1,4", "--prompt-len", "16", "--gen-len", "4"]) == 2
     err = capsys.readouterr().err
     assert "--batch 4:" in err and "was built with --max-batch 1" in err
     assert main(["bench", str(folder), "--prompt-len", "600", "--gen-len", "4"]) == 2
-    assert "--max-total 512" in capsys.readouterr().err
+    assert "--max-context 512" in capsys.readouterr().err
 
 
 def test_gpu_check_builds_what_its_bench_runs():
