@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from mistral_trt.runtime.errors import UserError
-from mistral_trt.runtime.sequence import Request
+from mistral_trt.runtime.request import Request
 
 GROUNDED_TASKS = [
     "Rewrite the following text, fixing any typos and keeping everything else as it is:\n\n{text}",

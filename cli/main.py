@@ -32,7 +32,7 @@ PRECISION_FLAGS = {
 def _refuse_unread(a, precision: str | None, extra: dict | None = None) -> None:
     for flag, reads in (PRECISION_FLAGS | (extra or {})).items():
         if flag in a.given and precision not in reads:
-            raise UserError(f"{flag} applies to --precision {' or '.join(sorted(reads))}, not "
+            raise UserError(f"{flag} goes with --precision {' or '.join(sorted(reads))}, not "
                             f"{precision or 'a float export (no --precision)'}")
 
 
@@ -326,7 +326,7 @@ def cmd_quantize(a):
                         f"checkpoint, layer by layer: mistral-trt export CHECKPOINT -o OUT --graph "
                         f"{'fused' if a.precision == 'int4' else 'portable'} --precision {a.precision} --calib CALIB_DIR")
     if a.calib and a.precision != "int8-w8a8":
-        raise UserError(f"--calib applies to --precision int8-w8a8 (SmoothQuant), not {a.precision}")
+        raise UserError(f"--calib goes with --precision int8-w8a8 (SmoothQuant), not {a.precision}")
     _refuse_unread(a, a.precision)
 
     m = quantize(a.export_dir, a.precision, a.output, force=a.force, calib=a.calib, calib_method=a.calib_method,

@@ -11,9 +11,11 @@ bound as it is by every backend:
     meta = cache.metadata(np.array([5, 1]), last=True)   # seqlens: [B]
     ids = cache.pack([prompt_a, [token_b]], meta)        # [B, S], padded on the side the graph wants
     ... the backend binds ids, the metadata's arrays and the cache's buffers, runs the graph ...
-    logits = cache.unpack(raw_logits, meta)              # the contract's layout (runtime/backend.py)
     cache.commit(meta)
+    logits = cache.unpack(raw_logits, meta)              # the contract's layout (runtime/backend.py)
     cache.release(a)
+
+(`prepare` is metadata + pack and `finish` commit + unpack, one call each way for a backend.)
 
 Two layouts, one per graph:
 
@@ -126,6 +128,16 @@ class SlotTable:
     def release(self, slot: int) -> None:
         """The sequence in `slot` ended: its memory takes the next one."""
         self.active[slot] = False
+
+    def prepare(self, tokens, last: bool, vocab_size: int | None = None) -> tuple["StepMetadata", np.ndarray]:
+        """A step's metadata and its packed ids [B, S] (metadata(), then pack()): what a backend binds."""
+        meta = self.metadata([len(t) for t in tokens], last)
+        return meta, self.pack(tokens, meta, vocab_size)
+
+    def finish(self, logits: np.ndarray, meta: "StepMetadata") -> np.ndarray:
+        """The graph ran: commit the step and return its logits in the contract's layout (unpack())."""
+        self.commit(meta)
+        return self.unpack(logits, meta)
 
     def _check_seqlens(self, seqlens) -> np.ndarray:
         seqlens = np.asarray(seqlens, np.int64)

@@ -5,6 +5,15 @@ class UserError(Exception):
     """Something the user gave us is wrong: the message says which file, which field, what was expected."""
 
 
+class RequestError(UserError):
+    """A request refused, naming the field (runtime/request.py's canonical name) it is about: the HTTP API's `param`
+    and `code`."""
+
+    def __init__(self, field: str, message: str, code: str | None = None):
+        super().__init__(message)
+        self.field, self.code = field, code
+
+
 def read_json(path):
     """Parse a JSON file; a missing, unreadable or malformed file is a UserError naming it."""
     import json

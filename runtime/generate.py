@@ -12,18 +12,14 @@ tokens per slot into logits per slot. Nothing here depends on the graph or the d
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .backend import Backend
 from .errors import UserError
-from .sampling import Sampling, _is_count
-from .sequence import Request, Sequence, Update
+from .request import Request, fit_context
+from .sampling import Sampling
+from .sequence import Sequence, Update
 from .speculative import Speculation, draft_lengths
-
-
-TRUNCATE_KEEP = 0.5  # truncation keeps at least this share of a prompt, or refuses
 
 
 def columns(rows: list[np.ndarray], start: int, n: int) -> list[np.ndarray]:
@@ -174,32 +170,3 @@ class Generator:
         reqs = [Request(p, max_new_tokens, sampling or Sampling(), stop_on_eos=stop_on_eos) for p in prompts]
         for updates in self.run(reqs, speculation=speculate):
             yield [u.tokens if u is not None else [] for u in updates]
-
-
-def fit_context(prompt: np.ndarray, max_new_tokens: int, max_context: int, truncate: bool = False,
-                names: dict | None = None, what: str = "the prompt") -> np.ndarray:
-    """Generator.fit_context for one prompt (`what`: how the messages name it)."""
-    n = {"max_new_tokens": "max_new_tokens", "truncate": "truncate"} | (names or {})
-    if not _is_count(max_new_tokens) or max_new_tokens < 1:
-        raise UserError(f"{n['max_new_tokens']} {max_new_tokens!r}: expected an integer >= 1")
-    if max_new_tokens >= max_context:
-        raise UserError(f"{n['max_new_tokens']} {max_new_tokens}: the context limit is {max_context} positions "
-                        f"(prompt + new tokens); expected at most {max_context - 1}")
-    room = max_context - max_new_tokens
-    p = prompt
-    if len(p) == 0:
-        raise UserError(f"{what} is empty")
-    if len(p) > room:
-        fits = (f"{what} has {len(p)} tokens; with {n['max_new_tokens']} {max_new_tokens} the context "
-                f"limit {max_context} leaves room for {room}")
-        if not truncate:
-            raise UserError(f"{fits} ({n['truncate']} keeps the last ones)")
-        kept = math.ceil(len(p) * TRUNCATE_KEEP)
-        if room < kept:
-            if kept >= max_context:  # no max_new_tokens helps: even the half that must stay does not fit
-                raise UserError(f"{fits}: {n['truncate']} keeps at least {TRUNCATE_KEEP:.0%} of a prompt, and "
-                                f"{kept} tokens do not fit the context limit at all: shorten the prompt")
-            raise UserError(f"{fits}: {n['truncate']} keeps at least {TRUNCATE_KEEP:.0%} of a prompt, so ask "
-                            f"for at most {max_context - kept} new tokens")
-        p = p[len(p) - room:]
-    return p

@@ -237,8 +237,7 @@ class PortableBackend:
     def step(self, cache: ColumnCache, tokens, last: bool = True) -> np.ndarray:
         """One step through IOBinding: past bound from the cache's side, present written into the other.
         The graph computes logits for every column anyway; `last` only picks them."""
-        meta = cache.metadata([len(t) for t in tokens], last)
-        ids = cache.pack(tokens, meta, self.args.vocab_size)
+        meta, ids = cache.prepare(tokens, last, self.args.vocab_size)
         b, s = ids.shape
         logits = self.buffers.get("logits", (b, s, self.args.vocab_size))
         io = self.session.io_binding()
@@ -259,8 +258,7 @@ class PortableBackend:
             for name, arr in zip(self.present_names, cache.present(meta)):
                 io.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
         _run(self, io)
-        cache.commit(meta)
-        return cache.unpack(logits, meta)
+        return cache.finish(logits, meta)
 
 
 class FusedBackend:
@@ -314,8 +312,7 @@ class FusedBackend:
         """The cache's metadata splits the step into runs (runtime/cache.py's runs(): the graph pads every row of a
         run to its widest, so decoding one token in some slots and prefilling chunks in others runs as several).
         Each run binds only the rows it spans (rows are independent; slots above the last busy one cost nothing)."""
-        meta = cache.metadata([len(t) for t in tokens], last)
-        ids = cache.pack(tokens, meta, self.args.vocab_size)
+        meta, ids = cache.prepare(tokens, last, self.args.vocab_size)
         width = 1 if last else meta.width
         out = self.buffers.get("logits", (cache.slots, width, self.args.vocab_size))
         for run in meta.runs:
@@ -327,8 +324,7 @@ class FusedBackend:
                 out[run.lo:run.hi, :run.logits_index.shape[1]][run.rows - run.lo] = logits[run.rows - run.lo]
             else:
                 out = logits
-        cache.commit(meta)
-        return cache.unpack(out, meta)
+        return cache.finish(out, meta)
 
     def _run_rows(self, cache, lo: int, hi: int, small: dict, width: int) -> np.ndarray:
         io, held, bound_logits = bound = self._binding(cache, lo, hi)

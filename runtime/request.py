@@ -15,15 +15,14 @@ SAMPLING_RULES); `stop`; `logprobs` (k alternatives, 0..20); `ignore_eos` (vLLM'
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .chat import check_messages, format_chat
-from .errors import UserError
-from .generate import fit_context
-from .sampling import SAMPLING_RULES, Sampling, _is_count
-from .sequence import Request
+from .errors import RequestError, UserError
+from .sampling import SAMPLING_RULES, Sampling, TokenMask, build_sampling
 from .tokenizer import Tokenizer, check_text
 
 # Mistral's documented guardrail system prompt (docs.mistral.ai, "Guardrailing"); the model card says the
@@ -36,12 +35,24 @@ FIELDS = ("text", "messages", "ids", "raw", "safe_prompt", "max_tokens", "trunca
           "logprobs", "ignore_eos")
 
 
-class RequestError(UserError):
-    """A request refused, naming the field (canonical name) it is about: the HTTP API's `param` and `code`."""
+TRUNCATE_KEEP = 0.5  # truncation keeps at least this share of a prompt, or refuses
 
-    def __init__(self, field: str, message: str, code: str | None = None):
-        super().__init__(message)
-        self.field, self.code = field, code
+
+@dataclass
+class Request:
+    """What is asked, validated (build_request makes it from any interface's fields; runtime/sequence.py runs it)."""
+
+    prompt: np.ndarray  # token ids [T]
+    max_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: list[str] = field(default_factory=list)  # the stop text itself is not returned
+    logprobs: int | None = None  # None: off; k >= 0: each token's logprob and its k most likely alternatives
+    stop_on_eos: bool = True
+    mask: TokenMask | None = None  # the tokens allowed at each step (structured outputs); None: any
+
+
+def _count(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -96,7 +107,7 @@ def build_prompt(params: dict, tok: Tokenizer, manifest, spell: Spelling = Spell
     if params.get("ids") is not None:
         ids = params["ids"]
         vocab = manifest.model.vocab_size
-        if not (isinstance(ids, (list, np.ndarray)) and len(ids) and all(_is_count(i) and 0 <= i < vocab for i in ids)):
+        if not (isinstance(ids, (list, np.ndarray)) and len(ids) and all(_count(i) and 0 <= i < vocab for i in ids)):
             raise RequestError("ids", f"{spell('ids')}: expected a non-empty list of token ids in [0, {vocab})")
         return [int(i) for i in ids]
     if params.get("text") is not None:
@@ -124,29 +135,6 @@ def build_prompt(params: dict, tok: Tokenizer, manifest, spell: Spelling = Spell
         raise RequestError(given[0], f"{spell(given[0])}: {e}") from None
 
 
-def build_sampling(params: dict, spell: Spelling = Spelling(), defaults: Defaults = SERVER_DEFAULTS) -> Sampling:
-    """Sampling from the parameters given (None: left out), by SAMPLING_RULES. top_p and top_k shape sampling
-    only, so with temperature 0 (greedy) they are refused rather than ignored; a seed is kept (greedy is
-    reproducible anyway, and clients pass both)."""
-    kw = {}
-    for name, (ok, expected) in SAMPLING_RULES.items():
-        v = params.get(name)
-        if v is None:
-            continue
-        if isinstance(v, np.generic):
-            v = v.item()
-        if not ok(v):
-            raise RequestError(name, f"{spell(name)} {v!r}: expected {expected}")
-        kw[name] = v
-    kw.setdefault("temperature", defaults.temperature)
-    if kw["temperature"] == 0:
-        for name, off in (("top_p", 1), ("top_k", 0)):
-            if kw.get(name, off) != off:
-                raise RequestError(name, f"{spell(name)} {kw[name]!r} applies to sampling: add {spell('temperature')} "
-                                         f"T (T > 0); at temperature 0 decoding is greedy")
-    return Sampling(**{k: (float(v) if k not in ("top_k", "seed") else int(v)) for k, v in kw.items()})
-
-
 def build_stop(params: dict, spell: Spelling = Spelling()) -> list[str]:
     stop = params.get("stop")
     if stop is None:
@@ -166,15 +154,15 @@ def build_request(params: dict, tok: Tokenizer, manifest, max_context: int, spel
     unknown = set(params) - set(FIELDS)
     if unknown:  # an interface passing a field this builder does not know is a bug, not a user's error
         raise ValueError(f"unknown request fields {sorted(unknown)}")
-    sampling = build_sampling(params, spell, defaults)  # before the prompt: cheap checks first
+    sampling = build_sampling(params, spell, defaults.temperature)  # before the prompt: cheap checks first
     stop = build_stop(params, spell)
     logprobs = params.get("logprobs")
-    if logprobs is not None and not (_is_count(logprobs) and 0 <= logprobs <= MAX_LOGPROBS):
+    if logprobs is not None and not (_count(logprobs) and 0 <= logprobs <= MAX_LOGPROBS):
         raise RequestError("logprobs", f"{spell('logprobs')} {logprobs!r}: expected an integer in [0, {MAX_LOGPROBS}]")
     ignore_eos = _bool(params, "ignore_eos", False, spell)
     truncate = _bool(params, "truncate", False, spell)
     max_tokens = params.get("max_tokens")
-    if max_tokens is not None and not (_is_count(max_tokens) and max_tokens >= 1):
+    if max_tokens is not None and not (_count(max_tokens) and max_tokens >= 1):
         raise RequestError("max_tokens", f"{spell('max_tokens')} {max_tokens!r}: expected an integer >= 1")
     prompt = np.asarray(build_prompt(params, tok, manifest, spell), np.int64)
     if max_tokens is None:
@@ -186,3 +174,35 @@ def build_request(params: dict, tok: Tokenizer, manifest, max_context: int, spel
         raise RequestError("max_tokens", str(e), "context_length_exceeded") from None
     return Request(prompt=prompt, max_tokens=int(max_tokens), sampling=sampling, stop=stop,
                    logprobs=None if logprobs is None else int(logprobs), stop_on_eos=not ignore_eos)
+
+
+def fit_context(prompt: np.ndarray, max_new_tokens: int, max_context: int, truncate: bool = False,
+                names: dict | None = None, what: str = "the prompt") -> np.ndarray:
+    """Every prompt plus `max_new_tokens` must fit `max_context` positions. `truncate` keeps the last tokens of a
+    prompt that does not, but at least half of it (TRUNCATE_KEEP): cutting a prompt to a few tokens to make room
+    for a huge max_new_tokens would answer a question nobody asked. `names`: how the caller's interface spells
+    max_new_tokens and truncate, for its messages (the CLI: --max-new-tokens, --truncate); `what`: the prompt's."""
+    n = {"max_new_tokens": "max_new_tokens", "truncate": "truncate"} | (names or {})
+    if not _count(max_new_tokens) or max_new_tokens < 1:
+        raise UserError(f"{n['max_new_tokens']} {max_new_tokens!r}: expected an integer >= 1")
+    if max_new_tokens >= max_context:
+        raise UserError(f"{n['max_new_tokens']} {max_new_tokens}: the context limit is {max_context} positions "
+                        f"(prompt + new tokens); expected at most {max_context - 1}")
+    room = max_context - max_new_tokens
+    p = prompt
+    if len(p) == 0:
+        raise UserError(f"{what} is empty")
+    if len(p) > room:
+        fits = (f"{what} has {len(p)} tokens; with {n['max_new_tokens']} {max_new_tokens} the context "
+                f"limit {max_context} leaves room for {room}")
+        if not truncate:
+            raise UserError(f"{fits} ({n['truncate']} keeps the last ones)")
+        kept = math.ceil(len(p) * TRUNCATE_KEEP)
+        if room < kept:
+            if kept >= max_context:  # no max_new_tokens helps: even the half that must stay does not fit
+                raise UserError(f"{fits}: {n['truncate']} keeps at least {TRUNCATE_KEEP:.0%} of a prompt, and "
+                                f"{kept} tokens do not fit the context limit at all: shorten the prompt")
+            raise UserError(f"{fits}: {n['truncate']} keeps at least {TRUNCATE_KEEP:.0%} of a prompt, so ask "
+                            f"for at most {max_context - kept} new tokens")
+        p = p[len(p) - room:]
+    return p

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import UserError
+from .errors import RequestError, UserError
 
 
 def _is_count(v) -> bool:
@@ -70,6 +70,30 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def build_sampling(params: dict, spell=lambda name: name, default_temperature: float = 1.0) -> Sampling:
+    """Sampling from request fields (None or absent: left out) by SAMPLING_RULES; `spell` names a field the way the
+    caller's interface does (runtime/request.py's Spelling). top_p and top_k shape sampling only, so at temperature
+    0 (greedy) they are refused rather than ignored; a seed is kept (greedy is reproducible anyway, and clients send
+    both)."""
+    kw = {}
+    for name, (ok, expected) in SAMPLING_RULES.items():
+        v = params.get(name)
+        if v is None:
+            continue
+        if isinstance(v, np.generic):
+            v = v.item()
+        if not ok(v):
+            raise RequestError(name, f"{spell(name)} {v!r}: expected {expected}")
+        kw[name] = v
+    kw.setdefault("temperature", default_temperature)
+    if kw["temperature"] == 0:
+        for name, off in (("top_p", 1), ("top_k", 0)):
+            if kw.get(name, off) != off:
+                raise RequestError(name, f"{spell(name)} {kw[name]!r} applies to sampling: add {spell('temperature')} "
+                                         f"T (T > 0); at temperature 0 decoding is greedy")
+    return Sampling(**{k: (int(v) if k in ("top_k", "seed") else float(v)) for k, v in kw.items()})
 
 
 class TokenMask(Protocol):

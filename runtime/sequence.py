@@ -23,22 +23,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .sampling import Sampling, TokenMask, sample
+from .request import Request
+from .sampling import sample
 from .speculative import FLOAT_LENGTHS, NgramIndex, Speculation, accept
 from .tokenizer import StreamDecoder, Tokenizer, stop_at, stop_holdback
-
-
-@dataclass
-class Request:
-    """What is asked, validated (runtime/request.py builds it from any interface's parameters)."""
-
-    prompt: np.ndarray  # token ids [T]
-    max_tokens: int
-    sampling: Sampling = field(default_factory=Sampling)
-    stop: list[str] = field(default_factory=list)  # the stop text itself is not returned
-    logprobs: int | None = None  # None: off; k >= 0: each token's logprob and its k most likely alternatives
-    stop_on_eos: bool = True
-    mask: TokenMask | None = None  # the tokens allowed at each step (structured outputs); None: any
 
 
 @dataclass
@@ -103,27 +91,19 @@ class Sequence:
                       if speculation else None)
         self.drafts: list[int] = []  # fed this step after the last token
         self.stats = Stats(prompt_tokens=len(self.prompt))
+        # plain attributes, not properties, that drivers read every step
+        self.prefilled = False  # the whole prompt has been fed
+        self.finished = False  # EOS, max_tokens or a stop ended it (finish_reason says which)
+        self.wants_all_logits = False  # this step fed drafts: it needs every fed column's logits, not the last
         self.t0 = time.perf_counter()
         self.first_token_at: float | None = None
 
     # -- what to feed -----------------------------------------------------------------------------
-    @property
-    def prefilled(self) -> bool:
-        return self.fed == len(self.prompt)
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def wants_all_logits(self) -> bool:
-        """The step must return every fed column's logits for this row (drafts to check), not only the last."""
-        return bool(self.drafts)
-
     def feed(self, n: int) -> np.ndarray:
         """The next n prompt tokens (fewer at the prompt's end)."""
         chunk = self.prompt[self.fed:self.fed + n]
         self.fed += len(chunk)
+        self.prefilled = self.fed == len(self.prompt)
         return chunk
 
     def decode_tokens(self) -> np.ndarray:
@@ -132,6 +112,7 @@ class Sequence:
         if self.index is not None:
             room = self.req.max_tokens - len(self.generated) - 1  # the model's own token always comes too
             self.drafts = self.index.draft(min(self.speculation.k, room), self.lengths) if room > 0 else []
+        self.wants_all_logits = bool(self.drafts)
         return np.array([self.generated[-1]] + self.drafts, np.int64)
 
     # -- what came back ---------------------------------------------------------------------------
@@ -152,7 +133,7 @@ class Sequence:
             if req.mask is not None:
                 req.mask.accept(new[0])
             rows, back = logits[-1:], 0
-        self.drafts = []
+        self.drafts, self.wants_all_logits = [], False
         taken = []
         for t, row in zip(new, rows):
             taken.append(t)
@@ -190,6 +171,9 @@ class Sequence:
         text = self.held + (self.decoder.push(token) if self.decoder else "")
         if len(self.generated) >= self.req.max_tokens:
             return self._end(text + self._flush(), "length")
+        if not self.req.stop:
+            self.pending += text
+            return
         i = stop_at(text, self.req.stop)
         if i is not None:
             return self._end(text[:i], "stop")
@@ -200,10 +184,10 @@ class Sequence:
         return self.decoder.flush() if self.decoder else ""
 
     def _end(self, text: str, reason: str) -> None:
-        i = stop_at(text, self.req.stop)  # a stop string completed by the last characters still wins
+        i = stop_at(text, self.req.stop) if self.req.stop else None  # a stop completed by the last characters wins
         if i is not None:
             text, reason = text[:i], "stop"
-        self.finish_reason, self.held, self.pending = reason, "", self.pending + text
+        self.finish_reason, self.finished, self.held, self.pending = reason, True, "", self.pending + text
 
     def _output(self, text: str, reason: str | None = None) -> Output:
         out = Output(text=text, token_ids=self.unsent_ids, logprobs=self.unsent_logprobs, finish_reason=reason,

@@ -18,11 +18,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import numpy as np
-
-from mistral_trt.runtime.errors import UserError
-from mistral_trt.runtime.request import HTTP, SAMPLING_RULES, RequestError, build_request
-from mistral_trt.runtime.sequence import Output, Request
+from mistral_trt.runtime.errors import RequestError, UserError
+from mistral_trt.runtime.request import HTTP, SAMPLING_RULES, Request, build_request
+from mistral_trt.runtime.sequence import Output
 
 from .scheduler import QueueFull
 UNSUPPORTED = {  # parameter -> why (a 400 instead of silently ignoring what the caller asked for)

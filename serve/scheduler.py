@@ -34,9 +34,9 @@ import time
 
 import numpy as np
 
-from mistral_trt.runtime.errors import UserError
-from mistral_trt.runtime.generate import Generator, fit_context
-from mistral_trt.runtime.sequence import Output, Request, Sequence
+from mistral_trt.runtime.generate import Generator
+from mistral_trt.runtime.request import Request, fit_context
+from mistral_trt.runtime.sequence import Output, Sequence
 from mistral_trt.runtime.speculative import draft_lengths
 from mistral_trt.runtime.tokenizer import Tokenizer
 

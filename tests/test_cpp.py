@@ -219,6 +219,16 @@ def test_bad_input_is_one_line_and_exit_2(cpp, tiny_exports, tiny_fused, tmp_pat
             assert rc == 2 and error_line(r).split(": error: ", 1)[1] == py.split(": error: ", 1)[1], (args, py)
 
 
+def test_empty_tokenizer_vocabulary_is_refused(cpp, tmp_path):
+    """A tokenizer.json whose vocabulary is empty is refused when loaded (it used to load, and --ids then ran)."""
+    tj = tmp_path / "tokenizer.json"
+    tj.write_text(json.dumps({"model": {"type": "BPE", "vocab": {}, "merges": []}, "decoder": {"type": "ByteLevel"}}))
+    conv = tmp_path / "conv.json"
+    conv.write_text(json.dumps([{"role": "user", "content": "Hi"}]))
+    line = error_line(run_cpp(cpp, "tokenize", "--tokenizer", tj, "--messages", conv, ok=False))
+    assert f"{tj}: the model vocabulary is empty" in line
+
+
 # -- the C ABI: ctypes (Python embedding) and the C example --------------------------------------------------
 @pytest.mark.skipif(SANITIZED, reason="a sanitized library loads only into a sanitized process (the C example covers it)")
 def test_c_abi_from_python_ctypes(cpp, tiny_exports, capsys):

@@ -88,7 +88,7 @@ def test_precision_flags_are_checked_before_any_work(tiny_exports, tmp_path, cap
     rc, _, err = cli(capsys, "quantize", src, "--precision", "int4", "--calib", tmp_path, "-o", tmp_path / "q")
     assert rc == 2 and "mistral-trt export CHECKPOINT -o OUT --graph fused --precision int4 --calib" in err
     rc, _, err = cli(capsys, "quantize", src, "--precision", "int8-w8a16", "--outlier-ratio", "5", "-o", tmp_path / "q")
-    assert rc == 2 and "--outlier-ratio applies to --precision int8-w8a8, not int8-w8a16" in err
+    assert rc == 2 and "--outlier-ratio goes with --precision int8-w8a8, not int8-w8a16" in err
     assert not (tmp_path / "q").exists()
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from fake_backend import FakeBackend, reference_greedy
 from mistral_trt.runtime.tokenizer import Tokenizer
-from mistral_trt.runtime.sequence import Request
+from mistral_trt.runtime.request import Request
 from mistral_trt.serve.scheduler import QueueFull, Scheduler
 
 

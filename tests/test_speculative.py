@@ -12,7 +12,7 @@ from mistral_trt.runtime import UserError
 from mistral_trt.runtime.backend import open_backend
 from mistral_trt.runtime.generate import Generator
 from mistral_trt.runtime.sampling import Sampling
-from mistral_trt.runtime.sequence import Request
+from mistral_trt.runtime.request import Request
 from mistral_trt.runtime.speculative import NgramIndex, Speculation, accept
 
 
