@@ -229,6 +229,94 @@ def test_empty_tokenizer_vocabulary_is_refused(cpp, tmp_path):
     assert f"{tj}: the model vocabulary is empty" in line
 
 
+# Chat templates as checkpoints ship them, each exercising other parts of Jinja: the demo's ChatML; Zephyr's (newlines
+# that trim_blocks drops, elif, loop.last); Llama 2's (slices, set, raise_exception, %, .strip()); Mistral's HF template
+# ({%- -%} whitespace control, `is defined`, loop.first); a namespace() one (lstrip_blocks on indented tags, `| trim`,
+# a loop's `if` filter, `~`).
+TEMPLATES = {
+    "zephyr": "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+              "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+              "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
+              "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}",
+    "llama2": "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+              "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}"
+              "{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+              "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+              "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+              "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+              "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+              "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}",
+    "mistral": "{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content'] %}\n"
+               "    {%- set loop_messages = messages[1:] %}\n{%- else %}\n    {%- set loop_messages = messages %}\n{%- endif %}\n\n"
+               "{{- bos_token }}\n{%- for message in loop_messages %}\n"
+               "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n"
+               "        {{- raise_exception('After the optional system message, conversation roles must alternate') }}\n"
+               "    {%- endif %}\n    {%- if message['role'] == 'user' %}\n        {%- if loop.first and system_message is defined %}\n"
+               "            {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}\n        {%- else %}\n"
+               "            {{- ' [INST] ' + message['content'] + ' [/INST]' }}\n        {%- endif %}\n"
+               "    {%- elif message['role'] == 'assistant' %}\n        {{- ' ' + message['content'] + eos_token}}\n    {%- else %}\n"
+               "        {{- raise_exception('Only user and assistant roles are supported') }}\n    {%- endif %}\n{%- endfor %}\n",
+    "namespace": "{% set ns = namespace(system='', turns=0) %}\n{% for m in messages if m['role'] == 'system' %}\n"
+                 "    {% set ns.system = ns.system ~ m['content'] | trim %}\n{% endfor %}\n"
+                 "{% if ns.system %}<|im_start|>system\n{{ ns.system }}<|im_end|>\n{% endif %}\n"
+                 "{% for m in messages if m['role'] != 'system' %}\n    {% set ns.turns = ns.turns + 1 %}\n"
+                 "<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}\n"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+}
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi  there\n"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c 😀 你好 I'm 42"}],
+    [{"role": "user", "content": "  tabs\tand\n\nlines  "}, {"role": "assistant", "content": "ok"},
+     {"role": "user", "content": "don't, we'll, 3.14159, ½ café — “quoted”"}],
+]
+
+
+@pytest.mark.parametrize("name", ["demo", *TEMPLATES])
+def test_template_chat_formats_equal_transformers(cpp, demo_hf, tmp_path, name):
+    """`mistral-trt-cpp tokenize` with a chat template (cpp/src/jinja.cpp renders it, the byte-level BPE encodes it):
+    token for token transformers' apply_chat_template on the same tokenizer, for each template and conversation."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (demo_hf / f).is_file():
+            shutil.copy(demo_hf / f, folder / f)
+    template = (demo_hf / "chat_template.jinja").read_text() if name == "demo" else TEMPLATES[name]
+    (folder / "chat_template.jinja").write_text(template)
+    hf = AutoTokenizer.from_pretrained(folder)
+    checked = 0
+    for i, conv in enumerate(CONVERSATIONS):
+        path = tmp_path / f"c{i}.json"
+        path.write_text(json.dumps(conv))
+        want = hf.apply_chat_template(conv, tokenize=True, add_generation_prompt=True)
+        want = list(want["input_ids"] if hasattr(want, "keys") else want)
+        got = json.loads(run_cpp(cpp, "tokenize", "--tokenizer", folder / "tokenizer.json", "--messages", path,
+                                 "--format", "template").stdout)["ids"]
+        # tokenize shows a conversation ready for its reply; the generation prompt is the template's to add
+        assert got == want, (name, conv)
+        checked += 1
+    assert checked == len(CONVERSATIONS)
+    if name in ("llama2", "mistral"):  # raise_exception: the template's own words, one line, exit 2
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps([{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]))
+        line = error_line(run_cpp(cpp, "tokenize", "--tokenizer", folder / "tokenizer.json", "--messages", path,
+                                  "--format", "template", ok=False))
+        assert "chat template: " in line and "alternate" in line
+
+
+@pytest.mark.slow
+def test_cpp_generates_from_a_prompt_on_the_demo(cpp, demo_fused, capsys):
+    """README's `mistral-trt-cpp generate EXPORT --prompt ...` on the demo (a chat template, a byte-level BPE): the
+    Python runtime's prompt ids and greedy reply."""
+    args = ["--prompt", "Name three planets.", "--max-new-tokens", "24"]
+    got = cpp_generate(cpp, demo_fused, *args)
+    rc, out, _ = cli(capsys, "generate", demo_fused, *args, "--json", "--speculate", "off")
+    want = json.loads(out)
+    assert rc == 0 and got["prompt_ids"] == want["prompt_ids"] and got["ids"] == want["ids"] and got["text"] == want["text"]
+
+
 # -- the C ABI: ctypes (Python embedding) and the C example --------------------------------------------------
 @pytest.mark.skipif(SANITIZED, reason="a sanitized library loads only into a sanitized process (the C example covers it)")
 def test_c_abi_from_python_ctypes(cpp, tiny_exports, capsys):

@@ -95,7 +95,7 @@ int mtrt_tokenize(mtrt_model* m, int kind, const char* input, int64_t* ids, size
       out = m->tok->encode(text, m->tok->add_bos);
     } else if (kind == MTRT_PROMPT) {
       mtrt::check_text(text, "prompt");
-      out = mtrt::format_chat(*m->tok, mtrt::json::array({{{"role", "user"}, {"content", text}}}), m->manifest.chat_format);
+      out = mtrt::format_chat(*m->tok, mtrt::json::array({{{"role", "user"}, {"content", text}}}), m->manifest.chat_format, false, m->manifest.chat_template);
     } else if (kind == MTRT_MESSAGES) {
       mtrt::json messages;
       try {
@@ -104,7 +104,7 @@ int mtrt_tokenize(mtrt_model* m, int kind, const char* input, int64_t* ids, size
         throw mtrt::Error(std::string("conversation: not valid JSON: ") + e.what());
       }
       mtrt::check_messages(messages);
-      out = mtrt::format_chat(*m->tok, messages, m->manifest.chat_format);
+      out = mtrt::format_chat(*m->tok, messages, m->manifest.chat_format, false, m->manifest.chat_template);
     } else {
       throw mtrt::Error("mtrt_tokenize: kind " + std::to_string(kind) + ": expected MTRT_PROMPT, MTRT_RAW or MTRT_MESSAGES");
     }

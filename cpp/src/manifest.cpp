@@ -264,6 +264,7 @@ Manifest Manifest::load(const std::string& folder_) {
   if (!raw["pad_token_id"].is_null()) m.pad_token_id = raw["pad_token_id"].get<int64_t>();
   for (const auto& t : raw["eos_token_id"]) m.eos_token_id.push_back(t.get<int64_t>());
   m.chat_format = raw["chat_format"].get<std::string>();
+  if (raw["chat_template"].is_string()) m.chat_template = raw["chat_template"].get<std::string>();
   m.tokenizer_file = raw["tokenizer"]["file"].get<std::string>();
   m.tokenizer_vocab_size = raw["tokenizer"]["vocab_size"].get<int>();
   m.tokenizer_add_bos = raw["tokenizer"]["add_bos"].get<bool>();

@@ -34,6 +34,7 @@ struct Manifest {
   std::optional<int64_t> bos_token_id, pad_token_id;
   std::vector<int64_t> eos_token_id;
   std::string chat_format;  // mistral-v1 | template | none
+  std::string chat_template;  // the jinja2 template of chat_format "template" ("" otherwise)
   std::string tokenizer_file;
   int tokenizer_vocab_size = 0;
   bool tokenizer_add_bos = false;

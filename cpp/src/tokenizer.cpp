@@ -3,9 +3,12 @@
 #include <sentencepiece_processor.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdio>
+#include <random>
 #include <set>
 
+#include "jinja.hpp"
 #include "manifest.hpp"
 
 namespace mtrt {
@@ -90,7 +93,120 @@ const std::unordered_map<uint32_t, unsigned char>& byte_decoder() {
   return table;
 }
 
+// GPT-2's bytes_to_unicode: each byte -> the UTF-8 of the character a byte-level BPE token shows for it.
+const std::vector<std::string>& byte_encoder() {
+  static const auto table = [] {
+    std::vector<std::string> out(256);
+    for (const auto& [cp, byte] : byte_decoder()) {
+      std::string u;
+      if (cp < 0x80) {
+        u += static_cast<char>(cp);
+      } else {  // < 0x800 in this alphabet
+        u += static_cast<char>(0xC0 | (cp >> 6));
+        u += static_cast<char>(0x80 | (cp & 0x3F));
+      }
+      out[byte] = u;
+    }
+    return out;
+  }();
+  return table;
+}
+
+struct CodeRange {
+  uint32_t lo, hi;
+};
+#include "unicode_ranges.inc"
+
+template <size_t N>
+bool in_ranges(const CodeRange (&rs)[N], uint32_t cp) {
+  const CodeRange* it = std::upper_bound(rs, rs + N, cp, [](uint32_t c, const CodeRange& r) { return c < r.lo; });
+  return it != rs && cp <= (it - 1)->hi;
+}
+bool is_letter(uint32_t c) { return in_ranges(kLetters, c); }
+bool is_number(uint32_t c) { return in_ranges(kNumbers, c); }
+bool is_space(uint32_t c) { return in_ranges(kWhiteSpace, c); }
+
 }  // namespace
+
+std::vector<std::string> gpt2_pretokenize(const std::string& text) {
+  std::vector<uint32_t> cp;
+  std::vector<size_t> at;  // byte offset of each code point, and the end
+  for (size_t i = 0; i < text.size();) {
+    size_t n = utf8_seq(text, i);
+    if (!n) throw Error("text: not valid UTF-8");
+    std::vector<uint32_t> one;
+    decode_utf8(text.substr(i, n), one);
+    cp.push_back(one[0]);
+    at.push_back(i);
+    i += n;
+  }
+  at.push_back(text.size());
+  const size_t n = cp.size();
+  std::vector<std::string> out;
+  auto other = [&](uint32_t c) { return !is_space(c) && !is_letter(c) && !is_number(c); };
+  size_t i = 0;
+  while (i < n) {
+    size_t j = i;
+    if (cp[i] == '\'' && i + 1 < n) {  // 's 't 're 've 'm 'll 'd
+      auto is = [&](size_t k, char c) { return k < n && cp[k] == static_cast<uint32_t>(c); };
+      if (is(i + 1, 's') || is(i + 1, 't') || is(i + 1, 'm') || is(i + 1, 'd')) j = i + 2;
+      else if ((is(i + 1, 'r') && is(i + 2, 'e')) || (is(i + 1, 'v') && is(i + 2, 'e')) ||
+               (is(i + 1, 'l') && is(i + 2, 'l')))
+        j = i + 3;
+    }
+    if (j == i) {
+      size_t k = cp[i] == ' ' && i + 1 < n ? i + 1 : i;  // " ?" then a class
+      for (auto cls : {is_letter, is_number}) {
+        if (j == i && cls(cp[k])) {
+          j = k;
+          while (j < n && cls(cp[j])) ++j;
+        }
+      }
+      if (j == i && other(cp[k])) {
+        j = k;
+        while (j < n && other(cp[j])) ++j;
+      }
+    }
+    if (j == i) {  // whitespace: \s+(?!\S), else \s+ (one character)
+      while (j < n && is_space(cp[j])) ++j;
+      if (j < n && j - i > 1) --j;  // leave the last space to the next token (its " ?")
+    }
+    out.push_back(text.substr(at[i], at[j] - at[i]));
+    i = j;
+  }
+  return out;
+}
+
+std::vector<int64_t> Tokenizer::bpe_word(const std::string& word) const {
+  std::vector<std::string> sym;
+  for (unsigned char b : word) sym.push_back(byte_encoder()[b]);
+  while (sym.size() > 1) {  // merge the lowest-ranked adjacent pair, every occurrence left to right (GPT-2's BPE)
+    int best = -1;
+    std::string left, right;
+    for (size_t k = 0; k + 1 < sym.size(); ++k) {
+      auto it = ranks_.find(sym[k] + " " + sym[k + 1]);
+      if (it != ranks_.end() && (best < 0 || it->second < best)) best = it->second, left = sym[k], right = sym[k + 1];
+    }
+    if (best < 0) break;
+    std::vector<std::string> merged;
+    for (size_t k = 0; k < sym.size(); ++k) {
+      if (k + 1 < sym.size() && sym[k] == left && sym[k + 1] == right) {
+        merged.push_back(left + right);
+        ++k;
+      } else {
+        merged.push_back(sym[k]);
+      }
+    }
+    sym.swap(merged);
+  }
+  std::vector<int64_t> ids;
+  for (const auto& s : sym) {
+    auto it = vocab_.find(s);
+    if (it == vocab_.end()) throw Error(path + ": no token for '" + s + "' (a byte-level vocabulary has every byte)");
+    ids.push_back(it->second);
+  }
+  return ids;
+}
 
 size_t utf8_length(const std::string& s) {
   size_t n = 0;
@@ -148,12 +264,14 @@ Tokenizer Tokenizer::load(const std::string& path) {
       for (const auto& a : tj["added_tokens"]) top = std::max<int64_t>(top, a["id"].get<int64_t>());
     t.pieces_.assign(top + 1, std::string());
     t.special_.assign(top + 1, 0);
+    t.strip_.assign(top + 1, {0, 0});
     for (auto it = vocab->begin(); it != vocab->end(); ++it) t.pieces_[it.value().get<int64_t>()] = it.key();
     if (tj.contains("added_tokens"))
       for (const auto& a : tj["added_tokens"]) {
         int64_t id = a["id"].get<int64_t>();
         t.pieces_[id] = a["content"].get<std::string>();
         t.special_[id] = a.value("special", false);
+        t.strip_[id] = {a.value("lstrip", false), a.value("rstrip", false)};
       }
     auto token_id = [&](const char* key) -> int64_t {
       if (!cfg.contains(key)) return -1;
@@ -165,6 +283,32 @@ Tokenizer Tokenizer::load(const std::string& path) {
       return -1;
     };
     t.bos_id = token_id("bos_token"), t.eos_id = token_id("eos_token");
+    // encoding: GPT-2's byte-level BPE only (what the demo model and most BPE checkpoints are)
+    const auto& model = tj["model"];
+    const auto pre = tj.value("pre_tokenizer", nlohmann::json());
+    if (!tj.value("normalizer", nlohmann::json()).is_null()) t.why_not_bpe_ = "it has a normalizer";
+    else if (!pre.is_object() || pre.value("type", "") != "ByteLevel" || !pre.value("use_regex", true) ||
+             pre.value("add_prefix_space", false))
+      t.why_not_bpe_ = "its pre-tokenizer is not ByteLevel with GPT-2's pattern and no prefix space";
+    else if (model.value("type", "") != "BPE" || !model.contains("merges") || model.value("ignore_merges", false) ||
+             [&] {  // null or "" both mean none
+               for (const char* k : {"continuing_subword_prefix", "end_of_word_suffix"}) {
+                 auto v = model.value(k, nlohmann::json());
+                 if (!v.is_null() && !(v.is_string() && v.get<std::string>().empty())) return true;
+               }
+               return false;
+             }())
+      t.why_not_bpe_ = "its model is not a plain BPE";
+    if (t.why_not_bpe_.empty()) {
+      for (auto it = vocab->begin(); it != vocab->end(); ++it) t.vocab_[it.key()] = it.value().get<int64_t>();
+      int rank = 0;
+      for (const auto& m : model["merges"]) {
+        std::string key = m.is_string() ? m.get<std::string>()
+                                        : m.at(0).get<std::string>() + " " + m.at(1).get<std::string>();
+        t.ranks_.emplace(key, rank++);
+      }
+      t.bpe_ = true;
+    }
     return t;
   }
   t.kind = "sentencepiece";
@@ -204,18 +348,25 @@ int Tokenizer::vocab_size() const {
 
 std::vector<int64_t> Tokenizer::encode(const std::string& text, bool bos) const {
   check_text(text, "text");
-  if (!sp_)
-    throw Error(path + ": the C++ runtime cannot encode with a tokenizer.json (byte-level BPE): pass the prompt as "
-                       "--ids (`mistral-trt tokenize` prints them)");
-  std::vector<int> ids;
-  auto st = sp_->Encode(text, &ids);
-  if (!st.ok()) throw Error(path + ": cannot encode: " + st.ToString());
   std::vector<int64_t> out;
   if (bos) {
     if (bos_id < 0) throw Error(path + ": this tokenizer has no BOS token");
     out.push_back(bos_id);
   }
-  out.insert(out.end(), ids.begin(), ids.end());
+  if (sp_) {
+    std::vector<int> ids;
+    auto st = sp_->Encode(text, &ids);
+    if (!st.ok()) throw Error(path + ": cannot encode: " + st.ToString());
+    out.insert(out.end(), ids.begin(), ids.end());
+    return out;
+  }
+  if (!bpe_)
+    throw Error(path + ": the C++ runtime encodes only GPT-2 byte-level BPE tokenizer.json files, and " + why_not_bpe_ +
+                ": pass the prompt as --ids (`mistral-trt tokenize` prints them)");
+  for (const auto& word : gpt2_pretokenize(text)) {  // text is text: special tokens typed in it are characters
+    auto ids = bpe_word(word);
+    out.insert(out.end(), ids.begin(), ids.end());
+  }
   return out;
 }
 
@@ -249,6 +400,71 @@ std::string Tokenizer::decode(const std::vector<int64_t>& ids) const {
     bytes += all ? piece : pieces_[id];
   }
   return lossy_utf8(bytes);
+}
+
+std::vector<int64_t> Tokenizer::encode_segments(const std::vector<std::pair<std::string, bool>>& segments) const {
+  struct Special {
+    std::string text;
+    int64_t id;
+    bool lstrip, rstrip;
+  };
+  std::vector<Special> specials;  // longest first, so "<|im_start|>" wins over a shorter token it contains
+  if (sp_) {
+    for (int i = 0; i < sp_->GetPieceSize(); ++i)
+      if (sp_->IsControl(i)) specials.push_back({sp_->IdToPiece(i), i, false, false});
+  } else {
+    for (size_t i = 0; i < pieces_.size(); ++i)
+      if (special_[i]) specials.push_back({pieces_[i], static_cast<int64_t>(i), strip_[i].first != 0, strip_[i].second != 0});
+  }
+  std::stable_sort(specials.begin(), specials.end(),
+                   [](const Special& a, const Special& b) { return a.text.size() > b.text.size(); });
+  auto ws = [](char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; };
+  std::vector<int64_t> ids;
+  std::string text;
+  bool strip_next = false;
+  auto flush = [&] {
+    if (!text.empty()) {
+      auto more = encode(text);
+      ids.insert(ids.end(), more.begin(), more.end());
+    }
+    text.clear();
+  };
+  for (const auto& [chunk, from_user] : segments) {
+    if (from_user) {
+      text += chunk;
+      continue;
+    }
+    for (size_t i = 0; i < chunk.size();) {
+      const Special* hit = nullptr;
+      for (const auto& sp : specials)
+        if (!sp.text.empty() && chunk.compare(i, sp.text.size(), sp.text) == 0) {
+          hit = &sp;
+          break;
+        }
+      if (!hit) {
+        text += chunk[i++];
+        continue;
+      }
+      if (strip_next) {
+        size_t a = 0;
+        while (a < text.size() && ws(text[a])) ++a;
+        text.erase(0, a);
+      }
+      if (hit->lstrip)
+        while (!text.empty() && ws(text.back())) text.pop_back();
+      flush();
+      ids.push_back(hit->id);
+      strip_next = hit->rstrip;
+      i += hit->text.size();
+    }
+  }
+  if (strip_next) {
+    size_t a = 0;
+    while (a < text.size() && ws(text[a])) ++a;
+    text.erase(0, a);
+  }
+  flush();
+  return ids;
 }
 
 std::string Tokenizer::id_to_piece(int64_t id) const {
@@ -377,6 +593,83 @@ std::vector<int64_t> mistral_v1(const Tokenizer& tok, const json& messages, bool
   return ids;
 }
 
+json render(const std::string& tmpl, const json& messages, const Tokenizer& tok, bool gen) {
+  check_messages(messages);
+  return jinja::render(tmpl, json{{"messages", messages}, {"add_generation_prompt", gen},
+                                  {"bos_token", tok.bos_id >= 0 ? tok.id_to_piece(tok.bos_id) : ""},
+                                  {"eos_token", tok.eos_id >= 0 ? tok.id_to_piece(tok.eos_id) : ""}});
+}
+
+// runtime/chat.py's template_segments: render once with each content replaced by a unique marker and once for real,
+// and walk both, so the template's own text and the messages' contents are told apart.
+std::vector<int64_t> template_chat(const Tokenizer& tok, const json& messages, const std::string& tmpl, bool complete) {
+  const json* prefix = final_prefix(messages);
+  bool finished = !prefix && messages.back()["role"] == "assistant";
+  if (finished && !complete) throw Error(kFinished);
+  bool gen = !prefix && !finished;
+  std::string real = render(tmpl, messages, tok, gen).get<std::string>();
+  std::string nonce;
+  std::random_device rd;
+  for (int k = 0; k < 4; ++k) nonce += std::to_string(rd());
+  json marks = messages;
+  for (size_t i = 0; i < marks.size(); ++i) marks[i]["content"] = std::string(1, '\0') + nonce + ":" + std::to_string(i) + '\0';
+  std::string marked = render(tmpl, marks, tok, gen).get<std::string>();
+  std::vector<std::string> parts;  // template text, content index, template text, ..., template text
+  std::string open = std::string(1, '\0') + nonce + ":";
+  for (size_t a = 0;;) {
+    size_t p = marked.find(open, a);
+    if (p == std::string::npos) {
+      parts.push_back(marked.substr(a));
+      break;
+    }
+    size_t q = marked.find('\0', p + open.size());
+    parts.push_back(marked.substr(a, p - a));
+    parts.push_back(marked.substr(p + open.size(), q - p - open.size()));
+    a = q + 1;
+  }
+  auto starts = [&](const std::string& s, size_t at) { return real.compare(at, s.size(), s) == 0; };
+  std::vector<std::pair<std::string, bool>> out;
+  size_t pos = 0;
+  for (size_t k = 0; k < parts.size(); ++k) {
+    if (k % 2 == 0) {
+      if (!starts(parts[k], pos))
+        throw Error("chat template: it renders message contents differently from plain text "
+                    "(cannot tell user text from the template's markup)");
+      out.push_back({parts[k], false});
+      pos += parts[k].size();
+      continue;
+    }
+    size_t idx = std::stoul(parts[k]);
+    std::string content = messages[idx]["content"], after = parts[k + 1];
+    auto lstrip = [](std::string s) { size_t a = 0; while (a < s.size() && std::isspace(static_cast<unsigned char>(s[a]))) ++a; return s.substr(a); };
+    auto rstrip = [](std::string s) { while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.pop_back(); return s; };
+    std::string found;
+    bool ok = false;
+    for (const std::string& cand : {content, rstrip(lstrip(content)), lstrip(content), rstrip(content)})
+      if (starts(cand, pos) && starts(after, pos + cand.size())) {
+        found = cand, ok = true;
+        break;
+      }
+    if (!ok)
+      throw Error("chat template: it changes the content of message " + parts[k] +
+                  " in a way this runtime cannot follow (only trimming is supported)");
+    out.push_back({found, true});
+    pos += found.size();
+    if (prefix && idx == messages.size() - 1) {  // the reply continues right after the final message's text
+      std::vector<std::pair<std::string, bool>> kept;
+      for (auto& s : out)
+        if (!s.first.empty()) kept.push_back(s);
+      return tok.encode_segments(kept);
+    }
+  }
+  if (pos != real.size()) throw Error("chat template: renders differently from one call to the next");
+  if (prefix) throw Error("chat template: it does not render the final assistant message, so it cannot be continued");
+  std::vector<std::pair<std::string, bool>> kept;
+  for (auto& s : out)
+    if (!s.first.empty()) kept.push_back(s);
+  return tok.encode_segments(kept);
+}
+
 }  // namespace
 
 void check_messages(const json& messages) {
@@ -396,11 +689,12 @@ void check_messages(const json& messages) {
 }
 
 std::vector<int64_t> format_chat(const Tokenizer& tok, const json& messages, const std::string& chat_format,
-                                 bool complete) {
+                                 bool complete, const std::string& chat_template) {
   if (chat_format == "mistral-v1") return mistral_v1(tok, messages, complete);
-  if (chat_format == "template")
-    throw Error("chat format 'template' (a jinja2 chat template) needs the Python runtime; pass the prompt as --ids "
-                "(`mistral-trt tokenize` prints them)");
+  if (chat_format == "template") {
+    if (chat_template.empty()) throw Error("chat_format 'template' but no chat template in the manifest");
+    return template_chat(tok, messages, chat_template, complete);
+  }
   throw Error("chat format '" + chat_format + "': this model has no chat format; use a raw prompt");
 }
 

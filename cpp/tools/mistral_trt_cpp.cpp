@@ -216,11 +216,12 @@ int cmd_generate(const Args& a) {
     if (given.empty()) throw Error("--ids: expected a non-empty list of token ids in [0, " + std::to_string(v) + ")");
     prompt = given;
   } else if (a.has("--messages")) {
-    prompt = format_chat(*tok, messages, m.chat_format);  // a final "prefix": true is continued
+    prompt = format_chat(*tok, messages, m.chat_format, false, m.chat_template);  // a final "prefix": true is continued
   } else if (a.has("--raw")) {
     prompt = tok->encode(a.get("--prompt"), tok->add_bos);
   } else {
-    prompt = format_chat(*tok, json::array({{{"role", "user"}, {"content", a.get("--prompt")}}}), m.chat_format);
+    prompt = format_chat(*tok, json::array({{{"role", "user"}, {"content", a.get("--prompt")}}}), m.chat_format, false,
+                         m.chat_template);
   }
   Generator gen(*backend, tok ? &*tok : nullptr);
   bool stream = !a.has("--json");
@@ -258,7 +259,7 @@ int cmd_tokenize(const Args& a) {
   if (a.has("--format") && a.get("--format") != "mistral-v1" && a.get("--format") != "template")
     throw ArgError("argument --format: invalid choice: '" + a.get("--format") + "' (choose from 'mistral-v1', 'template')");
   std::optional<Tokenizer> tok;
-  std::string fmt;
+  std::string fmt, tmpl;
   if (!a.folder.empty()) {
     Manifest m = Manifest::load(a.folder);
     std::vector<std::pair<std::string, std::string>> files;
@@ -267,14 +268,23 @@ int cmd_tokenize(const Args& a) {
         if (t == name) files.emplace_back(name, digest);
     check_files(m.folder, files, m.where);
     tok.emplace(Tokenizer::for_export(m));
-    fmt = m.chat_format;
+    fmt = m.chat_format, tmpl = m.chat_template;
   } else {
     tok.emplace(Tokenizer::load(a.get("--tokenizer")));
     fmt = tok->kind == "sentencepiece" ? "mistral-v1" : "template";
+    // the template beside the file, as the Python runtime looks for it: chat_template.jinja, else tokenizer_config.json's
+    std::string file = a.get("--tokenizer"), dir = file.substr(0, file.find_last_of('/') == std::string::npos ? 0 : file.find_last_of('/'));
+    if (is_file(join_path(dir, "chat_template.jinja"))) {
+      tmpl = read_file(join_path(dir, "chat_template.jinja"));
+    } else if (is_file(join_path(dir, "tokenizer_config.json"))) {
+      json cfg = read_json(join_path(dir, "tokenizer_config.json"));
+      if (cfg.is_object() && cfg.contains("chat_template") && cfg["chat_template"].is_string())
+        tmpl = cfg["chat_template"].get<std::string>();
+    }
   }
   if (a.has("--format")) fmt = a.get("--format");
   json messages = read_json(a.get("--messages"));
-  auto ids = format_chat(*tok, messages, fmt, true);  // a finished last reply: the training form
+  auto ids = format_chat(*tok, messages, fmt, true, tmpl);  // a finished last reply: the training form
   json pieces = json::array();
   for (auto id : ids) pieces.push_back(tok->id_to_piece(id));
   std::cout << py_dumps(json{{"ids", ids}, {"pieces", pieces}}) << std::endl;
