@@ -4,12 +4,15 @@ batch; the sequence owns everything else about its request:
 
     seq = Sequence(Request(prompt=ids, max_tokens=64), tok, eos={2})
     while not seq.prefilled:
-        logits = backend.step(cache, [seq.feed(512)])          # the prompt, in chunks
-    while not seq.finished:
-        update = seq.update(logits[0][None])                   # sample, detokenize, stop -> Update
+        rows = backend.step(cache, [seq.feed(512)])[0][None]   # the prompt, in chunks; its last logits [1, V]
+    while True:
+        update = seq.update(rows)                              # sample, detokenize, stop -> Update
         cache.rollback(slot, update.rollback)                  # rejected speculative drafts (0 without)
         if update.output: print(update.output.text, end="")    # text safe to show: never half a stop string
-        logits = backend.step(cache, [seq.decode_tokens()], last=not seq.wants_all_logits)
+        if seq.finished: break
+        fed = seq.decode_tokens()                              # the last token (and drafts)
+        out = backend.step(cache, [fed], last=not seq.wants_all_logits)
+        rows = out[0, :len(fed)] if seq.wants_all_logits else out[0][None]
 
 What it owns: feeding the prompt; sampling (runtime/sampling.py) with the request's token mask; speculative drafts
 (runtime/speculative.py: drafting, accepting, the rollback count); detokenizing with stop-string holdback (what is
