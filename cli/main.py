@@ -264,7 +264,8 @@ def cmd_serve(a):
     serve(a.export_dir, host=a.host, port=a.port, max_batch=a.max_batch, max_queue=a.max_queue,
           api_key=a.api_key or os.environ.get("MISTRAL_TRT_API_KEY"), model_name=a.model_name,
           safe_prompt=a.safe_prompt, max_context=a.max_context, prefill_chunk=a.prefill_chunk,
-          itl_slack=a.itl_slack, provider=a.provider, shutdown_timeout=a.shutdown_timeout, speculate=a.speculate)
+          itl_slack=a.itl_slack, provider=a.provider, shutdown_timeout=a.shutdown_timeout, speculate=a.speculate,
+          max_body_bytes=a.max_body_bytes)
 
 
 def cmd_bench_speculate(a):
@@ -561,6 +562,8 @@ def parser() -> argparse.ArgumentParser:
                    "request says safe_prompt: false")
     s.add_argument("--shutdown-timeout", type=_positive, default=30.0, help="seconds running streams get to finish "
                    "after SIGTERM")
+    s.add_argument("--max-body-bytes", type=_count(1), help="a request body larger than this is refused with a 413 "
+                   "while it is read (default 8 MiB)")
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="onnxruntime execution provider")
     s.add_argument("--speculate", type=_speculation, metavar="ngram[:K]", help="speculative decoding for every request "
                    "(prompt-lookup drafts, checked by the model: the same output; fused graph)")

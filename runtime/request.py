@@ -94,6 +94,15 @@ def _bool(params: dict, name: str, default: bool, spell: Spelling) -> bool:
     return bool(v)
 
 
+def _checked_text(text: str, name: str, spell: Spelling) -> None:
+    """Text that cannot be UTF-8 (lone surrogates: a JSON "\\ud800", or bytes a terminal could not decode) is
+    refused naming the field, as every other bad value is."""
+    try:
+        check_text(text, spell(name))
+    except UserError as e:
+        raise RequestError(name, str(e)) from None
+
+
 def build_prompt(params: dict, tok: Tokenizer, manifest, spell: Spelling = Spelling()) -> list[int]:
     """The prompt's ids from exactly one of text, messages, ids (with raw and safe_prompt)."""
     given = [n for n in ("text", "messages", "ids") if params.get(n) is not None]
@@ -114,7 +123,7 @@ def build_prompt(params: dict, tok: Tokenizer, manifest, spell: Spelling = Spell
         text = params["text"]
         if not isinstance(text, str):
             raise RequestError("text", f"{spell('text')}: expected a string")
-        check_text(text, spell("text"))
+        _checked_text(text, "text", spell)
         if raw:
             return tok.encode(text, bos=tok.add_bos).tolist()
         messages = [{"role": "user", "content": text}]
@@ -144,7 +153,7 @@ def build_stop(params: dict, spell: Spelling = Spelling()) -> list[str]:
         raise RequestError("stop", f"{spell('stop')}: expected a non-empty string or a list of 1 to {MAX_STOPS} of "
                                    "them (an empty stop string would stop at once)")
     for s in stop:
-        check_text(s, spell("stop"))
+        _checked_text(s, "stop", spell)
     return stop
 
 

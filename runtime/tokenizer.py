@@ -16,6 +16,9 @@ import numpy as np
 from .errors import UserError, read_json
 
 
+ENCODE_PIECE = 16384  # characters a tokenizer.json encodes at once (Tokenizer._pieces)
+
+
 class Tokenizer:
     """`add_bos`: whether this tokenizer itself puts BOS before a text (sentencepiece/Mistral: yes; a
     tokenizer.json: what its post-processor does, unless tokenizer_config.json sets `add_bos_token`, as
@@ -125,9 +128,34 @@ class Tokenizer:
         # tokenizers matches added tokens in the input unless told to encode them as text.
         self.impl.encode_special_tokens = True
         try:
-            return self.impl.encode(text, add_special_tokens=False).ids
+            return [i for part in self._pieces(text) for i in self.impl.encode(part, add_special_tokens=False).ids]
         finally:
             self.impl.encode_special_tokens = False
+
+    def _pieces(self, text: str) -> list[str]:
+        """A long text as pieces of about ENCODE_PIECE characters, cut only where GPT-2's byte-level pre-tokenizer
+        cuts anyway (before a space that follows a non-space character), so the ids are the whole text's. Why: the
+        `tokenizers` library holds the GIL while it encodes (1.4 s for 3.5 MB), which would stall a server's event loop;
+        between pieces other threads run. Other tokenizer.json kinds are encoded whole."""
+        if len(text) <= ENCODE_PIECE or not self._byte_level():
+            return [text]
+        out, a = [], 0
+        while len(text) - a > ENCODE_PIECE:
+            cut = a + ENCODE_PIECE
+            while cut < len(text) and not (text[cut] == " " and not text[cut - 1].isspace()):
+                cut += 1
+            out.append(text[a:cut])
+            a = cut
+        return out + [text[a:]] if a < len(text) else out
+
+    def _byte_level(self) -> bool:
+        if not hasattr(self, "_is_byte_level"):
+            from tokenizers import pre_tokenizers
+
+            pre = self.impl.pre_tokenizer
+            self._is_byte_level = (self.impl.normalizer is None and isinstance(pre, pre_tokenizers.ByteLevel)
+                                   and pre.use_regex and not pre.add_prefix_space)
+        return self._is_byte_level
 
     def special_tokens(self) -> dict[str, tuple[int, bool, bool]]:
         """Special tokens written as text -> (id, lstrip, rstrip): what a chat template may emit."""
@@ -199,8 +227,12 @@ def check_text(text: str, what: str = "text") -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        bad = text[e.start].encode("utf-8", "surrogateescape")
-        raise UserError(f"{what}: not valid UTF-8 (byte 0x{bad.hex()} at character {e.start})") from None
+        c = text[e.start]
+        if "\udc80" <= c <= "\udcff":  # a byte that was not UTF-8, kept by surrogateescape (argv, stdin)
+            bad = c.encode("utf-8", "surrogateescape").hex()
+            raise UserError(f"{what}: not valid UTF-8 (byte 0x{bad} at character {e.start})") from None
+        # a lone surrogate, e.g. JSON's "\ud800" escape: no UTF-8 encodes it
+        raise UserError(f"{what}: not valid UTF-8 (a lone surrogate U+{ord(c):04X} at character {e.start})") from None
     return text
 
 

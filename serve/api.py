@@ -32,6 +32,9 @@ UNSUPPORTED = {  # parameter -> why (a 400 instead of silently ignoring what the
 }
 
 
+MAX_BODY_BYTES = 8 * 2**20  # a request body past this is a 413, refused while it is read (`serve --max-body-bytes`)
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  type_: str = "invalid_request_error", headers: dict | None = None):
@@ -52,6 +55,7 @@ class ServerState:
     manifest: object = None
     metrics: object = None
     load_error: str | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
 
 
 # -- request parsing: OpenAI's shapes to runtime/request.py's fields (the rules and messages are its) -------------
@@ -214,9 +218,38 @@ def create_app(state: ServerState):
     from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    def error(e: ApiError) -> JSONResponse:
-        return JSONResponse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}},
-                            status_code=e.status, headers=e.headers)
+    def error(e: ApiError) -> Response:
+        # ASCII JSON: a message quoting the client's text stays valid even if that text held lone surrogates
+        body = json.dumps({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+        return Response(body, status_code=e.status, headers=e.headers, media_type="application/json")
+
+    async def read_body(http: HttpRequest) -> bytes:
+        """The body, refused with a 413 as soon as it passes the limit (never read whole first)."""
+        limit = state.max_body_bytes
+        too_big = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes "
+                                "(serve --max-body-bytes)", code="request_too_large")
+        declared = http.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in http.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def prepare(raw: bytes, chat: bool) -> tuple[dict, Request]:
+        """Parse, validate and tokenize: in a worker thread, so a huge or deeply nested body never holds the event
+        loop (every other request, /health included, is answered meanwhile)."""
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is not valid JSON: nested too deeply") from None
+        _common(body, state)
+        return body, _request(body, state, chat)
 
     async def guarded(http: HttpRequest, chat: bool):
         if state.api_key is not None and http.headers.get("authorization") != f"Bearer {state.api_key}":
@@ -225,12 +258,8 @@ def create_app(state: ServerState):
             why = state.load_error or "the model is loading"
             return error(ApiError(503, why, type_="server_error", code="model_not_ready", headers={"Retry-After": "5"}))
         try:
-            try:
-                body = json.loads(await http.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-            _common(body, state)
-            c = Completion(state, _request(body, state, chat), chat, body)
+            body, req = await asyncio.to_thread(prepare, await read_body(http), chat)
+            c = Completion(state, req, chat, body)
         except ApiError as e:
             return error(e)
         if body.get("stream"):

@@ -61,7 +61,7 @@ def load(state: ServerState, export_dir: str, provider: str, max_batch: int, max
 def serve(export_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
           api_key: str | None = None, model_name: str | None = None, safe_prompt: bool = False,
           max_context: int | None = None, prefill_chunk: int = 512, itl_slack: float = 2.5, provider: str = "cpu",
-          shutdown_timeout: float = 30.0, speculate=None) -> None:
+          shutdown_timeout: float = 30.0, speculate=None, max_body_bytes: int | None = None) -> None:
     try:
         import uvicorn
     except ImportError:
@@ -71,6 +71,8 @@ def serve(export_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
     Manifest.load(export_dir)  # a bad folder fails now, before binding a port
     state = ServerState(model_name=model_name or Path(export_dir).resolve().name, api_key=api_key,
                         safe_prompt=safe_prompt)
+    if max_body_bytes is not None:
+        state.max_body_bytes = max_body_bytes
     try:
         sock = socket.create_server((host, port), reuse_port=False)
     except OSError as e:

@@ -318,6 +318,66 @@ def test_one_validation_table_cli_and_http(demo_fused_dir, capsys):
 
 
 @pytest.mark.slow
+def test_bodies_that_used_to_break_the_server(demo_fused_dir):
+    """A body past --max-body-bytes is a 413 before it is read whole (declared, or found out while streaming); a 3.5 MB
+    message under the limit leaves /health answering within 100 ms while it is tokenized; JSON nested 100,000 deep is
+    a 400; lone surrogates (JSON "\\ud800") in a message, a stop or the model's name get
+    OpenAI-shaped 4xx answers, never a 500; the server goes on serving."""
+    s = Server(demo_fused_dir, "--max-body-bytes", 4_000_000, "--model-name", "demo")
+    try:
+        import http.client
+        from urllib.parse import urlparse
+
+        u = urlparse(s.url)
+        for declared in (True, False):  # said up front (Content-Length), or found out while streaming (chunked)
+            conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+            conn.putrequest("POST", "/v1/chat/completions")
+            conn.putheader("Content-Type", "application/json")
+            conn.putheader(*(("Content-Length", "5000000") if declared else ("Transfer-Encoding", "chunked")))
+            conn.endheaders()
+            if not declared:  # 5 MB in 64 KiB chunks: the answer comes before the end
+                try:
+                    for _ in range(80):
+                        conn.send(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")
+                except OSError:
+                    pass  # the server answered and closed: what a server refusing a body does
+            r = conn.getresponse()
+            body = json.loads(r.read())
+            assert r.status == 413 and body["error"]["code"] == "request_too_large" and "4000000 bytes" in body["error"]["message"]
+            conn.close()
+        # 3.5 MB of text under the limit: parsed, validated and tokenized off the event loop, in pieces the
+        # tokenizer encodes one at a time (it holds the GIL while it encodes), so /health answers meanwhile
+        big = {"model": "demo", "messages": [{"role": "user", "content": "word " * 700_000}], "max_tokens": 1}
+        done = []
+        t = threading.Thread(target=lambda: done.append(s.post("/v1/chat/completions", big, key=None)))
+        t0 = time.perf_counter()
+        t.start()
+        waits = []
+        while t.is_alive() and time.perf_counter() - t0 < 120:
+            a = time.perf_counter()
+            assert s.get("/health")[0] == 200
+            waits.append(time.perf_counter() - a)
+            time.sleep(0.02)
+        t.join(120)
+        assert done and done[0][0] == 400 and done[0][1]["error"]["code"] == "context_length_exceeded", done
+        assert len(waits) >= 10 and max(waits) < 0.1, (len(waits), sorted(waits)[-3:])
+        status, body, _ = s.post("/v1/chat/completions", None, key=None, raw=b"[" * 100_000 + b"]" * 100_000)
+        assert status == 400 and "nested too deeply" in body["error"]["message"]
+        raw = b'{"model": "demo", "messages": [{"role": "user", "content": "hi \\ud800"}], "max_tokens": 1}'
+        status, body, _ = s.post("/v1/chat/completions", None, key=None, raw=raw)
+        assert status == 400 and body["error"]["param"] == "messages" and "not valid UTF-8" in body["error"]["message"]
+        raw = b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}'
+        status, body, _ = s.post("/v1/chat/completions", None, key=None, raw=raw)
+        assert status == 404 and body["error"]["code"] == "model_not_found"
+        raw = b'{"model": "demo", "prompt": "hi", "stop": ["\\udfff"], "max_tokens": 1}'
+        status, body, _ = s.post("/v1/completions", None, key=None, raw=raw)
+        assert status == 400 and body["error"]["param"] == "stop"
+        assert s.get("/health")[0] == 200
+    finally:
+        assert s.stop() == 0
+
+
+@pytest.mark.slow
 def test_queue_full_and_sigterm_finishes_running_streams(demo_fused_dir):
     """--max-batch 1 --max-queue 1: a third request gets 429 with Retry-After. SIGTERM: the running stream
     finishes, the waiting one ends with an error event, the process exits 0."""

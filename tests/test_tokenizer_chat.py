@@ -98,6 +98,25 @@ def test_invalid_conversations(tok, conv):
         mistral_v1(tok, conv)
 
 
+def test_long_text_encodes_in_pieces_exactly(demo_hf):
+    """A text longer than ENCODE_PIECE is encoded in pieces (so a server's event loop runs between them); the ids are
+    the whole text's as transformers encodes it, on a mix of spaces, tabs, newlines, digits, contractions and emoji
+    that puts piece ends everywhere the cutting rule allows."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from mistral_trt.runtime.tokenizer import ENCODE_PIECE
+
+    hf = AutoTokenizer.from_pretrained(demo_hf)
+    tok = Tokenizer.load(demo_hf / "tokenizer.json")
+    rng = random.Random(0)
+    words = ["word", "  two", "\n\n", "I'm", "x**2", "😀", "日本語", "\t", "3.14", "don't", " ", "a\u00a0b", "<|im_end|>"]
+    text = "".join(rng.choice(words) + rng.choice([" ", "", " ", "  ", "\n"]) for _ in range(25000))
+    assert len(text) > 4 * ENCODE_PIECE and len(tok._pieces(text)) >= 4 and "".join(tok._pieces(text)) == text
+    assert tok.encode(text).tolist() == hf(text, add_special_tokens=False, split_special_tokens=True).input_ids
+
+
 def test_template_equals_transformers(demo_hf):
     from transformers import AutoTokenizer
 
