@@ -29,8 +29,8 @@ PRECISION_FLAGS = {
 }
 
 
-def _refuse_unread(a, precision: str | None, extra: dict | None = None) -> None:
-    for flag, reads in (PRECISION_FLAGS | (extra or {})).items():
+def _refuse_unread(a, precision: str | None) -> None:
+    for flag, reads in PRECISION_FLAGS.items():
         if flag in a.given and precision not in reads:
             raise UserError(f"{flag} goes with --precision {' or '.join(sorted(reads))}, not "
                             f"{precision or 'a float export (no --precision)'}")
@@ -39,7 +39,7 @@ def _refuse_unread(a, precision: str | None, extra: dict | None = None) -> None:
 def cmd_export(a):
     from mistral_trt.export.pipeline import export_model
 
-    _refuse_unread(a, a.precision, {"--int4-method": {"int4", "int4-w4a16"}})
+    _refuse_unread(a, a.precision)  # --int4-method: its own check below (it also needs --calib)
 
     calibrate = None
     if a.precision == "int8-w8a8":  # calibrated on the checkpoint, one decoder layer at a time
@@ -128,7 +128,7 @@ def _request_params(a) -> dict:
             "max_tokens": a.max_new_tokens, "truncate": a.truncate}
 
 
-def _build(params: dict, tok, m, a):
+def _build(params: dict, tok, m):
     from mistral_trt.runtime.request import CLI, CLI_DEFAULTS, build_request
 
     return build_request(params, tok, m, m.max_context, CLI, CLI_DEFAULTS)
@@ -164,15 +164,10 @@ def _stream(gen, tok, req, a, out):
 def cmd_generate(a):
     import json
 
-    from mistral_trt.runtime.request import CLI
-    from mistral_trt.runtime.tokenizer import check_text
-
-    if a.prompt is not None:
-        check_text(a.prompt, CLI("text"))
     params = _request_params(a) | {"text": a.prompt, "raw": a.raw or None, "ids": a.ids,
                                    "messages": read_json(a.messages) if a.messages else None}
     m, tok = _load_tokenizer(a.export_dir)
-    req = _build(params, tok, m, a)  # a bad request fails before the model loads
+    req = _build(params, tok, m)  # a bad request fails before the model loads
     gen = _load_runtime(a.export_dir, a.provider)
     ids, text, stats, speculated = _stream(gen, tok, req, a, None if a.json else sys.stdout)
     if a.json:
@@ -217,7 +212,7 @@ def cmd_chat(a):
         history += check_messages(read_json(a.messages))
     m, tok = _load_tokenizer(a.export_dir)
     flags = _request_params(a)
-    _build(flags | {"text": "x"}, tok, m, a)  # the flags' own errors, before the model loads
+    _build(flags | {"text": "x"}, tok, m)  # the flags' own errors, before the model loads
     gen = _load_runtime(a.export_dir, a.provider)
 
     def reply():
@@ -229,7 +224,7 @@ def cmd_chat(a):
         prefix = history.pop()["content"] if history[-1].get("prefix") else ""  # a reply to continue
         if prefix:
             print(prefix, end="", flush=True)
-        _, text, _, _ = _stream(gen, tok, _build(flags | {"ids": prompt}, tok, m, a), a, sys.stdout)
+        _, text, _, _ = _stream(gen, tok, _build(flags | {"ids": prompt}, tok, m), a, sys.stdout)
         print()
         history.append({"role": "assistant", "content": (prefix + text).strip() or " "})
 
@@ -695,7 +690,7 @@ def parser() -> argparse.ArgumentParser:
 def given_flags(p: argparse.ArgumentParser, command: str, argv: list[str]) -> set[str]:
     """The option strings of `command` that argv spells out (so a flag given at its default value still counts)."""
     sub = next(x for x in p._actions if isinstance(x, argparse._SubParsersAction)).choices[command]
-    known = {o: a.option_strings[-1] if a.option_strings[-1].startswith("--") else a.option_strings[0]
+    known = {o: next((x for x in a.option_strings if x.startswith("--")), o)  # an alias: its flag's first name
              for a in sub._actions for o in a.option_strings}
     out = set()
     for arg in argv:

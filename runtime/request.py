@@ -22,7 +22,7 @@ import numpy as np
 
 from .chat import check_messages, format_chat
 from .errors import RequestError, UserError
-from .sampling import SAMPLING_RULES, Sampling, TokenMask, build_sampling
+from .sampling import SAMPLING_RULES, Sampling, TokenMask, build_sampling, is_count
 from .tokenizer import Tokenizer, check_text
 
 # Mistral's documented guardrail system prompt (docs.mistral.ai, "Guardrailing"); the model card says the
@@ -49,10 +49,6 @@ class Request:
     logprobs: int | None = None  # None: off; k >= 0: each token's logprob and its k most likely alternatives
     stop_on_eos: bool = True
     mask: TokenMask | None = None  # the tokens allowed at each step (structured outputs); None: any
-
-
-def _count(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -116,7 +112,7 @@ def build_prompt(params: dict, tok: Tokenizer, manifest, spell: Spelling = Spell
     if params.get("ids") is not None:
         ids = params["ids"]
         vocab = manifest.model.vocab_size
-        if not (isinstance(ids, (list, np.ndarray)) and len(ids) and all(_count(i) and 0 <= i < vocab for i in ids)):
+        if not (isinstance(ids, (list, np.ndarray)) and len(ids) and all(is_count(i) and 0 <= i < vocab for i in ids)):
             raise RequestError("ids", f"{spell('ids')}: expected a non-empty list of token ids in [0, {vocab})")
         return [int(i) for i in ids]
     if params.get("text") is not None:
@@ -130,10 +126,8 @@ def build_prompt(params: dict, tok: Tokenizer, manifest, spell: Spelling = Spell
     else:
         try:
             messages = check_messages(params["messages"])
-            for m in messages:
-                check_text(m["content"], spell("messages"))
-        except RequestError:
-            raise
+            for i, m in enumerate(messages):
+                check_text(m["content"], f"conversation message {i} content")  # the C++ runtime's words
         except UserError as e:
             raise RequestError("messages", f"{spell('messages')}: {e}") from None
     if safe:
@@ -166,12 +160,12 @@ def build_request(params: dict, tok: Tokenizer, manifest, max_context: int, spel
     sampling = build_sampling(params, spell, defaults.temperature)  # before the prompt: cheap checks first
     stop = build_stop(params, spell)
     logprobs = params.get("logprobs")
-    if logprobs is not None and not (_count(logprobs) and 0 <= logprobs <= MAX_LOGPROBS):
+    if logprobs is not None and not (is_count(logprobs) and 0 <= logprobs <= MAX_LOGPROBS):
         raise RequestError("logprobs", f"{spell('logprobs')} {logprobs!r}: expected an integer in [0, {MAX_LOGPROBS}]")
     ignore_eos = _bool(params, "ignore_eos", False, spell)
     truncate = _bool(params, "truncate", False, spell)
     max_tokens = params.get("max_tokens")
-    if max_tokens is not None and not (_count(max_tokens) and max_tokens >= 1):
+    if max_tokens is not None and not (is_count(max_tokens) and max_tokens >= 1):
         raise RequestError("max_tokens", f"{spell('max_tokens')} {max_tokens!r}: expected an integer >= 1")
     prompt = np.asarray(build_prompt(params, tok, manifest, spell), np.int64)
     if max_tokens is None:
@@ -192,7 +186,7 @@ def fit_context(prompt: np.ndarray, max_new_tokens: int, max_context: int, trunc
     for a huge max_new_tokens would answer a question nobody asked. `names`: how the caller's interface spells
     max_new_tokens and truncate, for its messages (the CLI: --max-new-tokens, --truncate); `what`: the prompt's."""
     n = {"max_new_tokens": "max_new_tokens", "truncate": "truncate"} | (names or {})
-    if not _count(max_new_tokens) or max_new_tokens < 1:
+    if not is_count(max_new_tokens) or max_new_tokens < 1:
         raise UserError(f"{n['max_new_tokens']} {max_new_tokens!r}: expected an integer >= 1")
     if max_new_tokens >= max_context:
         raise UserError(f"{n['max_new_tokens']} {max_new_tokens}: the context limit is {max_context} positions "

@@ -19,7 +19,7 @@ import numpy as np
 from .errors import RequestError, UserError
 
 
-def _is_count(v) -> bool:
+def is_count(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
@@ -32,9 +32,9 @@ def _is_real(v) -> bool:
 SAMPLING_RULES = {
     "temperature": (lambda v: _is_real(v) and v >= 0, "a finite number >= 0 (0: greedy)"),
     "top_p": (lambda v: _is_real(v) and 0 < v <= 1, "a number in (0, 1] (1: off)"),
-    "top_k": (lambda v: _is_count(v) and v >= 0, "an integer >= 0 (0: off)"),
+    "top_k": (lambda v: is_count(v) and v >= 0, "an integer >= 0 (0: off)"),
     "repetition_penalty": (lambda v: _is_real(v) and v > 0, "a finite number > 0 (1: off)"),
-    "seed": (lambda v: v is None or (_is_count(v) and 0 <= v < 2**64), "an integer in [0, 2**64)"),
+    "seed": (lambda v: v is None or (is_count(v) and 0 <= v < 2**64), "an integer in [0, 2**64)"),
     "frequency_penalty": (lambda v: _is_real(v) and -2 <= v <= 2, "a number in [-2, 2] (0: off)"),
     "presence_penalty": (lambda v: _is_real(v) and -2 <= v <= 2, "a number in [-2, 2] (0: off)"),
 }

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .request import Request
-from .sampling import sample
 from .speculative import FLOAT_LENGTHS, NgramIndex, Speculation, accept
 from .tokenizer import StreamDecoder, Tokenizer, stop_at, stop_holdback
 
@@ -122,20 +121,12 @@ class Sequence:
     def update(self, logits: np.ndarray) -> Update:
         """logits [m, V] of this row's step: its last column (m = 1), or every column fed (drafts to check)."""
         req = self.req
-        if self.drafts:
-            fed = len(self.drafts) + 1
-            new = accept(logits[:fed].astype(np.float32), self.drafts, req.sampling, self.rng, self._seen(),
-                         list(self.generated), req.mask)
-            self.stats.drafted += len(self.drafts)
-            self.stats.accepted += len(new) - 1
-            rows, back = logits[:len(new)], fed - len(new)  # fed: the last token and the drafts; kept: len(new)
-        else:
-            allowed = req.mask.allowed() if req.mask is not None else None
-            allowed = None if allowed is None else allowed[None]
-            new = [int(sample(logits[-1:], req.sampling, self.rng, [self._seen()], [self.generated], allowed)[0])]
-            if req.mask is not None:
-                req.mask.accept(new[0])
-            rows, back = logits[-1:], 0
+        # the model's own next token is accept() with no drafts: one sampling path, the mask asked at each position
+        fed = len(self.drafts) + 1  # the last token and the drafts
+        new = accept(logits[-fed:], self.drafts, req.sampling, self.rng, self._seen(), self.generated, req.mask)
+        self.stats.drafted += len(self.drafts)
+        self.stats.accepted += len(new) - 1
+        rows, back = logits[-fed:][:len(new)], fed - len(new)  # kept: len(new); the rest is rolled back
         self.drafts, self.wants_all_logits = [], False
         taken = []
         for t, row in zip(new, rows):

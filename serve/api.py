@@ -19,7 +19,8 @@ import uuid
 from dataclasses import dataclass
 
 from mistral_trt.runtime.errors import RequestError, UserError
-from mistral_trt.runtime.request import HTTP, SAMPLING_RULES, Request, build_request
+from mistral_trt.runtime.request import HTTP, Request, build_request
+from mistral_trt.runtime.sampling import SAMPLING_RULES
 from mistral_trt.runtime.sequence import Output
 
 from .scheduler import QueueFull
@@ -280,7 +281,8 @@ def create_app(state: ServerState):
         if state.api_key is not None and http.headers.get("authorization") != f"Bearer {state.api_key}":
             return error(ApiError(401, "Incorrect API key provided.", code="invalid_api_key"))
         return JSONResponse({"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
-                                                         "owned_by": "mistral-trt", "max_context": state.max_context}]})
+                                                         "owned_by": "mistral-trt",
+                                                         "max_model_len": state.max_context}]})  # vLLM's field name
 
     async def health(http):
         if state.scheduler is None:

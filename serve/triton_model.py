@@ -23,8 +23,8 @@ import triton_python_backend_utils as pb_utils
 
 from mistral_trt.runtime.backend import open_backend
 from mistral_trt.runtime.errors import UserError
-from mistral_trt.runtime.request import SAMPLING_RULES, TRITON, build_request
-from mistral_trt.runtime.request import Request
+from mistral_trt.runtime.request import TRITON, Request, build_request
+from mistral_trt.runtime.sampling import SAMPLING_RULES
 from mistral_trt.runtime.speculative import Speculation
 from mistral_trt.runtime.tokenizer import Tokenizer
 from mistral_trt.serve.scheduler import QueueFull, Scheduler
