@@ -8,6 +8,7 @@ import signal
 import sys
 
 from mistral_trt.runtime.errors import Terminated, UserError, check_interrupted, interrupted, on_signal, read_json
+from mistral_trt.serve.limits import Limits
 
 
 def cmd_convert_gguf(a):
@@ -254,13 +255,18 @@ def cmd_bench(a):
 
 
 def cmd_serve(a):
+    from mistral_trt.serve.access import load_keys
     from mistral_trt.serve.server import serve
 
+    limits = Limits(max_body_bytes=a.max_body_bytes, header_timeout=a.header_timeout, read_timeout=a.read_timeout,
+                    request_timeout=a.request_timeout, default_max_tokens=a.default_max_tokens,
+                    max_connections=a.max_connections)
     serve(a.export_dir, host=a.host, port=a.port, max_batch=a.max_batch, max_queue=a.max_queue,
-          api_key=a.api_key or os.environ.get("MISTRAL_TRT_API_KEY"), model_name=a.model_name,
-          safe_prompt=a.safe_prompt, max_context=a.max_context, prefill_chunk=a.prefill_chunk,
+          keys=load_keys(a.api_key, a.api_key_file), protect_metrics=a.protect_metrics,
+          allowed_origins=tuple(a.allowed_origins or ()), ssl_certfile=a.ssl_certfile, ssl_keyfile=a.ssl_keyfile,
+          model_name=a.model_name, safe_prompt=a.safe_prompt, max_context=a.max_context, prefill_chunk=a.prefill_chunk,
           itl_slack=a.itl_slack, provider=a.provider, shutdown_timeout=a.shutdown_timeout, speculate=a.speculate,
-          max_body_bytes=a.max_body_bytes)
+          limits=limits, log_prompts=a.log_prompts)
 
 
 def cmd_bench_speculate(a):
@@ -382,16 +388,31 @@ def _positive(text: str) -> float:
     return value
 
 
-def _count(low: int = 1):
+def _count(low: int = 1, high: int | None = None):
+    expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
         return value
     return parse
+
+
+def _seconds_or_off(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else _positive(text)
+
+
+def _origin(text: str) -> str:
+    import re
+
+    if text != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", text):
+        raise argparse.ArgumentTypeError(f"expected an origin such as https://app.example.com (scheme://host[:port], "
+                                         f"no path) or *, got {text!r}")
+    return text
 
 
 def _add_sampling_args(s):
@@ -543,7 +564,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (streaming, continuous batching)")
     s.add_argument("export_dir", metavar="EXPORT_DIR", help="export folder (fused graph: continuous batching), or engine folder")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=_count(0), default=8000, help="0: any free port (the address is printed)")
+    s.add_argument("--port", type=_count(0, 65535), default=8000, help="0: any free port (the address is printed)")
     s.add_argument("--max-batch", type=_count(1), default=8, help="sequences generated at once (KV-cache slots)")
     s.add_argument("--max-queue", type=_count(0), default=64, help="requests waiting for a slot; beyond it, 429")
     s.add_argument("--max-context", "--max-model-len", type=_count(2), help="positions per sequence, prompt + completion "
@@ -551,14 +572,35 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-chunk", type=_count(1), default=512, help="most prompt tokens of one sequence per step")
     s.add_argument("--itl-slack", type=_positive, default=2.5, help="a step that prefills beside decoding may take "
                    "this many times a decode-only step (lower: smoother streams, slower prompts)")
-    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $MISTRAL_TRT_API_KEY, else none)")
+    g = s.add_argument_group("access (docs/serving.md, Operations)")
+    g.add_argument("--api-key", action="append", metavar="KEY", help="require `Authorization: Bearer KEY`; repeat for "
+                   "several keys (also: $MISTRAL_TRT_API_KEY, --api-key-file; default: no key)")
+    g.add_argument("--api-key-file", metavar="FILE", help="more keys, one a line (blank lines and # comments skipped)")
+    g.add_argument("--protect-metrics", action="store_true", help="/metrics asks for a key too (/health never does)")
+    g.add_argument("--allowed-origins", nargs="+", type=_origin, metavar="ORIGIN", help="CORS: browser pages from "
+                   "these origins may call the API (preflight answered); * for any")
+    g.add_argument("--ssl-certfile", metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    g.add_argument("--ssl-keyfile", metavar="PEM", help="its private key (if not in --ssl-certfile)")
+    g.add_argument("--log-prompts", action="store_true", help="the access log (one JSON line a request, stderr) "
+                   "holds each request's messages or prompt (default: never)")
     s.add_argument("--model-name", help="the name clients pass as `model` (default: the folder's name)")
     s.add_argument("--safe-prompt", action="store_true", help="prepend Mistral's guardrail system prompt unless a "
                    "request says safe_prompt: false")
-    s.add_argument("--shutdown-timeout", type=_positive, default=30.0, help="seconds running streams get to finish "
-                   "after SIGTERM")
-    s.add_argument("--max-body-bytes", type=_count(1), help="a request body larger than this is refused with a 413 "
-                   "while it is read (default 8 MiB)")
+    g = s.add_argument_group("limits (docs/serving.md, Operations)")
+    g.add_argument("--shutdown-timeout", metavar="S", type=_positive, default=30.0, help="after SIGTERM, seconds the requests already "
+                   "taken get to finish (default 30); then they end with an error")
+    g.add_argument("--max-body-bytes", metavar="BYTES", type=_count(1), default=Limits.max_body_bytes, help="a request body larger "
+                   "than this is a 413, refused before or while it is read (default 8 MiB)")
+    g.add_argument("--header-timeout", metavar="S", type=_positive, default=Limits.header_timeout, help="seconds a connection "
+                   "gets to send a request's headers (default 10); then it is closed")
+    g.add_argument("--read-timeout", metavar="S", type=_positive, default=Limits.read_timeout, help="seconds a request's body "
+                   "gets to arrive after its headers (default 60); then a 408")
+    g.add_argument("--request-timeout", metavar="S", type=_seconds_or_off, default=Limits.request_timeout, help="seconds a request "
+                   "may take from its body to its last token (default 900; 0: no limit); then a 408 or an error event")
+    g.add_argument("--default-max-tokens", metavar="N", type=_count(1), default=Limits.default_max_tokens, help="max_tokens of a "
+                   "request that leaves it out (default 2048, or the context's room if less)")
+    g.add_argument("--max-connections", metavar="N", type=_count(1), default=Limits.max_connections, help="open connections "
+                   "(default 512); a request on one past it gets a 503")
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="onnxruntime execution provider")
     s.add_argument("--speculate", type=_speculation, metavar="ngram[:K]", help="speculative decoding for every request "
                    "(prompt-lookup drafts, checked by the model: the same output; fused graph)")

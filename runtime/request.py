@@ -68,6 +68,7 @@ class Defaults:
 
     temperature: float = 1.0  # OpenAI's: servers sample unless told otherwise
     max_tokens: int | None = None  # None: the room the context limit leaves after the prompt (OpenAI's)
+    max_tokens_cap: int | None = None  # when max_tokens is None: at most this many (serve --default-max-tokens)
 
 
 CLI = Spelling({"text": "--prompt", "messages": "--messages", "ids": "--ids", "raw": "--raw",
@@ -170,6 +171,8 @@ def build_request(params: dict, tok: Tokenizer, manifest, max_context: int, spel
     prompt = np.asarray(build_prompt(params, tok, manifest, spell), np.int64)
     if max_tokens is None:
         max_tokens = defaults.max_tokens or max(max_context - len(prompt), 1)
+        if defaults.max_tokens is None and defaults.max_tokens_cap:
+            max_tokens = min(max_tokens, defaults.max_tokens_cap)
     names = {"max_new_tokens": spell("max_tokens"), "truncate": spell("truncate")}
     try:
         prompt = fit_context(prompt, int(max_tokens), max_context, truncate, names)

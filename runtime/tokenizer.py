@@ -9,14 +9,19 @@ control tokens (sentencepiece does this by itself; for tokenizer.json, see `enco
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError, read_json
 
-
-ENCODE_PIECE = 16384  # characters a tokenizer.json encodes at once (Tokenizer._pieces)
+ENCODE_PIECE = 16384  # characters of user text encoded at once (Tokenizer._pieces)
+# Where GPT-2's pre-tokenizer regex ('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+) always
+# ends a pre-token, in Python's classes, each certain: before a space that follows a non-space (the space joins
+# what follows); between a letter or number ([^\W\d_] is one of them) and a character that is neither nor space
+# ([^\w\s]); and back, unless that character is an apostrophe (which may begin a contraction).
+CUT = re.compile(r"(?<=\S) |(?<=[^\W\d_])(?=[^\w\s])|(?<=[^\w\s'])(?=[^\W\d_])")
 
 
 class Tokenizer:
@@ -27,6 +32,9 @@ class Tokenizer:
     def __init__(self, kind: str, impl, bos_id: int | None, eos_id: int | None, path: Path, add_bos: bool):
         self.kind, self.impl, self.bos_id, self.eos_id, self.path = kind, impl, bos_id, eos_id, path
         self.add_bos = add_bos
+        if kind == "tokenizers":  # what _encode_plain uses
+            self._plain = type(impl).from_str(impl.to_str())
+            self._plain.encode_special_tokens = True
 
     @classmethod
     def load(cls, where: str | Path) -> "Tokenizer":
@@ -121,32 +129,30 @@ class Tokenizer:
         if bos:
             if self.bos_id is None:
                 raise UserError(f"{self.path}: this tokenizer has no BOS token")
-            ids = [self.bos_id] + list(ids)
+            return np.concatenate([[self.bos_id], np.asarray(ids, np.int64)]).astype(np.int64)
         return np.asarray(ids, dtype=np.int64)
 
-    def _encode_plain(self, text: str) -> list[int]:
-        # tokenizers matches added tokens in the input unless told to encode them as text.
-        self.impl.encode_special_tokens = True
-        try:
-            return [i for part in self._pieces(text) for i in self.impl.encode(part, add_special_tokens=False).ids]
-        finally:
-            self.impl.encode_special_tokens = False
+    def _encode_plain(self, text: str) -> np.ndarray:
+        """User text: added tokens written in it stay text. Why a second tokenizers object, set up once for that:
+        flipping `encode_special_tokens` on a shared one races with another thread's encode ("Already borrowed").
+        Why `encode_batch`: it releases the GIL while it encodes (`encode` holds it: 2 s for 3.5 MB), so a server's
+        event loop goes on. Why pieces: what needs the GIL afterwards (the ids as Python ints, freeing the Encoding)
+        grows with the piece, 50-70 ms for 3.5 MB whole; a piece of ENCODE_PIECE characters takes well under 1 ms."""
+        parts = [np.asarray(self._plain.encode_batch([p], add_special_tokens=False)[0].ids, np.int64)
+                 for p in self._pieces(text)]
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _pieces(self, text: str) -> list[str]:
         """A long text as pieces of about ENCODE_PIECE characters, cut only where GPT-2's byte-level pre-tokenizer
-        cuts anyway (before a space that follows a non-space character), so the ids are the whole text's. Why: the
-        `tokenizers` library holds the GIL while it encodes (1.4 s for 3.5 MB), which would stall a server's event loop;
-        between pieces other threads run. Other tokenizer.json kinds are encoded whole."""
+        cuts anyway, so the ids are the whole text's (tests/test_tokenizer_chat.py): see CUT. Other tokenizer.json
+        kinds go whole, and so does a run without such a place (one script, no spaces, no punctuation)."""
         if len(text) <= ENCODE_PIECE or not self._byte_level():
             return [text]
         out, a = [], 0
-        while len(text) - a > ENCODE_PIECE:
-            cut = a + ENCODE_PIECE
-            while cut < len(text) and not (text[cut] == " " and not text[cut - 1].isspace()):
-                cut += 1
-            out.append(text[a:cut])
-            a = cut
-        return out + [text[a:]] if a < len(text) else out
+        while len(text) - a > ENCODE_PIECE and (m := CUT.search(text, a + ENCODE_PIECE)):
+            out.append(text[a:m.start()])
+            a = m.start()
+        return out + [text[a:]]
 
     def _byte_level(self) -> bool:
         if not hasattr(self, "_is_byte_level"):

@@ -4,11 +4,17 @@ trtllm-serve speak, so the `openai` client and curl work unchanged.
     POST /v1/chat/completions   messages -> the model's chat format; streamed (SSE) or not
     POST /v1/completions        a raw prompt (text, or token ids)
     GET  /v1/models             the one model served
-    GET  /health                200 when the model is loaded, 503 before
-    GET  /metrics               Prometheus text
+    GET  /health                200 when the model is loaded, 503 before (and while draining)
+    GET  /metrics               Prometheus text (serve/metrics.py)
 
 Errors are OpenAI's JSON, `{"error": {"message", "type", "param", "code"}}`, never a 500 for bad input:
-400 malformed or unsupported, 401 wrong API key, 404 unknown model, 429 queue full (Retry-After), 503 loading.
+400 malformed or unsupported, 401 wrong API key, 404 unknown model or path, 408 too slow (serve/limits.py),
+413 body too large, 429 queue full (Retry-After), 503 loading, draining or overloaded (Retry-After).
+
+A request's life: read its body (serve/limits.py's limits), then parse, validate and tokenize it in a worker thread
+(so a huge body never holds the event loop), then a Completion submits it and waits for its outputs. It ends at its
+finish reason, or earlier: its client went away (non-streamed too: the slot is free at the next step), it ran past
+--request-timeout, or the server's drain reached --shutdown-timeout (serve/server.py).
 """
 from __future__ import annotations
 
@@ -16,13 +22,15 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mistral_trt.runtime.errors import RequestError, UserError
-from mistral_trt.runtime.request import HTTP, Request, build_request
+from mistral_trt.runtime.request import HTTP, Defaults, Request, build_request
 from mistral_trt.runtime.sampling import SAMPLING_RULES
 from mistral_trt.runtime.sequence import Output
 
+from .access import COMPLETIONS, AccessLog, key_ok
+from .limits import Limits, error_body
 from .scheduler import QueueFull
 UNSUPPORTED = {  # parameter -> why (a 400 instead of silently ignoring what the caller asked for)
     "tools": "tool calls are not supported", "tool_choice": "tool calls are not supported",
@@ -32,8 +40,6 @@ UNSUPPORTED = {  # parameter -> why (a 400 instead of silently ignoring what the
     "suffix": "suffix is not supported", "echo": "echo is not supported", "best_of": "best_of is not supported",
 }
 
-
-MAX_BODY_BYTES = 8 * 2**20  # a request body past this is a 413, refused while it is read (`serve --max-body-bytes`)
 
 
 class ApiError(Exception):
@@ -45,18 +51,36 @@ class ApiError(Exception):
 
 @dataclass
 class ServerState:
-    """What the app serves; `scheduler` is None while the model loads."""
+    """What the app serves and how; `scheduler` is None while the model loads."""
 
     model_name: str
     max_context: int = 0
-    api_key: str | None = None
+    keys: tuple[bytes, ...] = ()  # API keys (serve/access.py); empty: none asked for
+    protect_metrics: bool = False  # /metrics asks for a key too
+    allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers
+    log_prompts: bool = False  # the access log may hold prompt text
     safe_prompt: bool = False
+    limits: Limits = field(default_factory=Limits)
     scheduler: object = None
     tokenizer: object = None
     manifest: object = None
     metrics: object = None
     load_error: str | None = None
-    max_body_bytes: int = MAX_BODY_BYTES
+    # the drain (serve/server.py): SIGTERM sets `draining` (new requests get 503), its deadline sets `aborting`
+    draining: bool = False
+    aborting: bool = False
+    active: set = field(default_factory=set)  # Completions whose responses have not ended
+    pending: int = 0  # requests being read or prepared, not yet a Completion
+
+    @property
+    def idle(self) -> bool:
+        return not self.active and not self.pending
+
+    def abort(self) -> None:
+        """The drain's deadline: every request still open ends now, with an error (event-loop thread)."""
+        self.aborting = True
+        for c in list(self.active):
+            c.end(SHUTDOWN)
 
 
 # -- request parsing: OpenAI's shapes to runtime/request.py's fields (the rules and messages are its) -------------
@@ -129,28 +153,83 @@ def _usage(ev: Output) -> dict:
             "total_tokens": ev.prompt_tokens + ev.completion_tokens}
 
 
-class Completion:
-    """One request's life: submit, then collect or stream its events in OpenAI's shapes."""
+class Ending:
+    """Why a request ended before its sequence did: what a non-streamed reply gets (status, code) and what the
+    finish_reason label and access log say."""
 
-    def __init__(self, state: ServerState, req: Request, chat: bool, body: dict):
-        self.state, self.req, self.chat = state, req, chat
+    def __init__(self, status: int, code: str, message: str, reason: str, type_: str = "server_error",
+                 headers: dict | None = None):
+        self.status, self.code, self.message, self.reason, self.type, self.headers = status, code, message, reason, type_, headers
+
+    def error(self) -> ApiError:
+        return ApiError(self.status, self.message, code=self.code, type_=self.type, headers=self.headers)
+
+
+SHUTDOWN = Ending(503, "server_shutting_down", "the server is shutting down (serve --shutdown-timeout passed before "
+                  "this request finished); retry on another instance", "shutdown", headers={"Retry-After": "1"})
+GONE = Ending(499, "client_closed_request", "the client went away", "cancelled")
+
+
+class Completion:
+    """One request's life: submit, then collect or stream its events in OpenAI's shapes; `end` stops it early."""
+
+    def __init__(self, state: ServerState, req: Request, chat: bool, body: dict, record: dict):
+        self.state, self.req, self.chat, self.record = state, req, chat, record
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.tokens = 0  # generated so far
+        self.done = False
+        record["prompt_tokens"] = len(req.prompt)
         loop = asyncio.get_running_loop()
+
+        def emit(ev):  # the scheduler's worker thread; once the loop has closed, nobody is left to tell
+            try:
+                loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+            except RuntimeError:
+                pass
+
         try:
-            self.handle = state.scheduler.submit(req, emit=lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev))
+            self.handle = state.scheduler.submit(req, emit=emit)
         except QueueFull as e:
-            self._count(429, "none")
             raise ApiError(429, f"Too many requests: {e}; retry shortly", type_="rate_limit_error",
                            code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
         except UserError as e:
             raise ApiError(400, str(e), param="messages" if chat else "prompt") from None
+        state.active.add(self)
+        t = state.limits.request_timeout
+        self.timer = loop.call_later(t, self.end, Ending(
+            408, "request_timeout", f"the request ran past this server's limit of {t:g} s (serve --request-timeout); "
+            "ask for fewer max_tokens", "timeout", "timeout_error")) if t else None
 
-    def _count(self, status: int, reason: str) -> None:
-        if self.state.metrics:
-            self.state.metrics.requests.labels(status=str(status), finish_reason=reason).inc()
+    def end(self, why: Ending) -> None:
+        """Stop early (event-loop thread): the consumer answers `why`, the slot is free at the next step."""
+        self.queue.put_nowait(why)
+
+    async def next(self) -> Output | Ending:
+        ev = await self.queue.get()
+        if isinstance(ev, Ending):
+            self.handle.cancel()
+            self.record["finish_reason"] = ev.reason
+        else:
+            self.tokens = ev.completion_tokens if ev.finish_reason else self.tokens + len(ev.token_ids)
+            if ev.finish_reason:
+                self.record["finish_reason"] = ev.finish_reason
+        return ev
+
+    def close(self, client_gone: bool = False) -> None:
+        """The response has ended (or its client left first: then the request is cancelled)."""
+        if client_gone and not self.done:
+            self.handle.cancel()
+            self.record["client_gone"] = True
+            self.record.setdefault("finish_reason", "cancelled")
+        self.done = True
+        if self.timer:
+            self.timer.cancel()
+        self.state.active.discard(self)
+        self.record["completion_tokens"] = self.tokens
+        self.record.update(self.handle.timings())
 
     def _choice(self, text: str, logprobs: list, finish, delta: bool) -> dict:
         c = {"index": 0, "finish_reason": finish}
@@ -165,79 +244,125 @@ class Completion:
         obj = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.state.model_name, "choices": choices}
 
-    async def collect(self) -> dict:
+    async def collect(self, receive) -> dict:
+        """The whole reply. Meanwhile `receive` is watched: a client that goes away ends the request."""
+
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.record["client_gone"] = True
+            self.end(GONE)
+
+        watcher = asyncio.ensure_future(watch())
         text, logprobs = [], []
-        while True:
-            ev: Output = await self.queue.get()
-            text.append(ev.text)
-            logprobs += ev.logprobs
-            if ev.finish_reason:
-                break
-        if ev.error:
-            self._count(500, "error")
-            raise ApiError(503, ev.error, type_="server_error", code="generation_failed")
-        self._count(200, ev.finish_reason)
-        out = self._envelope([self._choice("".join(text), logprobs, ev.finish_reason, delta=False)], chunk=False)
-        out["usage"] = _usage(ev)
-        return out
+        try:
+            while True:
+                ev = await self.next()
+                if isinstance(ev, Ending):
+                    raise ev.error()
+                text.append(ev.text)
+                logprobs += ev.logprobs
+                if ev.finish_reason:
+                    break
+            if ev.error:
+                self.record["error"] = ev.error
+                raise ApiError(503, ev.error, type_="server_error", code="generation_failed")
+            out = self._envelope([self._choice("".join(text), logprobs, ev.finish_reason, delta=False)], chunk=False)
+            out["usage"] = _usage(ev)
+            return out
+        finally:
+            watcher.cancel()
+            self.close()
 
     async def stream(self):
-        finished = False
+        """SSE chunks. Every stream ends with `data: [DONE]`: after its finish reason, or after an error event."""
+        if self.chat:  # the role comes first, as OpenAI sends it
+            yield _sse(self._envelope([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}], chunk=True))
+        while True:
+            ev = await self.next()
+            if isinstance(ev, Ending) or ev.error:
+                e = ev.error() if isinstance(ev, Ending) else ApiError(503, ev.error, code="generation_failed",
+                                                                       type_="server_error")
+                self.record["error"] = e.message
+                yield _sse({"error": {"message": e.message, "type": e.type, "param": None, "code": e.code}})
+                break
+            if ev.text or ev.logprobs:
+                yield _sse(self._envelope([self._choice(ev.text, ev.logprobs, None, delta=True)], chunk=True))
+            if ev.finish_reason:
+                last = self._choice("", [], ev.finish_reason, delta=True)
+                if self.chat:
+                    last["delta"] = {}  # as OpenAI's last chunk
+                yield _sse(self._envelope([last], chunk=True))
+                if self.include_usage:
+                    yield _sse({**self._envelope([], chunk=True), "usage": _usage(ev)})
+                break
+        self.done = True
+        yield b"data: [DONE]\n\n"
+
+
+class Streamed:
+    """The streamed response as an ASGI app, so the Completion is closed however the response ends (Starlette
+    drops a body iterator it has not started when the client leaves, without closing it)."""
+
+    def __init__(self, c: Completion):
+        self.c = c
+
+    async def __call__(self, scope, receive, send):
+        from starlette.responses import StreamingResponse
+
+        r = StreamingResponse(self.c.stream(), media_type="text/event-stream",
+                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            if self.chat:  # the role comes first, as OpenAI sends it
-                yield _sse(self._envelope([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}], chunk=True))
-            while True:
-                ev: Output = await self.queue.get()
-                if ev.error:
-                    self._count(500, "error")
-                    yield _sse({"error": {"message": ev.error, "type": "server_error", "param": None, "code": None}})
-                    break
-                if ev.text or ev.logprobs:
-                    yield _sse(self._envelope([self._choice(ev.text, ev.logprobs, None, delta=True)], chunk=True))
-                if ev.finish_reason:
-                    self._count(200, ev.finish_reason)
-                    last = self._choice("", [], ev.finish_reason, delta=True)
-                    if self.chat:
-                        last["delta"] = {}  # as OpenAI's last chunk
-                    yield _sse(self._envelope([last], chunk=True))
-                    if self.include_usage:
-                        yield _sse({**self._envelope([], chunk=True), "usage": _usage(ev)})
-                    break
-            finished = True
-            yield b"data: [DONE]\n\n"
+            await r(scope, receive, send)
         finally:
-            if not finished:  # the client went away: free its slot at the next step
-                self.handle.cancel()
-                self._count(499, "cancelled")
+            self.c.close(client_gone=True)  # no-op for a stream that sent [DONE]
 
 
 # -- the app ---------------------------------------------------------------------------------------
 def create_app(state: ServerState):
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
     from starlette.requests import Request as HttpRequest
-    from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
     def error(e: ApiError) -> Response:
-        # ASCII JSON: a message quoting the client's text stays valid even if that text held lone surrogates
-        body = json.dumps({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
-        return Response(body, status_code=e.status, headers=e.headers, media_type="application/json")
+        return Response(error_body(e.message, e.type, e.code, e.param), status_code=e.status, headers=e.headers,
+                        media_type="application/json")
+
+    def unauthorized(http: HttpRequest) -> Response | None:
+        if key_ok(http.headers.get("authorization"), state.keys):
+            return None
+        return error(ApiError(401, "Incorrect API key provided.", code="invalid_api_key"))
 
     async def read_body(http: HttpRequest) -> bytes:
-        """The body, refused with a 413 as soon as it passes the limit (never read whole first)."""
-        limit = state.max_body_bytes
+        """The body, refused with a 413 as soon as it passes the limit (never read whole first), and with a 408 if
+        it has not all come within --read-timeout."""
+        limit, seconds = state.limits.max_body_bytes, state.limits.read_timeout
+        close = {"Connection": "close"}  # the rest of the body is never read: the connection cannot be reused
         too_big = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes "
-                                "(serve --max-body-bytes)", code="request_too_large")
+                                "(serve --max-body-bytes)", code="request_too_large", headers=close)
         declared = http.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise too_big
-        chunks, size = [], 0
-        async for chunk in http.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_big
-            chunks.append(chunk)
+        chunks = []
+
+        async def read():
+            size = 0
+            async for chunk in http.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_big
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), seconds or None)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {seconds:g} s (serve --read-timeout)",
+                           code="request_timeout", headers=close) from None
         return b"".join(chunks)
 
     def prepare(raw: bytes, chat: bool) -> tuple[dict, Request]:
@@ -252,56 +377,80 @@ def create_app(state: ServerState):
         _common(body, state)
         return body, _request(body, state, chat)
 
-    async def guarded(http: HttpRequest, chat: bool):
-        if state.api_key is not None and http.headers.get("authorization") != f"Bearer {state.api_key}":
-            return error(ApiError(401, "Incorrect API key provided.", code="invalid_api_key"))
+    async def completion(http: HttpRequest, chat: bool):
+        record = http.scope.setdefault("mistral_trt", {})
+        if (denied := unauthorized(http)) is not None:
+            return denied
         if state.scheduler is None:
             why = state.load_error or "the model is loading"
             return error(ApiError(503, why, type_="server_error", code="model_not_ready", headers={"Retry-After": "5"}))
+        if state.draining:
+            return error(ApiError(503, "the server is shutting down; retry on another instance", type_="server_error",
+                                  code="server_shutting_down", headers={"Retry-After": "1"}))
+        state.pending += 1
         try:
             body, req = await asyncio.to_thread(prepare, await read_body(http), chat)
-            c = Completion(state, req, chat, body)
+            if state.log_prompts:
+                record["prompt"] = body.get("messages") if chat else body.get("prompt")
+            if state.aborting:
+                raise SHUTDOWN.error()
+            c = Completion(state, req, chat, body, record)
         except ApiError as e:
             return error(e)
+        finally:
+            state.pending -= 1
         if body.get("stream"):
-            return StreamingResponse(c.stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return Streamed(c)
         try:
-            return JSONResponse(await c.collect())
+            return JSONResponse(await c.collect(http.receive))
         except ApiError as e:
             return error(e)
 
     async def chat_completions(http):
-        return await guarded(http, chat=True)
+        return await completion(http, chat=True)
 
     async def completions(http):
-        return await guarded(http, chat=False)
+        return await completion(http, chat=False)
 
     async def models(http):
-        if state.api_key is not None and http.headers.get("authorization") != f"Bearer {state.api_key}":
-            return error(ApiError(401, "Incorrect API key provided.", code="invalid_api_key"))
+        if (denied := unauthorized(http)) is not None:
+            return denied
         return JSONResponse({"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
                                                          "owned_by": "mistral-trt",
                                                          "max_model_len": state.max_context}]})  # vLLM's field name
 
     async def health(http):
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         if state.scheduler is None:
             return JSONResponse({"status": "loading" if not state.load_error else "failed",
                                  "error": state.load_error}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def metrics(http):
+        if state.protect_metrics and (denied := unauthorized(http)) is not None:
+            return denied
         if state.metrics is None:
             return PlainTextResponse("", status_code=503)
         return Response(state.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def http_error(http, exc: HTTPException):  # Starlette's own 404 and 405, in OpenAI's shape
+        message = {404: f"no such path: {http.url.path}", 405: f"{http.method} is not allowed on {http.url.path}"}
+        return error(ApiError(exc.status_code, message.get(exc.status_code, exc.detail), code=None,
+                              headers=exc.headers))
+
+    middleware = [Middleware(AccessLog, state=state)]
+    if state.allowed_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(state.allowed_origins),
+                                     allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
+                                     expose_headers=["X-Request-Id", "Retry-After"], max_age=600))
     return Starlette(routes=[
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
+        Route(COMPLETIONS[0], chat_completions, methods=["POST"]),
+        Route(COMPLETIONS[1], completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-    ])
+    ], middleware=middleware, exception_handlers={HTTPException: http_error})
 
 
 def _request(body: dict, state: ServerState, chat: bool) -> Request:
@@ -334,7 +483,8 @@ def _request(body: dict, state: ServerState, chat: bool) -> Request:
             raise ApiError(400, "logprobs: not supported on /v1/completions (use /v1/chat/completions)",
                            param="logprobs")
     try:
-        return build_request(params, state.tokenizer, state.manifest, state.max_context, HTTP)
+        return build_request(params, state.tokenizer, state.manifest, state.max_context, HTTP,
+                             Defaults(max_tokens_cap=state.limits.default_max_tokens))
     except RequestError as e:
         param = {"text": "prompt", "ids": "prompt", "logprobs": "top_logprobs"}.get(e.field, e.field)
         if e.code == "context_length_exceeded":

@@ -1,5 +1,18 @@
-"""`GET /metrics`: Prometheus text, from prometheus_client with a registry of our own (names after vLLM's)."""
+"""`GET /metrics`: Prometheus text, from prometheus_client with a registry of our own. The names and meanings are
+vLLM's (`vllm:e2e_request_latency_seconds` is `mistral_trt_e2e_request_latency_seconds` here), so dashboards carry
+over; docs/grafana/mistral-trt-serve.json is one built on them.
+
+Per request, from the scheduler's clock (arrival is when the request was submitted, after its body was read and
+tokenized):
+
+    arrival --queue--> admitted to a slot --prefill--> first token --decode--> last token
+    |<------------------------------- e2e_request_latency ------------------------------>|
+"""
 from __future__ import annotations
+
+LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30)
+REQUEST = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
+TOKENS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
 class Metrics:
@@ -7,8 +20,8 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("mistral_trt_requests", "Finished requests by HTTP status and finish reason",
-                                ["status", "finish_reason"], registry=r)
+        self.requests = Counter("mistral_trt_requests", "Completion requests answered, by the HTTP status sent and the "
+                                "finish reason (499: the client went away)", ["status", "finish_reason"], registry=r)
         self.waiting = Gauge("mistral_trt_requests_waiting", "Requests waiting for a slot", registry=r)
         self.running = Gauge("mistral_trt_requests_running", "Sequences in the running batch", registry=r)
         self.slots_in_use = Gauge("mistral_trt_kv_slots_in_use", "KV-cache slots holding a sequence", registry=r)
@@ -16,14 +29,39 @@ class Metrics:
         slots_total.set(slots)
         self.prompt_tokens = Counter("mistral_trt_prompt_tokens", "Prompt tokens fed", registry=r)
         self.generation_tokens = Counter("mistral_trt_generation_tokens", "Tokens generated", registry=r)
-        buckets = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30)
         self.ttft = Histogram("mistral_trt_time_to_first_token_seconds", "Arrival to first token", registry=r,
-                              buckets=buckets)
+                              buckets=LATENCY)
         self.itl = Histogram("mistral_trt_inter_token_latency_seconds", "Time between a sequence's tokens", registry=r,
+                             buckets=LATENCY)
+
+        def per_request(name, help_, buckets):
+            return Histogram(f"mistral_trt_{name}", help_ + " (requests that ran to a finish reason)", registry=r,
                              buckets=buckets)
+
+        self.e2e = per_request("e2e_request_latency_seconds", "Arrival to the last token", REQUEST)
+        self.queue_time = per_request("request_queue_time_seconds", "Arrival to admission into a slot", REQUEST)
+        self.prefill_time = per_request("request_prefill_time_seconds", "Admission to the first token", REQUEST)
+        self.decode_time = per_request("request_decode_time_seconds", "First token to the last", REQUEST)
+        self.request_prompt_tokens = per_request("request_prompt_tokens", "Prompt tokens of a request", TOKENS)
+        self.request_generation_tokens = per_request("request_generation_tokens", "Tokens a request generated", TOKENS)
+        self.drafted = Counter("mistral_trt_spec_decode_num_draft_tokens", "Speculative draft tokens proposed",
+                               registry=r)
+        self.accepted = Counter("mistral_trt_spec_decode_num_accepted_tokens", "Speculative draft tokens the model "
+                                "kept", registry=r)
         self.step_errors = Counter("mistral_trt_step_errors", "Model steps that failed", registry=r)
+        self.connections_refused = Counter("mistral_trt_connections_refused", "Connections past --max-connections",
+                                           registry=r)
         info = Gauge("mistral_trt_model_info", "The model served", ["model"], registry=r)
         info.labels(model=model).set(1)
+
+    def finished(self, arrived: float, admitted: float, first: float, end: float, prompt: int, generated: int) -> None:
+        """A request that ran to a finish reason (stop, length or error); times from time.perf_counter()."""
+        self.e2e.observe(end - arrived)
+        self.queue_time.observe(admitted - arrived)
+        self.prefill_time.observe(first - admitted)
+        self.decode_time.observe(end - first)
+        self.request_prompt_tokens.observe(prompt)
+        self.request_generation_tokens.observe(generated)
 
     def text(self) -> bytes:
         from prometheus_client import generate_latest

@@ -54,6 +54,13 @@ class Handle:
     def cancel(self) -> None:
         self._entry.cancelled = True
 
+    def timings(self) -> dict:
+        """Seconds from arrival to admission into a slot and to the first token (None: not yet), for access logs."""
+        e = self._entry
+        t0 = e.seq.t0
+        return {"queue_s": None if e.admitted_at is None else round(e.admitted_at - t0, 4),
+                "ttft_s": None if e.first_token_at is None else round(e.first_token_at - t0, 4)}
+
 
 class Entry:
     """A request in the scheduler: its Sequence, where its outputs go, and what scheduling needs."""
@@ -65,6 +72,8 @@ class Entry:
         self.id = next(self.ids)  # arrival order
         self.slot: int | None = None
         self.cancelled = False
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
         self.last_token_at: float | None = None
 
 
@@ -132,7 +141,7 @@ class Scheduler:
             self.thread_exit = True
             self.cv.notify()
         if self.thread:
-            self.thread.join(timeout=30)
+            self.thread.join(timeout=5)  # a step in flight; the process may exit without it (a daemon)
         for e in list(self.running.values()) + list(self.waiting):
             self._fail(e, "the server shut down before this request finished")
         self.running.clear()
@@ -176,6 +185,7 @@ class Scheduler:
                 if e.cancelled:
                     continue
                 e.slot = self.cache.admit()
+                e.admitted_at = time.perf_counter()
                 self.running[e.slot] = e
 
     def _deliver(self, e: Entry, emit, out: Output) -> None:
@@ -183,6 +193,11 @@ class Scheduler:
         token reads gauges without it (an idle server shows 0 running, not the last step's count)."""
         if out.finish_reason:
             self._retire(e)
+            if self.metrics:
+                end = time.perf_counter()
+                admitted = e.admitted_at or end
+                self.metrics.finished(e.seq.t0, admitted, e.first_token_at or end, end, len(e.seq.prompt),
+                                      len(e.seq.generated))
         emit(out)
 
     def _retire(self, e: Entry) -> None:
@@ -197,17 +212,24 @@ class Scheduler:
         now = time.perf_counter()
         for _ in tokens:
             if self.metrics:
-                if e.last_token_at is None:
+                if e.first_token_at is None:
                     self.metrics.ttft.observe(now - e.seq.t0)
                 else:
                     self.metrics.itl.observe(now - e.last_token_at)
                 self.metrics.generation_tokens.inc()
             e.last_token_at = now
+            if e.first_token_at is None:
+                e.first_token_at = now
 
     def _update(self, e: Entry, logits: np.ndarray) -> None:
         """Hand the entry's logits [m, V] to its sequence, and what comes back to the cache and the caller."""
+        st = e.seq.stats
+        drafted, accepted = st.drafted, st.accepted
         u = e.seq.update(logits)
         self._observe(e, u.tokens)
+        if self.metrics and st.drafted > drafted:
+            self.metrics.drafted.inc(st.drafted - drafted)
+            self.metrics.accepted.inc(st.accepted - accepted)
         if u.rollback:
             self.cache.rollback(e.slot, u.rollback)
         if u.output is not None:

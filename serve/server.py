@@ -3,14 +3,18 @@ ready), serve with uvicorn until SIGTERM or Ctrl-C.
 
     mistral-trt serve build/onnx/smollm2-135m-instruct-fused-fp32 --port 8000 --max-batch 8
 
-Shutdown (SIGTERM, SIGINT): uvicorn stops accepting connections, the scheduler stops admitting, running
-streams get up to --shutdown-timeout seconds to finish (then they end with an error event), and the process
-exits 0: a requested stop is not a failure.
+The drain (SIGTERM or SIGINT): the listener stays open so that /health can say "draining" (503) to the load
+balancer, and new completion requests get a 503 with Retry-After; requests already taken, waiting or running, go on
+until they finish or --shutdown-timeout passes. At that deadline every one still open ends with an error (a stream:
+an error event, then [DONE]; a non-streamed request: a 503). Then uvicorn closes the connections and the process
+exits 0: a requested stop is not a failure. A second signal moves the deadline to now.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
+import ssl
 import sys
 import threading
 from pathlib import Path
@@ -18,6 +22,7 @@ from pathlib import Path
 from mistral_trt.runtime.errors import UserError
 
 from .api import ServerState, create_app
+from .limits import Limits, protocol
 
 
 def log(msg: str) -> None:
@@ -32,21 +37,19 @@ def load(state: ServerState, export_dir: str, provider: str, max_batch: int, max
     from mistral_trt.runtime.backend import open_backend
     from mistral_trt.runtime.tokenizer import Tokenizer
 
-    from .metrics import Metrics
     from .scheduler import Scheduler
 
     try:
         backend = open_backend(export_dir, provider)
         tok = Tokenizer.for_export(export_dir, backend.manifest)
-        metrics = Metrics(state.model_name, max_batch)
         sched = Scheduler(backend, tok, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
-                          prefill_chunk=prefill_chunk, itl_slack=itl_slack, metrics=metrics, speculate=speculate)
+                          prefill_chunk=prefill_chunk, itl_slack=itl_slack, metrics=state.metrics, speculate=speculate)
         sched.start()
     except UserError as e:
         state.load_error = str(e)
         on_failure()
         return
-    state.manifest, state.tokenizer, state.metrics, state.max_context = backend.manifest, tok, metrics, sched.max_context
+    state.manifest, state.tokenizer, state.max_context = backend.manifest, tok, sched.max_context
     state.scheduler = sched
     if speculate is not None:
         from mistral_trt.runtime.speculative import exactness_note
@@ -58,32 +61,82 @@ def load(state: ServerState, export_dir: str, provider: str, max_batch: int, max
         f"{'continuous batching' if backend.ragged else 'static batches'})")
 
 
+def tls_context(certfile: str | None, keyfile: str | None) -> None:
+    """Load the certificate now, so a bad file is one line before the port is bound (uvicorn loads it again)."""
+    if keyfile and not certfile:
+        raise UserError("--ssl-keyfile needs --ssl-certfile")
+    if not certfile:
+        return
+    for flag, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if path and not Path(path).is_file():
+            raise UserError(f"{flag} {path}: no such file")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as e:
+        raise UserError(f"--ssl-certfile {certfile}{f' --ssl-keyfile {keyfile}' if keyfile else ''}: not a PEM "
+                        f"certificate and its private key ({getattr(e, 'reason', None) or e})") from None
+
+
+async def drain(server, state: ServerState, timeout: float, forced: asyncio.Event) -> None:
+    """Stop taking work, let what was taken finish until the deadline (or a second signal), end the rest with an
+    error, then let uvicorn close. Runs on the event loop: the open requests' state is only touched there."""
+    state.draining = True
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(_until(lambda: state.idle, forced), timeout)
+    state.abort()
+    with contextlib.suppress(asyncio.TimeoutError):  # the error events and 503s go out
+        await asyncio.wait_for(_until(lambda: state.idle), 5.0)
+    server.should_exit = True
+
+
+async def _until(done, forced: asyncio.Event | None = None) -> None:
+    while not done() and not (forced and forced.is_set()):
+        await asyncio.sleep(0.02)
+
+
 def serve(export_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
-          api_key: str | None = None, model_name: str | None = None, safe_prompt: bool = False,
-          max_context: int | None = None, prefill_chunk: int = 512, itl_slack: float = 2.5, provider: str = "cpu",
-          shutdown_timeout: float = 30.0, speculate=None, max_body_bytes: int | None = None) -> None:
+          keys: tuple[bytes, ...] = (), protect_metrics: bool = False, allowed_origins: tuple[str, ...] = (),
+          ssl_certfile: str | None = None, ssl_keyfile: str | None = None, model_name: str | None = None,
+          safe_prompt: bool = False, max_context: int | None = None, prefill_chunk: int = 512, itl_slack: float = 2.5,
+          provider: str = "cpu", shutdown_timeout: float = 30.0, speculate=None, limits: Limits = Limits(),
+          log_prompts: bool = False) -> None:
     try:
         import uvicorn
     except ImportError:
         raise UserError("serve needs starlette and uvicorn: pip install 'mistral-trt[serve]'") from None
     from mistral_trt.runtime.manifest import Manifest
 
+    from .metrics import Metrics
+
     Manifest.load(export_dir)  # a bad folder fails now, before binding a port
-    state = ServerState(model_name=model_name or Path(export_dir).resolve().name, api_key=api_key,
-                        safe_prompt=safe_prompt)
-    if max_body_bytes is not None:
-        state.max_body_bytes = max_body_bytes
+    if protect_metrics and not keys:
+        raise UserError("--protect-metrics needs an API key (--api-key, --api-key-file or $MISTRAL_TRT_API_KEY)")
+    tls_context(ssl_certfile, ssl_keyfile)
+    name = model_name or Path(export_dir).resolve().name
+    state = ServerState(model_name=name, keys=keys, protect_metrics=protect_metrics,
+                        allowed_origins=tuple(allowed_origins), log_prompts=log_prompts, safe_prompt=safe_prompt,
+                        limits=limits, metrics=Metrics(name, max_batch))
     try:
         sock = socket.create_server((host, port), reuse_port=False)
-    except OSError as e:
-        raise UserError(f"--host {host} --port {port}: cannot listen there: {e.strerror}") from None
+    except (OSError, OverflowError) as e:
+        raise UserError(f"--host {host} --port {port}: cannot listen there: {getattr(e, 'strerror', None) or e}") from None
     bound = sock.getsockname()[1]
+    forced = asyncio.Event()
 
     class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):
-            if state.scheduler is not None:  # stop admitting; running streams go on until the timeout
-                state.scheduler.begin_shutdown()
-            super().handle_exit(sig, frame)
+        def handle_exit(self, sig, frame):  # the signal handler, on the event loop's thread
+            if self.drain_loop is None:
+                return super().handle_exit(sig, frame)
+            if state.draining:
+                self.drain_loop.call_soon_threadsafe(forced.set)
+            else:
+                state.draining = True
+                self.drain_loop.call_soon_threadsafe(lambda: self.drain_loop.create_task(
+                    drain(self, state, shutdown_timeout, forced)))
+
+        async def startup(self, sockets=None):
+            self.drain_loop = asyncio.get_running_loop()
+            await super().startup(sockets)
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -91,9 +144,11 @@ def serve(export_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
                 yield
                 self._captured_signals.clear()  # uvicorn would re-raise SIGTERM after the graceful exit: exit 0
 
-    config = uvicorn.Config(create_app(state), log_level="warning", timeout_graceful_shutdown=shutdown_timeout,
-                            lifespan="off")
+    config = uvicorn.Config(create_app(state), http=protocol(limits, state.metrics.connections_refused.inc),
+                            log_level="warning", timeout_graceful_shutdown=5, lifespan="off",
+                            ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
     server = Server(config)
+    server.drain_loop = None
 
     def failed():
         server.should_exit = True
@@ -101,7 +156,8 @@ def serve(export_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
     threading.Thread(target=load, name="model-loader", daemon=True, args=(
         state, export_dir, provider, max_batch, max_queue, max_context, prefill_chunk, itl_slack, failed,
         speculate)).start()
-    log(f"mistral-trt serve: listening on http://{host}:{bound} (model {state.model_name}); loading {export_dir} ...")
+    scheme = "https" if ssl_certfile else "http"
+    log(f"mistral-trt serve: listening on {scheme}://{host}:{bound} (model {state.model_name}); loading {export_dir} ...")
     try:
         server.run(sockets=[sock])
     finally:

@@ -380,7 +380,7 @@ def test_bodies_that_used_to_break_the_server(demo_fused_dir):
 @pytest.mark.slow
 def test_queue_full_and_sigterm_finishes_running_streams(demo_fused_dir):
     """--max-batch 1 --max-queue 1: a third request gets 429 with Retry-After. SIGTERM: the running stream
-    finishes, the waiting one ends with an error event, the process exits 0."""
+    finishes, then the waiting one runs to its end too (both within --shutdown-timeout), the process exits 0."""
     s = Server(demo_fused_dir, "--max-batch", 1, "--max-queue", 1, "--max-context", 512, "--model-name", "demo")
     body = {"model": "demo", "prompt": [504, 3458, 314], "max_tokens": 300, "temperature": 0, "stream": True,
             "stop": ["<never>"]}
@@ -394,7 +394,8 @@ def test_queue_full_and_sigterm_finishes_running_streams(demo_fused_dir):
     s.proc.send_signal(signal.SIGTERM)
     rest = first.read().decode()
     assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason": "length"' in rest  # ran to the end
-    assert '"error"' in second.read().decode()  # the waiting one was told
+    rest = second.read().decode()
+    assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason": "length"' in rest  # taken, so served
     assert s.proc.wait(timeout=60) == 0
 
 

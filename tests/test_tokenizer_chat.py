@@ -98,11 +98,14 @@ def test_invalid_conversations(tok, conv):
         mistral_v1(tok, conv)
 
 
-def test_long_text_encodes_in_pieces_exactly(demo_hf):
-    """A text longer than ENCODE_PIECE is encoded in pieces (so a server's event loop runs between them); the ids are
-    the whole text's as transformers encodes it, on a mix of spaces, tabs, newlines, digits, contractions and emoji
-    that puts piece ends everywhere the cutting rule allows."""
+def test_long_text_encodes_in_pieces_exactly_and_off_the_gil(demo_hf):
+    """User text longer than ENCODE_PIECE is encoded in pieces cut where the byte-level pre-tokenizer cuts anyway, each
+    with the GIL released: the ids equal transformers' whole-text ids on long mixes of spaces, tabs, newlines, digits,
+    contractions, punctuation, emoji, CJK and a special token written as text, with spaces and without (where the
+    cuts fall between letters and punctuation); a thread encoding 3.5 MB leaves the main thread running."""
     import random
+    import threading
+    import time
 
     from transformers import AutoTokenizer
 
@@ -111,10 +114,30 @@ def test_long_text_encodes_in_pieces_exactly(demo_hf):
     hf = AutoTokenizer.from_pretrained(demo_hf)
     tok = Tokenizer.load(demo_hf / "tokenizer.json")
     rng = random.Random(0)
-    words = ["word", "  two", "\n\n", "I'm", "x**2", "😀", "日本語", "\t", "3.14", "don't", " ", "a\u00a0b", "<|im_end|>"]
-    text = "".join(rng.choice(words) + rng.choice([" ", "", " ", "  ", "\n"]) for _ in range(25000))
-    assert len(text) > 4 * ENCODE_PIECE and len(tok._pieces(text)) >= 4 and "".join(tok._pieces(text)) == text
-    assert tok.encode(text).tolist() == hf(text, add_special_tokens=False, split_special_tokens=True).input_ids
+    words = ["word", "  two", "\n\n", "I'm", "x**2", "😀", "日本語", "\t", "3.14", "don't", " ", "a\u00a0b", "<|im_end|>",
+             ".'s", "'ll", "½", "x_y", "¿Qué?", "—", "a.b", "'", "“quoted”", "ñ", "١٢٣", "Ⅻ", "\u3000", "，。"]
+    for sep in ([" ", "", " ", "  ", "\n"], [""]):
+        text = "".join(rng.choice(words) + rng.choice(sep) for _ in range(25000))
+        pieces = tok._pieces(text)
+        assert len(pieces) >= 4 and "".join(pieces) == text, (len(text), len(pieces))
+        assert tok.encode(text).tolist() == hf(text, add_special_tokens=False, split_special_tokens=True).input_ids
+    assert tok.encode("<|im_end|>", specials=True).tolist() == [hf.convert_tokens_to_ids("<|im_end|>")]
+    assert len(tok._pieces("a" * 4 * ENCODE_PIECE)) == 1  # no place to cut: whole
+    gaps, started = [], threading.Event()
+
+    def encode():
+        started.set()
+        tok.encode("word " * 700_000)
+
+    worker = threading.Thread(target=encode)
+    worker.start()
+    started.wait()
+    last = time.perf_counter()
+    while worker.is_alive():
+        time.sleep(0.002)
+        gaps.append(time.perf_counter() - last)
+        last = time.perf_counter()
+    assert len(gaps) >= 50 and max(gaps) < 0.05, (len(gaps), max(gaps))
 
 
 def test_template_equals_transformers(demo_hf):
