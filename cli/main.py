@@ -266,7 +266,7 @@ def cmd_serve(a):
           allowed_origins=tuple(a.allowed_origins or ()), ssl_certfile=a.ssl_certfile, ssl_keyfile=a.ssl_keyfile,
           model_name=a.model_name, safe_prompt=a.safe_prompt, max_context=a.max_context, prefill_chunk=a.prefill_chunk,
           itl_slack=a.itl_slack, provider=a.provider, shutdown_timeout=a.shutdown_timeout, speculate=a.speculate,
-          limits=limits, log_prompts=a.log_prompts)
+          limits=limits, log_prompts=a.log_prompts, prefix_cache=not a.no_prefix_cache)
 
 
 def cmd_bench_speculate(a):
@@ -604,6 +604,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="onnxruntime execution provider")
     s.add_argument("--speculate", type=_speculation, metavar="ngram[:K]", help="speculative decoding for every request "
                    "(prompt-lookup drafts, checked by the model: the same output; fused graph)")
+    s.add_argument("--no-prefix-cache", action="store_true", help="feed every prompt whole (default, fused graph: a "
+                   "slot keeps its tokens after its request, and a prompt starting the same way is fed from where it "
+                   "differs)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("triton-repo", help="an export as an NVIDIA Triton model repository (python backend, streamed)")

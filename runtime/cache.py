@@ -129,6 +129,11 @@ class SlotTable:
         """The sequence in `slot` ended: its memory takes the next one."""
         self.active[slot] = False
 
+    def admit_prefix(self, prompt: np.ndarray) -> tuple[int, int]:
+        """admit(), reusing what a slot already holds of `prompt` where the cache can (InPlaceCache): returns
+        (slot, positions already held, so not to be fed again)."""
+        return self.admit(), 0
+
     def prepare(self, tokens, last: bool, vocab_size: int | None = None) -> tuple["StepMetadata", np.ndarray]:
         """A step's metadata and its packed ids [B, S] (metadata(), then pack()): what a backend binds."""
         meta = self.metadata([len(t) for t in tokens], last)
@@ -320,9 +325,71 @@ class InPlaceCache(SlotTable):
         self.lengths = np.zeros(slots, np.int64)  # [B]: positions each row holds (= its next absolute position)
         # a device cache is bound whole in every run (onnxruntime binds OrtValues, not row views)
         self.whole_rows = bool(buffers) and not isinstance(buffers[0], np.ndarray)
+        # The prefix cache: the ids whose keys and values each slot holds, from position 0, kept after release
+        # until the slot is taken again (least recently used first), so a prompt that begins the same way is
+        # fed only from where it differs (admit_prefix).
+        self.held: list[list[int]] = [[] for _ in range(slots)]
+        self.last_used = np.zeros(slots, np.int64)
+        self.clock = 0
+        self._fed: list | None = None  # the ids of the step being run (pack -> commit)
 
     def _reset_slot(self, slot: int) -> None:
         self.lengths[slot] = 0  # the op writes from position 0 again; what was there is never read
+        self.held[slot] = []
+
+    def release(self, slot: int) -> None:
+        super().release(slot)
+        self.clock += 1
+        self.last_used[slot] = self.clock
+
+    def reusable(self, slot: int) -> int:
+        """How many of the slot's held positions a new sequence may start from: all of them, unless the op has
+        evicted (a sliding window past its capacity): then position 0 is gone, and no prefix is whole."""
+        held = len(self.held[slot])
+        return held if self.sliding_window is None or self.lengths[slot] <= self.capacity else 0
+
+    def admit_prefix(self, prompt: np.ndarray) -> tuple[int, int]:
+        """A slot for `prompt`, starting from the longest prefix of it (matched on ids) that any slot holds, and
+        how many positions that is (at most len(prompt) - 1: the last prompt token is always fed, for its logits).
+
+        The prefix is used where it is if its slot is free and holds nothing more; otherwise (a running slot, or a
+        free one whose longer content is worth keeping) it is copied into another free slot, an empty one or else
+        the least recently used (host buffers; a device cache reuses free slots in place only). A running
+        sequence's slot is never taken or written."""
+        free = [int(s) for s in np.flatnonzero(~self.active)]
+        if not free:
+            return self.admit(), 0
+        match = [self._common(s, prompt) for s in range(self.slots)]
+        cap = max(len(prompt) - 1, 0)
+        candidates = free if self.whole_rows else range(self.slots)
+        src = max(candidates, key=lambda s: (match[s], not self.active[s], self.last_used[s]))
+        n = min(match[src], cap)
+        others = [s for s in free if s != src]
+        if n and not self.active[src] and (len(self.held[src]) <= n or not others or self.whole_rows):
+            slot = src  # in place: nothing of value is overwritten (or nowhere else to go)
+        else:
+            pool = others if n else free
+            slot = next((s for s in pool if not self.held[s]), None)  # an empty slot first
+            if slot is None:
+                slot = min(pool, key=lambda s: self.last_used[s])  # else the least recently used
+            if n:
+                for buf in self.buffers:  # [B, KV, capacity, D]
+                    buf[slot, :, :n] = buf[src, :, :n]
+                self.held[slot] = self.held[src][:n]
+        self.active[slot] = True
+        self.lengths[slot] = n
+        del self.held[slot][n:]
+        self.clock += 1
+        self.last_used[slot] = self.clock
+        return slot, n
+
+    def _common(self, slot: int, prompt: np.ndarray) -> int:
+        """Positions at the start of `slot` that hold `prompt`'s first ids."""
+        n = min(self.reusable(slot), len(prompt))
+        if n == 0:
+            return 0
+        diff = np.flatnonzero(np.asarray(self.held[slot][:n], np.int64) != prompt[:n])
+        return int(diff[0]) if len(diff) else n
 
     @property
     def next_pos(self) -> np.ndarray:
@@ -352,6 +419,7 @@ class InPlaceCache(SlotTable):
         return StepMetadata(seqlens, s, last, runs=out)
 
     def pack(self, tokens, meta: StepMetadata, vocab_size: int | None = None) -> np.ndarray:
+        self._fed = tokens
         return pack_rows(tokens, meta.width, "right", vocab_size)
 
     def unpack(self, logits: np.ndarray, meta: StepMetadata) -> np.ndarray:
@@ -367,6 +435,10 @@ class InPlaceCache(SlotTable):
 
     def commit(self, meta: StepMetadata) -> None:
         self.lengths += meta.seqlens
+        if self._fed is not None:
+            for slot in np.flatnonzero(meta.seqlens):
+                self.held[slot].extend(int(t) for t in self._fed[slot])
+            self._fed = None
 
     def rollback(self, slot: int, n: int) -> None:
         """Forget the last n positions of `slot` (speculative drafts the model rejected): the next step writes over
@@ -374,3 +446,4 @@ class InPlaceCache(SlotTable):
         if not 0 <= n <= self.lengths[slot]:
             raise UserError(f"rollback of {n} positions: slot {slot} holds {int(self.lengths[slot])}")
         self.lengths[slot] -= n
+        del self.held[slot][len(self.held[slot]) - n:]

@@ -61,6 +61,7 @@ class Output:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the cache already held (a reused prefix), not fed again
     stats: Stats | None = None  # on the final output
 
 
@@ -80,6 +81,7 @@ class Sequence:
         self.req, self.tok, self.eos = req, tok, eos
         self.prompt = np.asarray(req.prompt, np.int64)
         self.fed = 0  # prompt tokens fed so far
+        self.cached = 0  # of those, the ones a reused prefix in the cache held already
         self.generated: list[int] = []  # taken tokens, without an ending EOS
         self.rng = np.random.default_rng(req.sampling.seed)
         self.decoder = StreamDecoder(tok) if tok is not None else None
@@ -101,6 +103,11 @@ class Sequence:
         self.first_token_at: float | None = None
 
     # -- what to feed -----------------------------------------------------------------------------
+    def skip(self, n: int) -> None:
+        """The cache already holds the first n prompt tokens (a reused prefix, n < len(prompt)): feed from there."""
+        assert self.fed == 0 and 0 <= n < len(self.prompt), (self.fed, n)
+        self.fed = self.cached = n
+
     def feed(self, n: int) -> np.ndarray:
         """The next n prompt tokens (fewer at the prompt's end)."""
         chunk = self.prompt[self.fed:self.fed + n]
@@ -186,7 +193,7 @@ class Sequence:
     def _output(self, text: str, reason: str | None = None) -> Output:
         out = Output(text=text, token_ids=self.unsent_ids, logprobs=self.unsent_logprobs, finish_reason=reason,
                      prompt_tokens=len(self.prompt), completion_tokens=len(self.generated),
-                     stats=self.stats if reason else None)
+                     cached_tokens=self.cached, stats=self.stats if reason else None)
         self.unsent_ids, self.unsent_logprobs, self.pending = [], [], ""
         return out
 

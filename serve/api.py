@@ -150,16 +150,21 @@ def _sse(obj) -> bytes:
 
 def _usage(ev: Output) -> dict:
     return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-            "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+            "total_tokens": ev.prompt_tokens + ev.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": ev.cached_tokens}}  # OpenAI's: a reused prefix
 
 
+@dataclass(frozen=True)
 class Ending:
     """Why a request ended before its sequence did: what a non-streamed reply gets (status, code) and what the
     finish_reason label and access log say."""
 
-    def __init__(self, status: int, code: str, message: str, reason: str, type_: str = "server_error",
-                 headers: dict | None = None):
-        self.status, self.code, self.message, self.reason, self.type, self.headers = status, code, message, reason, type_, headers
+    status: int
+    code: str
+    message: str
+    reason: str  # the finish_reason label: shutdown, cancelled, timeout
+    type: str = "server_error"
+    headers: dict | None = None
 
     def error(self) -> ApiError:
         return ApiError(self.status, self.message, code=self.code, type_=self.type, headers=self.headers)
@@ -201,7 +206,7 @@ class Completion:
         t = state.limits.request_timeout
         self.timer = loop.call_later(t, self.end, Ending(
             408, "request_timeout", f"the request ran past this server's limit of {t:g} s (serve --request-timeout); "
-            "ask for fewer max_tokens", "timeout", "timeout_error")) if t else None
+            "ask for fewer max_tokens", "timeout", type="timeout_error")) if t else None
 
     def end(self, why: Ending) -> None:
         """Stop early (event-loop thread): the consumer answers `why`, the slot is free at the next step."""

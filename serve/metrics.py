@@ -13,6 +13,14 @@ from __future__ import annotations
 LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30)
 REQUEST = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 TOKENS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+PER_REQUEST = [  # (attribute, name, help, buckets): requests that ran to a finish reason (stop, length, a failed step)
+    ("e2e", "e2e_request_latency_seconds", "Arrival to the last token", REQUEST),
+    ("queue_time", "request_queue_time_seconds", "Arrival to admission into a slot", REQUEST),
+    ("prefill_time", "request_prefill_time_seconds", "Admission to the first token", REQUEST),
+    ("decode_time", "request_decode_time_seconds", "First token to the last", REQUEST),
+    ("request_prompt_tokens", "request_prompt_tokens", "Prompt tokens of a request", TOKENS),
+    ("request_generation_tokens", "request_generation_tokens", "Tokens a request generated", TOKENS),
+]
 
 
 class Metrics:
@@ -33,28 +41,26 @@ class Metrics:
                               buckets=LATENCY)
         self.itl = Histogram("mistral_trt_inter_token_latency_seconds", "Time between a sequence's tokens", registry=r,
                              buckets=LATENCY)
-
-        def per_request(name, help_, buckets):
-            return Histogram(f"mistral_trt_{name}", help_ + " (requests that ran to a finish reason)", registry=r,
-                             buckets=buckets)
-
-        self.e2e = per_request("e2e_request_latency_seconds", "Arrival to the last token", REQUEST)
-        self.queue_time = per_request("request_queue_time_seconds", "Arrival to admission into a slot", REQUEST)
-        self.prefill_time = per_request("request_prefill_time_seconds", "Admission to the first token", REQUEST)
-        self.decode_time = per_request("request_decode_time_seconds", "First token to the last", REQUEST)
-        self.request_prompt_tokens = per_request("request_prompt_tokens", "Prompt tokens of a request", TOKENS)
-        self.request_generation_tokens = per_request("request_generation_tokens", "Tokens a request generated", TOKENS)
+        for attr, name, help_, buckets in PER_REQUEST:
+            setattr(self, attr, Histogram(f"mistral_trt_{name}", help_, registry=r, buckets=buckets))
         self.drafted = Counter("mistral_trt_spec_decode_num_draft_tokens", "Speculative draft tokens proposed",
                                registry=r)
         self.accepted = Counter("mistral_trt_spec_decode_num_accepted_tokens", "Speculative draft tokens the model "
                                 "kept", registry=r)
+        self.prefix_queries = Counter("mistral_trt_prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                      "cache", registry=r)
+        self.prefix_hits = Counter("mistral_trt_prefix_cache_hits", "Prompt tokens the prefix cache held (not fed "
+                                   "again)", registry=r)
+        self.kv_usage = Gauge("mistral_trt_kv_cache_usage_perc", "Fraction of the KV cache's positions holding "
+                              "tokens (running or kept for reuse)", registry=r)
         self.step_errors = Counter("mistral_trt_step_errors", "Model steps that failed", registry=r)
         self.connections_refused = Counter("mistral_trt_connections_refused", "Connections past --max-connections",
                                            registry=r)
         info = Gauge("mistral_trt_model_info", "The model served", ["model"], registry=r)
         info.labels(model=model).set(1)
 
-    def finished(self, arrived: float, admitted: float, first: float, end: float, prompt: int, generated: int) -> None:
+    def observe_request(self, arrived: float, admitted: float, first: float, end: float, prompt: int,
+                        generated: int) -> None:
         """A request that ran to a finish reason (stop, length or error); times from time.perf_counter()."""
         self.e2e.observe(end - arrived)
         self.queue_time.observe(admitted - arrived)

@@ -80,7 +80,7 @@ class Entry:
 class Scheduler:
     def __init__(self, backend, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 64,
                  max_context: int | None = None, prefill_chunk: int = 512, itl_slack: float = 2.5, metrics=None,
-                 speculate=None):
+                 speculate=None, prefix_cache: bool = True):
         self.backend, self.tok, self.metrics, self.speculate = backend, tokenizer, metrics, speculate
         self.draft_lengths = draft_lengths(backend.manifest)  # drafts after a match of 1, 2, 3 tokens, by the export
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -90,6 +90,7 @@ class Scheduler:
         self.eos = set(backend.manifest.eos_token_id)
         self.ragged = backend.ragged
         self.cache = self.gen.new_cache(max_batch, self.max_context, speculate)
+        self.prefix_cache = prefix_cache  # reuse what a slot holds of a new prompt (the fused graph's cache)
         self.waiting: collections.deque[Entry] = collections.deque()
         self.running: dict[int, Entry] = {}  # slot -> entry
         self.cv = threading.Condition()
@@ -184,7 +185,15 @@ class Scheduler:
                 e = self.waiting.popleft()
                 if e.cancelled:
                     continue
-                e.slot = self.cache.admit()
+                if self.prefix_cache:
+                    e.slot, cached = self.cache.admit_prefix(e.seq.prompt)
+                    if cached:
+                        e.seq.skip(cached)
+                    if self.metrics:
+                        self.metrics.prefix_queries.inc(len(e.seq.prompt))
+                        self.metrics.prefix_hits.inc(cached)
+                else:
+                    e.slot = self.cache.admit()
                 e.admitted_at = time.perf_counter()
                 self.running[e.slot] = e
 
@@ -196,7 +205,7 @@ class Scheduler:
             if self.metrics:
                 end = time.perf_counter()
                 admitted = e.admitted_at or end
-                self.metrics.finished(e.seq.t0, admitted, e.first_token_at or end, end, len(e.seq.prompt),
+                self.metrics.observe_request(e.seq.t0, admitted, e.first_token_at or end, end, len(e.seq.prompt),
                                       len(e.seq.generated))
         emit(out)
 
@@ -316,3 +325,7 @@ class Scheduler:
             self.metrics.waiting.set(len(self.waiting))
             self.metrics.running.set(len(self.running))
             self.metrics.slots_in_use.set(len(self.running))
+            held = getattr(self.cache, "held", None)
+            if held is not None:
+                cap = self.cache.capacity
+                self.metrics.kv_usage.set(sum(min(len(h), cap) for h in held) / (self.cache.slots * cap))

@@ -27,6 +27,7 @@ from mistral_trt.runtime.request import TRITON, Request, build_request
 from mistral_trt.runtime.sampling import SAMPLING_RULES
 from mistral_trt.runtime.speculative import Speculation
 from mistral_trt.runtime.tokenizer import Tokenizer
+from mistral_trt.serve.metrics import PER_REQUEST, Metrics
 from mistral_trt.serve.scheduler import QueueFull, Scheduler
 
 BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30]
@@ -35,11 +36,11 @@ BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 
 class _Metric:
     """One Triton metric behind the prometheus_client calls the scheduler makes (inc, set, observe)."""
 
-    def __init__(self, family, kind: str, labels: dict):
+    def __init__(self, family, kind: str, labels: dict, buckets=BUCKETS):
         self.kind = kind
         if kind == "histogram":
             try:
-                self.m = family.Metric(labels=labels, buckets=BUCKETS)
+                self.m = family.Metric(labels=labels, buckets=list(buckets))
             except Exception:  # a python backend without histograms: the sum and count as counters
                 self.m = None
         else:
@@ -65,13 +66,13 @@ class TritonMetrics:
                  "histogram": getattr(pb_utils.MetricFamily, "HISTOGRAM", None)}
         self.families = []
 
-        def metric(name: str, help_: str, kind: str):
+        def metric(name: str, help_: str, kind: str, buckets=BUCKETS):
             k = kinds[kind]
             if k is None:
                 kind, k = "gauge", kinds["gauge"]
             fam = pb_utils.MetricFamily(name=name, description=help_, kind=k)
             self.families.append(fam)  # a family must outlive its metrics
-            return _Metric(fam, kind, labels)
+            return _Metric(fam, kind, labels, buckets)
 
         self.waiting = metric("mistral_trt_requests_waiting", "Requests waiting for a slot", "gauge")
         self.running = metric("mistral_trt_requests_running", "Sequences in the running batch", "gauge")
@@ -83,6 +84,20 @@ class TritonMetrics:
         self.itl = metric("mistral_trt_inter_token_latency_seconds", "Time between a sequence's tokens", "histogram")
         self.step_errors = metric("mistral_trt_step_errors_total", "Model steps that failed", "counter")
         self.finished = metric("mistral_trt_requests_total", "Finished requests", "counter")
+        self.drafted = metric("mistral_trt_spec_decode_num_draft_tokens_total", "Speculative draft tokens proposed",
+                              "counter")
+        self.accepted = metric("mistral_trt_spec_decode_num_accepted_tokens_total", "Speculative draft tokens the "
+                               "model kept", "counter")
+        self.prefix_queries = metric("mistral_trt_prefix_cache_queries_total", "Prompt tokens looked up in the "
+                                     "prefix cache", "counter")
+        self.prefix_hits = metric("mistral_trt_prefix_cache_hits_total", "Prompt tokens the prefix cache held",
+                                  "counter")
+        self.kv_usage = metric("mistral_trt_kv_cache_usage_perc", "Fraction of the KV cache's positions holding "
+                               "tokens", "gauge")
+        for attr, name, help_, buckets in PER_REQUEST:
+            setattr(self, attr, metric(f"mistral_trt_{name}", help_, "histogram", buckets))
+
+    observe_request = Metrics.observe_request
 
 
 def _scalar(request, name: str, default=None):

@@ -223,7 +223,7 @@ def test_limits_and_cancellation(demo_fused):
     --default-max-tokens, a connection past --max-connections a 503 in OpenAI's shape; a non-streamed request whose
     client leaves is cancelled and its slot freed; afterwards every gauge is back to zero."""
     s = Server(demo_fused, "--model-name", "demo", "--header-timeout", 1, "--read-timeout", 1, "--request-timeout", 3,
-               "--default-max-tokens", 7, "--max-connections", 8, "--max-batch", 4)
+               "--default-max-tokens", 7, "--max-connections", 8, "--max-batch", 4, "--log-prompts")
     long = {"model": "demo", "prompt": "Once upon a time", "max_tokens": 8000, "ignore_eos": True}
     try:
         # slowloris: a header line every 0.3 s never completes a request; each socket is closed after ~1 s
@@ -257,6 +257,15 @@ def test_limits_and_cancellation(demo_fused):
         # --default-max-tokens
         status, out, _ = s.post("/v1/completions", {"model": "demo", "prompt": "Hi", "ignore_eos": True}, key=None)
         assert status == 200 and out["usage"]["completion_tokens"] == 7 and out["choices"][0]["finish_reason"] == "length"
+        assert access_lines(s)[-1]["prompt"] == "Hi"  # --log-prompts
+        # a lone surrogate (JSON "\ud800") in every string and key of a chat and a completion body: never a 5xx
+        chat = {"model": "demo", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [
+            {"type": "text", "text": "Hi"}]}], "stop": ["x"], "max_tokens": 2, "user": "u1"}
+        for path, body in (("/v1/chat/completions", chat),
+                           ("/v1/completions", {"model": "demo", "prompt": ["Hi"], "stop": "y", "max_tokens": 2})):
+            for bad in _with_surrogate(body):
+                status, err, _ = s.post(path, None, key=None, raw=json.dumps(bad).encode())
+                assert status < 500 and (status == 200 or "error" in err), (bad, status, err)
         # --max-connections 8: 8 connections holding streams, the 9th gets a 503
         held = [_raw(s.url, _post_head("/v1/completions", len(json.dumps({**long, "stream": True})))
                      + json.dumps({**long, "stream": True}).encode()) for _ in range(8)]
@@ -284,6 +293,21 @@ def test_limits_and_cancellation(demo_fused):
         assert s.get("/health")[0] == 200
     finally:
         assert s.stop() == 0
+
+
+def _with_surrogate(body):
+    """`body` with "\ud800" put into one string or key at a time, for each string and key in it."""
+    if isinstance(body, str):
+        yield body + "\ud800"
+    elif isinstance(body, list):
+        for i, v in enumerate(body):
+            for bad in _with_surrogate(v):
+                yield [*body[:i], bad, *body[i + 1:]]
+    elif isinstance(body, dict):
+        for k, v in body.items():
+            yield {**{kk: vv for kk, vv in body.items() if kk != k}, k + "\ud800": v}
+            for bad in _with_surrogate(v):
+                yield {**body, k: bad}
 
 
 def _readable(sock: socket.socket) -> bool:

@@ -1,0 +1,141 @@
+"""The prefix cache (runtime/cache.py InPlaceCache.admit_prefix, serve's scheduler): a slot keeps the ids it holds
+after its request, and a later prompt that starts the same way is fed only from where it differs. Greedy replies
+are those of the runtime's own Generator on the whole prompt (a fresh cache), token for token."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from mistral_trt.runtime.backend import open_backend
+from mistral_trt.runtime.generate import Generator
+from mistral_trt.runtime.request import Request
+from mistral_trt.runtime.sampling import Sampling
+from mistral_trt.runtime.tokenizer import Tokenizer
+from mistral_trt.serve.scheduler import Scheduler
+
+
+def alone(backend, prompt, n):
+    gen = Generator(backend)
+    out = []
+    for t in gen.generate([prompt], n, Sampling(), stop_on_eos=False):
+        out.append(int(t[0]))
+    return out
+
+
+def run(sched: Scheduler, prompt, n: int):
+    """(generated ids, cached prompt tokens) of one greedy request through the scheduler."""
+    done, ids, last = threading.Event(), [], []
+
+    def emit(out):
+        ids.extend(out.token_ids)
+        if out.finish_reason:
+            last.append(out)
+            done.set()
+
+    sched.submit(Request(np.asarray(prompt, np.int64), n, Sampling(), stop_on_eos=False), emit)
+    assert done.wait(120)
+    assert last[0].error is None, last[0].error
+    return ids, last[0].cached_tokens
+
+
+@pytest.fixture(scope="module")
+def setup(demo_fused):
+    backend = open_backend(demo_fused)
+    tok = Tokenizer.for_export(demo_fused, backend.manifest)
+    rng = np.random.default_rng(0)
+    system = rng.integers(100, 20000, 300).tolist()  # a shared "system prompt" of 300 ids
+    return backend, tok, system, rng
+
+
+def test_reuse_is_exact_across_chunks_prefixes_and_eviction(setup):
+    """Chunks of 32 so cached prefixes end mid-chunk; a prompt sharing 300 ids with the previous one is fed from
+    there; a prompt that is a prefix of a cached one re-feeds only its last token (its logits); with 2 slots, a
+    third distinct prompt evicts the least recently used one, and the evicted prompt comes back cold; every reply
+    equals the Generator's on the whole prompt."""
+    backend, tok, system, rng = setup
+    sched = Scheduler(backend, tok, max_batch=2, max_context=1024, prefill_chunk=32)
+    sched.start()
+    try:
+        a = system + rng.integers(100, 20000, 40).tolist()
+        b = system + rng.integers(100, 20000, 57).tolist()
+        c = rng.integers(100, 20000, 90).tolist()
+        d = rng.integers(100, 20000, 70).tolist()
+        cases = [(a, 0), (b, 300), (a[:200], 199), (b + [5, 6], len(b)), (c, 0), (d, 0)]
+        for prompt, expected_cached in cases:
+            ids, cached = run(sched, prompt, 12)
+            assert cached == expected_cached, (len(prompt), cached)
+            assert ids == alone(backend, prompt, 12)
+        # a and b's slots were taken by c and d (least recently used first): b comes back cold, then warm
+        assert run(sched, b, 12)[1] == 0
+        ids, cached = run(sched, b, 12)
+        assert cached == len(b) - 1 and ids == alone(backend, b, 12)
+    finally:
+        sched.stop()
+
+
+def test_a_running_sequence_lends_its_prefix(setup):
+    """A prompt arriving while another with the same 300-id start is still running gets that prefix copied from
+    the running slot (the donor keeps running, unchanged); both replies equal the Generator's."""
+    backend, tok, system, rng = setup
+    sched = Scheduler(backend, tok, max_batch=2, max_context=1024, prefill_chunk=64)
+    sched.start()
+    try:
+        a = system + rng.integers(100, 20000, 20).tolist()
+        b = system + rng.integers(100, 20000, 25).tolist()
+        results = {}
+        t = threading.Thread(target=lambda: results.setdefault("a", run(sched, a, 120)))
+        t.start()
+        while not sched.running or not all(e.seq.prefilled for e in sched.running.values()):
+            threading.Event().wait(0.01)
+        results["b"] = run(sched, b, 12)
+        t.join(120)
+        assert results["b"][1] == 300 and results["a"][1] == 0
+        assert results["b"][0] == alone(backend, b, 12) and results["a"][0] == alone(backend, a, 120)
+    finally:
+        sched.stop()
+
+
+def test_without_the_prefix_cache_nothing_is_reused(setup):
+    backend, tok, system, rng = setup
+    sched = Scheduler(backend, tok, max_batch=1, max_context=1024, prefix_cache=False)
+    sched.start()
+    try:
+        a = system + [7, 8, 9]
+        assert run(sched, a, 4)[1] == 0 and run(sched, a, 4)[1] == 0
+    finally:
+        sched.stop()
+
+
+@pytest.mark.slow
+def test_server_reports_cached_tokens_and_a_conversation_pays_once(demo_fused):
+    """Through `serve` and the `openai` client: a repeated chat reuses all but its last prompt token and answers the
+    same; the next turn of the conversation (history + reply + a new question) reuses the history; usage reports
+    prompt_tokens_details.cached_tokens, /metrics the prefix-cache counters; --no-prefix-cache turns it off."""
+    from test_serve import Server
+
+    msgs = [{"role": "system", "content": "You are a terse assistant. " * 20},
+            {"role": "user", "content": "Name a colour."}]
+    for flag, reused in (((), True), (("--no-prefix-cache",), False)):
+        s = Server(demo_fused, "--model-name", "demo", *flag)
+        try:
+            client = s.client(key="x")
+            first = client.chat.completions.create(model="demo", messages=msgs, max_tokens=8, temperature=0)
+            again = client.chat.completions.create(model="demo", messages=msgs, max_tokens=8, temperature=0)
+            assert again.choices[0].message.content == first.choices[0].message.content
+            turn2 = msgs + [{"role": "assistant", "content": first.choices[0].message.content},
+                            {"role": "user", "content": "Another one."}]
+            second = client.chat.completions.create(model="demo", messages=turn2, max_tokens=8, temperature=0)
+            cached = [r.usage.prompt_tokens_details.cached_tokens for r in (first, again, second)]
+            if reused:
+                assert cached[0] == 0 and cached[1] == first.usage.prompt_tokens - 1
+                assert cached[2] >= first.usage.prompt_tokens, (cached, first.usage.prompt_tokens)
+                text = s.get("/metrics")[1]
+                hits = float(next(ln.split()[-1] for ln in text.splitlines()
+                                  if ln.startswith("mistral_trt_prefix_cache_hits_total")))
+                assert hits == cached[1] + cached[2]
+            else:
+                assert cached == [0, 0, 0]
+        finally:
+            assert s.stop() == 0
