@@ -135,10 +135,10 @@ def _build(params: dict, tok, m):
     return build_request(params, tok, m, m.max_context, CLI, CLI_DEFAULTS)
 
 
-def _stream(gen, tok, req, a, out):
+def _stream(gen, tok, req, a, out, session=None):
     """Run one request, writing its text as it comes (runtime/sequence.py holds back what may begin a stop string,
     so what is written is exactly what --json returns); returns (new ids, text, final stats, the Speculation that
-    ran or None)."""
+    ran or None). `session` (chat): a runtime/session.py Session whose cache the request starts from."""
     from mistral_trt.runtime.speculative import auto_speculation, exactness_note
 
     speculate = a.speculate
@@ -149,7 +149,8 @@ def _stream(gen, tok, req, a, out):
         if note:
             print(note, file=sys.stderr)
     ids, text = [], []
-    for (u,) in gen.run([req], tok, speculate):
+    updates = session.run(req, tok, speculate) if session is not None else (u for (u,) in gen.run([req], tok, speculate))
+    for u in updates:
         if u is None or u.output is None:
             continue
         ids += u.output.token_ids
@@ -215,6 +216,9 @@ def cmd_chat(a):
     flags = _request_params(a)
     _build(flags | {"text": "x"}, tok, m)  # the flags' own errors, before the model loads
     gen = _load_runtime(a.export_dir, a.provider)
+    from mistral_trt.runtime.session import Session
+
+    session = Session(gen)  # each turn is fed from where it differs from what the cache holds: the new messages
 
     def reply():
         prompt = build_prompt({"messages": history}, tok, m, CLI)
@@ -225,7 +229,7 @@ def cmd_chat(a):
         prefix = history.pop()["content"] if history[-1].get("prefix") else ""  # a reply to continue
         if prefix:
             print(prefix, end="", flush=True)
-        _, text, _, _ = _stream(gen, tok, _build(flags | {"ids": prompt}, tok, m), a, sys.stdout)
+        _, text, _, _ = _stream(gen, tok, _build(flags | {"ids": prompt}, tok, m), a, sys.stdout, session)
         print()
         history.append({"role": "assistant", "content": (prefix + text).strip() or " "})
 

@@ -119,19 +119,33 @@ class Generator:
                 for i, p in enumerate(prompts)]
 
     # -- the loop --------------------------------------------------------------------------------
-    def run(self, requests: list[Request], tok=None, speculation: Speculation | None = None):
+    def run(self, requests: list[Request], tok=None, speculation: Speculation | None = None, cache=None):
         """Step the requests, a static batch, from a fresh cache until each has finished: yields per step a list
         with each request's Update (None once it has finished). `tok` None: ids only (no text or stop strings).
         With `speculation` (fused graph) each step feeds every sequence its last token and up to k prompt-lookup
         drafts and keeps what the model itself would produce: greedy output is plain decoding's, sampled output
-        has its distribution (runtime/speculative.py)."""
+        has its distribution (runtime/speculative.py).
+        `cache`: a fused-graph cache kept between runs (runtime/session.py): each prompt is fed from the longest
+        prefix of it the cache holds (InPlaceCache.admit_prefix), each sequence's prompt on its own."""
         for r in requests:
             fit_context(r.prompt, r.max_tokens, self.max_context)
-        cache = self.new_cache(len(requests), max(len(r.prompt) + r.max_tokens for r in requests), speculation)
         lengths = draft_lengths(self.backend.manifest)
         seqs = [Sequence(r, tok, self.eos, speculation, lengths) for r in requests]
-        slots = [cache.admit() for _ in seqs]
-        logits = self.prefill_together(cache, slots, seqs)
+        if cache is None:
+            cache = self.new_cache(len(requests), max(len(r.prompt) + r.max_tokens for r in requests), speculation)
+            slots = [cache.admit() for _ in seqs]
+            logits = self.prefill_together(cache, slots, seqs)
+        else:
+            slots, rows = [], []
+            for s in seqs:
+                slot, held = cache.admit_prefix(s.prompt)
+                if held:
+                    s.skip(held)
+                while not s.prefilled:
+                    last = self._step(cache, [slot], [s.feed(self.chunk)])
+                slots.append(slot)
+                rows.append(last[0])
+            logits = np.stack(rows)
         updates: list[Update | None] = [s.update(row[None]) for s, row in zip(seqs, logits)]
         while True:
             for s, slot in zip(seqs, slots):

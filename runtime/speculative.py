@@ -91,6 +91,9 @@ def draft_lengths(manifest) -> tuple[int, ...]:
     return NBITS_LENGTHS if (manifest.precision or {}).get("name") in NBITS_PRECISIONS else FLOAT_LENGTHS
 
 
+MAX_K = 16  # the most drafts a step may carry
+
+
 @dataclass(frozen=True)
 class Speculation:
     """`generate --speculate ngram[:k]`: up to k drafted tokens per step (draft_lengths: 3, 5 or 7 after a match of
@@ -102,9 +105,9 @@ class Speculation:
 
     @staticmethod
     def parse(text: str) -> "Speculation":
-        """'ngram' or 'ngram:K' (1 <= K <= 16)."""
+        """'ngram' or 'ngram:K' (1 <= K <= MAX_K)."""
         kind, _, k = text.partition(":")
-        if kind != "ngram" or (k and not (k.isdigit() and 1 <= int(k) <= 16)):
+        if kind != "ngram" or (k and not (k.isdigit() and 1 <= int(k) <= MAX_K)):
             raise UserError(f"--speculate {text!r}: expected ngram or ngram:K with K in 1..16 (drafted tokens per step)")
         return Speculation(k=int(k) if k else DEFAULT_K)
 

@@ -139,3 +139,30 @@ def test_server_reports_cached_tokens_and_a_conversation_pays_once(demo_fused):
                 assert cached == [0, 0, 0]
         finally:
             assert s.stop() == 0
+
+
+def test_a_session_pays_for_a_conversation_once(demo_fused):
+    """runtime/session.py: three turns of a conversation; from the second on, the prompt is fed from where it
+    differs from the cache (the history is held), and each reply equals a fresh Generator run on the whole prompt."""
+    from mistral_trt.runtime.request import build_request
+    from mistral_trt.runtime.session import Session
+
+    backend = open_backend(demo_fused)
+    tok = Tokenizer.for_export(demo_fused, backend.manifest)
+    gen = Generator(backend, prefill_chunk=64)
+    session = Session(gen)
+    history = [{"role": "system", "content": "You answer in one short sentence. " * 8}]
+    previous = 0
+    for question in ("What is the sea?", "And the sky?", "And a forest?"):
+        history.append({"role": "user", "content": question})
+        req = build_request({"messages": history, "max_tokens": 10, "temperature": 0}, tok, backend.manifest,
+                            gen.max_context)
+        ids = [t for u in session.run(req, tok) if u is not None for t in u.tokens]
+        fresh = [t for (u,) in Generator(backend).run([req], tok) if u is not None for t in u.tokens]
+        assert ids == fresh
+        assert (session.cached == 0) if previous == 0 else (session.cached >= previous), (session.cached, previous)
+        previous = len(req.prompt)
+        history.append({"role": "assistant", "content": tok.decode([t for t in ids if t not in gen.eos])})
+    session.reset()
+    list(session.run(req, tok))
+    assert session.cached == 0
