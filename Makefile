@@ -18,7 +18,7 @@ OUT      ?= $(if $(MODEL),build/onnx/$(notdir $(abspath $(MODEL)))-$(DTYPE),$(DE
 FUSED_OUT := build/onnx/smollm2-135m-instruct-fused-fp32
 FUSED_Q8  := build/onnx/smollm2-135m-instruct-fused-int8-w8a8-dynamic
 
-.PHONY: setup demo export test test-fast test-main test-quality test-quality-if-changed test-interop demo-fused demo-fused-int8 cpp cpp-asan bench-cpp test-triton bench-triton bench-speculate bench-int4 clean measure-export measure-7b bench bench-serve serve soak gpu-check
+.PHONY: setup demo export test test-fast test-main test-quality test-quality-if-changed test-interop demo-fused demo-fused-int8 cpp cpp-asan bench-cpp test-triton bench-triton bench-speculate bench-int4 clean measure-export measure-7b bench bench-serve bench-multi-turn serve soak gpu-check
 
 setup: $(VENV)/.installed
 
@@ -199,6 +199,10 @@ serve: demo-fused
 bench-serve: demo-fused-int8
 	$(CLI) bench-serve $(FUSED_OUT) $(FUSED_Q8) --prompt-len 32-1024 -o build/bench-serve/prompts-32-1024
 	$(CLI) bench-serve $(FUSED_OUT) $(FUSED_Q8) --prompt-len 32-128 -o build/bench-serve/prompts-32-128
+
+# Conversations through serve, with and without the prefix cache (bench/multiturn.py): TTFT per turn.
+bench-multi-turn: demo-fused-int8
+	$(CLI) bench-serve $(FUSED_OUT) $(FUSED_Q8) --multi-turn 8x4 --system-len 1000 --max-tokens 32 -o build/bench-serve/multi-turn
 
 # `serve` under a bounded 10-minute mix of 64 clients (scripts/soak.py): streamed, non-streamed, cancelled, bad and
 # over-limit requests; checks answers, gauges, descriptors and RSS. Not part of `make test`: SOAK_SECONDS=60 for a taste.

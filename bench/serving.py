@@ -76,7 +76,7 @@ def stream(port: int, prompt: list[int], max_tokens: int) -> dict:
     resp = conn.getresponse()
     if resp.status != 200:
         raise UserError(f"the server answered {resp.status}: {resp.read()[:200]}")
-    times, tokens = [], 0
+    times, tokens, text = [], 0, []
     for raw in resp:
         line = raw.decode().strip()
         if not line.startswith("data: ") or line == "data: [DONE]":
@@ -87,8 +87,9 @@ def stream(port: int, prompt: list[int], max_tokens: int) -> dict:
             tokens = ev["usage"]["completion_tokens"]
         elif ev["choices"] and ev["choices"][0]["text"]:
             times.append(now)
+            text.append(ev["choices"][0]["text"])
     conn.close()
-    return {"sent": t0, "times": times, "tokens": tokens}
+    return {"sent": t0, "times": times, "tokens": tokens, "text": "".join(text)}
 
 
 def stream_triton(port: int, prompt: list[int], max_tokens: int) -> dict:
@@ -297,6 +298,15 @@ def plot(data: dict, path: Path) -> None:
 def main_bench_serve(a) -> None:
     from mistral_trt.export.atomic import plotted_report_folder
 
+    if a.multi_turn:
+        unread = sorted(set(getattr(a, "given", ())) & {"--concurrency", "--rounds", "--prompt-len", "--long-prompt",
+                                                        "--triton", "--speculate"})
+        if unread:
+            raise UserError(f"{', '.join(unread)}: not read by --multi-turn (its load: USERSxTURNS, --system-len, "
+                            "--max-tokens)")
+        return main_bench_multi_turn(a)
+    if "--system-len" in getattr(a, "given", ()):
+        raise UserError("--system-len goes with --multi-turn")
     out = plotted_report_folder(a.output, "bench-serve", "bench-serve", "systems")
     lo, hi = a.prompt_len
     rng = np.random.default_rng(0)
@@ -349,3 +359,42 @@ def main_bench_serve(a) -> None:
     (out / "bench-serve.md").write_text(table + "\n")
     plot(data, out / "bench-serve.png")
     log(f"wrote {out}/bench-serve.md, bench-serve.json, bench-serve.png")
+
+
+def main_bench_multi_turn(a) -> None:
+    """bench-serve --multi-turn (bench/multiturn.py): a table and a plot per export, TTFT per turn with and without
+    the prefix cache."""
+    from .multiturn import main_multi_turn
+
+    out = Path(a.output)
+    out.mkdir(parents=True, exist_ok=True)
+    data, tables = {}, []
+    for folder in map(Path, a.export_dirs):
+        data[folder.name], table = main_multi_turn(a, folder)
+        tables.append(table)
+    text = "\n\n".join(tables)
+    print(text)
+    (out / "bench-serve-multi-turn.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / "bench-serve-multi-turn.md").write_text(text + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("no bench-serve-multi-turn.png: matplotlib is not installed (pip install 'mistral-trt[bench]')")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, d in data.items():
+        turns = [r["turn"] for r in d["turns_table"]]
+        ax.plot(turns, [r["warm_p50_ms"] for r in d["turns_table"]], marker="o", label=f"{name}, prefix cache")
+        ax.plot(turns, [r["cold_p50_ms"] for r in d["turns_table"]], marker="x", linestyle="--",
+                label=f"{name}, fed whole")
+    ax.set_xlabel("turn")
+    ax.set_ylabel("TTFT p50 (ms)")
+    ax.set_xticks(turns)
+    ax.legend(fontsize=7)
+    ax.set_title("time to first token per turn")
+    fig.tight_layout()
+    fig.savefig(out / "bench-serve-multi-turn.png", dpi=100)
+    log(f"wrote {out}/bench-serve-multi-turn.md, .json, .png")

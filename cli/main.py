@@ -301,6 +301,13 @@ def cmd_bench_serve(a):
     main_bench_serve(a)
 
 
+def _users_turns(text: str) -> tuple[int, int]:
+    users, _, turns = text.partition("x")
+    if not (users.isdigit() and turns.isdigit() and int(users) >= 1 and int(turns) >= 2):
+        raise argparse.ArgumentTypeError(f"expected USERSxTURNS with USERS >= 1 and TURNS >= 2, e.g. 8x4, got {text!r}")
+    return int(users), int(turns)
+
+
 def _range(text: str) -> tuple[int, int]:
     try:
         lo, hi = (int(x) for x in text.split("-"))
@@ -649,6 +656,9 @@ def parser() -> argparse.ArgumentParser:
                    "mistral-trt command: an environment with nvidia-pytriton), levels alternated with `serve`")
     s.add_argument("--speculate", type=_speculation, metavar="ngram[:K]", help="also serve each export with `serve "
                    "--speculate` (fused graph), levels alternated with plain `serve`")
+    s.add_argument("--multi-turn", type=_users_turns, metavar="USERSxTURNS", help="instead: USERS concurrent "
+                   "conversations of TURNS turns each (e.g. 8x4), TTFT per turn with and without the prefix cache")
+    s.add_argument("--system-len", type=_count(1), default=1000, help="--multi-turn: the shared system prompt's tokens")
     s.add_argument("-o", "--output", default="build/bench-serve", help="folder for bench-serve.md, .json, .png")
     s.set_defaults(func=cmd_bench_serve)
 

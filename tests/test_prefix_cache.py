@@ -3,6 +3,7 @@ after its request, and a later prompt that starts the same way is fed only from 
 are those of the runtime's own Generator on the whole prompt (a fresh cache), token for token."""
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -166,3 +167,22 @@ def test_a_session_pays_for_a_conversation_once(demo_fused):
     session.reset()
     list(session.run(req, tok))
     assert session.cached == 0
+
+
+@pytest.mark.slow
+def test_bench_serve_multi_turn(tiny_fused, tmp_path, capsys):
+    """bench-serve --multi-turn: both servers, every turn measured, prompts growing turn by turn, a table, JSON and a
+    plot; a load flag it does not read is refused."""
+    from mistral_trt.main import main
+
+    out = tmp_path / "mt"
+    assert main(["bench-serve", str(tiny_fused["full"]), "--multi-turn", "2x3", "--system-len", "64", "--max-tokens",
+                 "4", "-o", str(out)]) == 0
+    data = json.loads((out / "bench-serve-multi-turn.json").read_text())[tiny_fused["full"].name]
+    rows = data["turns_table"]
+    assert [r["turn"] for r in rows] == [1, 2, 3] and rows[0]["prompt_tokens"] < rows[1]["prompt_tokens"] < rows[2]["prompt_tokens"]
+    assert all(r["warm_p50_ms"] > 0 and r["cold_p50_ms"] > 0 for r in rows)
+    assert "Target: turn 3's TTFT p50 <= 0.25x" in capsys.readouterr().out
+    assert (out / "bench-serve-multi-turn.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["bench-serve", str(tiny_fused["full"]), "--multi-turn", "2x3", "--concurrency", "4"]) == 2
+    assert "--concurrency: not read by --multi-turn" in capsys.readouterr().err

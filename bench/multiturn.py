@@ -1,0 +1,87 @@
+"""`mistral-trt bench-serve EXPORT_DIR --multi-turn 8x4`: conversations through `serve`, with the prefix cache and
+without it (`serve --no-prefix-cache`), both servers up at once, in one run.
+
+Each of U users holds a conversation of T turns: a system prompt shared by all (--system-len tokens of held-out
+text), then per turn a question (32 tokens of held-out text, its own per user and turn), and the streamed reply
+(--max-tokens tokens), re-tokenized as a chat client resends it. Users run concurrently, turns one after another;
+each request is a /v1/completions prompt of token ids: the whole conversation so far. Measured per turn: the mean
+prompt length, TTFT p50 / p99 on both servers, and their ratio. The target (issue 42): the last turn's TTFT at most
+0.25x the same prompts fed whole.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from mistral_trt.runtime.manifest import Manifest
+from mistral_trt.runtime.tokenizer import Tokenizer
+
+from .latency import percentile
+from .serving import ServerProcess, log, prompts_from_text, stream
+
+TARGET = 0.25
+
+
+def conversations(send, tok: Tokenizer, system: list[int], questions: list[list[list[int]]], max_tokens: int) -> list:
+    """Every user's turns, users at once: per user a list of (prompt length, TTFT seconds)."""
+    out = [[] for _ in questions]
+
+    def user(u: int) -> None:
+        ids = list(system)
+        for q in questions[u]:
+            ids += q
+            r = send(ids, max_tokens)
+            out[u].append((len(ids), r["times"][0] - r["sent"]))
+            ids += tok.encode(r["text"]).tolist()
+
+    threads = [threading.Thread(target=user, args=(u,)) for u in range(len(questions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def main_multi_turn(a, folder: Path) -> tuple[dict, str]:
+    users, turns = a.multi_turn
+    m = Manifest.load(folder)
+    tok = Tokenizer.for_export(folder, m)
+    texts = prompts_from_text(folder, [a.system_len] + [32] * (users * turns))
+    system, qs = texts[0], texts[1:]
+    questions = [qs[u * turns:(u + 1) * turns] for u in range(users)]
+    max_context = a.system_len + turns * (32 + a.max_tokens + 16) + 64
+    servers = {"prefix cache": (), "no prefix cache": ("--no-prefix-cache",)}
+    log(f"{folder.name}: {users} users x {turns} turns, a {a.system_len}-token system prompt, {a.max_tokens}-token "
+        f"replies; servers with and without the prefix cache ...")
+    running, results = {}, {}
+    try:
+        for name, extra in servers.items():
+            running[name] = ServerProcess(folder, users, max_context, extra)
+        for name, srv in running.items():
+            send = (lambda port: lambda p, n: stream(port, p, n))(srv.port)
+            send(questions[0][0], 2)  # warm-up (a prompt no conversation starts with)
+            results[name] = conversations(send, tok, system, questions, a.max_tokens)
+            log(f"  {name}: done")
+    finally:
+        for srv in running.values():
+            srv.stop()
+    rows = []
+    for t in range(turns):
+        per = {name: [r[u][t] for u in range(users)] for name, r in results.items()}
+        warm, cold = ([ttft for _, ttft in per[n]] for n in servers)
+        rows.append({"turn": t + 1, "prompt_tokens": sum(n for n, _ in per["prefix cache"]) / users,
+                     "warm_p50_ms": 1e3 * percentile(warm, 50), "warm_p99_ms": 1e3 * percentile(warm, 99),
+                     "cold_p50_ms": 1e3 * percentile(cold, 50), "cold_p99_ms": 1e3 * percentile(cold, 99)})
+    last = rows[-1]
+    ratio = last["warm_p50_ms"] / last["cold_p50_ms"]
+    lines = [f"### {folder.name}: {users} users x {turns} turns, system prompt {a.system_len} tokens, "
+             f"replies {a.max_tokens} tokens", "",
+             "| turn | prompt tokens | TTFT p50 / p99 ms, prefix cache | TTFT p50 / p99 ms, fed whole | p50 ratio |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['turn']} | {r['prompt_tokens']:.0f} | {r['warm_p50_ms']:.0f} / {r['warm_p99_ms']:.0f} | "
+                     f"{r['cold_p50_ms']:.0f} / {r['cold_p99_ms']:.0f} | {r['warm_p50_ms'] / r['cold_p50_ms']:.2f}x |")
+    lines += ["", f"Target: turn {turns}'s TTFT p50 <= {TARGET}x the same prompts fed whole: {ratio:.2f}x, "
+              f"{'met' if ratio <= TARGET else 'not met'}."]
+    return {"users": users, "turns": turns, "system_len": a.system_len, "max_tokens": a.max_tokens, "turns_table": rows,
+            "last_turn_ratio": ratio, "target_met": ratio <= TARGET}, "\n".join(lines)
