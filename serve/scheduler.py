@@ -48,11 +48,14 @@ class QueueFull(Exception):
 
 
 class Handle:
-    def __init__(self, entry: "Entry"):
-        self._entry = entry
+    def __init__(self, entry: "Entry", scheduler: "Scheduler"):
+        self._entry, self._scheduler = entry, scheduler
 
     def cancel(self) -> None:
+        """The caller went away: a waiting request leaves the queue now (it no longer counts against --max-queue);
+        a running one frees its slot at the next step."""
         self._entry.cancelled = True
+        self._scheduler._unqueue(self._entry)
 
     def timings(self) -> dict:
         """Seconds from arrival to admission into a slot and to the first token (None: not yet), for access logs."""
@@ -117,7 +120,15 @@ class Scheduler:
             self.waiting.append(entry)
             self.cv.notify()
         self._gauges()
-        return Handle(entry)
+        return Handle(entry, self)
+
+    def _unqueue(self, entry: "Entry") -> None:
+        with self.cv:
+            try:
+                self.waiting.remove(entry)
+            except ValueError:  # admitted already, or never queued
+                return
+        self._gauges()
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._loop, name="model-worker", daemon=True)

@@ -376,3 +376,27 @@ def test_sigterm_drains_without_a_race_20_times(demo_fused):
     assert s.proc.wait(timeout=30) == 0 and time.perf_counter() - t0 < 5
     t.join(10)
     assert out[0][1].endswith("data: [DONE]\n\n") and '"code": "server_shutting_down"' in out[0][1]
+
+
+def test_a_cancelled_waiting_request_leaves_the_queue(tiny_fused):
+    """--max-queue counts requests still wanted: one cancelled while it waits leaves the queue at once (the soak
+    found clients that gave up, then asked again, refused with 429 by their own abandoned requests)."""
+    import numpy as np
+
+    from mistral_trt.runtime.backend import open_backend
+    from mistral_trt.runtime.request import Request
+    from mistral_trt.runtime.sampling import Sampling
+    from mistral_trt.runtime.tokenizer import Tokenizer
+    from mistral_trt.serve.scheduler import QueueFull, Scheduler
+
+    backend = open_backend(tiny_fused["full"])
+    sched = Scheduler(backend, Tokenizer.for_export(tiny_fused["full"], backend.manifest), max_batch=1, max_queue=1,
+                      max_context=256)  # not started: nothing is admitted, so the queue is what is tested
+    req = Request(np.arange(5, 15, dtype=np.int64), 4, Sampling())
+    first = sched.submit(req, emit=lambda out: None)
+    with pytest.raises(QueueFull):
+        sched.submit(req, emit=lambda out: None)
+    first.cancel()
+    assert len(sched.waiting) == 0
+    sched.submit(req, emit=lambda out: None)
+    assert len(sched.waiting) == 1
