@@ -186,3 +186,27 @@ def test_bench_serve_multi_turn(tiny_fused, tmp_path, capsys):
     assert (out / "bench-serve-multi-turn.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["bench-serve", str(tiny_fused["full"]), "--multi-turn", "2x3", "--concurrency", "4"]) == 2
     assert "--concurrency: not read by --multi-turn" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry", ["demo-fused", "demo-fused-int8"])
+def test_reused_prefix_gives_the_cold_logits_bit_for_bit(store, entry):
+    """The logits after a reused 200-token prefix equal those of the whole prompt fed cold in one chunk, bit for bit,
+    on held-out text: fp32, and int8-w8a8-dynamic, whose MatMulNBits quantizes activations per row block, so what
+    else a step carries (its chunking) never changes a row's rounding."""
+    from mistral_trt.calib.data import eval_text
+
+    folder = store.get(entry)
+    backend = open_backend(folder)
+    gen = Generator(backend, prefill_chunk=512)
+    ids = Tokenizer.for_export(folder, backend.manifest).encode(eval_text()).tolist()
+    for i in range(6):
+        prompt = np.array(ids[i * 300:i * 300 + 260], np.int64)
+        cold_cache = gen.new_cache(1, 1024)
+        cold = gen.prefill(cold_cache, [cold_cache.admit()], [prompt])[0]
+        cache = backend.new_cache(1, 1024)
+        slot, held = cache.admit_prefix(prompt[:200])
+        gen._step(cache, [slot], [prompt[:200]])  # an earlier request that shared the first 200 ids
+        cache.release(slot)
+        slot, held = cache.admit_prefix(prompt)
+        assert held == 200
+        assert np.array_equal(gen._step(cache, [slot], [prompt[200:]])[0], cold)
