@@ -210,3 +210,28 @@ def test_reused_prefix_gives_the_cold_logits_bit_for_bit(store, entry):
         slot, held = cache.admit_prefix(prompt)
         assert held == 200
         assert np.array_equal(gen._step(cache, [slot], [prompt[200:]])[0], cold)
+
+
+def test_reuse_beside_speculative_decoding(setup):
+    """With prompt-lookup speculation a slot is rolled back after rejected drafts: what it holds for reuse follows
+    (the rolled-back ids are forgotten), and a prompt reusing it still gets the Generator's greedy reply."""
+    from mistral_trt.runtime.speculative import Speculation
+
+    backend, tok, system, rng = setup
+    from mistral_trt.serve.metrics import Metrics
+
+    metrics = Metrics("demo", 1)
+    sched = Scheduler(backend, tok, max_batch=1, max_context=1024, speculate=Speculation(), metrics=metrics)
+    sched.start()
+    try:
+        a = system + system[:50]  # a prompt that quotes itself: drafts are made, some rejected
+        ids_a, _ = run(sched, a, 40)
+        assert ids_a == alone(backend, a, 40)
+        assert metrics.drafted._value.get() > metrics.accepted._value.get()  # rollbacks happened
+        held = sched.cache.held[0]
+        assert held == a + ids_a[:len(held) - len(a)] and len(held) == int(sched.cache.lengths[0])
+        b = a + ids_a[:10] + [11, 12, 13]
+        ids_b, cached = run(sched, b, 12)
+        assert cached == len(a) + 10 and ids_b == alone(backend, b, 12)
+    finally:
+        sched.stop()
