@@ -200,9 +200,11 @@ bench-serve: demo-fused-int8
 	$(CLI) bench-serve $(FUSED_OUT) $(FUSED_Q8) --prompt-len 32-1024 -o build/bench-serve/prompts-32-1024
 	$(CLI) bench-serve $(FUSED_OUT) $(FUSED_Q8) --prompt-len 32-128 -o build/bench-serve/prompts-32-128
 
-# Conversations through serve, with and without the prefix cache (bench/multiturn.py): TTFT per turn.
+# Conversations through serve, with and without the prefix cache, beside llama.cpp's server when it is built
+# (bash scripts/build_llama_server.sh; bench/multiturn.py): TTFT per turn.
 bench-multi-turn: demo-fused-int8
-	$(CLI) bench-serve $(FUSED_OUT) $(FUSED_Q8) --multi-turn 8x4 --system-len 1000 --max-tokens 32 -o build/bench-serve/multi-turn
+	$(CLI) bench-serve $(FUSED_OUT) $(FUSED_Q8) --multi-turn 8x4 --system-len 1000 --max-tokens 32 --baseline llama-server \
+	  -o build/bench-serve/multi-turn
 
 # `serve` under a bounded 10-minute mix of 64 clients (scripts/soak.py): streamed, non-streamed, cancelled, bad and
 # over-limit requests; checks answers, gauges, descriptors and RSS. Not part of `make test`: SOAK_SECONDS=60 for a taste.

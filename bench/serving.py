@@ -304,9 +304,12 @@ def main_bench_serve(a) -> None:
         if unread:
             raise UserError(f"{', '.join(unread)}: not read by --multi-turn (its load: USERSxTURNS, --system-len, "
                             "--max-tokens)")
+        if a.llama_server and "llama-server" not in (a.baseline or []):
+            raise UserError("--llama-server goes with --baseline llama-server")
         return main_bench_multi_turn(a)
-    if "--system-len" in getattr(a, "given", ()):
-        raise UserError("--system-len goes with --multi-turn")
+    for flag in ("--system-len", "--baseline", "--llama-server"):
+        if flag in getattr(a, "given", ()):
+            raise UserError(f"{flag} goes with --multi-turn")
     out = plotted_report_folder(a.output, "bench-serve", "bench-serve", "systems")
     lo, hi = a.prompt_len
     rng = np.random.default_rng(0)

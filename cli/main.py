@@ -659,6 +659,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--multi-turn", type=_users_turns, metavar="USERSxTURNS", help="instead: USERS concurrent "
                    "conversations of TURNS turns each (e.g. 8x4), TTFT per turn with and without the prefix cache")
     s.add_argument("--system-len", type=_count(1), default=1000, help="--multi-turn: the shared system prompt's tokens")
+    s.add_argument("--baseline", action="append", choices=["llama-server"], help="--multi-turn: also llama.cpp's "
+                   "server on an f32 GGUF of the same checkpoint (bash scripts/build_llama_server.sh builds it)")
+    s.add_argument("--llama-server", metavar="BIN", help="the llama-server binary (default: "
+                   "build/llama-server/bin/llama-server)")
     s.add_argument("-o", "--output", default="build/bench-serve", help="folder for bench-serve.md, .json, .png")
     s.set_defaults(func=cmd_bench_serve)
 

@@ -186,6 +186,22 @@ def test_bench_serve_multi_turn(tiny_fused, tmp_path, capsys):
     assert (out / "bench-serve-multi-turn.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["bench-serve", str(tiny_fused["full"]), "--multi-turn", "2x3", "--concurrency", "4"]) == 2
     assert "--concurrency: not read by --multi-turn" in capsys.readouterr().err
+    assert main(["bench-serve", str(tiny_fused["full"]), "--baseline", "llama-server"]) == 2
+    assert "--baseline goes with --multi-turn" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_multi_turn_says_when_llama_server_is_not_built(tiny_fused, tmp_path, capsys):
+    """--baseline llama-server without the binary: our two servers are measured, and the table says the baseline
+    was not run, naming the command that builds it."""
+    from mistral_trt.main import main
+
+    out = tmp_path / "mt"
+    assert main(["bench-serve", str(tiny_fused["full"]), "--multi-turn", "1x2", "--system-len", "16", "--max-tokens",
+                 "2", "--baseline", "llama-server", "--llama-server", str(tmp_path / "none"), "-o", str(out)]) == 0
+    text = (out / "bench-serve-multi-turn.md").read_text()
+    assert "llama-server: not run" in text and "bash scripts/build_llama_server.sh" in text
+    assert "TTFT p50 / p99 ms, llama-server" not in text  # no column for what did not run
 
 
 @pytest.mark.parametrize("entry", ["demo-fused", "demo-fused-int8"])
