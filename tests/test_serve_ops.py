@@ -253,7 +253,7 @@ def test_limits_and_cancellation(demo_fused):
                 headers={"Content-Type": "application/json"}), timeout=30) as r:
             events = r.read().decode().split("\n\n")
         assert events[-2] == "data: [DONE]" and '"code": "request_timeout"' in events[-3]
-        assert len(events) > 10  # tokens came before the limit
+        assert len(events) > 3, events  # text came before the limit (ignore_eos: EOS and specials add no events)
         # --default-max-tokens
         status, out, _ = s.post("/v1/completions", {"model": "demo", "prompt": "Hi", "ignore_eos": True}, key=None)
         assert status == 200 and out["usage"]["completion_tokens"] == 7 and out["choices"][0]["finish_reason"] == "length"
