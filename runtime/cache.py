@@ -339,6 +339,10 @@ class InPlaceCache(SlotTable):
 
     def release(self, slot: int) -> None:
         super().release(slot)
+        self._touch(slot)
+
+    def _touch(self, slot: int) -> None:
+        """`slot` was used now (least recently used slots are taken first)."""
         self.clock += 1
         self.last_used[slot] = self.clock
 
@@ -379,8 +383,7 @@ class InPlaceCache(SlotTable):
         self.active[slot] = True
         self.lengths[slot] = n
         del self.held[slot][n:]
-        self.clock += 1
-        self.last_used[slot] = self.clock
+        self._touch(slot)
         return slot, n
 
     def _common(self, slot: int, prompt: np.ndarray) -> int:

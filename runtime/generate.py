@@ -92,13 +92,15 @@ class Generator:
         return self.prefill_together(cache, slots, seqs)
 
     def prefill_together(self, cache, slots: list[int], seqs: list[Sequence]) -> np.ndarray:
-        """prefill() of the sequences' prompts, fed through each Sequence (so each knows what it was fed)."""
+        """prefill() of the sequences' prompts, fed through each Sequence (so each knows what it was fed), each from
+        where it stands: a prefix the cache already held (Sequence.skip) is not fed again."""
         limit = self.backend.prefill_past_max
-        t, a = max(len(s.prompt) for s in seqs), 0
+        rest = [len(s.prompt) - s.fed for s in seqs]
+        t, a = max(rest), 0
         while a < t:
             n = self.chunk if limit is None or cache.columns <= limit else 1  # limit: a ColumnCache's engine
             # columns a .. a + n of rows left-padded to the longest: row i's share of them
-            take = [max(0, a + n - (t - len(s.prompt))) - max(0, a - (t - len(s.prompt))) for s in seqs]
+            take = [max(0, a + n - (t - r)) - max(0, a - (t - r)) for r in rest]
             logits = self._step(cache, slots, [s.feed(k) for s, k in zip(seqs, take)])
             a += n
         return logits
@@ -126,7 +128,7 @@ class Generator:
         drafts and keeps what the model itself would produce: greedy output is plain decoding's, sampled output
         has its distribution (runtime/speculative.py).
         `cache`: a fused-graph cache kept between runs (runtime/session.py): each prompt is fed from the longest
-        prefix of it the cache holds (InPlaceCache.admit_prefix), each sequence's prompt on its own."""
+        prefix of it the cache holds (InPlaceCache.admit_prefix)."""
         for r in requests:
             fit_context(r.prompt, r.max_tokens, self.max_context)
         lengths = draft_lengths(self.backend.manifest)
@@ -134,18 +136,13 @@ class Generator:
         if cache is None:
             cache = self.new_cache(len(requests), max(len(r.prompt) + r.max_tokens for r in requests), speculation)
             slots = [cache.admit() for _ in seqs]
-            logits = self.prefill_together(cache, slots, seqs)
         else:
-            slots, rows = [], []
+            slots = []
             for s in seqs:
                 slot, held = cache.admit_prefix(s.prompt)
-                if held:
-                    s.skip(held)
-                while not s.prefilled:
-                    last = self._step(cache, [slot], [s.feed(self.chunk)])
+                s.skip(held)
                 slots.append(slot)
-                rows.append(last[0])
-            logits = np.stack(rows)
+        logits = self.prefill_together(cache, slots, seqs)
         updates: list[Update | None] = [s.update(row[None]) for s, row in zip(seqs, logits)]
         while True:
             for s, slot in zip(seqs, slots):

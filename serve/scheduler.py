@@ -60,9 +60,9 @@ class Handle:
     def timings(self) -> dict:
         """Seconds from arrival to admission into a slot and to the first token (None: not yet), for access logs."""
         e = self._entry
-        t0 = e.seq.t0
+        t0, first = e.seq.t0, e.seq.first_token_at
         return {"queue_s": None if e.admitted_at is None else round(e.admitted_at - t0, 4),
-                "ttft_s": None if e.first_token_at is None else round(e.first_token_at - t0, 4)}
+                "ttft_s": None if first is None else round(first - t0, 4)}
 
 
 class Entry:
@@ -76,7 +76,6 @@ class Entry:
         self.slot: int | None = None
         self.cancelled = False
         self.admitted_at: float | None = None
-        self.first_token_at: float | None = None
         self.last_token_at: float | None = None
 
 
@@ -198,8 +197,7 @@ class Scheduler:
                     continue
                 if self.prefix_cache:
                     e.slot, cached = self.cache.admit_prefix(e.seq.prompt)
-                    if cached:
-                        e.seq.skip(cached)
+                    e.seq.skip(cached)
                     if self.metrics:
                         self.metrics.prefix_queries.inc(len(e.seq.prompt))
                         self.metrics.prefix_hits.inc(cached)
@@ -216,8 +214,8 @@ class Scheduler:
             if self.metrics:
                 end = time.perf_counter()
                 admitted = e.admitted_at or end
-                self.metrics.observe_request(e.seq.t0, admitted, e.first_token_at or end, end, len(e.seq.prompt),
-                                      len(e.seq.generated))
+                self.metrics.observe_request(e.seq.t0, admitted, e.seq.first_token_at or end, end,
+                                             len(e.seq.prompt), len(e.seq.generated))
         emit(out)
 
     def _retire(self, e: Entry) -> None:
@@ -232,14 +230,12 @@ class Scheduler:
         now = time.perf_counter()
         for _ in tokens:
             if self.metrics:
-                if e.first_token_at is None:
+                if e.last_token_at is None:
                     self.metrics.ttft.observe(now - e.seq.t0)
                 else:
                     self.metrics.itl.observe(now - e.last_token_at)
                 self.metrics.generation_tokens.inc()
             e.last_token_at = now
-            if e.first_token_at is None:
-                e.first_token_at = now
 
     def _update(self, e: Entry, logits: np.ndarray) -> None:
         """Hand the entry's logits [m, V] to its sequence, and what comes back to the cache and the caller."""

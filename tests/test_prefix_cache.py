@@ -3,6 +3,7 @@ after its request, and a later prompt that starts the same way is fed only from 
 are those of the runtime's own Generator on the whole prompt (a fresh cache), token for token."""
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 
@@ -23,6 +24,17 @@ def alone(backend, prompt, n):
     for t in gen.generate([prompt], n, Sampling(), stop_on_eos=False):
         out.append(int(t[0]))
     return out
+
+
+@contextlib.contextmanager
+def started(*args, **kwargs):
+    """A running Scheduler, stopped at the end."""
+    sched = Scheduler(*args, **kwargs)
+    sched.start()
+    try:
+        yield sched
+    finally:
+        sched.stop()
 
 
 def run(sched: Scheduler, prompt, n: int):
@@ -56,9 +68,7 @@ def test_reuse_is_exact_across_chunks_prefixes_and_eviction(setup):
     third distinct prompt evicts the least recently used one, and the evicted prompt comes back cold; every reply
     equals the Generator's on the whole prompt."""
     backend, tok, system, rng = setup
-    sched = Scheduler(backend, tok, max_batch=2, max_context=1024, prefill_chunk=32)
-    sched.start()
-    try:
+    with started(backend, tok, max_batch=2, max_context=1024, prefill_chunk=32) as sched:
         a = system + rng.integers(100, 20000, 40).tolist()
         b = system + rng.integers(100, 20000, 57).tolist()
         c = rng.integers(100, 20000, 90).tolist()
@@ -72,17 +82,13 @@ def test_reuse_is_exact_across_chunks_prefixes_and_eviction(setup):
         assert run(sched, b, 12)[1] == 0
         ids, cached = run(sched, b, 12)
         assert cached == len(b) - 1 and ids == alone(backend, b, 12)
-    finally:
-        sched.stop()
 
 
 def test_a_running_sequence_lends_its_prefix(setup):
     """A prompt arriving while another with the same 300-id start is still running gets that prefix copied from
     the running slot (the donor keeps running, unchanged); both replies equal the Generator's."""
     backend, tok, system, rng = setup
-    sched = Scheduler(backend, tok, max_batch=2, max_context=1024, prefill_chunk=64)
-    sched.start()
-    try:
+    with started(backend, tok, max_batch=2, max_context=1024, prefill_chunk=64) as sched:
         a = system + rng.integers(100, 20000, 20).tolist()
         b = system + rng.integers(100, 20000, 25).tolist()
         results = {}
@@ -94,19 +100,13 @@ def test_a_running_sequence_lends_its_prefix(setup):
         t.join(120)
         assert results["b"][1] == 300 and results["a"][1] == 0
         assert results["b"][0] == alone(backend, b, 12) and results["a"][0] == alone(backend, a, 120)
-    finally:
-        sched.stop()
 
 
 def test_without_the_prefix_cache_nothing_is_reused(setup):
     backend, tok, system, rng = setup
-    sched = Scheduler(backend, tok, max_batch=1, max_context=1024, prefix_cache=False)
-    sched.start()
-    try:
+    with started(backend, tok, max_batch=1, max_context=1024, prefix_cache=False) as sched:
         a = system + [7, 8, 9]
         assert run(sched, a, 4)[1] == 0 and run(sched, a, 4)[1] == 0
-    finally:
-        sched.stop()
 
 
 @pytest.mark.slow
@@ -237,9 +237,7 @@ def test_reuse_beside_speculative_decoding(setup):
     from mistral_trt.serve.metrics import Metrics
 
     metrics = Metrics("demo", 1)
-    sched = Scheduler(backend, tok, max_batch=1, max_context=1024, speculate=Speculation(), metrics=metrics)
-    sched.start()
-    try:
+    with started(backend, tok, max_batch=1, max_context=1024, speculate=Speculation(), metrics=metrics) as sched:
         a = system + system[:50]  # a prompt that quotes itself: drafts are made, some rejected
         ids_a, _ = run(sched, a, 40)
         assert ids_a == alone(backend, a, 40)
@@ -249,5 +247,3 @@ def test_reuse_beside_speculative_decoding(setup):
         b = a + ids_a[:10] + [11, 12, 13]
         ids_b, cached = run(sched, b, 12)
         assert cached == len(a) + 10 and ids_b == alone(backend, b, 12)
-    finally:
-        sched.stop()
