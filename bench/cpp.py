@@ -26,7 +26,7 @@ class Params(ctypes.Structure):
 class Stats(ctypes.Structure):
     _fields_ = [("prompt_tokens", ctypes.c_int32), ("new_tokens", ctypes.c_int32),
                 ("time_to_first_token_s", ctypes.c_double), ("decode_tokens_per_s", ctypes.c_double),
-                ("stop_reason", ctypes.c_int32)]
+                ("stop_reason", ctypes.c_int32), ("cached_tokens", ctypes.c_int32)]
 
 
 def load_library(path: str | Path = DEFAULT_LIBRARY):
@@ -46,6 +46,14 @@ def load_library(path: str | Path = DEFAULT_LIBRARY):
     lib.mtrt_default_params.argtypes = [ctypes.POINTER(Params)]
     lib.mtrt_info.restype = ctypes.c_int64
     lib.mtrt_info.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.mtrt_session_open.restype = ctypes.c_void_p
+    lib.mtrt_session_open.argtypes = [ctypes.c_void_p]
+    lib.mtrt_session_append.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
+    lib.mtrt_session_append_ids.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_size_t]
+    lib.mtrt_session_generate.argtypes = [ctypes.c_void_p, ctypes.POINTER(Params), ON_TOKEN, ctypes.c_void_p,
+                                          ctypes.POINTER(Stats), ctypes.POINTER(ctypes.c_double)]
+    lib.mtrt_session_reset.argtypes = [ctypes.c_void_p]
+    lib.mtrt_session_close.argtypes = [ctypes.c_void_p]
     return lib
 
 

@@ -89,7 +89,7 @@ def stream(port: int, prompt: list[int], max_tokens: int) -> dict:
             times.append(now)
             text.append(ev["choices"][0]["text"])
     conn.close()
-    return {"sent": t0, "times": times, "tokens": tokens, "text": "".join(text)}
+    return {"sent": t0, "times": times, "tokens": tokens or len(times), "text": "".join(text)}
 
 
 def stream_triton(port: int, prompt: list[int], max_tokens: int) -> dict:
@@ -158,16 +158,20 @@ class TritonProcess:
 
 def run_level(send, prompts: list[list[int]], clients: int, max_tokens: int) -> dict:
     """`send(prompt, max_tokens)`: one streaming request (stream() or stream_triton())."""
-    results, lock = [], threading.Lock()
+    results, lock, errors = [], threading.Lock(), []
     todo = list(prompts)
 
     def client():
         while True:
             with lock:
-                if not todo:
+                if not todo or errors:
                     return
                 p = todo.pop()
-            r = send(p, max_tokens)
+            try:
+                r = send(p, max_tokens)
+            except Exception as e:  # raised again below, in the caller's thread
+                errors.append(e)
+                return
             with lock:
                 results.append(r)
 
@@ -177,6 +181,8 @@ def run_level(send, prompts: list[list[int]], clients: int, max_tokens: int) -> 
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        raise errors[0]
     wall = time.perf_counter() - t0
     ttft = [r["times"][0] - r["sent"] for r in results if r["times"]]
     itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
@@ -189,10 +195,14 @@ def run_level(send, prompts: list[list[int]], clients: int, max_tokens: int) -> 
 
 def interference(send, short: list[list[int]], long_prompt: list[int], max_tokens: int) -> dict:
     """Short streams decode; once they run, a long prompt arrives. Their ITL before it and while it is in."""
-    out, lock = [], threading.Lock()
+    out, lock, errors = [], threading.Lock(), []
 
     def run(p, n):
-        r = send(p, n)
+        try:
+            r = send(p, n)
+        except Exception as e:  # raised again below, in the caller's thread
+            errors.append(e)
+            return
         with lock:
             out.append((p is long_prompt, r))
 
@@ -205,6 +215,8 @@ def interference(send, short: list[list[int]], long_prompt: list[int], max_token
     tl.start()
     for t in threads + [tl]:
         t.join()
+    if errors:
+        raise errors[0]
     long_r = next(r for is_long, r in out if is_long)
     first = long_r["times"][0] if long_r["times"] else arrive
     before, during = [], []
@@ -220,17 +232,18 @@ def interference(send, short: list[list[int]], long_prompt: list[int], max_token
 
 
 def prompts_from_text(export_dir: Path, lengths: list[int]) -> list[list[int]]:
+    """Prompts of these lengths cut from held-out text, each from its own offset: no two begin at the same place,
+    so none is a prefix of another (a prefix cache finds nothing it was not shown on purpose)."""
     from mistral_trt.calib.data import eval_text
     from mistral_trt.runtime.tokenizer import Tokenizer
 
     ids = Tokenizer.for_export(export_dir, Manifest.load(export_dir)).encode(eval_text()).tolist()
-    out, at = [], 0
-    for n in lengths:
-        if at + n > len(ids):
-            at = 0
-        out.append(ids[at:at + n])
-        at += n
-    return out
+    room = len(ids) - max(lengths)
+    if room < len(lengths):
+        raise UserError(f"the held-out text has {len(ids)} tokens: too few for {len(lengths)} prompts of up to "
+                        f"{max(lengths)} (shorten --prompt-len or --long-prompt)")
+    starts = np.random.default_rng(len(lengths)).choice(room, len(lengths), replace=False)
+    return [ids[a:a + n] for a, n in zip(starts.tolist(), lengths)]
 
 
 def slots_on_paper(m: Manifest, max_context: int) -> list[str]:
@@ -249,12 +262,14 @@ def slots_on_paper(m: Manifest, max_context: int) -> list[str]:
 
 
 def report(data: dict) -> str:
-    lines = ["| export | concurrency | requests | tokens/s (all streams) | x one stream | TTFT p50 ms | TTFT p99 ms | "
-             "ITL p50 ms | ITL p99 ms | ITL p99 / one-stream p50 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| export | concurrency | prompts | requests | tokens/s (all streams) | x one stream | TTFT p50 ms | "
+             "TTFT p99 ms | ITL p50 ms | ITL p99 ms | ITL p99 / one-stream p50 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, sysd in data["systems"].items():
         one = sysd["levels"][0]
         for lv in sysd["levels"]:
-            lines.append(f"| {name} | {lv['concurrency']} | {lv['requests']} | {lv['throughput_tok_s']:.1f} | "
+            lines.append(f"| {name} | {lv['concurrency']} | {lv.get('round', 'cold')} | {lv['requests']} | "
+                         f"{lv['throughput_tok_s']:.1f} | "
                          f"{lv['throughput_tok_s'] / one['throughput_tok_s']:.2f}x | {lv['ttft_p50_ms']:.0f} | "
                          f"{lv['ttft_p99_ms']:.0f} | {lv['itl_p50_ms']:.1f} | {lv['itl_p99_ms']:.1f} | "
                          f"{lv['itl_p99_ms'] / one['itl_p50_ms']:.2f} |")
@@ -268,8 +283,43 @@ def report(data: dict) -> str:
         lines.append(f"| {name} | {x['streams']} | {x['long_prompt_tokens']} | {x['long_ttft_ms']:.0f} | "
                      f"{fmt(x['itl_before_p50_ms'])} | {fmt(x['itl_during_p50_ms'])} | {fmt(x['itl_during_p99_ms'])} | "
                      f"{ratio:.2f} |")
+    if "llama-server" in data["systems"]:
+        lines += [""] + against_llama_server(data)
+    lines += [f"{note}." for note in data.get("notes", [])]
     lines += ["", "KV-cache memory per slot:", ""] + data["slots_on_paper"]
     return "\n".join(lines)
+
+
+def against_llama_server(data: dict) -> list[str]:
+    """Ours over llama.cpp's server, level by level and round by round (cold: prompts never seen; warm: the same
+    prompts again), and the targets of issue 42."""
+    theirs = {(lv["concurrency"], lv.get("round", "cold")): lv for lv in data["systems"]["llama-server"]["levels"]}
+    lines = ["Against llama.cpp's server (the same prompts, levels alternated; ratios ours / llama-server):", "",
+             "| export | concurrency | prompts | tokens/s ours / llama | ratio | TTFT p50 ms ours / llama | "
+             "ITL p99 ms ours / llama |", "|---|---|---|---|---|---|---|"]
+    checks = {"tokens/s >= llama-server's at every level, cold and warm": [],
+              "repeated-prompt (warm) TTFT p50 <= llama-server's": [],
+              f"ITL p99 at {max(c for c, _ in theirs)} streams <= llama-server's": []}
+    for name, sysd in data["systems"].items():
+        if name == "llama-server":
+            continue
+        for lv in sysd["levels"]:
+            key = (lv["concurrency"], lv.get("round", "cold"))
+            t = theirs[key]
+            ratio = lv["throughput_tok_s"] / t["throughput_tok_s"]
+            lines.append(f"| {name} | {key[0]} | {key[1]} | {lv['throughput_tok_s']:.1f} / {t['throughput_tok_s']:.1f} "
+                         f"| {ratio:.2f}x | {lv['ttft_p50_ms']:.0f} / {t['ttft_p50_ms']:.0f} | "
+                         f"{lv['itl_p99_ms']:.0f} / {t['itl_p99_ms']:.0f} |")
+            checks["tokens/s >= llama-server's at every level, cold and warm"].append(ratio >= 1)
+            if key[1] == "warm":
+                checks["repeated-prompt (warm) TTFT p50 <= llama-server's"].append(lv["ttft_p50_ms"] <= t["ttft_p50_ms"])
+            if key[0] == max(c for c, _ in theirs):
+                checks[f"ITL p99 at {key[0]} streams <= llama-server's"].append(lv["itl_p99_ms"] <= t["itl_p99_ms"])
+    lines.append("")
+    for what, ok in checks.items():
+        if ok:
+            lines.append(f"Target: {what}: {'met' if all(ok) else 'not met'} ({sum(ok)} of {len(ok)}).")
+    return lines
 
 
 def plot(data: dict, path: Path) -> None:
@@ -282,10 +332,15 @@ def plot(data: dict, path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for name, sysd in data["systems"].items():
-        c = [lv["concurrency"] for lv in sysd["levels"]]
-        a.plot(c, [lv["throughput_tok_s"] for lv in sysd["levels"]], "o-", label=name)
-        b.plot(c, [lv["itl_p50_ms"] for lv in sysd["levels"]], "o-", label=f"{name} p50")
-        b.plot(c, [lv["itl_p99_ms"] for lv in sysd["levels"]], "x--", label=f"{name} p99")
+        for round_, style in (("cold", "-"), ("warm", ":")):
+            lvs = [lv for lv in sysd["levels"] if lv.get("round", "cold") == round_]
+            if not lvs:
+                continue
+            tag = f"{name}{', warm' if round_ == 'warm' else ''}"
+            c = [lv["concurrency"] for lv in lvs]
+            a.plot(c, [lv["throughput_tok_s"] for lv in lvs], "o" + style, label=tag)
+            b.plot(c, [lv["itl_p50_ms"] for lv in lvs], "o" + style, label=f"{tag} p50")
+            b.plot(c, [lv["itl_p99_ms"] for lv in lvs], "x" + style, label=f"{tag} p99")
     for ax, title in ((a, "generated tokens/s, all streams"), (b, "inter-token latency, ms")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent streams")
@@ -300,28 +355,34 @@ def main_bench_serve(a) -> None:
 
     if a.multi_turn:
         unread = sorted(set(getattr(a, "given", ())) & {"--concurrency", "--rounds", "--prompt-len", "--long-prompt",
-                                                        "--triton", "--speculate"})
+                                                        "--triton", "--speculate", "--warm"})
         if unread:
             raise UserError(f"{', '.join(unread)}: not read by --multi-turn (its load: USERSxTURNS, --system-len, "
                             "--max-tokens)")
-        if a.llama_server and "llama-server" not in (a.baseline or []):
-            raise UserError("--llama-server goes with --baseline llama-server")
+    if a.llama_server and "llama-server" not in (a.baseline or []):
+        raise UserError("--llama-server goes with --baseline llama-server")
+    if a.multi_turn:
         return main_bench_multi_turn(a)
-    for flag in ("--system-len", "--baseline", "--llama-server"):
-        if flag in getattr(a, "given", ()):
-            raise UserError(f"{flag} goes with --multi-turn")
+    if "--system-len" in getattr(a, "given", ()):
+        raise UserError("--system-len goes with --multi-turn")
     out = plotted_report_folder(a.output, "bench-serve", "bench-serve", "systems")
     lo, hi = a.prompt_len
     rng = np.random.default_rng(0)
     levels = sorted(set(a.concurrency))
     max_context = max(hi, a.long_prompt) + a.max_tokens + 8
-    data = {"max_tokens": a.max_tokens, "prompt_len": [lo, hi], "rounds": a.rounds, "systems": {}}
+    data = {"max_tokens": a.max_tokens, "prompt_len": [lo, hi], "rounds": a.rounds, "warm": bool(a.warm),
+            "systems": {}, "notes": []}
     for folder in map(Path, a.export_dirs):
         m = Manifest.load(folder)
-        n_req = max(a.rounds * max(levels), 4)
-        lengths = rng.integers(lo, hi + 1, n_req).tolist()
+        if max_context > m.max_context:
+            raise UserError(f"{folder}: --prompt-len up to {hi} and --long-prompt {a.long_prompt} with --max-tokens "
+                            f"{a.max_tokens} need {max_context} positions; the export's context is {m.max_context}")
+        counts = [max(a.rounds * c, 4) for c in levels]
+        lengths = rng.integers(lo, hi + 1, sum(counts)).tolist()
         prompts = prompts_from_text(folder, lengths + [a.long_prompt] + [32] * 4)
-        long_prompt, shorts, prompts = prompts[n_req], prompts[n_req + 1:], prompts[:n_req]
+        long_prompt, shorts = prompts[len(lengths)], prompts[len(lengths) + 1:]
+        # each level its own prompts, never seen before (cold); --warm sends them again (the prefix cache's case)
+        per_level = [prompts[sum(counts[:k]):sum(counts[:k + 1])] for k in range(len(levels))]
         servers = {folder.name: (ServerProcess, stream)}
         if a.triton:  # both servers up at once, levels alternated between them: drift hits both alike
             servers = {f"{folder.name} (serve)": (ServerProcess, stream),
@@ -332,21 +393,29 @@ def main_bench_serve(a) -> None:
             servers = {(f"{folder.name} (serve)" if len(servers) == 1 else name): v for name, v in servers.items()}
             flag = ("--speculate", f"ngram:{a.speculate.k}")
             servers[f"{folder.name} (serve --speculate)"] = (lambda *x: ServerProcess(*x, extra=flag), stream)
+        if "llama-server" in (a.baseline or []):
+            start = llama_server_starter(a, m)
+            if isinstance(start, str):
+                data["notes"].append(start)
+            else:
+                servers["llama-server"] = (start, stream)
         log(f"{folder.name}: starting {len(servers)} server(s) ({max(levels)} slots of {max_context} positions) ...")
         running, sends = {}, {}
         try:
             for name, (start, send_fn) in servers.items():
                 running[name] = srv = start(folder, max(levels), max_context)
                 sends[name] = (lambda f, port: lambda p, n: f(port, p, n))(send_fn, srv.port)
-                sends[name](prompts[0], 4)  # warm-up
+                sends[name](shorts[0], 4)  # warm-up
             results = {name: {"levels": []} for name in servers}
             for k, c in enumerate(levels):
-                n = max(a.rounds * c, 4)
-                for name in (list(servers) if k % 2 == 0 else list(servers)[::-1]):
-                    lv = run_level(sends[name], prompts[:n], c, a.max_tokens)
-                    results[name]["levels"].append(lv)
-                    log(f"  {name} concurrency {c}: {lv['throughput_tok_s']:.1f} tok/s, TTFT p50 {lv['ttft_p50_ms']:.0f} "
-                        f"ms, ITL p50 {lv['itl_p50_ms']:.1f} / p99 {lv['itl_p99_ms']:.1f} ms ({n} requests)")
+                order = list(servers) if k % 2 == 0 else list(servers)[::-1]
+                for round_ in ("cold", "warm") if a.warm else ("cold",):
+                    for name in order:
+                        lv = run_level(sends[name], per_level[k], c, a.max_tokens) | {"round": round_}
+                        results[name]["levels"].append(lv)
+                        log(f"  {name} concurrency {c} ({round_}): {lv['throughput_tok_s']:.1f} tok/s, TTFT p50 "
+                            f"{lv['ttft_p50_ms']:.0f} ms, ITL p50 {lv['itl_p50_ms']:.1f} / p99 {lv['itl_p99_ms']:.1f} ms "
+                            f"({len(per_level[k])} requests)")
             for name in servers:
                 results[name]["interference"] = interference(sends[name], shorts, long_prompt, a.max_tokens)
                 log(f"  {name} long prompt: {results[name]['interference']}")
@@ -362,6 +431,29 @@ def main_bench_serve(a) -> None:
     (out / "bench-serve.md").write_text(table + "\n")
     plot(data, out / "bench-serve.png")
     log(f"wrote {out}/bench-serve.md, bench-serve.json, bench-serve.png")
+
+
+def llama_server_starter(a, m: Manifest):
+    """A start(folder, slots, max_context) for llama.cpp's server on an f32 GGUF of the export's checkpoint, or the
+    reason it cannot run (not built: the command that builds it)."""
+    from .multiturn import BUILD, LLAMA_SERVER, LlamaServer
+
+    binary = Path(a.llama_server) if a.llama_server else LLAMA_SERVER
+    if not binary.is_file():
+        msg = f"llama-server: not run, {binary} is not built ({BUILD})"
+        log(msg)
+        return msg
+
+    def start(folder, slots, max_context):
+        from mistral_trt.export.gguf_convert import write_gguf
+
+        source = Path(m.source["path"])
+        gguf = Path(a.output) / f"{source.name}-f32.gguf"
+        if not gguf.is_file():
+            gguf.parent.mkdir(parents=True, exist_ok=True)
+            write_gguf(source, gguf)
+        return LlamaServer(binary, gguf, slots, max_context)
+    return start
 
 
 def main_bench_multi_turn(a) -> None:

@@ -123,7 +123,7 @@ def _request_params(a) -> dict:
     spelled out, so it only contradicts a temperature above 0."""
     if a.greedy and (a.temperature or 0) > 0:
         raise UserError(f"--greedy and --temperature {a.temperature:g} contradict each other; give one")
-    return {"temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k,
+    return {"temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k, "min_p": a.min_p,
             "repetition_penalty": a.repetition_penalty, "frequency_penalty": a.frequency_penalty,
             "presence_penalty": a.presence_penalty, "seed": a.seed, "stop": a.stop or None,
             "max_tokens": a.max_new_tokens, "truncate": a.truncate}
@@ -262,6 +262,8 @@ def cmd_serve(a):
     from mistral_trt.serve.access import load_keys
     from mistral_trt.serve.server import serve
 
+    if a.no_prefix_cache and a.prefix_cache_mib is not None:
+        raise UserError("--prefix-cache-mib sizes the prefix cache that --no-prefix-cache turns off: give one of them")
     limits = Limits(max_body_bytes=a.max_body_bytes, header_timeout=a.header_timeout, read_timeout=a.read_timeout,
                     request_timeout=a.request_timeout, default_max_tokens=a.default_max_tokens,
                     max_connections=a.max_connections)
@@ -270,7 +272,8 @@ def cmd_serve(a):
           allowed_origins=tuple(a.allowed_origins or ()), ssl_certfile=a.ssl_certfile, ssl_keyfile=a.ssl_keyfile,
           model_name=a.model_name, safe_prompt=a.safe_prompt, max_context=a.max_context, prefill_chunk=a.prefill_chunk,
           itl_slack=a.itl_slack, provider=a.provider, shutdown_timeout=a.shutdown_timeout, speculate=a.speculate,
-          limits=limits, log_prompts=a.log_prompts, prefix_cache=not a.no_prefix_cache)
+          limits=limits, log_prompts=a.log_prompts, prefix_cache=not a.no_prefix_cache,
+          prefix_cache_mib=a.prefix_cache_mib)
 
 
 def cmd_bench_speculate(a):
@@ -433,6 +436,8 @@ def _add_sampling_args(s):
     s.add_argument("--temperature", type=_parsed(float), help="sample at this temperature (> 0); 0 means greedy")
     s.add_argument("--top-p", type=_parsed(float), help="nucleus sampling, (0, 1] (1: off; needs --temperature)")
     s.add_argument("--top-k", type=_parsed(int), help="sample among the k most likely (0: off; needs --temperature)")
+    s.add_argument("--min-p", type=_parsed(float), help="drop tokens less likely than MIN_P x the most likely one, "
+                   "[0, 1] (0: off)")
     s.add_argument("--repetition-penalty", type=_parsed(float), help="> 0; 1 is off (HF's rule)")
     s.add_argument("--frequency-penalty", type=_parsed(float), help="in [-2, 2]; 0 is off (OpenAI's rule, over the "
                    "generated tokens)")
@@ -618,6 +623,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--no-prefix-cache", action="store_true", help="feed every prompt whole (default, fused graph: a "
                    "slot keeps its tokens after its request, and a prompt starting the same way is fed from where it "
                    "differs)")
+    s.add_argument("--prefix-cache-mib", metavar="MIB", type=_count(0), help="host memory for prefixes kept once "
+                   "their slot is taken by another request, least recently used dropped first (default 1024, or a "
+                   "quarter of the memory the slots leave if less; 0: slots only); more than the memory available is "
+                   "refused")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("triton-repo", help="an export as an NVIDIA Triton model repository (python backend, streamed)")
@@ -659,8 +668,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--multi-turn", type=_users_turns, metavar="USERSxTURNS", help="instead: USERS concurrent "
                    "conversations of TURNS turns each (e.g. 8x4), TTFT per turn with and without the prefix cache")
     s.add_argument("--system-len", type=_count(1), default=1000, help="--multi-turn: the shared system prompt's tokens")
-    s.add_argument("--baseline", action="append", choices=["llama-server"], help="--multi-turn: also llama.cpp's "
-                   "server on an f32 GGUF of the same checkpoint (bash scripts/build_llama_server.sh builds it)")
+    s.add_argument("--warm", action="store_true", help="each level's prompts sent again after their first (cold) "
+                   "round: a second row per level, the prefix cache's case")
+    s.add_argument("--baseline", action="append", choices=["llama-server"], help="also llama.cpp's server on an f32 "
+                   "GGUF of the same checkpoint, levels alternated with ours (bash scripts/build_llama_server.sh builds "
+                   "it); with --multi-turn, the same conversations")
     s.add_argument("--llama-server", metavar="BIN", help="the llama-server binary (default: "
                    "build/llama-server/bin/llama-server)")
     s.add_argument("-o", "--output", default="build/bench-serve", help="folder for bench-serve.md, .json, .png")

@@ -4,7 +4,7 @@
     REPO/mistral-trt-repo.json  what wrote it (so --force replaces only a repository of ours)
     REPO/NAME/config.pbtxt      python backend, decoupled (streamed responses); the inputs of Triton's generate
                                 extension and TensorRT-LLM's ensemble: text_input, max_tokens, temperature, top_p,
-                                top_k, seed, stop, stream (+ messages, raw, input_ids, ignore_eos); output
+                                top_k, min_p, seed, stop, stream (+ messages, raw, input_ids, ignore_eos); output
                                 text_output
     REPO/NAME/1/model.py        serve/triton_model.py, copied: the runtime and serve's continuous-batching
                                 scheduler, one per model instance
@@ -33,6 +33,7 @@ input [
   {{ name: "temperature", data_type: TYPE_FP32, dims: [ 1 ], optional: true }},
   {{ name: "top_p", data_type: TYPE_FP32, dims: [ 1 ], optional: true }},
   {{ name: "top_k", data_type: TYPE_INT32, dims: [ 1 ], optional: true }},
+  {{ name: "min_p", data_type: TYPE_FP32, dims: [ 1 ], optional: true }},
   {{ name: "seed", data_type: TYPE_UINT64, dims: [ 1 ], optional: true }},
   {{ name: "repetition_penalty", data_type: TYPE_FP32, dims: [ 1 ], optional: true }},
   {{ name: "frequency_penalty", data_type: TYPE_FP32, dims: [ 1 ], optional: true }},

@@ -310,6 +310,62 @@ def _fitting(rows: np.ndarray, q: np.ndarray, room: np.ndarray) -> list[np.ndarr
     return out + [np.array(cur)]
 
 
+@dataclass(eq=False)  # entries are compared by identity (their arrays have no single truth value)
+class Stored:
+    ids: np.ndarray  # [n]: the ids whose keys and values these are, from position 0
+    kv: list  # per cache buffer: [KV, n, D]
+    used: int  # the store's clock when last matched or put
+
+
+class PrefixStore:
+    """Prefixes kept in host memory once their slot is taken for another sequence (serve --prefix-cache-mib): a
+    returning conversation finds its history here when every slot has turned over since. At most `budget` bytes;
+    the least recently used entry goes first. An entry whose ids begin another's is dropped (the longer one serves
+    both)."""
+
+    def __init__(self, budget: int):
+        self.budget, self.bytes, self.clock = budget, 0, 0
+        self.entries: list[Stored] = []
+
+    def match(self, prompt: np.ndarray) -> tuple[Stored | None, int]:
+        """The entry sharing the longest prefix with `prompt`, and its length."""
+        best, n = None, 0
+        for e in self.entries:
+            k = common_prefix(e.ids, prompt)
+            if k > n:
+                best, n = e, k
+        if best is not None:
+            self.clock += 1
+            best.used = self.clock
+        return best, n
+
+    def put(self, ids: np.ndarray, kv: list) -> None:
+        size = sum(a.nbytes for a in kv)
+        if size > self.budget or any(len(e.ids) >= len(ids) and common_prefix(e.ids, ids) == len(ids)
+                                     for e in self.entries):
+            return  # too large for the whole budget, or held already
+        for e in [e for e in self.entries if common_prefix(e.ids, ids) == len(e.ids)]:
+            self._drop(e)  # it begins the new one
+        while self.bytes + size > self.budget:
+            self._drop(min(self.entries, key=lambda e: e.used))
+        self.clock += 1
+        self.entries.append(Stored(ids, kv, self.clock))
+        self.bytes += size
+
+    def _drop(self, e: Stored) -> None:
+        self.entries.remove(e)
+        self.bytes -= sum(a.nbytes for a in e.kv)
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if len(diff) else n
+
+
+STORE_MIN_TOKENS = 16  # a shorter prefix is cheaper to feed again than to keep
+
+
 class InPlaceCache(SlotTable):
     """The fused graph's cache (module docstring). `buffers`: 2 * num_layers arrays (or onnxruntime
     OrtValues in device memory) [B, KV, capacity, D], bound as both past_key_values.* and present.*.
@@ -332,6 +388,7 @@ class InPlaceCache(SlotTable):
         self.last_used = np.zeros(slots, np.int64)
         self.clock = 0
         self._fed: list | None = None  # the ids of the step being run (pack -> commit)
+        self.store: PrefixStore | None = None  # where a taken slot's prefix goes (host buffers only)
 
     def _reset_slot(self, slot: int) -> None:
         self.lengths[slot] = 0  # the op writes from position 0 again; what was there is never read
@@ -368,14 +425,19 @@ class InPlaceCache(SlotTable):
         candidates = free if self.whole_rows else range(self.slots)
         src = max(candidates, key=lambda s: (match[s], not self.active[s], self.last_used[s]))
         n = min(match[src], cap)
+        stored, m = self.store.match(prompt) if self.store is not None else (None, 0)
         others = [s for s in free if s != src]
-        if n and not self.active[src] and (len(self.held[src]) <= n or not others or self.whole_rows):
+        if min(m, cap) > n:  # the store holds more of it than any slot: into an empty or the LRU free slot
+            n, slot = min(m, cap), self._vacate(free)
+            for buf, kv in zip(self.buffers, stored.kv):
+                buf[slot, :, :n] = kv[:, :n]
+            self.held[slot] = stored.ids[:n].tolist()
+        elif n and not self.active[src] and (len(self.held[src]) <= n or not others or self.whole_rows):
             slot = src  # in place: nothing of value is overwritten (or nowhere else to go)
+            if len(self.held[slot]) > n:
+                self._spill(slot)
         else:
-            pool = others if n else free
-            slot = next((s for s in pool if not self.held[s]), None)  # an empty slot first
-            if slot is None:
-                slot = min(pool, key=lambda s: self.last_used[s])  # else the least recently used
+            slot = self._vacate(others if n else free)
             if n:
                 for buf in self.buffers:  # [B, KV, capacity, D]
                     buf[slot, :, :n] = buf[src, :, :n]
@@ -385,6 +447,23 @@ class InPlaceCache(SlotTable):
         del self.held[slot][n:]
         self._touch(slot)
         return slot, n
+
+    def _vacate(self, pool: list[int]) -> int:
+        """A slot of `pool` to write a new sequence into: an empty one, else the least recently used, whose prefix
+        goes to the store first."""
+        slot = next((s for s in pool if not self.held[s]), None)
+        if slot is None:
+            slot = min(pool, key=lambda s: self.last_used[s])
+            self._spill(slot)
+        self.held[slot] = []
+        return slot
+
+    def _spill(self, slot: int) -> None:
+        """Copy what `slot` holds into the store (before it is overwritten)."""
+        n = self.reusable(slot)
+        if self.store is not None and not self.whole_rows and n >= STORE_MIN_TOKENS:
+            self.store.put(np.asarray(self.held[slot][:n], np.int64),
+                           [buf[slot, :, :n].copy() for buf in self.buffers])
 
     def _common(self, slot: int, prompt: np.ndarray) -> int:
         """Positions at the start of `slot` that hold `prompt`'s first ids."""

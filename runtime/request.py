@@ -31,8 +31,9 @@ SAFE_PROMPT = ("Always assist with care, respect, and truth. Respond with utmost
                "unethical, prejudiced, or negative content. Ensure replies promote fairness and positivity.")
 MAX_STOPS = 16
 MAX_LOGPROBS = 20
-FIELDS = ("text", "messages", "ids", "raw", "safe_prompt", "max_tokens", "truncate", *SAMPLING_RULES, "stop",
-          "logprobs", "ignore_eos")
+FIELDS = ("text", "messages", "ids", "raw", "safe_prompt", "max_tokens", "truncate", *SAMPLING_RULES, "logit_bias",
+          "stop", "logprobs", "ignore_eos")
+LOGIT_BIAS_RANGE = 100  # OpenAI's: a bias in [-100, 100]
 
 
 TRUNCATE_KEEP = 0.5  # truncation keeps at least this share of a prompt, or refuses
@@ -73,7 +74,7 @@ class Defaults:
 
 CLI = Spelling({"text": "--prompt", "messages": "--messages", "ids": "--ids", "raw": "--raw",
                 "max_tokens": "--max-new-tokens", "truncate": "--truncate", "temperature": "--temperature",
-                "top_p": "--top-p", "top_k": "--top-k", "repetition_penalty": "--repetition-penalty",
+                "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p", "repetition_penalty": "--repetition-penalty",
                 "frequency_penalty": "--frequency-penalty", "presence_penalty": "--presence-penalty",
                 "seed": "--seed", "stop": "--stop"})
 CLI_DEFAULTS = Defaults(temperature=0.0, max_tokens=128)  # a command line is greedy (reproducible) by default
@@ -159,6 +160,7 @@ def build_request(params: dict, tok: Tokenizer, manifest, max_context: int, spel
     if unknown:  # an interface passing a field this builder does not know is a bug, not a user's error
         raise ValueError(f"unknown request fields {sorted(unknown)}")
     sampling = build_sampling(params, spell, defaults.temperature)  # before the prompt: cheap checks first
+    sampling.logit_bias = build_logit_bias(params.get("logit_bias"), manifest.model.vocab_size, spell)
     stop = build_stop(params, spell)
     logprobs = params.get("logprobs")
     if logprobs is not None and not (is_count(logprobs) and 0 <= logprobs <= MAX_LOGPROBS):
@@ -180,6 +182,27 @@ def build_request(params: dict, tok: Tokenizer, manifest, max_context: int, spel
         raise RequestError("max_tokens", str(e), "context_length_exceeded") from None
     return Request(prompt=prompt, max_tokens=int(max_tokens), sampling=sampling, stop=stop,
                    logprobs=None if logprobs is None else int(logprobs), stop_on_eos=not ignore_eos)
+
+
+def build_logit_bias(bias, vocab_size: int, spell: Spelling) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": bias}, ids as strings (JSON keys) or ints, biases in [-100, 100]."""
+    if bias is None or bias == {}:
+        return None
+    name = spell("logit_bias")
+    if not isinstance(bias, dict):
+        raise RequestError("logit_bias", f"{name}: expected an object mapping token ids to biases in "
+                                         f"[-{LOGIT_BIAS_RANGE}, {LOGIT_BIAS_RANGE}]")
+    out = {}
+    for key, value in bias.items():
+        text = str(key)
+        if not (text.isascii() and text.isdigit() and int(text) < vocab_size):
+            raise RequestError("logit_bias", f"{name}: key {key!r}: expected a token id in [0, {vocab_size})")
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE):
+            raise RequestError("logit_bias", f"{name}[{key!r}] {value!r}: expected a number in "
+                                             f"[-{LOGIT_BIAS_RANGE}, {LOGIT_BIAS_RANGE}]")
+        out[int(text)] = float(value)
+    return out
 
 
 def fit_context(prompt: np.ndarray, max_new_tokens: int, max_context: int, truncate: bool = False,

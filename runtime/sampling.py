@@ -33,6 +33,7 @@ SAMPLING_RULES = {
     "temperature": (lambda v: _is_real(v) and v >= 0, "a finite number >= 0 (0: greedy)"),
     "top_p": (lambda v: _is_real(v) and 0 < v <= 1, "a number in (0, 1] (1: off)"),
     "top_k": (lambda v: is_count(v) and v >= 0, "an integer >= 0 (0: off)"),
+    "min_p": (lambda v: _is_real(v) and 0 <= v <= 1, "a number in [0, 1] (0: off)"),
     "repetition_penalty": (lambda v: _is_real(v) and v > 0, "a finite number > 0 (1: off)"),
     "seed": (lambda v: v is None or (is_count(v) and 0 <= v < 2**64), "an integer in [0, 2**64)"),
     "frequency_penalty": (lambda v: _is_real(v) and -2 <= v <= 2, "a number in [-2, 2] (0: off)"),
@@ -57,11 +58,14 @@ class Sampling:
     temperature: float = 0.0
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
+    min_p: float = 0.0  # 0: off; else a token needs at least min_p x the most likely token's probability
     repetition_penalty: float = 1.0  # 1.0: off (HF's rule: divide positive logits, multiply negative ones)
     seed: int | None = None
     # OpenAI's rule, over the generated tokens only: logit[j] -= count[j] * frequency + (count[j] > 0) * presence
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # OpenAI's logit_bias: token id -> a bias in [-100, 100] added to its logit before anything else (greedy too)
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self):
         for name in SAMPLING_RULES:
@@ -114,6 +118,9 @@ def transformed(logits: np.ndarray, s: Sampling, seen: list[list[int]], generate
     (repetition penalty); generated[b]: its generated ids only (frequency and presence penalties); mask [B, V] bool:
     the tokens allowed next (the others get -inf, so neither argmax nor a draw can pick them)."""
     logits = logits.astype(np.float64)
+    if s.logit_bias:
+        ids = np.fromiter(s.logit_bias, np.int64)
+        logits[:, ids] += np.fromiter(s.logit_bias.values(), np.float64)
     if s.repetition_penalty != 1.0:
         for b, ids in enumerate(seen):
             idx = np.unique(ids)
@@ -132,9 +139,11 @@ def transformed(logits: np.ndarray, s: Sampling, seen: list[list[int]], generate
 
 
 def probabilities(logits: np.ndarray, s: Sampling) -> np.ndarray:
-    """Penalised logits [B, V] -> the distribution sampled from (temperature, top-k, top-p), float64."""
+    """Penalised logits [B, V] -> the distribution sampled from (temperature, min-p, top-k, top-p), float64."""
     with np.errstate(over="ignore"):  # a tiny temperature sends all but the top logit to -inf: fine
         logits = (logits - logits.max(-1, keepdims=True)) / s.temperature  # <= 0, the max at 0: never NaN
+    if s.min_p:  # p / p_max = exp(logit - max) after the temperature: below min_p is out (the top token never is)
+        logits = np.where(logits < np.log(s.min_p), -np.inf, logits)
     if s.top_k:
         at = logits.shape[-1] - min(s.top_k, logits.shape[-1])  # where the k-th largest sits in ascending order
         kth = np.partition(logits, at, axis=-1)[:, [at]]

@@ -60,6 +60,41 @@ print(json.dumps({"load_s": load_s, "ttft_s": ttft, "decode_ms": 1000 * float(np
                   "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 """
 
+# The second turn of a conversation on a fused export, through runtime/session.py's Session (the kept cache) and
+# from a fresh one (the same prompt fed whole), greedy, EOS ignored (random weights would stop at random).
+CHILD_TURNS = r"""
+import json, sys, time
+import numpy as np
+from mistral_trt.runtime.backend import open_backend
+from mistral_trt.runtime.generate import Generator
+from mistral_trt.runtime.request import Request
+from mistral_trt.runtime.sampling import Sampling
+from mistral_trt.runtime.session import Session
+folder, history, question, reply = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+gen = Generator(open_backend(folder))
+rng = np.random.default_rng(1)
+def turn(session, prompt):
+    req = Request(np.asarray(prompt, np.int64), reply, Sampling(temperature=0.0), stop_on_eos=False)
+    t, first, ids = time.perf_counter(), None, []
+    for up in session.run(req):
+        if up is not None and up.tokens:
+            first = first or time.perf_counter() - t
+            ids += up.tokens
+    return first, ids
+one = rng.integers(3, gen.backend.manifest.model.vocab_size, history).tolist()
+s = Session(gen)
+t1, out1 = turn(s, one)
+two = one + out1 + rng.integers(3, gen.backend.manifest.model.vocab_size, question).tolist()
+warm, out2 = turn(s, two)
+cold, out3 = turn(Session(gen), two)
+# Random weights give near-tied logits, and the cold run computes the first turn's reply tokens inside a prefill
+# chunk where the kept cache computed them one decode step at a time (other kernels, other rounding): the replies
+# are reported, not required to agree (tests/test_prefix_cache.py checks exactness on real weights).
+same = next((i for i, (x, y) in enumerate(zip(out2, out3)) if x != y), len(out2))
+print(json.dumps({"turn1_tokens": len(one), "turn1_ttft_s": t1, "turn2_tokens": len(two), "cached": s.cached,
+                  "turn2_warm_ttft_s": warm, "turn2_cold_ttft_s": cold, "replies_agree_for": same}))
+"""
+
 
 def run_timed(cmd: list[str]) -> tuple[float, float, str]:
     """Wall seconds, peak RSS (GiB) and stdout of one command, from GNU time; its progress goes to our stderr."""
@@ -107,6 +142,8 @@ def main():
     ap.add_argument("--work", default=str(ROOT / "build" / "measure-7b"))
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--conversation", type=int, default=1500, metavar="N",
+                    help="fused exports: a second turn after an N-token first turn, with the kept cache and fed whole")
     ap.add_argument("--keep", action="store_true", help="keep the 7B exports (the checkpoint is always kept)")
     a = ap.parse_args()
     work = Path(a.work)
@@ -145,6 +182,12 @@ def main():
                 _, _, stdout = run_timed([sys.executable, "-c", CHILD, str(out), str(a.prompt_len), str(a.steps)])
                 run = json.loads(stdout)
                 run["read_gb_s"] = run["bytes_per_token"] / (run["decode_ms"] / 1000) / 1e9
+                if graph == "fused" and a.conversation:
+                    print(f"run {model} {precision}: a second turn after {a.conversation} tokens, kept cache and "
+                          "fed whole ...", file=sys.stderr, flush=True)
+                    _, _, stdout = run_timed([sys.executable, "-c", CHILD_TURNS, str(out), str(a.conversation), "40",
+                                              "16"])
+                    run["turns"] = json.loads(stdout)
             rows.append({"model": model, "precision": precision, "graph": graph, **cost, **run})
             if src == ckpt and not a.keep:
                 import shutil
@@ -167,6 +210,18 @@ def main():
             else "| TensorRT artifact: not run on CPU" + " |" * 7
         print(f"| {r['model']} | {r['graph']} | {r['precision']} | {r['export_s']:.0f} | {r['export_rss_gib']:.2f} "
               f"| {r['size_gib']:.2f} {run}")
+    turns = [r for r in rows if "turns" in r]
+    if turns:
+        print(f"\nThe second turn of a conversation (runtime/session.py's Session: the cache kept between turns), "
+              "beside the same prompt fed whole:\n")
+        print("| model | precision | turn 1: prompt tokens | turn 1 TTFT (s) | turn 2: prompt tokens | cached | "
+              "turn 2 TTFT, kept cache (s) | turn 2 TTFT, fed whole (s) | ratio | greedy replies agree for |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in turns:
+            t = r["turns"]
+            print(f"| {r['model']} | {r['precision']} | {t['turn1_tokens']} | {t['turn1_ttft_s']:.1f} | "
+                  f"{t['turn2_tokens']} | {t['cached']} | {t['turn2_warm_ttft_s']:.2f} | {t['turn2_cold_ttft_s']:.1f} | "
+                  f"{t['turn2_warm_ttft_s'] / t['turn2_cold_ttft_s']:.3f}x | {t['replies_agree_for']} of 16 tokens |")
     (work / "measure-7b.json").write_text(json.dumps({"cpu": cpu, "rows": rows}, indent=1))
     try:
         import matplotlib

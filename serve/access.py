@@ -113,7 +113,7 @@ class AccessLog:
         line = {"time": now.replace("+00:00", "Z"),
                 "request_id": record["request_id"], "client": (scope.get("client") or ("",))[0],
                 "method": scope["method"], "path": scope["path"], "status": status, "finish_reason": reason}
-        for k in ("prompt_tokens", "completion_tokens", "queue_s", "ttft_s", "error"):
+        for k in ("user", "prompt_tokens", "completion_tokens", "queue_s", "ttft_s", "error"):
             if record.get(k) is not None:
                 line[k] = record[k]
         line["e2e_s"] = round(seconds, 4)

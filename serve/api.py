@@ -24,8 +24,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from mistral_trt.runtime.chat import check_messages, format_chat
 from mistral_trt.runtime.errors import RequestError, UserError
 from mistral_trt.runtime.request import HTTP, Defaults, Request, build_request
+from mistral_trt.runtime.tokenizer import check_text
 from mistral_trt.runtime.sampling import SAMPLING_RULES
 from mistral_trt.runtime.sequence import Output
 
@@ -34,11 +36,24 @@ from .limits import Limits, error_body
 from .scheduler import QueueFull
 UNSUPPORTED = {  # parameter -> why (a 400 instead of silently ignoring what the caller asked for)
     "tools": "tool calls are not supported", "tool_choice": "tool calls are not supported",
+    "parallel_tool_calls": "tool calls are not supported",
     "functions": "function calls are not supported", "function_call": "function calls are not supported",
-    "logit_bias": "logit_bias is not supported", "response_format": "response_format other than text is not supported",
+    "response_format": "response_format other than text is not supported",
     "audio": "audio output is not supported", "modalities": "only text output is supported",
     "suffix": "suffix is not supported", "echo": "echo is not supported", "best_of": "best_of is not supported",
+    "store": "storing completions is not supported", "metadata": "metadata is stored only with store",
+    "prediction": "predicted outputs are not supported", "reasoning_effort": "this model does not reason",
+    "web_search_options": "web search is not supported",
 }
+# Every field a request may carry; any other is a 400 naming it (a misspelt or foreign parameter, such as vLLM's
+# guided_json or llama.cpp's grammar, would otherwise be dropped while the caller believes it was applied).
+OPENAI_CHAT = {"model", "messages", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs",
+               "max_tokens", "max_completion_tokens", "n", "seed", "stop", "stream", "stream_options", "temperature",
+               "top_p", "user"}
+OPENAI_COMPLETION = {"model", "prompt", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs",
+                     "max_tokens", "n", "seed", "stop", "stream", "stream_options", "temperature", "top_p", "user"}
+EXTENSIONS = {"top_k", "min_p", "repetition_penalty", "ignore_eos"}  # vLLM's names and meanings
+CHAT_EXTENSIONS = {"safe_prompt"}  # Mistral's API
 
 
 
@@ -95,9 +110,14 @@ def _number(body: dict, name: str, default, low: float, high: float, integer: bo
     return v
 
 
-def _common(body: dict, state: ServerState) -> None:
+def _common(body: dict, state: ServerState, chat: bool = True) -> None:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    known = (OPENAI_CHAT | CHAT_EXTENSIONS if chat else OPENAI_COMPLETION) | EXTENSIONS | set(UNSUPPORTED)
+    for name in body:
+        if name not in known:
+            raise ApiError(400, f"{name}: not a parameter of {'/v1/chat/completions' if chat else '/v1/completions'} on "
+                           "this server (docs/serving.md lists them)", param=name, code="unknown_parameter")
     model = body.get("model")
     if not isinstance(model, str):
         raise ApiError(400, "model: expected the model's name (GET /v1/models)", param="model")
@@ -379,7 +399,7 @@ def create_app(state: ServerState):
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
         except RecursionError:
             raise ApiError(400, "the request body is not valid JSON: nested too deeply") from None
-        _common(body, state)
+        _common(body, state, chat)
         return body, _request(body, state, chat)
 
     async def completion(http: HttpRequest, chat: bool):
@@ -397,6 +417,8 @@ def create_app(state: ServerState):
             body, req = await asyncio.to_thread(prepare, await read_body(http), chat)
             if state.log_prompts:
                 record["prompt"] = body.get("messages") if chat else body.get("prompt")
+            if isinstance(body.get("user"), str):
+                record["user"] = body["user"][:256]  # OpenAI's end-user id: for the operator's access log
             if state.aborting:
                 raise SHUTDOWN.error()
             c = Completion(state, req, chat, body, record)
@@ -416,6 +438,32 @@ def create_app(state: ServerState):
 
     async def completions(http):
         return await completion(http, chat=False)
+
+    async def tokens(http: HttpRequest, encode: bool):
+        """vLLM's POST /tokenize and /detokenize: the ids this server feeds for a prompt or a conversation, and text
+        back from ids (the same ids as `mistral-trt tokenize`)."""
+        if (denied := unauthorized(http)) is not None:
+            return denied
+        if state.scheduler is None:
+            return error(ApiError(503, state.load_error or "the model is loading", type_="server_error",
+                                  code="model_not_ready", headers={"Retry-After": "5"}))
+
+        def run(raw: bytes) -> dict:
+            try:
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+                raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+            return _tokenize(body, state) if encode else _detokenize(body, state)
+        try:
+            return JSONResponse(await asyncio.to_thread(run, await read_body(http)))
+        except ApiError as e:
+            return error(e)
+
+    async def tokenize(http):
+        return await tokens(http, encode=True)
+
+    async def detokenize(http):
+        return await tokens(http, encode=False)
 
     async def models(http):
         if (denied := unauthorized(http)) is not None:
@@ -453,9 +501,73 @@ def create_app(state: ServerState):
         Route(COMPLETIONS[0], chat_completions, methods=["POST"]),
         Route(COMPLETIONS[1], completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ], middleware=middleware, exception_handlers={HTTPException: http_error})
+
+
+def _model_and_fields(body, state: ServerState, known: set[str], path: str) -> None:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    for name in body:
+        if name not in known:
+            raise ApiError(400, f"{name}: not a parameter of {path} on this server", param=name,
+                           code="unknown_parameter")
+    model = body.get("model")
+    if model is not None and model != state.model_name:
+        raise ApiError(404, f"The model `{model}` does not exist (this server serves `{state.model_name}`).",
+                       param="model", code="model_not_found")
+
+
+def _flag(body: dict, name: str, default: bool) -> bool:
+    v = body.get(name, default)
+    if not isinstance(v, bool):
+        raise ApiError(400, f"{name}: expected true or false", param=name)
+    return v
+
+
+def _tokenize(body, state: ServerState) -> dict:
+    """{"prompt", "add_special_tokens"} or {"messages", "add_generation_prompt"} -> {"count", "max_model_len",
+    "tokens"} (and "token_strs" with return_token_strs). A conversation with add_generation_prompt (the default) is
+    what a chat completion feeds; without it, the conversation as it stands (`mistral-trt tokenize`'s form)."""
+    _model_and_fields(body, state, {"model", "prompt", "add_special_tokens", "messages", "add_generation_prompt",
+                                    "return_token_strs"}, "/tokenize")
+    tok, m = state.tokenizer, state.manifest
+    if ("prompt" in body) == ("messages" in body):
+        raise ApiError(400, "give the text as prompt or the conversation as messages (one of them)", param="prompt")
+    try:
+        if "prompt" in body:
+            if "add_generation_prompt" in body:
+                raise ApiError(400, "add_generation_prompt goes with messages", param="add_generation_prompt")
+            text = body["prompt"]
+            if not isinstance(text, str):
+                raise ApiError(400, "prompt: expected a string", param="prompt")
+            check_text(text, "prompt")
+            ids = tok.encode(text, bos=tok.add_bos and _flag(body, "add_special_tokens", True)).tolist()
+        else:
+            if "add_special_tokens" in body:
+                raise ApiError(400, "add_special_tokens goes with prompt (a conversation's special tokens are its chat "
+                               "format's)", param="add_special_tokens")
+            messages = check_messages(_messages(body, state))
+            complete = not _flag(body, "add_generation_prompt", True)
+            ids = format_chat(tok, messages, m.chat_format, m.chat_template, complete=complete)
+    except UserError as e:
+        raise ApiError(400, str(e), param="messages" if "messages" in body else "prompt") from None
+    out = {"count": len(ids), "max_model_len": state.max_context, "tokens": [int(i) for i in ids]}
+    if _flag(body, "return_token_strs", False):
+        out["token_strs"] = [tok.id_to_piece(int(i)) for i in ids]
+    return out
+
+
+def _detokenize(body, state: ServerState) -> dict:
+    _model_and_fields(body, state, {"model", "tokens"}, "/detokenize")
+    ids, vocab = body.get("tokens"), state.manifest.model.vocab_size
+    if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab
+                                          for i in ids)):
+        raise ApiError(400, f"tokens: expected a list of token ids in [0, {vocab})", param="tokens")
+    return {"prompt": state.tokenizer.decode(ids)}
 
 
 def _request(body: dict, state: ServerState, chat: bool) -> Request:
@@ -463,6 +575,7 @@ def _request(body: dict, state: ServerState, chat: bool) -> Request:
     why not. What is OpenAI's alone stays here: content parts, the developer role, chat's logprobs pair."""
     params = {name: body.get(name) for name in SAMPLING_RULES}
     params |= {"stop": body.get("stop"), "ignore_eos": body.get("ignore_eos"),  # vLLM's extension (benchmarks)
+               "logit_bias": body.get("logit_bias"),
                "max_tokens": body.get("max_completion_tokens", body.get("max_tokens"))}
     if chat:
         params["messages"] = _messages(body, state)

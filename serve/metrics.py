@@ -53,6 +53,8 @@ class Metrics:
                                    "again)", registry=r)
         self.kv_usage = Gauge("mistral_trt_kv_cache_usage_perc", "Fraction of the KV cache's positions holding "
                               "tokens (running or kept for reuse)", registry=r)
+        self.prefix_kept_bytes = Gauge("mistral_trt_prefix_cache_kept_bytes", "Host memory holding prefixes whose "
+                                       "slot was taken by another request (serve --prefix-cache-mib)", registry=r)
         self.step_errors = Counter("mistral_trt_step_errors", "Model steps that failed", registry=r)
         self.connections_refused = Counter("mistral_trt_connections_refused", "Connections past --max-connections",
                                            registry=r)

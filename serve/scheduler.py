@@ -31,9 +31,12 @@ import collections
 import itertools
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
+from mistral_trt.runtime.cache import PrefixStore
+from mistral_trt.runtime.errors import UserError
 from mistral_trt.runtime.generate import Generator
 from mistral_trt.runtime.request import Request, fit_context
 from mistral_trt.runtime.sequence import Output, Sequence
@@ -79,10 +82,40 @@ class Entry:
         self.last_token_at: float | None = None
 
 
+DEFAULT_STORE_MIB = 1024
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says a new allocation can have (MemAvailable), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def store_budget(cache, mib: float | None) -> int:
+    """Bytes for prefixes kept after their slot is taken (`serve --prefix-cache-mib`): `mib`, refused when it and
+    the slots' own cache (reserved, filled as used) pass the memory available; unset: 1024 MiB, or a quarter of
+    what the slots leave if that is less."""
+    slots = sum(b.nbytes for b in cache.buffers)
+    free = available_memory()
+    if mib is None:
+        return int(min(DEFAULT_STORE_MIB * 2**20, max(free - slots, 0) // 4)) if free else DEFAULT_STORE_MIB * 2**20
+    want = int(mib * 2**20)
+    if free is not None and want + slots > free:
+        raise UserError(f"--prefix-cache-mib {mib:g}: {want / 2**30:.1f} GiB for kept prefixes plus "
+                        f"{slots / 2**30:.1f} GiB for the {cache.slots} slots' KV cache pass the {free / 2**30:.1f} GiB "
+                        f"of memory available; at most {max(free - slots, 0) // 2**20} MiB")
+    return want
+
+
 class Scheduler:
     def __init__(self, backend, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 64,
                  max_context: int | None = None, prefill_chunk: int = 512, itl_slack: float = 2.5, metrics=None,
-                 speculate=None, prefix_cache: bool = True):
+                 speculate=None, prefix_cache: bool = True, prefix_cache_mib: float | None = None):
         self.backend, self.tok, self.metrics, self.speculate = backend, tokenizer, metrics, speculate
         self.draft_lengths = draft_lengths(backend.manifest)  # drafts after a match of 1, 2, 3 tokens, by the export
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -93,6 +126,15 @@ class Scheduler:
         self.ragged = backend.ragged
         self.cache = self.gen.new_cache(max_batch, self.max_context, speculate)
         self.prefix_cache = prefix_cache  # reuse what a slot holds of a new prompt (the fused graph's cache)
+        self.prefix_cache_bytes = 0
+        if prefix_cache_mib is not None and not (self.ragged and not self.cache.whole_rows):
+            raise UserError(f"--prefix-cache-mib {prefix_cache_mib}: prefixes are kept in host memory for the fused "
+                            "graph's cache on the CPU" + ("" if self.ragged else " (this export's cache starts each "
+                            "static batch fresh: export --graph fused)"))
+        if prefix_cache and self.ragged and not self.cache.whole_rows:
+            self.prefix_cache_bytes = store_budget(self.cache, prefix_cache_mib)
+            if self.prefix_cache_bytes:
+                self.cache.store = PrefixStore(self.prefix_cache_bytes)
         self.waiting: collections.deque[Entry] = collections.deque()
         self.running: dict[int, Entry] = {}  # slot -> entry
         self.cv = threading.Condition()
@@ -195,14 +237,20 @@ class Scheduler:
                 e = self.waiting.popleft()
                 if e.cancelled:
                     continue
-                if self.prefix_cache:
-                    e.slot, cached = self.cache.admit_prefix(e.seq.prompt)
-                    e.seq.skip(cached)
+                try:
+                    if self.prefix_cache:
+                        e.slot, cached = self.cache.admit_prefix(e.seq.prompt)
+                        e.seq.skip(cached)
+                        if self.metrics:
+                            self.metrics.prefix_queries.inc(len(e.seq.prompt))
+                            self.metrics.prefix_hits.inc(cached)
+                    else:
+                        e.slot = self.cache.admit()
+                except Exception as err:  # out of the queue and not running: it must end here, or it waits forever
+                    self._fail(e, f"{type(err).__name__}: {err}")
                     if self.metrics:
-                        self.metrics.prefix_queries.inc(len(e.seq.prompt))
-                        self.metrics.prefix_hits.inc(cached)
-                else:
-                    e.slot = self.cache.admit()
+                        self.metrics.step_errors.inc()
+                    continue
                 e.admitted_at = time.perf_counter()
                 self.running[e.slot] = e
 
@@ -336,3 +384,5 @@ class Scheduler:
             if held is not None:
                 cap = self.cache.capacity
                 self.metrics.kv_usage.set(sum(min(len(h), cap) for h in held) / (self.cache.slots * cap))
+            if self.prefix_cache_bytes:
+                self.metrics.prefix_kept_bytes.set(self.cache.store.bytes)

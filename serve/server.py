@@ -31,7 +31,7 @@ def log(msg: str) -> None:
 
 def load(state: ServerState, export_dir: str, provider: str, max_batch: int, max_queue: int,
          max_context: int | None, prefill_chunk: int, itl_slack: float = 2.5, on_failure=lambda: None,
-         speculate=None, prefix_cache: bool = True) -> None:
+         speculate=None, prefix_cache: bool = True, prefix_cache_mib: float | None = None) -> None:
     """Runs in a thread while the server already answers /health with 503. A model that cannot load stops
     the server (`on_failure`): the command then exits 2 with the reason."""
     from mistral_trt.runtime.backend import open_backend
@@ -44,7 +44,7 @@ def load(state: ServerState, export_dir: str, provider: str, max_batch: int, max
         tok = Tokenizer.for_export(export_dir, backend.manifest)
         sched = Scheduler(backend, tok, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
                           prefill_chunk=prefill_chunk, itl_slack=itl_slack, metrics=state.metrics, speculate=speculate,
-                          prefix_cache=prefix_cache)
+                          prefix_cache=prefix_cache, prefix_cache_mib=prefix_cache_mib)
         sched.start()
     except UserError as e:
         state.load_error = str(e)
@@ -60,7 +60,8 @@ def load(state: ServerState, export_dir: str, provider: str, max_batch: int, max
     log(f"model ready: {state.model_name} ({backend.manifest.graph} graph, {type(backend).__name__}, "
         f"{max_batch} slots of {sched.max_context} positions, "
         f"{'continuous batching' if backend.ragged else 'static batches'}"
-        f"{', prefix cache' if prefix_cache and backend.ragged else ''})")
+        f"{', prefix cache' if prefix_cache and backend.ragged else ''}"
+        f"{f' + {sched.prefix_cache_bytes / 2**20:.0f} MiB for prefixes whose slot was taken' if sched.prefix_cache_bytes else ''})")
 
 
 def tls_context(certfile: str | None, keyfile: str | None) -> None:
@@ -101,7 +102,7 @@ def serve(export_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
           ssl_certfile: str | None = None, ssl_keyfile: str | None = None, model_name: str | None = None,
           safe_prompt: bool = False, max_context: int | None = None, prefill_chunk: int = 512, itl_slack: float = 2.5,
           provider: str = "cpu", shutdown_timeout: float = 30.0, speculate=None, limits: Limits = Limits(),
-          log_prompts: bool = False, prefix_cache: bool = True) -> None:
+          log_prompts: bool = False, prefix_cache: bool = True, prefix_cache_mib: float | None = None) -> None:
     try:
         import uvicorn
     except ImportError:
@@ -157,7 +158,7 @@ def serve(export_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch:
 
     threading.Thread(target=load, name="model-loader", daemon=True, args=(
         state, export_dir, provider, max_batch, max_queue, max_context, prefill_chunk, itl_slack, failed,
-        speculate, prefix_cache)).start()
+        speculate, prefix_cache, prefix_cache_mib)).start()
     scheme = "https" if ssl_certfile else "http"
     log(f"mistral-trt serve: listening on {scheme}://{host}:{bound} (model {state.model_name}); loading {export_dir} ...")
     try:

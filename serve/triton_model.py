@@ -7,7 +7,7 @@ without gets a single response with the whole text (/generate).
 Inputs (config.pbtxt): `text_input` (a user message, in the model's chat format; with `raw: true` the text as it
 is), `messages` (a JSON conversation, formatted by runtime/chat.py) or `input_ids` (tokens, for clients that
 tokenize), and optionally `max_tokens` (default: the room the context leaves), `temperature` (default 1, as the HTTP
-API; 0: greedy), `top_p`, `top_k`, `repetition_penalty`, `frequency_penalty`, `presence_penalty`, `seed`, `stop` (strings), `stream`, `ignore_eos` (benchmarks). Output:
+API; 0: greedy), `top_p`, `top_k`, `min_p`, `repetition_penalty`, `frequency_penalty`, `presence_penalty`, `seed`, `stop` (strings), `stream`, `ignore_eos` (benchmarks). Output:
 `text_output`. The rules and messages are runtime/request.py's, the same as the CLI's and the HTTP API's.
 Needs mistral-trt importable by the python backend (a wheel of this repository installed in the server's Python:
 docs/triton.md).

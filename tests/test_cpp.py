@@ -407,3 +407,99 @@ def test_bench_runs_the_cpp_runtime_beside_the_python_one(cpp, tiny_fused, tmp_p
     cpp_rows = [r for r in rows if r["system"].startswith("cpp:")]
     assert all(r["decode_ms"]["n"] == 2 * 5 and r["ttft_ms"] > 0 and "ours_speedup_decode" in r for r in cpp_rows)
     assert main(["bench", str(tiny_fused["full"]), "--cpp", "--batch", "2", "-o", str(tmp_path / "b2")]) == 2
+
+
+# -- sessions: the KV cache kept between turns ----------------------------------------------------------------
+def fed_prefix(prev: dict, prompt: list[int]) -> int:
+    """Prompt tokens a session's cache holds after `prev` (a generate --json result): its prompt and the reply
+    tokens fed back (all of them after EOS; all but the last sampled one at max_new_tokens), as far as `prompt`
+    begins the same way, and never its last token."""
+    eos = prev["stats"]["new_tokens"] > len(prev["ids"])  # EOS was sampled (it is not in ids)
+    fed = prev["prompt_ids"] + (prev["ids"] if eos else prev["ids"][:-1])
+    n = 0
+    while n < min(len(fed), len(prompt) - 1) and fed[n] == prompt[n]:
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("model", ["tiny", "demo"])
+def test_c_session_example_keeps_the_cache_between_turns(cpp, model, tiny_fused, demo_fused, tmp_path, capsys):
+    """examples/chat.c (run under ASan by `make cpp-asan`): three turns through one session. Each reply equals the
+    Python runtime's fresh run of the whole conversation so far (replies put back as assistant messages), and each
+    turn's cached tokens are exactly what the cache held of its prompt (computed from the Python ids)."""
+    import re
+
+    folder = tiny_fused["full"] if model == "tiny" else demo_fused
+    turns = ["Tell me a story about the sea.", "Make it shorter, and sadder ✓", "Thanks!"]
+    r = subprocess.run([str(cpp / "chat"), str(folder), *turns], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "AddressSanitizer" not in r.stderr and "runtime error" not in r.stderr, r.stderr[-3000:]
+    blocks = re.findall(r"> (.*?)\n(.*?)\n\[(\d+) prompt tokens, (\d+) from the cache, (\d+) new", r.stdout, re.S)
+    assert [b[0] for b in blocks] == turns, r.stdout
+    history, prev = [], None
+    for k, (message, reply, prompt_tokens, cached, _new) in enumerate(blocks):
+        history.append({"role": "user", "content": message})
+        conv = tmp_path / f"conv{k}.json"
+        conv.write_text(json.dumps(history))
+        want = py_generate(capsys, folder, "--messages", conv, "--max-new-tokens", 24)
+        assert reply == want["text"] and int(prompt_tokens) == len(want["prompt_ids"])
+        expect = 0 if prev is None else fed_prefix(prev, want["prompt_ids"])
+        assert int(cached) == expect and (k == 0 or expect >= len(prev["prompt_ids"]) - 1), (k, cached, expect)
+        history.append({"role": "assistant", "content": reply})
+        prev = want
+
+
+@pytest.mark.skipif(SANITIZED, reason="a sanitized library loads only into a sanitized process (the C example covers it)")
+def test_c_session_ids_reset_portable_and_bad_calls(cpp, tiny_fused, tiny_exports):
+    """The session calls from ctypes: ids appended turn by turn give mtrt_generate's reply to the whole ids from a
+    fresh cache, feeding only what is new; reset starts cold; the portable graph keeps nothing (cached 0) and
+    answers the same; misuse is a status 2 with one line."""
+    from mistral_trt.bench.cpp import ON_TOKEN, Params, Stats, load_library
+
+    lib = load_library(cpp / "libmistral_trt.so")
+    p = Params()
+    lib.mtrt_default_params(ctypes.byref(p))
+    p.max_new_tokens = 10
+
+    def fresh(m, ids):
+        got = []
+        cb = ON_TOKEN(lambda user, tid, text, size: (got.append(tid) if tid >= 0 else None) or 0)
+        arr = (ctypes.c_int64 * len(ids))(*ids)
+        assert lib.mtrt_generate(m, arr, len(ids), ctypes.byref(p), cb, None, None, None) == 0, lib.mtrt_last_error()
+        return got
+
+    def turn(s, ids):
+        got, st = [], Stats()
+        cb = ON_TOKEN(lambda user, tid, text, size: (got.append(tid) if tid >= 0 else None) or 0)
+        arr = (ctypes.c_int64 * len(ids))(*ids)
+        assert lib.mtrt_session_append_ids(s, arr, len(ids)) == 0, lib.mtrt_last_error()
+        assert lib.mtrt_session_generate(s, ctypes.byref(p), cb, None, ctypes.byref(st), None) == 0, lib.mtrt_last_error()
+        return got, st
+
+    first, second = [1, 733, 16289, 28793, 22557, 528], [733, 16289, 28793, 7663, 28723]
+    for folder, keeps in ((tiny_fused["full"], True), (tiny_exports["full", "fp32"], False)):
+        m = lib.mtrt_open(str(folder).encode())
+        s = lib.mtrt_session_open(m)
+        assert m and s, lib.mtrt_last_error()
+        try:
+            got1, st1 = turn(s, first)
+            assert got1 == fresh(m, first) and st1.cached_tokens == 0 and st1.prompt_tokens == len(first)
+            whole = first + got1 + second
+            got2, st2 = turn(s, second)
+            assert got2 == fresh(m, whole) and st2.prompt_tokens == len(whole)
+            fed = len(first) + len(got1) - (st1.stop_reason == 0)
+            assert st2.cached_tokens == (fed if keeps else 0)
+            assert lib.mtrt_session_append(s, b"user", b"Hi") == 2
+            assert b"this session holds ids" in lib.mtrt_last_error()
+            assert lib.mtrt_session_reset(s) == 0
+            got3, st3 = turn(s, first)
+            assert got3 == got1 and st3.cached_tokens == 0
+            assert lib.mtrt_session_reset(s) == 0
+            assert lib.mtrt_session_generate(s, ctypes.byref(p), ON_TOKEN(), None, None, None) == 2
+            assert lib.mtrt_last_error() == b"mtrt_session_generate: the session is empty; append a message or ids first"
+            assert lib.mtrt_session_append(s, b"robot", b"Hi") == 2 and b"role 'robot'" in lib.mtrt_last_error()
+            bad = (ctypes.c_int64 * 1)(32000)
+            assert lib.mtrt_session_append_ids(s, bad, 1) == 2 and b"[0, 32000)" in lib.mtrt_last_error()
+            assert lib.mtrt_session_append(None, b"user", b"Hi") == 2
+        finally:
+            lib.mtrt_session_close(s)
+            lib.mtrt_close(m)

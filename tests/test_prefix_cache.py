@@ -68,7 +68,7 @@ def test_reuse_is_exact_across_chunks_prefixes_and_eviction(setup):
     third distinct prompt evicts the least recently used one, and the evicted prompt comes back cold; every reply
     equals the Generator's on the whole prompt."""
     backend, tok, system, rng = setup
-    with started(backend, tok, max_batch=2, max_context=1024, prefill_chunk=32) as sched:
+    with started(backend, tok, max_batch=2, max_context=1024, prefill_chunk=32, prefix_cache_mib=0) as sched:
         a = system + rng.integers(100, 20000, 40).tolist()
         b = system + rng.integers(100, 20000, 57).tolist()
         c = rng.integers(100, 20000, 90).tolist()
@@ -82,6 +82,25 @@ def test_reuse_is_exact_across_chunks_prefixes_and_eviction(setup):
         assert run(sched, b, 12)[1] == 0
         ids, cached = run(sched, b, 12)
         assert cached == len(b) - 1 and ids == alone(backend, b, 12)
+
+
+def test_prefixes_whose_slot_was_taken_come_back_from_kept_memory(setup):
+    """--prefix-cache-mib: with 2 slots and room for two ~110-position prefixes (5 MiB each), four conversations
+    turn the slots over; the first comes back from the kept memory (its whole prompt but the last token), which
+    pushes out the least recently used one, which then comes back cold; every reply is the Generator's."""
+    backend, tok, _, rng = setup
+    p1, p2, p3, p4 = (rng.integers(100, 20000, 100).tolist() for _ in range(4))
+    with started(backend, tok, max_batch=2, max_context=512, prefix_cache_mib=12) as sched:
+        for p in (p1, p2, p3, p4):
+            assert run(sched, p, 12)[1] == 0
+        store = sched.cache.store
+        assert [len(e.ids) for e in store.entries] == [111, 111] and store.bytes <= 12 * 2**20
+        for p, expected in ((p1, 99), (p2, 0), (p3, 99)):
+            ids, cached = run(sched, p, 12)
+            assert cached == expected and ids == alone(backend, p, 12), (cached, expected)
+    with started(backend, tok, max_batch=2, max_context=512, prefix_cache_mib=0) as sched:
+        for p in (p1, p2, p3, p1):
+            assert run(sched, p, 4)[1] == 0 and sched.cache.store is None
 
 
 def test_a_running_sequence_lends_its_prefix(setup):
@@ -186,8 +205,10 @@ def test_bench_serve_multi_turn(tiny_fused, tmp_path, capsys):
     assert (out / "bench-serve-multi-turn.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["bench-serve", str(tiny_fused["full"]), "--multi-turn", "2x3", "--concurrency", "4"]) == 2
     assert "--concurrency: not read by --multi-turn" in capsys.readouterr().err
-    assert main(["bench-serve", str(tiny_fused["full"]), "--baseline", "llama-server"]) == 2
-    assert "--baseline goes with --multi-turn" in capsys.readouterr().err
+    assert main(["bench-serve", str(tiny_fused["full"]), "--system-len", "64"]) == 2
+    assert "--system-len goes with --multi-turn" in capsys.readouterr().err
+    assert main(["bench-serve", str(tiny_fused["full"]), "--max-tokens", "8"]) == 2
+    assert "need 1040 positions; the export's context is 1024" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -247,3 +268,25 @@ def test_reuse_beside_speculative_decoding(setup):
         b = a + ids_a[:10] + [11, 12, 13]
         ids_b, cached = run(sched, b, 12)
         assert cached == len(a) + 10 and ids_b == alone(backend, b, 12)
+
+
+def test_a_prefix_cache_budget_past_the_memory_is_refused_at_start(tiny_fused, tiny_exports):
+    """serve --prefix-cache-mib: more than the memory available (MemAvailable, with the slots' cache) is one line
+    naming the flag and the most it could be, exit 2; so is the flag beside --no-prefix-cache or on a graph without
+    a prefix cache, or a negative budget."""
+    import subprocess
+    import sys
+
+    from mistral_trt.serve.scheduler import available_memory
+
+    huge = 4 * available_memory() // 2**20  # well past it, however the machine's load moves meanwhile
+    cases = [(tiny_fused["full"], ["--prefix-cache-mib", str(huge)], "GiB of memory available; at most "),
+             (tiny_fused["full"], ["--prefix-cache-mib", "8", "--no-prefix-cache"], "turns off: give one of them"),
+             (tiny_exports["full", "fp32"], ["--prefix-cache-mib", "8"], "export --graph fused"),
+             (tiny_fused["full"], ["--prefix-cache-mib", "-1"], "--prefix-cache-mib: expected an integer >= 0")]
+    for folder, args, expected in cases:
+        r = subprocess.run([sys.executable, "-m", "mistral_trt.main", "serve", str(folder), "--port", "0", *args],
+                           capture_output=True, text=True, timeout=120)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2 and expected in last and "Traceback" not in r.stderr, (args, r.stderr)
+        assert args[:2] != ["--prefix-cache-mib", str(huge)] or f"error: --prefix-cache-mib {huge}: " in last

@@ -10,7 +10,18 @@
  *     mtrt_generate(m, ids, n, &p, on_token, NULL, NULL, NULL);                (on_token gets each piece of text)
  *     mtrt_close(m);
  *
- * One handle holds one model and generates one sequence at a time; use one handle per thread. */
+ * A conversation keeps its KV cache between turns in a session, so each turn is fed from where its prompt differs
+ * from what the cache holds (the new messages, not the history):
+ *
+ *     mtrt_session* s = mtrt_session_open(m);
+ *     mtrt_session_append(s, "user", "Why is the sky blue?");
+ *     mtrt_session_generate(s, &p, on_token, NULL, &st, NULL);   (the reply is appended to the conversation)
+ *     mtrt_session_append(s, "user", "And at sunset?");
+ *     mtrt_session_generate(s, &p, on_token, NULL, &st, NULL);   (st.cached_tokens: the history, not fed again)
+ *     mtrt_session_close(s);                                      (before mtrt_close)
+ *
+ * One handle holds one model and generates one sequence at a time (its sessions included); use one handle per
+ * thread. */
 #ifndef MISTRAL_TRT_H
 #define MISTRAL_TRT_H
 
@@ -55,6 +66,7 @@ typedef struct mtrt_stats {
   double time_to_first_token_s;
   double decode_tokens_per_s;
   int32_t stop_reason;      /* 0 max_new_tokens, 1 EOS, 2 a stop string, 3 the callback asked */
+  int32_t cached_tokens;    /* a session's prompt tokens its cache held already, not fed again (0 otherwise) */
 } mtrt_stats;
 
 /* Called for each new token with the text it adds (UTF-8, NUL-terminated, possibly empty while a character or a
@@ -83,6 +95,25 @@ int mtrt_decode(mtrt_model* model, const int64_t* ids, size_t n, char* buf, size
  * from the call to each new token) may be NULL. */
 int mtrt_generate(mtrt_model* model, const int64_t* prompt, size_t prompt_len, const mtrt_params* params,
                   mtrt_on_token on_token, void* user, mtrt_stats* stats, double* token_times);
+
+/* Sessions: a conversation (messages) or a stream of ids, and the KV cache of what was last generated. The cache
+ * is kept with the fused graph (export --graph fused), sized for the model's context and filled as it is used; with
+ * the portable graph each turn is fed whole (cached_tokens 0). A session holds messages or ids, not both. */
+typedef struct mtrt_session mtrt_session;
+
+mtrt_session* mtrt_session_open(mtrt_model* model); /* NULL on failure */
+/* Add a message: role "system", "user" or "assistant" (UTF-8 content). */
+int mtrt_session_append(mtrt_session* session, const char* role, const char* content);
+/* Add ids (for models whose tokenizer the C++ runtime cannot encode, or a prompt already formatted). */
+int mtrt_session_append_ids(mtrt_session* session, const int64_t* ids, size_t n);
+/* Generate a reply to the session so far (messages: formatted in the model's chat format, ending with a user
+ * message), as mtrt_generate does; the reply is then part of the session (an assistant message, or its ids).
+ * On failure the session is unchanged. */
+int mtrt_session_generate(mtrt_session* session, const mtrt_params* params, mtrt_on_token on_token, void* user,
+                          mtrt_stats* stats, double* token_times);
+/* Forget the conversation and the cache (the next generate starts cold). */
+int mtrt_session_reset(mtrt_session* session);
+void mtrt_session_close(mtrt_session* session);
 
 #ifdef __cplusplus
 }

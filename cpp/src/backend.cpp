@@ -3,6 +3,7 @@
 #include <onnxruntime_cxx_api.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <set>
@@ -247,53 +248,85 @@ class PortableBackend final : public OrtBackend {
   std::vector<int64_t> ids_, mask_, pos_;
 };
 
+// The fused graph's cache: one buffer per layer tensor, [1, KV, capacity, D], bound as both past and present.
+// calloc: the pages are untouched (not resident) until the op writes them, so a session sized for the whole
+// context costs memory only as it fills.
+struct FusedCache final : Cache {
+  struct Free {
+    void operator()(uint8_t* p) const { std::free(p); }
+  };
+  std::vector<std::unique_ptr<uint8_t, Free>> buffers;
+  std::unique_ptr<Ort::IoBinding> io;  // the buffers are bound once: only the small inputs change per step
+};
+
 class FusedBackend final : public OrtBackend {
  public:
   explicit FusedBackend(const Manifest& m) : OrtBackend(m) {}
 
   void reset(int capacity) override {
-    const auto& a = m_.model;
     int cap = std::max(capacity, m_.model.sliding_window.value_or(0));  // the op keeps W positions
-    size_t need = static_cast<size_t>(a.num_kv_heads) * cap * a.head_dim * elem_;
-    if (cap != capacity_) {
-      buffers_.assign(past_names_.size(), std::vector<uint8_t>(need, 0));
-      io_.reset();
-    }
-    capacity_ = cap, tokens_ = 0;  // the op writes from position 0 again; what was there is never read
-    if (!io_) {  // the cache is bound once: only the small inputs change from step to step
-      io_ = std::make_unique<Ort::IoBinding>(*session_);
-      for (size_t t = 0; t < past_names_.size(); ++t) {
-        io_->BindInput(past_names_[t].c_str(), kv_tensor(buffers_[t].data(), {1, a.num_kv_heads, cap, a.head_dim}));
-        io_->BindOutput(present_names_[t].c_str(), kv_tensor(buffers_[t].data(), {1, a.num_kv_heads, cap, a.head_dim}));
-      }
-    }
+    if (cur_ == &own_ && cap != own_.capacity) allocate(own_, cap);
+    cur_->held.clear();  // the op writes from position 0 again; what was there is never read
+  }
+
+  std::unique_ptr<Cache> new_cache(int capacity) override {
+    auto c = std::make_unique<FusedCache>();
+    allocate(*c, std::max(capacity, m_.model.sliding_window.value_or(0)));
+    return c;
+  }
+
+  void use(Cache* cache) override { cur_ = cache ? static_cast<FusedCache*>(cache) : &own_; }
+
+  void resume(size_t n) override {
+    if (n > cur_->reusable()) throw Error("resume at " + std::to_string(n) + ": the cache holds " +
+                                          std::to_string(cur_->reusable()) + " reusable positions");
+    cur_->held.resize(n);
   }
 
   const float* step(const int64_t* ids, int n) override {
     const auto& a = m_.model;
-    int64_t total = tokens_ + n;
-    if (!m_.model.sliding_window && total > capacity_)
-      throw Error("KV cache overflow: " + std::to_string(total) + " positions > capacity " + std::to_string(capacity_));
+    FusedCache& c = *cur_;
+    if (!c.io) throw Error("step before reset: the cache has no buffers");
+    int64_t total = static_cast<int64_t>(c.held.size()) + n;
+    if (!m_.model.sliding_window && total > c.capacity)
+      throw Error("KV cache overflow: " + std::to_string(total) + " positions > capacity " + std::to_string(c.capacity));
     ids_.assign(ids, ids + n);
     seqlens_k_ = static_cast<int32_t>(total - 1), total_len_ = static_cast<int32_t>(total), query_ = n;
     index_ = n - 1;  // logits of the last token only
     logits_raw_.resize(static_cast<size_t>(a.vocab_size) * elem_);
-    io_->BindInput("input_ids", tensor(ids_.data(), {1, n}));
-    io_->BindInput("seqlens_k", tensor(&seqlens_k_, {1}));
-    io_->BindInput("total_sequence_length", tensor(&total_len_, {}));
-    io_->BindInput("query_seqlens", tensor(&query_, {1}));
-    io_->BindInput("logits_index", tensor(&index_, {1, 1}));
-    io_->BindOutput("logits", kv_tensor(logits_raw_.data(), {1, 1, a.vocab_size}));
-    run(*io_);
-    tokens_ = total;
+    c.io->BindInput("input_ids", tensor(ids_.data(), {1, n}));
+    c.io->BindInput("seqlens_k", tensor(&seqlens_k_, {1}));
+    c.io->BindInput("total_sequence_length", tensor(&total_len_, {}));
+    c.io->BindInput("query_seqlens", tensor(&query_, {1}));
+    c.io->BindInput("logits_index", tensor(&index_, {1, 1}));
+    c.io->BindOutput("logits", kv_tensor(logits_raw_.data(), {1, 1, a.vocab_size}));
+    run(*c.io);
+    c.held.insert(c.held.end(), ids, ids + n);  // only once the op has written them
     return as_float(logits_raw_, 0);
   }
 
  private:
-  std::vector<std::vector<uint8_t>> buffers_;  // per tensor: [1, KV, capacity, D], bound as past and present
-  std::unique_ptr<Ort::IoBinding> io_;
-  int capacity_ = -1;
-  int64_t tokens_ = 0;
+  void allocate(FusedCache& c, int cap) {
+    const auto& a = m_.model;
+    size_t need = static_cast<size_t>(a.num_kv_heads) * cap * a.head_dim * elem_;
+    c.io.reset();
+    c.buffers.clear();
+    for (size_t t = 0; t < past_names_.size(); ++t) {
+      auto* p = static_cast<uint8_t*>(std::calloc(need, 1));
+      if (!p) throw std::bad_alloc();
+      c.buffers.emplace_back(p);
+    }
+    c.capacity = cap;
+    c.held.clear();
+    c.io = std::make_unique<Ort::IoBinding>(*session_);
+    for (size_t t = 0; t < past_names_.size(); ++t) {
+      c.io->BindInput(past_names_[t].c_str(), kv_tensor(c.buffers[t].get(), {1, a.num_kv_heads, cap, a.head_dim}));
+      c.io->BindOutput(present_names_[t].c_str(), kv_tensor(c.buffers[t].get(), {1, a.num_kv_heads, cap, a.head_dim}));
+    }
+  }
+
+  FusedCache own_;  // mtrt_generate's: sized per call, a fresh sequence each time
+  FusedCache* cur_ = &own_;
   std::vector<int64_t> ids_;
   int32_t seqlens_k_ = 0, total_len_ = 0, query_ = 0;
   int64_t index_ = 0;

@@ -134,7 +134,7 @@ int64_t Generator::sample(const float* logits, const Sampling& s, const std::vec
 }
 
 Result Generator::generate(const std::vector<int64_t>& prompt_in, const Options& o,
-                           const std::function<bool(int64_t, const std::string&)>& on_token) {
+                           const std::function<bool(int64_t, const std::string&)>& on_token, Cache* session) {
   check_sampling(o.sampling);
   for (const auto& s : o.stop) {
     if (s.empty()) throw Error("stop: expected non-empty strings (an empty stop string would stop at once)");
@@ -145,9 +145,28 @@ Result Generator::generate(const std::vector<int64_t>& prompt_in, const Options&
   r.prompt = fit_context(prompt_in, o);
   rng_.seed(o.sampling.seed ? *o.sampling.seed : std::random_device{}());
   double t0 = now_s();
-  int64_t window = backend_.manifest().keep ? *backend_.manifest().keep + chunk_ : 0;
-  backend_.reset(static_cast<int>(window ? window : static_cast<int64_t>(r.prompt.size()) + o.max_new_tokens));
-  const float* logits = prefill(r.prompt);
+  struct Own {  // the backend's own cache comes back whatever happens below
+    Backend& b;
+    ~Own() { b.use(nullptr); }
+  } own{backend_};
+  const float* logits;
+  if (session) {  // matched on ids, never on text
+    size_t n = 0, limit = std::min(session->reusable(), r.prompt.size() - 1);
+    while (n < limit && session->held[n] == r.prompt[n]) ++n;
+    backend_.use(session);
+    backend_.resume(n);
+    r.stats.cached_tokens = static_cast<int64_t>(n);
+    logits = prefill(std::vector<int64_t>(r.prompt.begin() + static_cast<std::ptrdiff_t>(n), r.prompt.end()));
+  } else {
+    int64_t window = backend_.manifest().keep ? *backend_.manifest().keep + chunk_ : 0;
+    backend_.reset(static_cast<int>(window ? window : static_cast<int64_t>(r.prompt.size()) + o.max_new_tokens));
+    logits = prefill(r.prompt);
+  }
+  return run_decode(std::move(r), logits, o, on_token, t0);
+}
+
+Result Generator::run_decode(Result r, const float* logits, const Options& o,
+                             const std::function<bool(int64_t, const std::string&)>& on_token, double t0) {
   r.stats.prompt_tokens = static_cast<int64_t>(r.prompt.size());
   std::vector<int64_t> seen(r.prompt);
   std::optional<StreamDecoder> dec;

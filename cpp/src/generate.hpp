@@ -44,6 +44,7 @@ struct Options {
 
 struct Stats {
   int64_t prompt_tokens = 0, new_tokens = 0;
+  int64_t cached_tokens = 0;  // prompt tokens a session's cache held already (not fed again)
   double time_to_first_token_s = 0, decode_s = 0;
   double decode_tokens_per_s() const { return new_tokens > 1 && decode_s > 0 ? (new_tokens - 1) / decode_s : 0; }
 };
@@ -66,12 +67,16 @@ class Generator {
   const float* prefill(const std::vector<int64_t>& prompt);
   const float* decode_one_token(int64_t token);
   // on_token(id, text it adds) -> false to stop; the text is "" where it is held back (a possible stop string's
-  // start, an incomplete character); id -1 at the end hands over text still held back when EOS came
+  // start, an incomplete character); id -1 at the end hands over text still held back when EOS came.
+  // `session`: a cache kept between calls (Backend::new_cache): the prompt is fed from the longest prefix of it
+  // the cache holds (at most all but its last token, whose logits are needed), the rest of the cache is dropped.
   Result generate(const std::vector<int64_t>& prompt, const Options& o,
-                  const std::function<bool(int64_t, const std::string&)>& on_token = {});
+                  const std::function<bool(int64_t, const std::string&)>& on_token = {}, Cache* session = nullptr);
   int max_context() const { return max_context_; }
 
  private:
+  Result run_decode(Result r, const float* logits, const Options& o,
+                    const std::function<bool(int64_t, const std::string&)>& on_token, double t0);
   int64_t sample(const float* logits, const Sampling& s, const std::vector<int64_t>& seen);
   Backend& backend_;
   const Tokenizer* tok_;
