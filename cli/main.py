@@ -118,12 +118,43 @@ def _load_tokenizer(folder):
     return m, Tokenizer.for_export(folder, m)
 
 
+def _grammar(a):
+    """--json-schema FILE, --regex R or --grammar FILE (GBNF or Lark): what the reply must match (one of them)."""
+    import json
+    from pathlib import Path
+
+    from mistral_trt.runtime.structured import Grammar
+
+    given = [(flag, v) for flag, v in (("--json-schema", a.json_schema), ("--regex", a.regex),
+                                       ("--grammar", a.grammar)) if v is not None]
+    if len(given) > 1:
+        raise UserError(f"{given[0][0]} and {given[1][0]}: give one constraint")
+    if not given:
+        return None
+    flag, value = given[0]
+    if flag == "--regex":
+        return Grammar("regex", value, flag)
+    try:
+        text = Path(value).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{flag} {value}: cannot read it ({e.strerror if isinstance(e, OSError) else e})") from None
+    if flag == "--grammar":
+        return Grammar("grammar", text, f"{flag} {value}")
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{flag} {value}: not valid JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise UserError(f"{flag} {value}: expected a JSON schema (an object)")
+    return Grammar("json_schema", json.dumps(schema, sort_keys=True), f"{flag} {value}")
+
+
 def _request_params(a) -> dict:
     """The sampling and stop flags as runtime/request.py's fields (None: not given). `--greedy` is the default
     spelled out, so it only contradicts a temperature above 0."""
     if a.greedy and (a.temperature or 0) > 0:
         raise UserError(f"--greedy and --temperature {a.temperature:g} contradict each other; give one")
-    return {"temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k, "min_p": a.min_p,
+    return {"grammar": _grammar(a), "temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k, "min_p": a.min_p,
             "repetition_penalty": a.repetition_penalty, "frequency_penalty": a.frequency_penalty,
             "presence_penalty": a.presence_penalty, "seed": a.seed, "stop": a.stop or None,
             "max_tokens": a.max_new_tokens, "truncate": a.truncate}
@@ -439,6 +470,10 @@ def _add_sampling_args(s):
     s.add_argument("--min-p", type=_parsed(float), help="drop tokens less likely than MIN_P x the most likely one, "
                    "[0, 1] (0: off)")
     s.add_argument("--repetition-penalty", type=_parsed(float), help="> 0; 1 is off (HF's rule)")
+    g = s.add_argument_group("structured output (one of them; the reply must match it)")
+    g.add_argument("--json-schema", metavar="FILE", help="a JSON schema")
+    g.add_argument("--regex", metavar="R", help="a regular expression")
+    g.add_argument("--grammar", metavar="FILE", help="a grammar: GBNF (llama.cpp's) or Lark")
     s.add_argument("--frequency-penalty", type=_parsed(float), help="in [-2, 2]; 0 is off (OpenAI's rule, over the "
                    "generated tokens)")
     s.add_argument("--presence-penalty", type=_parsed(float), help="in [-2, 2]; 0 is off (OpenAI's rule)")

@@ -42,7 +42,8 @@ input [
   {{ name: "stream", data_type: TYPE_BOOL, dims: [ 1 ], optional: true }},
   {{ name: "raw", data_type: TYPE_BOOL, dims: [ 1 ], optional: true }},
   {{ name: "input_ids", data_type: TYPE_INT64, dims: [ -1 ], optional: true }},
-  {{ name: "ignore_eos", data_type: TYPE_BOOL, dims: [ 1 ], optional: true }}
+  {{ name: "ignore_eos", data_type: TYPE_BOOL, dims: [ 1 ], optional: true }},
+  {{ name: "json_schema", data_type: TYPE_STRING, dims: [ 1 ], optional: true }}
 ]
 output [
   {{ name: "text_output", data_type: TYPE_STRING, dims: [ -1 ] }}

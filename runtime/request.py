@@ -32,7 +32,7 @@ SAFE_PROMPT = ("Always assist with care, respect, and truth. Respond with utmost
 MAX_STOPS = 16
 MAX_LOGPROBS = 20
 FIELDS = ("text", "messages", "ids", "raw", "safe_prompt", "max_tokens", "truncate", *SAMPLING_RULES, "logit_bias",
-          "stop", "logprobs", "ignore_eos")
+          "stop", "logprobs", "ignore_eos", "grammar")
 LOGIT_BIAS_RANGE = 100  # OpenAI's: a bias in [-100, 100]
 
 
@@ -166,6 +166,10 @@ def build_request(params: dict, tok: Tokenizer, manifest, max_context: int, spel
     if logprobs is not None and not (is_count(logprobs) and 0 <= logprobs <= MAX_LOGPROBS):
         raise RequestError("logprobs", f"{spell('logprobs')} {logprobs!r}: expected an integer in [0, {MAX_LOGPROBS}]")
     ignore_eos = _bool(params, "ignore_eos", False, spell)
+    grammar = params.get("grammar")  # runtime/structured.py's Grammar: the interface has read its own fields
+    if grammar is not None and ignore_eos:
+        raise RequestError("ignore_eos", f"{spell('ignore_eos')} and {grammar.origin or grammar.kind}: a finished "
+                                         "structured reply ends at EOS; give one of them")
     truncate = _bool(params, "truncate", False, spell)
     max_tokens = params.get("max_tokens")
     if max_tokens is not None and not (is_count(max_tokens) and max_tokens >= 1):
@@ -180,8 +184,16 @@ def build_request(params: dict, tok: Tokenizer, manifest, max_context: int, spel
         prompt = fit_context(prompt, int(max_tokens), max_context, truncate, names)
     except UserError as e:
         raise RequestError("max_tokens", str(e), "context_length_exceeded") from None
+    mask = None
+    if grammar is not None:
+        from .structured import grammar_mask  # llguidance: imported only by requests that ask for a grammar
+
+        try:
+            mask = grammar_mask(grammar, tok, manifest)
+        except UserError as e:
+            raise RequestError(grammar.origin or "grammar", str(e)) from None
     return Request(prompt=prompt, max_tokens=int(max_tokens), sampling=sampling, stop=stop,
-                   logprobs=None if logprobs is None else int(logprobs), stop_on_eos=not ignore_eos)
+                   logprobs=None if logprobs is None else int(logprobs), stop_on_eos=not ignore_eos, mask=mask)
 
 
 def build_logit_bias(bias, vocab_size: int, spell: Spelling) -> dict[int, float] | None:

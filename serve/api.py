@@ -30,6 +30,7 @@ from mistral_trt.runtime.request import HTTP, Defaults, Request, build_request
 from mistral_trt.runtime.tokenizer import check_text
 from mistral_trt.runtime.sampling import SAMPLING_RULES
 from mistral_trt.runtime.sequence import Output
+from mistral_trt.runtime.structured import Grammar
 
 from .access import COMPLETIONS, AccessLog, key_ok
 from .limits import Limits, error_body
@@ -38,7 +39,6 @@ UNSUPPORTED = {  # parameter -> why (a 400 instead of silently ignoring what the
     "tools": "tool calls are not supported", "tool_choice": "tool calls are not supported",
     "parallel_tool_calls": "tool calls are not supported",
     "functions": "function calls are not supported", "function_call": "function calls are not supported",
-    "response_format": "response_format other than text is not supported",
     "audio": "audio output is not supported", "modalities": "only text output is supported",
     "suffix": "suffix is not supported", "echo": "echo is not supported", "best_of": "best_of is not supported",
     "store": "storing completions is not supported", "metadata": "metadata is stored only with store",
@@ -49,10 +49,12 @@ UNSUPPORTED = {  # parameter -> why (a 400 instead of silently ignoring what the
 # guided_json or llama.cpp's grammar, would otherwise be dropped while the caller believes it was applied).
 OPENAI_CHAT = {"model", "messages", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs",
                "max_tokens", "max_completion_tokens", "n", "seed", "stop", "stream", "stream_options", "temperature",
-               "top_p", "user"}
+               "top_p", "user", "response_format"}
 OPENAI_COMPLETION = {"model", "prompt", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs",
-                     "max_tokens", "n", "seed", "stop", "stream", "stream_options", "temperature", "top_p", "user"}
-EXTENSIONS = {"top_k", "min_p", "repetition_penalty", "ignore_eos"}  # vLLM's names and meanings
+                     "max_tokens", "n", "seed", "stop", "stream", "stream_options", "temperature", "top_p", "user",
+                     "response_format"}
+# vLLM's names and meanings (structured_outputs too), and llama.cpp's server's grammar (GBNF) and json_schema
+EXTENSIONS = {"top_k", "min_p", "repetition_penalty", "ignore_eos", "structured_outputs", "grammar", "json_schema"}
 CHAT_EXTENSIONS = {"safe_prompt"}  # Mistral's API
 
 
@@ -570,12 +572,76 @@ def _detokenize(body, state: ServerState) -> dict:
     return {"prompt": state.tokenizer.decode(ids)}
 
 
+def _grammar(body: dict) -> Grammar | None:
+    """What a reply must match, from the one field that says it: OpenAI's response_format (json_object, or
+    json_schema with its schema), vLLM's structured_outputs (json, regex, choice, grammar, json_object), or llama.cpp's
+    grammar (GBNF) and json_schema. More than one is a 400."""
+    found = []
+    rf = body.get("response_format")
+    if rf is not None:
+        kind = rf.get("type") if isinstance(rf, dict) else None
+        if kind == "json_object":
+            found.append(Grammar("json_schema", '{"type": "object"}', "response_format"))
+        elif kind == "json_schema":
+            js = rf.get("json_schema")
+            schema = js.get("schema") if isinstance(js, dict) else None
+            if not isinstance(schema, dict):
+                raise ApiError(400, "response_format.json_schema.schema: expected a JSON schema (an object)",
+                               param="response_format")
+            found.append(Grammar("json_schema", _canonical(schema), "response_format.json_schema.schema"))
+        elif kind != "text":
+            raise ApiError(400, "response_format.type: expected text, json_object or json_schema",
+                           param="response_format")
+    so = body.get("structured_outputs")
+    if so is not None:
+        keys = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
+                "json_object": "json_schema"}
+        given = [k for k in (so if isinstance(so, dict) else ()) if so[k] not in (None, False)]
+        if not isinstance(so, dict) or len(given) != 1 or given[0] not in keys:
+            raise ApiError(400, "structured_outputs: expected exactly one of json, regex, choice, grammar, json_object",
+                           param="structured_outputs")
+        k, v = given[0], so[given[0]]
+        origin = f"structured_outputs.{k}"
+        if k == "json_object":
+            v = {"type": "object"}
+        if k in ("json", "json_object"):
+            v = json.loads(v) if isinstance(v, str) and v.strip().startswith("{") else v
+            if not isinstance(v, dict):
+                raise ApiError(400, f"{origin}: expected a JSON schema (an object)", param="structured_outputs")
+            found.append(Grammar("json_schema", _canonical(v), origin))
+        elif k == "choice":
+            if not isinstance(v, list):
+                raise ApiError(400, f"{origin}: expected a list of strings", param="structured_outputs")
+            found.append(Grammar("choice", json.dumps(v), origin))
+        else:
+            if not isinstance(v, str):
+                raise ApiError(400, f"{origin}: expected a string", param="structured_outputs")
+            found.append(Grammar(keys[k], v, origin))
+    if body.get("grammar") is not None:
+        if not isinstance(body["grammar"], str):
+            raise ApiError(400, "grammar: expected a GBNF grammar (a string)", param="grammar")
+        found.append(Grammar("grammar", body["grammar"], "grammar"))
+    if body.get("json_schema") is not None:
+        if not isinstance(body["json_schema"], dict):
+            raise ApiError(400, "json_schema: expected a JSON schema (an object)", param="json_schema")
+        found.append(Grammar("json_schema", _canonical(body["json_schema"]), "json_schema"))
+    if len(found) > 1:
+        raise ApiError(400, f"{found[0].origin} and {found[1].origin}: give one constraint per request",
+                       param=found[1].origin.split(".")[0])
+    return found[0] if found else None
+
+
+def _canonical(obj) -> str:
+    """A schema's text with sorted keys: the compiled-grammar cache's key, so key order does not compile twice."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False)
+
+
 def _request(body: dict, state: ServerState, chat: bool) -> Request:
     """The body's fields in runtime/request.py's names; its rules decide, and its messages (in the API's names) say
     why not. What is OpenAI's alone stays here: content parts, the developer role, chat's logprobs pair."""
     params = {name: body.get(name) for name in SAMPLING_RULES}
     params |= {"stop": body.get("stop"), "ignore_eos": body.get("ignore_eos"),  # vLLM's extension (benchmarks)
-               "logit_bias": body.get("logit_bias"),
+               "logit_bias": body.get("logit_bias"), "grammar": _grammar(body),
                "max_tokens": body.get("max_completion_tokens", body.get("max_tokens"))}
     if chat:
         params["messages"] = _messages(body, state)

@@ -46,6 +46,9 @@ def load(state: ServerState, export_dir: str, provider: str, max_batch: int, max
                           prefill_chunk=prefill_chunk, itl_slack=itl_slack, metrics=state.metrics, speculate=speculate,
                           prefix_cache=prefix_cache, prefix_cache_mib=prefix_cache_mib)
         sched.start()
+        from mistral_trt.runtime.structured import ll_tokenizer
+
+        ll_tokenizer(tok, tuple(backend.manifest.eos_token_id))  # structured outputs' vocabulary, once (~0.5 s)
     except UserError as e:
         state.load_error = str(e)
         on_failure()

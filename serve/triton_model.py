@@ -7,7 +7,7 @@ without gets a single response with the whole text (/generate).
 Inputs (config.pbtxt): `text_input` (a user message, in the model's chat format; with `raw: true` the text as it
 is), `messages` (a JSON conversation, formatted by runtime/chat.py) or `input_ids` (tokens, for clients that
 tokenize), and optionally `max_tokens` (default: the room the context leaves), `temperature` (default 1, as the HTTP
-API; 0: greedy), `top_p`, `top_k`, `min_p`, `repetition_penalty`, `frequency_penalty`, `presence_penalty`, `seed`, `stop` (strings), `stream`, `ignore_eos` (benchmarks). Output:
+API; 0: greedy), `top_p`, `top_k`, `min_p`, `repetition_penalty`, `frequency_penalty`, `presence_penalty`, `seed`, `stop` (strings), `stream`, `ignore_eos` (benchmarks), `json_schema` (the reply must match it). Output:
 `text_output`. The rules and messages are runtime/request.py's, the same as the CLI's and the HTTP API's.
 Needs mistral-trt importable by the python backend (a wheel of this repository installed in the server's Python:
 docs/triton.md).
@@ -25,6 +25,7 @@ from mistral_trt.runtime.backend import open_backend
 from mistral_trt.runtime.errors import UserError
 from mistral_trt.runtime.request import TRITON, Request, build_request
 from mistral_trt.runtime.sampling import SAMPLING_RULES
+from mistral_trt.runtime.structured import Grammar
 from mistral_trt.runtime.speculative import Speculation
 from mistral_trt.runtime.tokenizer import Tokenizer
 from mistral_trt.serve.metrics import PER_REQUEST, Metrics
@@ -151,6 +152,13 @@ class TritonPythonModel:
             params["ids"] = ids.as_numpy().reshape(-1).tolist()
         stop = _strings(request, "stop")
         params["stop"] = stop or None
+        schema = _scalar(request, "json_schema")
+        if schema is not None:  # a JSON schema as text: the reply must match it (runtime/structured.py)
+            try:
+                params["grammar"] = Grammar("json_schema", json.dumps(json.loads(schema), sort_keys=True),
+                                            "input 'json_schema'")
+            except json.JSONDecodeError as e:
+                raise UserError(f"input 'json_schema': not valid JSON: {e}") from None
         stream = _scalar(request, "stream", False)
         req = build_request(params, self.tok, self.manifest, self.sched.max_context, TRITON)
         return req, bool(stream)

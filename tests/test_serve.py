@@ -161,7 +161,7 @@ def test_errors_are_openai_shaped(server):
     cases = [({"n": 2}, "n"), ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
              ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_tokens": 600}, "messages"),
              ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"), ({"stop": [""]}, "stop"),
-             ({"logit_bias": {"5": 1}}, "logit_bias")]
+             ({"logit_bias": {"5": 101}}, "logit_bias"), ({"guided_json": {}}, "guided_json")]
     for extra, param in cases:
         status, body, _ = server.post("/v1/chat/completions", {"model": "demo", "messages": msgs, **extra})
         assert status == 400 and body["error"]["param"] == param and body["error"]["type"] == "invalid_request_error", body

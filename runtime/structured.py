@@ -1,0 +1,179 @@
+"""Structured outputs: a JSON schema, a regular expression, a list of choices or a grammar (GBNF or Lark) as the
+tokens allowed at each step, through llguidance (Rust, no torch: its matcher fills a bitmask over the vocabulary on
+the CPU, tens of microseconds a token; bench/structured.py measures it beside xgrammar, which needs torch).
+
+    spec = Grammar("json_schema", json.dumps(schema))
+    mask = grammar_mask(spec, tok, manifest)      # a runtime/sampling.py TokenMask: one per request
+    Request(prompt, 256, mask=mask)               # the Sequence asks allowed() before each token, accept() after
+
+A compiled grammar is kept by content (LRU, COMPILED entries), so a repeated schema is compiled once; each request
+gets a copy of its matcher. A grammar llguidance cannot compile is a UserError naming the keyword it came from.
+When the grammar is complete only EOS is allowed, so a reply ends there with finish_reason "stop"; at max_tokens
+first it ends with "length" and the partial text, as vLLM does.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UserError
+
+KINDS = ("json_schema", "regex", "choice", "grammar")
+# JSON replies: whitespace between tokens as a pretty-printer writes it, at most 20 characters a gap. Unbounded (JSON's
+# own rule), a sampled small model pads with blank lines until max_tokens; a schema's "x-guidance" may override it.
+JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,20}"}
+COMPILED = 256  # grammars kept compiled
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """What a reply must match. kind: json_schema (a JSON schema as JSON text; {"type": "object"} is any object),
+    regex, choice (a JSON list of strings), grammar (GBNF, llama.cpp's format, or Lark). `origin`: the field the
+    caller gave it in, for messages."""
+
+    kind: str
+    text: str
+    origin: str = ""
+
+
+class GrammarMask:
+    """One request's matcher: the TokenMask of runtime/sampling.py."""
+
+    def __init__(self, matcher, vocab_size: int, origin: str):
+        from llguidance.numpy import allocate_token_bitmask
+
+        self.m, self.vocab_size, self.origin = matcher, vocab_size, origin
+        self.bits = allocate_token_bitmask(1, vocab_size)
+
+    def allowed(self) -> np.ndarray:
+        from llguidance.numpy import fill_next_token_bitmask
+
+        fill_next_token_bitmask(self.m, self.bits)
+        if self.m.is_error():
+            raise UserError(f"{self.origin}: the grammar failed: {self.m.get_error()}")
+        return np.unpackbits(self.bits.view(np.uint8), bitorder="little")[:self.vocab_size].astype(bool)
+
+    def accept(self, token: int) -> None:
+        if not self.m.consume_token(int(token)):
+            raise UserError(f"{self.origin}: token {token} was not allowed ({self.m.get_error()})")
+
+
+def grammar_mask(spec: Grammar, tok, manifest) -> GrammarMask:
+    template = _compiled(spec, tok, tuple(manifest.eos_token_id))
+    return GrammarMask(template.deep_copy(), manifest.model.vocab_size, spec.origin or spec.kind)
+
+
+_lock = threading.Lock()
+_cache: collections.OrderedDict = collections.OrderedDict()
+_tokenizers: dict = {}
+
+
+def _compiled(spec: Grammar, tok, eos: tuple[int, ...]):
+    """The matcher for `spec` in its start state, compiled once per content (and tokenizer)."""
+    import llguidance
+
+    key = (id(tok), eos, spec.kind, spec.text)
+    with _lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    lltok = ll_tokenizer(tok, eos)
+    where = spec.origin or spec.kind
+    try:
+        if spec.kind == "json_schema":
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(spec.text, defaults=JSON_OPTIONS)
+        elif spec.kind == "regex":
+            grammar = llguidance.LLMatcher.grammar_from_regex(spec.text)
+        elif spec.kind == "choice":
+            choices = json.loads(spec.text)
+            if not (isinstance(choices, list) and choices and all(isinstance(c, str) and c for c in choices)):
+                raise UserError(f"{where}: expected a non-empty list of non-empty strings")
+            grammar = llguidance.grammar_from("choice", spec.text)
+        elif spec.kind == "grammar":
+            grammar = llguidance.grammar_from("grammar", spec.text)
+        else:
+            raise UserError(f"{where}: expected one of {', '.join(KINDS)}")
+    except ValueError as e:
+        raise UserError(f"{where}: {first_line(str(e))}") from None
+    error = llguidance.LLMatcher.validate_grammar(grammar, lltok)
+    if error and not error.startswith("WARNING"):
+        raise UserError(f"{where}: cannot be compiled: {first_line(error)}")
+    matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
+    if matcher.is_error():
+        raise UserError(f"{where}: cannot be compiled: {first_line(matcher.get_error())}")
+    with _lock:
+        _cache[key] = matcher
+        while len(_cache) > COMPILED:
+            _cache.popitem(last=False)
+    return matcher
+
+
+def first_line(text: str, limit: int = 300) -> str:
+    return text.strip().split("\n")[0][:limit]
+
+
+def ll_tokenizer(tok, eos: tuple[int, ...]):
+    """llguidance's view of our tokenizer: every id's bytes as they appear in text, which ids are special, EOS."""
+    import llguidance
+
+    key = (id(tok), eos)
+    with _lock:
+        if key not in _tokenizers:
+            _tokenizers[key] = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocabulary(tok, eos)),
+                                                      eos_token=list(eos))
+        return _tokenizers[key]
+
+
+class _Vocabulary:
+    """What llguidance's TokenizerWrapper reads: tokens (bytes per id), special ids, BOS/EOS, and encode."""
+
+    def __init__(self, tok, eos: tuple[int, ...]):
+        self.tok = tok
+        self.eos_token_id, self.bos_token_id = eos[0], tok.bos_id
+        self.tokens, self.special_token_ids = token_bytes(tok)
+
+    def __call__(self, text) -> list[int]:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        return self.tok.encode(text).tolist()
+
+
+def token_bytes(tok) -> tuple[list[bytes], list[int]]:
+    """Each id's bytes in decoded text, and the special ids (their names as bytes, never matched by text).
+
+    sentencepiece: "▁" is a space, "<0xAB>" the byte AB; GPT-2 byte-level BPE: each character of a token maps
+    back to one byte (GPT-2's bytes_to_unicode table); other tokenizer.json kinds as sentencepiece's pieces."""
+    n = tok.vocab_size
+    specials = [i for i in range(n) if tok.is_special(i)]
+    special = set(specials)
+    byte_level = tok.kind == "tokenizers" and tok._byte_level()
+    table = {c: b for b, c in _bytes_to_unicode().items()} if byte_level else None
+    out = []
+    for i in range(n):
+        piece = tok.id_to_piece(i) or ""
+        if i in special:
+            out.append(piece.encode())
+        elif table is not None and all(c in table for c in piece):
+            out.append(bytes(table[c] for c in piece))
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            out.append(bytes([int(piece[3:5], 16)]))
+        else:
+            out.append(piece.replace("\u2581", " ").encode())
+    return out, specials
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (as in its encoder.py and tokenizers' ByteLevel)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
