@@ -18,7 +18,7 @@ OUT      ?= $(if $(MODEL),build/onnx/$(notdir $(abspath $(MODEL)))-$(DTYPE),$(DE
 FUSED_OUT := build/onnx/smollm2-135m-instruct-fused-fp32
 FUSED_Q8  := build/onnx/smollm2-135m-instruct-fused-int8-w8a8-dynamic
 
-.PHONY: setup demo export test test-fast test-main test-quality test-quality-if-changed test-interop demo-fused demo-fused-int8 cpp cpp-asan bench-cpp test-triton bench-triton bench-speculate bench-int4 clean measure-export measure-7b bench bench-serve bench-multi-turn serve soak gpu-check
+.PHONY: setup demo export test test-fast test-main test-quality test-quality-if-changed test-interop demo-fused demo-fused-int8 cpp cpp-asan bench-cpp test-triton bench-triton bench-speculate bench-int4 clean measure-export measure-7b bench bench-serve bench-multi-turn bench-serve-llama bench-structured serve soak gpu-check
 
 setup: $(VENV)/.installed
 
@@ -205,6 +205,16 @@ bench-serve: demo-fused-int8
 bench-multi-turn: demo-fused-int8
 	$(CLI) bench-serve $(FUSED_OUT) $(FUSED_Q8) --multi-turn 8x4 --system-len 1000 --max-tokens 32 --baseline llama-server \
 	  -o build/bench-serve/multi-turn
+
+# The same concurrency levels as bench-serve, each level's prompts sent cold then again (warm), beside llama.cpp's
+# server on the same weights when it is built (bash scripts/build_llama_server.sh).
+bench-serve-llama: demo-fused
+	$(CLI) bench-serve $(FUSED_OUT) --warm --baseline llama-server -o build/bench-serve/llama-server
+
+# Structured outputs: llguidance beside xgrammar (when installed) per schema, and constrained against unconstrained
+# decoding at 1 and 16 streams (bench/structured.py).
+bench-structured: demo-fused
+	$(CLI) bench-structured $(FUSED_OUT) -o build/bench-structured
 
 # `serve` under a bounded 10-minute mix of 64 clients (scripts/soak.py): streamed, non-streamed, cancelled, bad and
 # over-limit requests; checks answers, gauges, descriptors and RSS. Not part of `make test`: SOAK_SECONDS=60 for a taste.

@@ -335,6 +335,12 @@ def cmd_bench_serve(a):
     main_bench_serve(a)
 
 
+def cmd_bench_structured(a):
+    from mistral_trt.bench.structured import main_bench_structured
+
+    main_bench_structured(a)
+
+
 def _users_turns(text: str) -> tuple[int, int]:
     users, _, turns = text.partition("x")
     if not (users.isdigit() and turns.isdigit() and int(users) >= 1 and int(turns) >= 2):
@@ -712,6 +718,16 @@ def parser() -> argparse.ArgumentParser:
                    "build/llama-server/bin/llama-server)")
     s.add_argument("-o", "--output", default="build/bench-serve", help="folder for bench-serve.md, .json, .png")
     s.set_defaults(func=cmd_bench_serve)
+
+    s = sub.add_parser("bench-structured", help="structured outputs: grammar engines (llguidance, xgrammar) and "
+                       "constrained against unconstrained decoding: table, JSON and PNG")
+    s.add_argument("export_dir", metavar="EXPORT_DIR")
+    s.add_argument("--concurrency", type=_ints, default=[1, 16], help="streams at once")
+    s.add_argument("--max-tokens", type=_count(2), default=64, help="tokens per request (fewer than a reply to the "
+                   "60-integer schema, so every request yields exactly this many)")
+    s.add_argument("--rounds", type=_count(1), default=2, help="alternated rounds per level (the best is kept)")
+    s.add_argument("-o", "--output", default="build/bench-structured", help="folder for bench-structured.md, .json, .png")
+    s.set_defaults(func=cmd_bench_structured)
 
     s = sub.add_parser("bench-speculate", help="speculative decoding against plain decoding on grounded and open "
                        "prompts, with the ceiling of its drafts: table, JSON and PNG")

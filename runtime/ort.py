@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import ColumnCache, ColumnStorage, InPlaceCache, PointerColumns
+from .cache import ColumnCache, ColumnStorage, InPlaceCache, PointerColumns, zeroed
 from .errors import UserError
 from .manifest import NUMPY_DTYPE, ONNX_NAME, Manifest
 
@@ -281,7 +281,7 @@ class FusedBackend:
         w = a.sliding_window
         shape = (slots, a.num_kv_heads, max(capacity, w or 0), a.head_dim)
         if self.cache_device is None:
-            buffers = [np.zeros(shape, self.kv_dtype) for _ in range(2 * a.num_layers)]
+            buffers = [zeroed(shape, self.kv_dtype) for _ in range(2 * a.num_layers)]
         else:  # the cache never crosses PCIe
             import onnxruntime as ort
 

@@ -111,6 +111,10 @@ class TokenMask(Protocol):
     def accept(self, token: int) -> None:
         ...
 
+    def copy(self) -> "TokenMask":
+        """The same constraint from its start, for another sequence (n > 1's choices)."""
+        ...
+
 
 def transformed(logits: np.ndarray, s: Sampling, seen: list[list[int]], generated: list[list[int]] | None = None,
                 mask: np.ndarray | None = None) -> np.ndarray:

@@ -47,7 +47,12 @@ class GrammarMask:
         from llguidance.numpy import allocate_token_bitmask
 
         self.m, self.vocab_size, self.origin = matcher, vocab_size, origin
+        self.start = matcher.deep_copy()  # for copy(): the state before any token
         self.bits = allocate_token_bitmask(1, vocab_size)
+
+    def copy(self) -> "GrammarMask":
+        """Another request's matcher for the same grammar, at its start (n > 1: one per choice)."""
+        return GrammarMask(self.start.deep_copy(), self.vocab_size, self.origin)
 
     def allowed(self) -> np.ndarray:
         from llguidance.numpy import fill_next_token_bitmask
@@ -137,9 +142,15 @@ class _Vocabulary:
         self.tokens, self.special_token_ids = token_bytes(tok)
 
     def __call__(self, text) -> list[int]:
+        """Ids whose bytes are exactly `text`'s (llguidance relies on it). sentencepiece puts its dummy prefix "▁"
+        before a text: encoded after a newline, the text starts after the newline's byte token instead."""
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
-        return self.tok.encode(text).tolist()
+        if self.tok.kind != "sentencepiece":
+            return self.tok.encode(text).tolist()
+        ids = self.tok.impl.encode("\n" + text)
+        newline = self.tok.impl.piece_to_id("<0x0A>")
+        return ids[ids.index(newline) + 1:] if newline in ids else ids
 
 
 def token_bytes(tok) -> tuple[list[bytes], list[int]]:

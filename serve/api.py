@@ -19,6 +19,7 @@ finish reason, or earlier: its client went away (non-streamed too: the slot is f
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -45,6 +46,7 @@ UNSUPPORTED = {  # parameter -> why (a 400 instead of silently ignoring what the
     "prediction": "predicted outputs are not supported", "reasoning_effort": "this model does not reason",
     "web_search_options": "web search is not supported",
 }
+MAX_N = 16  # choices per request (OpenAI allows 128; each is a sequence in a slot)
 # Every field a request may carry; any other is a 400 naming it (a misspelt or foreign parameter, such as vLLM's
 # guided_json or llama.cpp's grammar, would otherwise be dropped while the caller believes it was applied).
 OPENAI_CHAT = {"model", "messages", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs",
@@ -130,8 +132,7 @@ def _common(body: dict, state: ServerState, chat: bool = True) -> None:
         v = body.get(name)
         if v not in (None, [], {}, False) and not (name == "response_format" and v == {"type": "text"}):
             raise ApiError(400, f"{name}: {why} by this server", param=name, code="unsupported_parameter")
-    if _number(body, "n", 1, 1, 1, integer=True) != 1:
-        raise ApiError(400, "n: only 1 completion per request is supported", param="n")
+    _number(body, "n", 1, 1, MAX_N, integer=True)
     if not isinstance(body.get("stream", False), bool):
         raise ApiError(400, "stream: expected true or false", param="stream")
     opts = body.get("stream_options")
@@ -198,32 +199,42 @@ GONE = Ending(499, "client_closed_request", "the client went away", "cancelled")
 
 
 class Completion:
-    """One request's life: submit, then collect or stream its events in OpenAI's shapes; `end` stops it early."""
+    """One request's life: submit its n choices (n > 1: the first one's prompt is copied by the others, so it is
+    fed once), then collect or stream their events in OpenAI's shapes; `end` stops it early."""
 
-    def __init__(self, state: ServerState, req: Request, chat: bool, body: dict, record: dict):
-        self.state, self.req, self.chat, self.record = state, req, chat, record
+    def __init__(self, state: ServerState, reqs: list[Request], chat: bool, body: dict, record: dict):
+        self.state, self.reqs, self.chat, self.record = state, reqs, chat, record
+        self.req = reqs[0]
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.tokens = 0  # generated so far
+        self.tokens = [0] * len(reqs)  # generated so far, per choice
         self.done = False
-        record["prompt_tokens"] = len(req.prompt)
+        record["prompt_tokens"] = len(self.req.prompt)
         loop = asyncio.get_running_loop()
 
-        def emit(ev):  # the scheduler's worker thread; once the loop has closed, nobody is left to tell
-            try:
-                loop.call_soon_threadsafe(self.queue.put_nowait, ev)
-            except RuntimeError:
-                pass
+        def emitter(i: int):
+            def emit(ev):  # the scheduler's worker thread; once the loop has closed, nobody is left to tell
+                try:
+                    loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
+                except RuntimeError:
+                    pass
+            return emit
 
+        self.handles = []
         try:
-            self.handle = state.scheduler.submit(req, emit=emit)
-        except QueueFull as e:
-            raise ApiError(429, f"Too many requests: {e}; retry shortly", type_="rate_limit_error",
-                           code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
-        except UserError as e:
+            for i, req in enumerate(reqs):
+                self.handles.append(state.scheduler.submit(req, emit=emitter(i),
+                                                           after=self.handles[0] if i else None))
+        except (QueueFull, UserError) as e:
+            for h in self.handles:
+                h.cancel()
+            if isinstance(e, QueueFull):
+                raise ApiError(429, f"Too many requests: {e}; retry shortly", type_="rate_limit_error",
+                               code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
             raise ApiError(400, str(e), param="messages" if chat else "prompt") from None
+        self.handle = self.handles[0]
         state.active.add(self)
         t = state.limits.request_timeout
         self.timer = loop.call_later(t, self.end, Ending(
@@ -231,35 +242,38 @@ class Completion:
             "ask for fewer max_tokens", "timeout", type="timeout_error")) if t else None
 
     def end(self, why: Ending) -> None:
-        """Stop early (event-loop thread): the consumer answers `why`, the slot is free at the next step."""
-        self.queue.put_nowait(why)
+        """Stop early (event-loop thread): the consumer answers `why`, the slots are free at the next step."""
+        self.queue.put_nowait((None, why))
 
-    async def next(self) -> Output | Ending:
-        ev = await self.queue.get()
+    async def next(self) -> tuple[int | None, Output | Ending]:
+        """(choice index, its next output), or (None, why every choice ended early)."""
+        i, ev = await self.queue.get()
         if isinstance(ev, Ending):
-            self.handle.cancel()
+            for h in self.handles:
+                h.cancel()
             self.record["finish_reason"] = ev.reason
         else:
-            self.tokens = ev.completion_tokens if ev.finish_reason else self.tokens + len(ev.token_ids)
+            self.tokens[i] = ev.completion_tokens if ev.finish_reason else self.tokens[i] + len(ev.token_ids)
             if ev.finish_reason:
                 self.record["finish_reason"] = ev.finish_reason
-        return ev
+        return i, ev
 
     def close(self, client_gone: bool = False) -> None:
         """The response has ended (or its client left first: then the request is cancelled)."""
         if client_gone and not self.done:
-            self.handle.cancel()
+            for h in self.handles:
+                h.cancel()
             self.record["client_gone"] = True
             self.record.setdefault("finish_reason", "cancelled")
         self.done = True
         if self.timer:
             self.timer.cancel()
         self.state.active.discard(self)
-        self.record["completion_tokens"] = self.tokens
+        self.record["completion_tokens"] = sum(self.tokens)
         self.record.update(self.handle.timings())
 
-    def _choice(self, text: str, logprobs: list, finish, delta: bool) -> dict:
-        c = {"index": 0, "finish_reason": finish}
+    def _choice(self, i: int, text: str, logprobs: list, finish, delta: bool) -> dict:
+        c = {"index": i, "finish_reason": finish}
         if self.chat:
             c["delta" if delta else "message"] = {"content": text} if delta else {"role": "assistant", "content": text}
             c["logprobs"] = {"content": logprobs} if self.req.logprobs is not None else None
@@ -271,6 +285,13 @@ class Completion:
         obj = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.state.model_name, "choices": choices}
 
+    def _usage(self, finals: dict) -> dict:
+        """The prompt counted once (and its cached tokens: the first choice's), completion tokens of every choice."""
+        u = _usage(finals[0])
+        u["completion_tokens"] = sum(ev.completion_tokens for ev in finals.values())
+        u["total_tokens"] = u["prompt_tokens"] + u["completion_tokens"]
+        return u
+
     async def collect(self, receive) -> dict:
         """The whole reply. Meanwhile `receive` is watched: a client that goes away ends the request."""
 
@@ -281,49 +302,59 @@ class Completion:
             self.end(GONE)
 
         watcher = asyncio.ensure_future(watch())
-        text, logprobs = [], []
+        n = len(self.reqs)
+        text, logprobs, finals = [[] for _ in range(n)], [[] for _ in range(n)], {}
         try:
-            while True:
-                ev = await self.next()
+            while len(finals) < n:
+                i, ev = await self.next()
                 if isinstance(ev, Ending):
                     raise ev.error()
-                text.append(ev.text)
-                logprobs += ev.logprobs
+                if ev.error:
+                    self.record["error"] = ev.error
+                    for h in self.handles:
+                        h.cancel()
+                    raise ApiError(503, ev.error, type_="server_error", code="generation_failed")
+                text[i].append(ev.text)
+                logprobs[i] += ev.logprobs
                 if ev.finish_reason:
-                    break
-            if ev.error:
-                self.record["error"] = ev.error
-                raise ApiError(503, ev.error, type_="server_error", code="generation_failed")
-            out = self._envelope([self._choice("".join(text), logprobs, ev.finish_reason, delta=False)], chunk=False)
-            out["usage"] = _usage(ev)
+                    finals[i] = ev
+            out = self._envelope([self._choice(i, "".join(text[i]), logprobs[i], finals[i].finish_reason, delta=False)
+                                  for i in range(n)], chunk=False)
+            out["usage"] = self._usage(finals)
             return out
         finally:
             watcher.cancel()
             self.close()
 
     async def stream(self):
-        """SSE chunks. Every stream ends with `data: [DONE]`: after its finish reason, or after an error event."""
+        """SSE chunks, each choice's under its index. Every stream ends with `data: [DONE]`: after every choice's
+        finish reason, or after an error event."""
+        n, finals = len(self.reqs), {}
         if self.chat:  # the role comes first, as OpenAI sends it
-            yield _sse(self._envelope([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}], chunk=True))
-        while True:
-            ev = await self.next()
+            for i in range(n):
+                yield _sse(self._envelope([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}], chunk=True))
+        while len(finals) < n:
+            i, ev = await self.next()
             if isinstance(ev, Ending) or ev.error:
                 e = ev.error() if isinstance(ev, Ending) else ApiError(503, ev.error, code="generation_failed",
                                                                        type_="server_error")
+                if not isinstance(ev, Ending):
+                    for h in self.handles:
+                        h.cancel()
                 self.record["error"] = e.message
                 yield _sse({"error": {"message": e.message, "type": e.type, "param": None, "code": e.code}})
                 break
             if ev.text or ev.logprobs:
-                yield _sse(self._envelope([self._choice(ev.text, ev.logprobs, None, delta=True)], chunk=True))
+                yield _sse(self._envelope([self._choice(i, ev.text, ev.logprobs, None, delta=True)], chunk=True))
             if ev.finish_reason:
-                last = self._choice("", [], ev.finish_reason, delta=True)
+                finals[i] = ev
+                last = self._choice(i, "", [], ev.finish_reason, delta=True)
                 if self.chat:
                     last["delta"] = {}  # as OpenAI's last chunk
                 yield _sse(self._envelope([last], chunk=True))
-                if self.include_usage:
-                    yield _sse({**self._envelope([], chunk=True), "usage": _usage(ev)})
-                break
+        if len(finals) == n and self.include_usage:
+            yield _sse({**self._envelope([], chunk=True), "usage": self._usage(finals)})
         self.done = True
         yield b"data: [DONE]\n\n"
 
@@ -402,7 +433,8 @@ def create_app(state: ServerState):
         except RecursionError:
             raise ApiError(400, "the request body is not valid JSON: nested too deeply") from None
         _common(body, state, chat)
-        return body, _request(body, state, chat)
+        req = _request(body, state, chat)
+        return body, _choices(req, body.get("n") or 1)
 
     async def completion(http: HttpRequest, chat: bool):
         record = http.scope.setdefault("mistral_trt", {})
@@ -416,14 +448,14 @@ def create_app(state: ServerState):
                                   code="server_shutting_down", headers={"Retry-After": "1"}))
         state.pending += 1
         try:
-            body, req = await asyncio.to_thread(prepare, await read_body(http), chat)
+            body, reqs = await asyncio.to_thread(prepare, await read_body(http), chat)
             if state.log_prompts:
                 record["prompt"] = body.get("messages") if chat else body.get("prompt")
             if isinstance(body.get("user"), str):
                 record["user"] = body["user"][:256]  # OpenAI's end-user id: for the operator's access log
             if state.aborting:
                 raise SHUTDOWN.error()
-            c = Completion(state, req, chat, body, record)
+            c = Completion(state, reqs, chat, body, record)
         except ApiError as e:
             return error(e)
         finally:
@@ -629,6 +661,18 @@ def _grammar(body: dict) -> Grammar | None:
         raise ApiError(400, f"{found[0].origin} and {found[1].origin}: give one constraint per request",
                        param=found[1].origin.split(".")[0])
     return found[0] if found else None
+
+
+def _choices(req: Request, n: int) -> list[Request]:
+    """n requests for n choices: the same prompt; with a seed, choice i samples with seed + i (reproducible, and
+    distinct); each has its own grammar matcher."""
+    out = [req]
+    for i in range(1, n):
+        s = req.sampling
+        seed = None if s.seed is None else (s.seed + i) % 2**64
+        out.append(dataclasses.replace(req, sampling=dataclasses.replace(s, seed=seed),
+                                       mask=req.mask.copy() if req.mask is not None else None))
+    return out
 
 
 def _canonical(obj) -> str:

@@ -80,6 +80,8 @@ class Entry:
         self.cancelled = False
         self.admitted_at: float | None = None
         self.last_token_at: float | None = None
+        self.leader: Entry | None = None  # n > 1: the first choice, whose prompt this one copies once it is fed
+        self.ended = False  # retired or failed: a sibling waits for it no longer
 
 
 DEFAULT_STORE_MIB = 1024
@@ -149,9 +151,13 @@ class Scheduler:
         """Refuse what can never run (the caller turns it into a 400): runtime/generate.py's one context rule."""
         fit_context(req.prompt, req.max_tokens, self.max_context, names={"max_new_tokens": "max_tokens"})
 
-    def submit(self, req: Request, emit) -> Handle:
+    def submit(self, req: Request, emit, after: Handle | None = None) -> Handle:
+        """Queue `req`; `emit(Output)` gets its outputs (the worker's thread). `after`: a request with the same
+        prompt (n > 1's first choice): this one is admitted once that one's prompt is in the cache, and copies it
+        from there (the prefix cache), so n choices prefill their prompt once."""
         self.check(req)
         entry = Entry(Sequence(req, self.tok, self.eos, self.speculate, self.draft_lengths), None)
+        entry.leader = after._entry if after is not None else None
         entry.emit = lambda out: self._deliver(entry, emit, out)
         with self.cv:
             if self.stopping:
@@ -223,6 +229,7 @@ class Scheduler:
                     self.metrics.step_errors.inc()
 
     def _fail(self, e: Entry, why: str) -> None:
+        e.ended = True
         seq = e.seq
         e.emit(Output(finish_reason="error", error=why, prompt_tokens=len(seq.prompt),
                       completion_tokens=len(seq.generated)))
@@ -233,9 +240,14 @@ class Scheduler:
                 return
             if not self.ragged and self.running:
                 return  # static batches: the next one starts when this one has ended
+            held: list[Entry] = []  # siblings whose leader's prompt is not in the cache yet: they keep their place
             while self.waiting and len(self.running) < self.max_batch:
                 e = self.waiting.popleft()
                 if e.cancelled:
+                    continue
+                lead = e.leader
+                if lead is not None and self.prefix_cache and not (lead.seq.prefilled or lead.cancelled or lead.ended):
+                    held.append(e)
                     continue
                 try:
                     if self.prefix_cache:
@@ -253,6 +265,7 @@ class Scheduler:
                     continue
                 e.admitted_at = time.perf_counter()
                 self.running[e.slot] = e
+            self.waiting.extendleft(reversed(held))
 
     def _deliver(self, e: Entry, emit, out: Output) -> None:
         """An entry's output to its caller. A final one retires the entry first: a client holding its last
@@ -267,6 +280,7 @@ class Scheduler:
         emit(out)
 
     def _retire(self, e: Entry) -> None:
+        e.ended = True
         if e.slot is None or self.running.get(e.slot) is not e:  # never admitted, or already retired
             return
         del self.running[e.slot]

@@ -35,12 +35,12 @@ def chat(server, **kw) -> str:
 
 
 def test_unknown_fields_are_a_400_naming_them(server):
-    """Another server's parameters (vLLM's guided_json, llama.cpp's grammar and json_schema) and a misspelt one are
+    """Another server's parameters (vLLM's older guided_json, guided_regex, guided_choice) and a misspelt one are
     refused by name, never dropped while the caller believes them applied; OpenAI's own fields we do not
     implement say so; the documented extensions are taken."""
     c = server.client()
-    for extra, chat_api in (({"guided_json": {"type": "object"}}, True), ({"grammar": "root ::= \"a\""}, False),
-                            ({"json_schema": {"type": "object"}}, False), ({"temprature": 0.5}, True),
+    for extra, chat_api in (({"guided_json": {"type": "object"}}, True), ({"guided_regex": "a+"}, False),
+                            ({"guided_choice": ["a"]}, False), ({"temprature": 0.5}, True),
                             ({"safe_prompt": True}, False)):
         with pytest.raises(openai.BadRequestError) as e:
             if chat_api:
@@ -125,3 +125,45 @@ def test_tokenize_and_detokenize(server, ref, tiny_fused, tmp_path, capsys):
         assert status == 400 and expected in r["error"]["message"], (path, body, r)
     status, r, _ = server.post("/tokenize", {"prompt": "x"}, key="wrong")
     assert status == 401
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(name + " ") or
+               ln.startswith(name + "{"))
+
+
+def test_n_choices_share_one_prefill(server):
+    """n: 3 at temperature 0 gives three greedy choices; with a seed, choice i is the n = 1 reply with seed + i; the
+    prompt is fed once (the other choices copy it: prefix-cache hits of the whole prompt but its last token each);
+    streamed, every choice ends; the usage counts the prompt once; n outside [1, 16] is a 400."""
+    c = server.client()
+    prompt = "[INST] Tell me about the sea. [/INST]" + " waves" * 37
+    single = c.completions.create(model="tiny", prompt=prompt + " more", max_tokens=6, temperature=0)
+    hits0 = metric(server.get("/metrics")[1], "mistral_trt_prefix_cache_hits_total")
+    three = c.completions.create(model="tiny", prompt=prompt + " and more", max_tokens=6, temperature=0, n=3)
+    hits = metric(server.get("/metrics")[1], "mistral_trt_prefix_cache_hits_total") - hits0
+    again = c.completions.create(model="tiny", prompt=prompt + " and more", max_tokens=6, temperature=0)
+    p = three.usage.prompt_tokens
+    assert [ch.index for ch in three.choices] == [0, 1, 2]
+    assert all(ch.text == again.choices[0].text for ch in three.choices)
+    assert three.usage.completion_tokens == 3 * again.usage.completion_tokens and p == again.usage.prompt_tokens
+    assert hits >= 2 * (p - 1), (hits, p)  # choices 1 and 2 fed only the last prompt token
+    assert single.choices[0].text == c.completions.create(model="tiny", prompt=prompt + " more", max_tokens=6,
+                                                          temperature=0, n=2).choices[1].text
+    sampled = c.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=1.0, seed=40, n=3)
+    for i, ch in enumerate(sampled.choices):
+        alone = c.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=1.0, seed=40 + i)
+        assert ch.text == alone.choices[0].text, i
+    assert len({ch.text for ch in sampled.choices}) > 1  # distinct seeds, distinct draws (else this proves little)
+    chunks = list(c.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=5, temperature=0, n=2,
+                                            stream=True, stream_options={"include_usage": True}))
+    ends = [ch.choices[0].index for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    texts = ["".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices and ch.choices[0].index == i)
+             for i in (0, 1)]
+    whole = c.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=5, temperature=0)
+    assert sorted(ends) == [0, 1] and texts[0] == texts[1] == whole.choices[0].message.content
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == 2 * whole.usage.completion_tokens
+    for n in (0, 17):
+        with pytest.raises(openai.BadRequestError, match=r"n: expected an integer in \[1, 16\]"):
+            c.completions.create(model="tiny", prompt="Hi", max_tokens=2, n=n)

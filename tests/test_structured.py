@@ -164,3 +164,20 @@ def test_a_schema_is_compiled_once_and_speculation_leaves_the_reply_unchanged(de
         replies.append(ids)
     assert replies[0] == replies[1]
     check("array_of_objects", tok.decode(replies[0]), "stop")
+
+
+def test_bench_structured_prints_its_tables_and_targets(tiny_fused, tmp_path, capsys):
+    """bench-structured on a tiny model: every schema walked by llguidance (and xgrammar when it is installed), the
+    two levels measured with every request yielding exactly --max-tokens tokens, targets printed, JSON and PNG."""
+    from mistral_trt.main import main
+
+    out = tmp_path / "bs"
+    assert main(["bench-structured", str(tiny_fused["full"]), "--concurrency", "1,2", "--max-tokens", "8", "--rounds",
+                 "1", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    data = json.loads((out / "bench-structured.json").read_text())
+    assert [r["schema"] for r in data["engines"]] == list(SCHEMAS)
+    assert all(r["llguidance_compile_ms"] > 0 and r["llguidance_mask_us"] > 0 for r in data["engines"])
+    assert [lv["streams"] for lv in data["levels"]] == [1, 2] and all(lv["ratio"] > 0 for lv in data["levels"])
+    assert "Target: constrained >= 0.9x unconstrained" in text and "Target: compiling a schema adds" in text
+    assert (out / "bench-structured.png").read_bytes()[:4] == b"\x89PNG"
