@@ -41,7 +41,7 @@ UNSUPPORTED = {  # parameter -> why (a 400 instead of silently ignoring what the
     "parallel_tool_calls": "tool calls are not supported",
     "functions": "function calls are not supported", "function_call": "function calls are not supported",
     "audio": "audio output is not supported", "modalities": "only text output is supported",
-    "suffix": "suffix is not supported", "echo": "echo is not supported", "best_of": "best_of is not supported",
+    "suffix": "suffix is not supported", "best_of": "best_of is not supported",
     "store": "storing completions is not supported", "metadata": "metadata is stored only with store",
     "prediction": "predicted outputs are not supported", "reasoning_effort": "this model does not reason",
     "web_search_options": "web search is not supported",
@@ -52,7 +52,7 @@ MAX_N = 16  # choices per request (OpenAI allows 128; each is a sequence in a sl
 OPENAI_CHAT = {"model", "messages", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs",
                "max_tokens", "max_completion_tokens", "n", "seed", "stop", "stream", "stream_options", "temperature",
                "top_p", "user", "response_format"}
-OPENAI_COMPLETION = {"model", "prompt", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs",
+OPENAI_COMPLETION = {"model", "prompt", "echo", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs",
                      "max_tokens", "n", "seed", "stop", "stream", "stream_options", "temperature", "top_p", "user",
                      "response_format"}
 # vLLM's names and meanings (structured_outputs too), and llama.cpp's server's grammar (GBNF) and json_schema
@@ -210,6 +210,8 @@ class Completion:
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self.queue: asyncio.Queue = asyncio.Queue()
         self.tokens = [0] * len(reqs)  # generated so far, per choice
+        self.offset = [0] * len(reqs)  # characters of each choice's text so far (the legacy logprobs' text_offset)
+        self.echo = "" if chat or not body.get("echo") else _prompt_text(body, state)
         self.done = False
         record["prompt_tokens"] = len(self.req.prompt)
         loop = asyncio.get_running_loop()
@@ -278,7 +280,8 @@ class Completion:
             c["delta" if delta else "message"] = {"content": text} if delta else {"role": "assistant", "content": text}
             c["logprobs"] = {"content": logprobs} if self.req.logprobs is not None else None
         else:
-            c["text"], c["logprobs"] = text, None
+            c["text"], c["logprobs"] = text, _legacy_logprobs(logprobs, self.offset[i]) if self.req.logprobs is not None else None
+            self.offset[i] += len(text)
         return c
 
     def _envelope(self, choices: list, chunk: bool) -> dict:
@@ -318,7 +321,8 @@ class Completion:
                 logprobs[i] += ev.logprobs
                 if ev.finish_reason:
                     finals[i] = ev
-            out = self._envelope([self._choice(i, "".join(text[i]), logprobs[i], finals[i].finish_reason, delta=False)
+            out = self._envelope([self._choice(i, self.echo + "".join(text[i]), logprobs[i], finals[i].finish_reason,
+                                               delta=False)
                                   for i in range(n)], chunk=False)
             out["usage"] = self._usage(finals)
             return out
@@ -334,6 +338,9 @@ class Completion:
             for i in range(n):
                 yield _sse(self._envelope([{"index": i, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}], chunk=True))
+        elif self.echo:  # the prompt first, as the legacy API streams it
+            for i in range(n):
+                yield _sse(self._envelope([self._choice(i, self.echo, [], None, delta=True)], chunk=True))
         while len(finals) < n:
             i, ev = await self.next()
             if isinstance(ev, Ending) or ev.error:
@@ -675,6 +682,25 @@ def _choices(req: Request, n: int) -> list[Request]:
     return out
 
 
+def _prompt_text(body: dict, state: ServerState) -> str:
+    """What `echo` puts before a completion: the prompt as sent, or its ids decoded."""
+    p = body.get("prompt")
+    p = p[0] if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str) else p
+    return p if isinstance(p, str) else state.tokenizer.decode(p)
+
+
+def _legacy_logprobs(entries: list[dict], offset: int) -> dict:
+    """The chat API's per-token logprobs in /v1/completions' shape: tokens, token_logprobs, top_logprobs (a dict per
+    token) and text_offset (where each token's text starts in the choice's text)."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
+
+
 def _canonical(obj) -> str:
     """A schema's text with sorted keys: the compiled-grammar cache's key, so key order does not compile twice."""
     return json.dumps(obj, sort_keys=True, ensure_ascii=False)
@@ -707,9 +733,16 @@ def _request(body: dict, state: ServerState, chat: bool) -> Request:
         else:
             raise ApiError(400, "prompt: expected a string or a list of token ids (one prompt per request)",
                            param="prompt")
-        if body.get("logprobs") is not None:
-            raise ApiError(400, "logprobs: not supported on /v1/completions (use /v1/chat/completions)",
-                           param="logprobs")
+        lp = body.get("logprobs")
+        if lp is not None:  # the legacy API's: an integer, the alternatives per token (0: the chosen one's only)
+            if not (isinstance(lp, int) and not isinstance(lp, bool) and 0 <= lp <= 5):
+                raise ApiError(400, "logprobs: expected an integer in [0, 5] on /v1/completions", param="logprobs")
+            params["logprobs"] = lp
+        if not isinstance(body.get("echo", False), bool):
+            raise ApiError(400, "echo: expected true or false", param="echo")
+        if body.get("echo") and lp is not None:
+            raise ApiError(400, "echo with logprobs: the prompt's own logprobs are not computed by this server; ask "
+                           "for one of them", param="echo")
     try:
         return build_request(params, state.tokenizer, state.manifest, state.max_context, HTTP,
                              Defaults(max_tokens_cap=state.limits.default_max_tokens))

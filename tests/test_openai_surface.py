@@ -4,6 +4,7 @@ logit_bias, /tokenize and /detokenize against mistral-common and `mistral-trt to
 from __future__ import annotations
 
 import json
+import re
 
 import openai
 import pytest
@@ -167,3 +168,36 @@ def test_n_choices_share_one_prefill(server):
     for n in (0, 17):
         with pytest.raises(openai.BadRequestError, match=r"n: expected an integer in \[1, 16\]"):
             c.completions.create(model="tiny", prompt="Hi", max_tokens=2, n=n)
+
+
+def test_completions_logprobs_against_hf_and_echo(server, ref, tiny_full):
+    """/v1/completions' logprobs in the legacy shape: each chosen token's logprob and its top alternatives equal
+    log-softmax of HF transformers' logits for the same ids (to 1e-4); text_offset walks the text; echo puts the
+    prompt before the text; echo with logprobs is refused (the prompt's logprobs are not computed)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    c = server.client()
+    prompt = ref.encode_chat_completion(ChatCompletionRequest(messages=QUESTION)).tokens
+    r = c.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:j]) for j in range(len(lp.tokens))]
+    model = AutoModelForCausalLM.from_pretrained(tiny_full, torch_dtype=torch.float32).eval()
+    ids = list(prompt)
+    for j in range(len(lp.tokens)):
+        with torch.no_grad():
+            want = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
+        best = int(want.argmax())
+        assert lp.token_logprobs[j] == pytest.approx(float(want[best]), abs=1e-4)
+        assert len(lp.top_logprobs[j]) == 3 and max(lp.top_logprobs[j].values()) == pytest.approx(lp.token_logprobs[j])
+        ids.append(best)
+    e = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=3, temperature=0, echo=True)
+    plain = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=3, temperature=0)
+    assert e.choices[0].text == "Once upon a time" + plain.choices[0].text
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="tiny", prompt="Once upon a time", max_tokens=3, temperature=0, echo=True, stream=True) if ch.choices)
+    assert streamed == e.choices[0].text
+    for kw, words in (({"echo": True, "logprobs": 1}, "echo with logprobs"), ({"logprobs": 6}, "[0, 5]")):
+        with pytest.raises(openai.BadRequestError, match=re.escape(words)):
+            c.completions.create(model="tiny", prompt="Hi", max_tokens=2, **kw)

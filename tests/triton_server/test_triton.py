@@ -144,6 +144,25 @@ def test_grpc_streaming_equals_mistral_trt_generate(server):
     assert "".join(got) == reference(PROMPTS[2], 40) and len(got) > 5
 
 
+def test_json_schema_input_constrains_the_reply(server, tmp_path):
+    """The `json_schema` input: the reply is the CLI's `generate --json-schema` reply, and it is JSON with the
+    schema's keys and types; a schema the engine cannot compile is Triton's error naming the input."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "country": {"enum": ["France", "Spain"]}},
+              "required": ["city", "country"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    prompt = "Name a city in France, as JSON."
+    status, body = post(server, "generate", {"text_input": prompt, "max_tokens": 60, "temperature": 0.0,
+                                             "json_schema": json.dumps(schema)})
+    r = subprocess.run([CLI, "generate", str(EXPORT), "--prompt", prompt, "--max-new-tokens", "60", "--json-schema",
+                        str(tmp_path / "s.json"), "--json"], capture_output=True, text=True, timeout=300)
+    assert status == 200 and r.returncode == 0 and body["text_output"] == json.loads(r.stdout)["text"], r.stderr
+    reply = json.loads(body["text_output"])
+    assert set(reply) == {"city", "country"} and reply["country"] in ("France", "Spain") and len(reply["city"]) <= 20
+    status, body = post(server, "generate", {"text_input": prompt, "max_tokens": 8, "json_schema": '{"type": "strin"}'})
+    assert status != 200 and "input 'json_schema'" in json.dumps(body), body
+
+
 def test_eight_concurrent_streams_give_the_same_text_as_alone(server):
     alone = {p: stream_text(server, p, 32)[0] for p in PROMPTS}
     results, errors = {}, []
