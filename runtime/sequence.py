@@ -206,8 +206,10 @@ class Sequence:
             top = np.argpartition(-lp, k - 1)[:k]
             top = top[np.argsort(-lp[top])]
 
-        def entry(i):
-            piece = self.tok.decode([int(i)])
-            return {"token": piece, "logprob": float(lp[i]), "bytes": list(piece.encode("utf-8"))}
+        table = self.tok.token_bytes()
+
+        def entry(i):  # the token's own bytes: a word keeps its leading space (decode([i]) drops it in sentencepiece)
+            raw = table[i] if i < len(table) else b""
+            return {"token": raw.decode("utf-8", errors="replace"), "logprob": float(lp[i]), "bytes": list(raw)}
 
         return {**entry(token), "top_logprobs": [entry(i) for i in top]}

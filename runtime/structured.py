@@ -154,37 +154,4 @@ class _Vocabulary:
 
 
 def token_bytes(tok) -> tuple[list[bytes], list[int]]:
-    """Each id's bytes in decoded text, and the special ids (their names as bytes, never matched by text).
-
-    sentencepiece: "▁" is a space, "<0xAB>" the byte AB; GPT-2 byte-level BPE: each character of a token maps
-    back to one byte (GPT-2's bytes_to_unicode table); other tokenizer.json kinds as sentencepiece's pieces."""
-    n = tok.vocab_size
-    specials = [i for i in range(n) if tok.is_special(i)]
-    special = set(specials)
-    byte_level = tok.kind == "tokenizers" and tok._byte_level()
-    table = {c: b for b, c in _bytes_to_unicode().items()} if byte_level else None
-    out = []
-    for i in range(n):
-        piece = tok.id_to_piece(i) or ""
-        if i in special:
-            out.append(piece.encode())
-        elif table is not None and all(c in table for c in piece):
-            out.append(bytes(table[c] for c in piece))
-        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-            out.append(bytes([int(piece[3:5], 16)]))
-        else:
-            out.append(piece.replace("\u2581", " ").encode())
-    return out, specials
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table (as in its encoder.py and tokenizers' ByteLevel)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+    return tok.token_bytes(), [i for i in range(tok.vocab_size) if tok.is_special(i)]

@@ -220,11 +220,46 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.impl.id_to_piece(int(i)) if self.kind == "sentencepiece" else self.impl.id_to_token(int(i))
 
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes in decoded text (computed once): sentencepiece's "▁" is a space and "<0xAB>" the byte
+        AB; GPT-2 byte-level BPE maps each character of a token back to one byte (GPT-2's bytes_to_unicode table);
+        other tokenizer.json kinds as sentencepiece's pieces; a special token, its name. Unlike decode([id]), a
+        sentencepiece word keeps its leading space: what a token adds in the middle of a text."""
+        if getattr(self, "_token_bytes", None) is None:
+            table = ({c: b for b, c in _bytes_to_unicode().items()}
+                     if self.kind == "tokenizers" and self._byte_level() else None)
+            out = []
+            for i in range(self.vocab_size):
+                piece = self.id_to_piece(i) or ""
+                if self.is_special(i):
+                    out.append(piece.encode())
+                elif table is not None and all(c in table for c in piece):
+                    out.append(bytes(table[c] for c in piece))
+                elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                    out.append(bytes([int(piece[3:5], 16)]))
+                else:
+                    out.append(piece.replace("\u2581", " ").encode())
+            self._token_bytes = out
+        return self._token_bytes
+
     def is_special(self, i: int) -> bool:
         if self.kind == "sentencepiece":
             return self.impl.is_control(int(i))
         t = self.impl.get_added_tokens_decoder().get(int(i))
         return bool(t and t.special)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (as in its encoder.py and tokenizers' ByteLevel)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
 
 
 def check_text(text: str, what: str = "text") -> str:
