@@ -95,6 +95,8 @@ class TritonMetrics:
                                   "counter")
         self.kv_usage = metric("mistral_trt_kv_cache_usage_perc", "Fraction of the KV cache's positions holding "
                                "tokens", "gauge")
+        self.prefix_kept_bytes = metric("mistral_trt_prefix_cache_kept_bytes", "Host memory holding prefixes whose "
+                                        "slot was taken by another request", "gauge")
         for attr, name, help_, buckets in PER_REQUEST:
             setattr(self, attr, metric(f"mistral_trt_{name}", help_, "histogram", buckets))
 

@@ -158,7 +158,7 @@ def test_errors_are_openai_shaped(server):
     with pytest.raises(openai.NotFoundError) as e:
         c.chat.completions.create(model="gpt-4", messages=msgs)
     assert e.value.status_code == 404 and "The model `gpt-4` does not exist" in str(e.value)
-    cases = [({"n": 2}, "n"), ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    cases = [({"n": 17}, "n"), ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
              ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_tokens": 600}, "messages"),
              ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"), ({"stop": [""]}, "stop"),
              ({"logit_bias": {"5": 101}}, "logit_bias"), ({"guided_json": {}}, "guided_json")]
