@@ -364,6 +364,7 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 
 
 STORE_MIN_TOKENS = 16  # a shorter prefix is cheaper to feed again than to keep
+TAIL_SHARE = 4  # a free slot's content past the matched prefix, up to 1/4 of it, is overwritten rather than kept
 
 
 def zeroed(shape, dtype) -> np.ndarray:
@@ -450,9 +451,13 @@ class InPlaceCache(SlotTable):
             for buf, kv in zip(self.buffers, stored.kv):
                 buf[slot, :, :n] = kv[:, :n]
             self.held[slot] = stored.ids[:n].tolist()
-        elif n and not self.active[src] and (len(self.held[src]) <= n or not others or self.whole_rows):
-            slot = src  # in place: nothing of value is overwritten (or nowhere else to go)
-            if len(self.held[slot]) > n:
+        elif n and not self.active[src] and (len(self.held[src]) - n <= n // TAIL_SHARE or not others
+                                             or self.whole_rows):
+            # in place: what is overwritten is a short tail (an old reply after a repeated prompt: cheaper to lose
+            # than copying the whole prefix elsewhere), or nothing, or there is nowhere else to go (then a long
+            # tail is kept in the store first)
+            slot = src
+            if len(self.held[slot]) - n > n // TAIL_SHARE:
                 self._spill(slot)
         else:
             slot = self._vacate(others if n else free)
