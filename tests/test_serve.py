@@ -320,7 +320,7 @@ def test_one_validation_table_cli_and_http(demo_fused_dir, capsys):
 @pytest.mark.slow
 def test_bodies_that_used_to_break_the_server(demo_fused_dir):
     """A body past --max-body-bytes is a 413 before it is read whole (declared, or found out while streaming); a 3.5 MB
-    message under the limit leaves /health answering within 100 ms while it is tokenized; JSON nested 100,000 deep is
+    message under the limit leaves /health answering within 250 ms while it is tokenized; JSON nested 100,000 deep is
     a 400; lone surrogates (JSON "\\ud800") in a message, a stop or the model's name get
     OpenAI-shaped 4xx answers, never a 500; the server goes on serving."""
     s = Server(demo_fused_dir, "--max-body-bytes", 4_000_000, "--model-name", "demo")
@@ -360,7 +360,9 @@ def test_bodies_that_used_to_break_the_server(demo_fused_dir):
             time.sleep(0.02)
         t.join(120)
         assert done and done[0][0] == 400 and done[0][1]["error"]["code"] == "context_length_exceeded", done
-        assert len(waits) >= 10 and max(waits) < 0.1, (len(waits), sorted(waits)[-3:])
+        # a loop blocked by the parse or the encode stalls for seconds; 250 ms leaves room for a GC pause or a busy
+        # 2-core machine (a clean-clone CI run once saw 129 ms)
+        assert len(waits) >= 10 and max(waits) < 0.25, (len(waits), sorted(waits)[-3:])
         status, body, _ = s.post("/v1/chat/completions", None, key=None, raw=b"[" * 100_000 + b"]" * 100_000)
         assert status == 400 and "nested too deeply" in body["error"]["message"]
         raw = b'{"model": "demo", "messages": [{"role": "user", "content": "hi \\ud800"}], "max_tokens": 1}'
