@@ -69,6 +69,27 @@ class LlamaServer:
         self.proc.wait(timeout=60)
 
 
+def llama_server_starter(a, m: Manifest):
+    """A start(folder, slots, max_context) for llama.cpp's server on an f32 GGUF of the export's checkpoint (written
+    into --output once), or the reason it cannot run (not built: the command that builds it)."""
+    binary = Path(a.llama_server) if a.llama_server else LLAMA_SERVER
+    if not binary.is_file():
+        msg = f"llama-server: not run, {binary} is not built ({BUILD})"
+        log(msg)
+        return msg
+
+    def start(folder, slots, max_context):
+        from mistral_trt.export.gguf_convert import write_gguf
+
+        source = Path(m.source["path"])
+        gguf = Path(a.output) / f"{source.name}-f32.gguf"
+        if not gguf.is_file():
+            gguf.parent.mkdir(parents=True, exist_ok=True)
+            write_gguf(source, gguf)
+        return LlamaServer(binary, gguf, slots, max_context)
+    return start
+
+
 def conversations(send, tok: Tokenizer, system: list[int], questions: list[list[list[int]]], max_tokens: int) -> list:
     """Every user's turns, users at once: per user a list of (prompt length, TTFT seconds)."""
     out = [[] for _ in questions]
@@ -105,18 +126,11 @@ def main_multi_turn(a, folder: Path) -> tuple[dict, str]:
         for name, extra in servers.items():
             running[name] = ServerProcess(folder, users, max_context, extra)
         if "llama-server" in (a.baseline or []):
-            binary = Path(a.llama_server) if a.llama_server else LLAMA_SERVER
-            if binary.is_file():
-                from mistral_trt.export.gguf_convert import write_gguf
-
-                source = Path(m.source["path"])
-                gguf = Path(a.output) / f"{source.name}-f32.gguf"
-                if not gguf.is_file():
-                    write_gguf(source, gguf)
-                running["llama-server"] = LlamaServer(binary, gguf, users, max_context)
+            start = llama_server_starter(a, m)
+            if isinstance(start, str):
+                missing = start
             else:
-                missing = f"llama-server: not run, {binary} is not built ({BUILD})"
-                log(missing)
+                running["llama-server"] = start(folder, users, max_context)
         for name, srv in running.items():
             send = (lambda port: lambda p, n: stream(port, p, n))(srv.port)
             send(questions[0][0], 2)  # warm-up (a prompt no conversation starts with)

@@ -394,6 +394,8 @@ def main_bench_serve(a) -> None:
             flag = ("--speculate", f"ngram:{a.speculate.k}")
             servers[f"{folder.name} (serve --speculate)"] = (lambda *x: ServerProcess(*x, extra=flag), stream)
         if "llama-server" in (a.baseline or []):
+            from .multiturn import llama_server_starter
+
             start = llama_server_starter(a, m)
             if isinstance(start, str):
                 data["notes"].append(start)
@@ -431,29 +433,6 @@ def main_bench_serve(a) -> None:
     (out / "bench-serve.md").write_text(table + "\n")
     plot(data, out / "bench-serve.png")
     log(f"wrote {out}/bench-serve.md, bench-serve.json, bench-serve.png")
-
-
-def llama_server_starter(a, m: Manifest):
-    """A start(folder, slots, max_context) for llama.cpp's server on an f32 GGUF of the export's checkpoint, or the
-    reason it cannot run (not built: the command that builds it)."""
-    from .multiturn import BUILD, LLAMA_SERVER, LlamaServer
-
-    binary = Path(a.llama_server) if a.llama_server else LLAMA_SERVER
-    if not binary.is_file():
-        msg = f"llama-server: not run, {binary} is not built ({BUILD})"
-        log(msg)
-        return msg
-
-    def start(folder, slots, max_context):
-        from mistral_trt.export.gguf_convert import write_gguf
-
-        source = Path(m.source["path"])
-        gguf = Path(a.output) / f"{source.name}-f32.gguf"
-        if not gguf.is_file():
-            gguf.parent.mkdir(parents=True, exist_ok=True)
-            write_gguf(source, gguf)
-        return LlamaServer(binary, gguf, slots, max_context)
-    return start
 
 
 def main_bench_multi_turn(a) -> None:

@@ -493,11 +493,8 @@ class InPlaceCache(SlotTable):
 
     def _common(self, slot: int, prompt: np.ndarray) -> int:
         """Positions at the start of `slot` that hold `prompt`'s first ids."""
-        n = min(self.reusable(slot), len(prompt))
-        if n == 0:
-            return 0
-        diff = np.flatnonzero(np.asarray(self.held[slot][:n], np.int64) != prompt[:n])
-        return int(diff[0]) if len(diff) else n
+        n = self.reusable(slot)
+        return common_prefix(np.asarray(self.held[slot][:n], np.int64), prompt) if n else 0
 
     @property
     def next_pos(self) -> np.ndarray:

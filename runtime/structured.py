@@ -43,16 +43,17 @@ class Grammar:
 class GrammarMask:
     """One request's matcher: the TokenMask of runtime/sampling.py."""
 
-    def __init__(self, matcher, vocab_size: int, origin: str):
+    def __init__(self, template, vocab_size: int, origin: str):
+        """`template`: the compiled matcher in its start state (shared, never advanced); this request's is a copy."""
         from llguidance.numpy import allocate_token_bitmask
 
-        self.m, self.vocab_size, self.origin = matcher, vocab_size, origin
-        self.start = matcher.deep_copy()  # for copy(): the state before any token
+        self.template, self.vocab_size, self.origin = template, vocab_size, origin
+        self.m = template.deep_copy()
         self.bits = allocate_token_bitmask(1, vocab_size)
 
     def copy(self) -> "GrammarMask":
         """Another request's matcher for the same grammar, at its start (n > 1: one per choice)."""
-        return GrammarMask(self.start.deep_copy(), self.vocab_size, self.origin)
+        return GrammarMask(self.template, self.vocab_size, self.origin)
 
     def allowed(self) -> np.ndarray:
         from llguidance.numpy import fill_next_token_bitmask
@@ -69,7 +70,7 @@ class GrammarMask:
 
 def grammar_mask(spec: Grammar, tok, manifest) -> GrammarMask:
     template = _compiled(spec, tok, tuple(manifest.eos_token_id))
-    return GrammarMask(template.deep_copy(), manifest.model.vocab_size, spec.origin or spec.kind)
+    return GrammarMask(template, manifest.model.vocab_size, spec.origin or spec.kind)
 
 
 _lock = threading.Lock()
@@ -154,4 +155,4 @@ class _Vocabulary:
 
 
 def token_bytes(tok) -> tuple[list[bytes], list[int]]:
-    return tok.token_bytes(), [i for i in range(tok.vocab_size) if tok.is_special(i)]
+    return tok.token_bytes(), sorted(tok.special_ids())

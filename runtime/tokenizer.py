@@ -228,10 +228,10 @@ class Tokenizer:
         if getattr(self, "_token_bytes", None) is None:
             table = ({c: b for b, c in _bytes_to_unicode().items()}
                      if self.kind == "tokenizers" and self._byte_level() else None)
-            out = []
+            out, special = [], self.special_ids()
             for i in range(self.vocab_size):
                 piece = self.id_to_piece(i) or ""
-                if self.is_special(i):
+                if i in special:
                     out.append(piece.encode())
                 elif table is not None and all(c in table for c in piece):
                     out.append(bytes(table[c] for c in piece))
@@ -241,6 +241,12 @@ class Tokenizer:
                     out.append(piece.replace("\u2581", " ").encode())
             self._token_bytes = out
         return self._token_bytes
+
+    def special_ids(self) -> set[int]:
+        """Every id is_special() is true of, found once (tokenizers' added-token table is rebuilt per call)."""
+        if self.kind == "sentencepiece":
+            return {i for i in range(self.vocab_size) if self.impl.is_control(i)}
+        return {i for i, t in self.impl.get_added_tokens_decoder().items() if t.special}
 
     def is_special(self, i: int) -> bool:
         if self.kind == "sentencepiece":

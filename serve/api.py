@@ -114,23 +114,30 @@ def _number(body: dict, name: str, default, low: float, high: float, integer: bo
     return v
 
 
-def _common(body: dict, state: ServerState, chat: bool = True) -> None:
+def _object_of(body, state: ServerState, known: set[str], path: str, model_required: bool) -> None:
+    """A body is an object of known fields (any other is a 400 naming it) for this server's model."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    known = (OPENAI_CHAT | CHAT_EXTENSIONS if chat else OPENAI_COMPLETION) | EXTENSIONS | set(UNSUPPORTED)
     for name in body:
         if name not in known:
-            raise ApiError(400, f"{name}: not a parameter of {'/v1/chat/completions' if chat else '/v1/completions'} on "
-                           "this server (docs/serving.md lists them)", param=name, code="unknown_parameter")
+            raise ApiError(400, f"{name}: not a parameter of {path} on this server (docs/serving.md lists them)",
+                           param=name, code="unknown_parameter")
     model = body.get("model")
+    if model is None and not model_required:
+        return
     if not isinstance(model, str):
         raise ApiError(400, "model: expected the model's name (GET /v1/models)", param="model")
     if model != state.model_name:
         raise ApiError(404, f"The model `{model}` does not exist (this server serves `{state.model_name}`).",
                        param="model", code="model_not_found")
+
+
+def _common(body: dict, state: ServerState, chat: bool = True) -> None:
+    known = (OPENAI_CHAT | CHAT_EXTENSIONS if chat else OPENAI_COMPLETION) | EXTENSIONS | set(UNSUPPORTED)
+    _object_of(body, state, known, "/v1/chat/completions" if chat else "/v1/completions", model_required=True)
     for name, why in UNSUPPORTED.items():
         v = body.get(name)
-        if v not in (None, [], {}, False) and not (name == "response_format" and v == {"type": "text"}):
+        if v not in (None, [], {}, False):
             raise ApiError(400, f"{name}: {why} by this server", param=name, code="unsupported_parameter")
     _number(body, "n", 1, 1, MAX_N, integer=True)
     if not isinstance(body.get("stream", False), bool):
@@ -398,6 +405,10 @@ def create_app(state: ServerState):
         return Response(error_body(e.message, e.type, e.code, e.param), status_code=e.status, headers=e.headers,
                         media_type="application/json")
 
+    def not_ready() -> ApiError:
+        return ApiError(503, state.load_error or "the model is loading", type_="server_error", code="model_not_ready",
+                        headers={"Retry-After": "5"})
+
     def unauthorized(http: HttpRequest) -> Response | None:
         if key_ok(http.headers.get("authorization"), state.keys):
             return None
@@ -433,12 +444,7 @@ def create_app(state: ServerState):
     def prepare(raw: bytes, chat: bool) -> tuple[dict, Request]:
         """Parse, validate and tokenize: in a worker thread, so a huge or deeply nested body never holds the event
         loop (every other request, /health included, is answered meanwhile)."""
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        except RecursionError:
-            raise ApiError(400, "the request body is not valid JSON: nested too deeply") from None
+        body = _parse(raw)
         _common(body, state, chat)
         req = _request(body, state, chat)
         return body, _choices(req, body.get("n") or 1)
@@ -448,8 +454,7 @@ def create_app(state: ServerState):
         if (denied := unauthorized(http)) is not None:
             return denied
         if state.scheduler is None:
-            why = state.load_error or "the model is loading"
-            return error(ApiError(503, why, type_="server_error", code="model_not_ready", headers={"Retry-After": "5"}))
+            return error(not_ready())
         if state.draining:
             return error(ApiError(503, "the server is shutting down; retry on another instance", type_="server_error",
                                   code="server_shutting_down", headers={"Retry-After": "1"}))
@@ -486,14 +491,10 @@ def create_app(state: ServerState):
         if (denied := unauthorized(http)) is not None:
             return denied
         if state.scheduler is None:
-            return error(ApiError(503, state.load_error or "the model is loading", type_="server_error",
-                                  code="model_not_ready", headers={"Retry-After": "5"}))
+            return error(not_ready())
 
         def run(raw: bytes) -> dict:
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-                raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+            body = _parse(raw)
             return _tokenize(body, state) if encode else _detokenize(body, state)
         try:
             return JSONResponse(await asyncio.to_thread(run, await read_body(http)))
@@ -549,17 +550,14 @@ def create_app(state: ServerState):
     ], middleware=middleware, exception_handlers={HTTPException: http_error})
 
 
-def _model_and_fields(body, state: ServerState, known: set[str], path: str) -> None:
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    for name in body:
-        if name not in known:
-            raise ApiError(400, f"{name}: not a parameter of {path} on this server", param=name,
-                           code="unknown_parameter")
-    model = body.get("model")
-    if model is not None and model != state.model_name:
-        raise ApiError(404, f"The model `{model}` does not exist (this server serves `{state.model_name}`).",
-                       param="model", code="model_not_found")
+def _parse(raw: bytes):
+    """A request body as JSON, or the 400 that says why not."""
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON: nested too deeply") from None
 
 
 def _flag(body: dict, name: str, default: bool) -> bool:
@@ -573,8 +571,8 @@ def _tokenize(body, state: ServerState) -> dict:
     """{"prompt", "add_special_tokens"} or {"messages", "add_generation_prompt"} -> {"count", "max_model_len",
     "tokens"} (and "token_strs" with return_token_strs). A conversation with add_generation_prompt (the default) is
     what a chat completion feeds; without it, the conversation as it stands (`mistral-trt tokenize`'s form)."""
-    _model_and_fields(body, state, {"model", "prompt", "add_special_tokens", "messages", "add_generation_prompt",
-                                    "return_token_strs"}, "/tokenize")
+    _object_of(body, state, {"model", "prompt", "add_special_tokens", "messages", "add_generation_prompt",
+                             "return_token_strs"}, "/tokenize", model_required=False)
     tok, m = state.tokenizer, state.manifest
     if ("prompt" in body) == ("messages" in body):
         raise ApiError(400, "give the text as prompt or the conversation as messages (one of them)", param="prompt")
@@ -603,7 +601,7 @@ def _tokenize(body, state: ServerState) -> dict:
 
 
 def _detokenize(body, state: ServerState) -> dict:
-    _model_and_fields(body, state, {"model", "tokens"}, "/detokenize")
+    _object_of(body, state, {"model", "tokens"}, "/detokenize", model_required=False)
     ids, vocab = body.get("tokens"), state.manifest.model.vocab_size
     if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab
                                           for i in ids)):

@@ -129,11 +129,12 @@ class Scheduler:
         self.cache = self.gen.new_cache(max_batch, self.max_context, speculate)
         self.prefix_cache = prefix_cache  # reuse what a slot holds of a new prompt (the fused graph's cache)
         self.prefix_cache_bytes = 0
-        if prefix_cache_mib is not None and not (self.ragged and not self.cache.whole_rows):
+        host_slots = self.ragged and not self.cache.whole_rows  # prefixes can be copied out of and into slots
+        if prefix_cache_mib is not None and not host_slots:
             raise UserError(f"--prefix-cache-mib {prefix_cache_mib}: prefixes are kept in host memory for the fused "
                             "graph's cache on the CPU" + ("" if self.ragged else " (this export's cache starts each "
                             "static batch fresh: export --graph fused)"))
-        if prefix_cache and self.ragged and not self.cache.whole_rows:
+        if prefix_cache and host_slots:
             self.prefix_cache_bytes = store_budget(self.cache, prefix_cache_mib)
             if self.prefix_cache_bytes:
                 self.cache.store = PrefixStore(self.prefix_cache_bytes)
