@@ -108,9 +108,14 @@ def _compiled(spec: Grammar, tok, eos: tuple[int, ...]):
     error = llguidance.LLMatcher.validate_grammar(grammar, lltok)
     if error and not error.startswith("WARNING"):
         raise UserError(f"{where}: cannot be compiled: {first_line(error)}")
+    from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+
     matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
-    if matcher.is_error():
-        raise UserError(f"{where}: cannot be compiled: {first_line(matcher.get_error())}")
+    probe = matcher.deep_copy()  # a grammar can compile and still allow no first token (`root ::= root`)
+    if not matcher.is_error():
+        fill_next_token_bitmask(probe, allocate_token_bitmask(1, lltok.vocab_size))
+    if probe.is_error():
+        raise UserError(f"{where}: cannot be compiled: {first_line(probe.get_error())}")
     with _lock:
         _cache[key] = matcher
         while len(_cache) > COMPILED:

@@ -125,6 +125,7 @@ def test_bad_constraints_are_400s_naming_the_field(server):
              ({"structured_outputs": {"choice": []}}, "structured_outputs.choice", "non-empty list"),
              ({"grammar": 'root ::= "a', "json_schema": {"type": "object"}}, "json_schema", "give one constraint"),
              ({"grammar": 'root ::= "a'}, "grammar", "grammar"),
+             ({"grammar": "root ::= root"}, "grammar", "grammar: cannot be compiled"),
              ({"json_schema": {"type": "object"}, "ignore_eos": True}, "ignore_eos", "ends at EOS")]
     for extra, param, words in cases:
         status, r, _ = server.post("/v1/chat/completions", body | extra)
