@@ -18,7 +18,7 @@ OUT      ?= $(if $(MODEL),build/onnx/$(notdir $(abspath $(MODEL)))-$(DTYPE),$(DE
 FUSED_OUT := build/onnx/smollm2-135m-instruct-fused-fp32
 FUSED_Q8  := build/onnx/smollm2-135m-instruct-fused-int8-w8a8-dynamic
 
-.PHONY: setup demo export test test-fast test-main test-quality test-quality-if-changed test-interop demo-fused demo-fused-int8 cpp cpp-asan bench-cpp test-triton bench-triton bench-speculate bench-int4 clean measure-export measure-7b bench bench-serve bench-multi-turn bench-serve-llama bench-structured serve soak gpu-check
+.PHONY: setup demo export test test-fast test-main test-ort131 test-quality test-quality-if-changed test-interop demo-fused demo-fused-int8 cpp cpp-asan bench-cpp test-triton bench-triton bench-speculate bench-int4 clean measure-export measure-7b bench bench-serve bench-multi-turn bench-serve-llama bench-structured serve soak gpu-check
 
 setup: $(VENV)/.installed
 
@@ -55,7 +55,7 @@ PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 test-fast: setup
 	$(PYTEST) -m "not slow and not quality" tests
 
-test: test-main test-interop test-triton
+test: test-main test-interop test-triton test-ort131
 
 test-main: setup cpp
 	$(PYTEST) -m "not quality" tests
@@ -111,6 +111,21 @@ test-interop: setup $(OPT_VENV)/.installed
 	@$(STORE) demo-fp32 --link $(INTEROP_DIR) > /dev/null
 	$(INTEROP_ENV) $(PYTEST) tests/interop/test_main_venv_clients.py
 	$(INTEROP_ENV) $(OPT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/interop/test_optimum.py
+
+# The fused graph on onnxruntime 1.31.1 (onnxruntime-gpu's newest): a venv whose own onnxruntime is 1.31.1, the rest
+# from the main venv (a .pth written at each use: the venv is shared by checkouts, the main venv is this one's).
+ORT131_VENV := $(VENVS)/ort131-1.31.1
+$(ORT131_VENV)/.installed:
+	rm -rf $(ORT131_VENV)
+	$(PYTHON) -m venv $(ORT131_VENV)
+	$(ORT131_VENV)/bin/python -m pip install -q --no-deps onnxruntime==1.31.1
+	touch $@
+
+test-ort131: setup $(ORT131_VENV)/.installed demo-fused
+	@$(PY) -c "import site; print(f'import site; site.addsitedir({site.getsitepackages()[0]!r})')" \
+	  > $$($(ORT131_VENV)/bin/python -c "import site; print(site.getsitepackages()[0])")/mistral-trt-main.pth
+	MISTRAL_TRT_ORT131_EXPORT=$(abspath $(FUSED_OUT)) MISTRAL_TRT_MAIN_PYTHON=$(abspath $(PY)) \
+	  $(ORT131_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/ort131
 
 # Triton Inference Server on the demo's fused export: the tritonserver nvidia-pytriton bundles (python backend) in
 # its own venv (it pins numpy < 2) with the runtime-only install of mistral-trt, tritonclient against it.

@@ -50,10 +50,12 @@ ORT_TYPES = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)"
              "tensor(float16)": "float16"}
 
 
-def check_session_io(session, manifest: Manifest, path: Path) -> None:
+def check_session_io(session, manifest: Manifest, path: Path, without: tuple = ()) -> None:
     """The graph onnxruntime loaded must have the manifest's inputs and outputs (names, dtypes, ranks and
-    fixed sizes): another model's ONNX in the folder is refused by name, not run."""
-    for kind, got, want in (("inputs", session.get_inputs(), manifest.inputs),
+    fixed sizes): another model's ONNX in the folder is refused by name, not run. `without`: inputs the loader
+    took out (shared_width_graph)."""
+    inputs = [t for t in manifest.inputs if t.name not in without]
+    for kind, got, want in (("inputs", session.get_inputs(), inputs),
                             ("outputs", session.get_outputs(), manifest.outputs)):
         have = {t.name: t for t in got}
         for spec in want:
@@ -72,7 +74,28 @@ def check_session_io(session, manifest: Manifest, path: Path) -> None:
                             "not the graph this manifest describes")
 
 
-FUSED_MIN_ORT = (1, 32)  # GroupQueryAttention's query_seqlens (right-padded rows of their own lengths) came in 1.32
+SHARED_WIDTH_BELOW = (1, 32)  # GroupQueryAttention's query_seqlens (right-padded rows of their own lengths) came in 1.32
+
+
+def shared_width_graph(path: Path) -> bytes:
+    """The fused graph as onnxruntime < 1.32 reads it: each GroupQueryAttention without its query_seqlens input,
+    and the graph without that input. Every row of a call then takes the call's width (the cache pads the shorter
+    rows: runtime/cache.py's shared_width), with the same arithmetic for the real tokens. Weights in
+    model.onnx.data stay where they are (not read here); inline ones travel in the bytes."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention" and "query_seqlens" in node.input:
+            inputs = [i for i in node.input if i != "query_seqlens"]
+            while inputs and not inputs[-1]:
+                inputs.pop()  # trailing optional inputs left empty
+            del node.input[:]
+            node.input.extend(inputs)
+    kept = [i for i in model.graph.input if i.name != "query_seqlens"]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    return model.SerializeToString()
 
 
 def ort_version(text: str) -> tuple[int, int]:
@@ -96,10 +119,6 @@ def open_session(folder: Path, manifest: Manifest, providers: list | None, graph
     if not path.is_file():
         raise UserError(f"{path}: missing (the export folder is incomplete)")
     manifest.check_files(folder)  # weights changed after export would run and print garbage
-    if graph == "fused" and ort_version(ort.__version__) < FUSED_MIN_ORT:
-        raise UserError(f"{folder}: the fused graph needs onnxruntime >= {'.'.join(map(str, FUSED_MIN_ORT))} (its "
-                        f"GroupQueryAttention's query_seqlens input: rows of different lengths in one step); this is "
-                        f"onnxruntime {ort.__version__}: upgrade it, or run a --graph portable export")
     providers = providers or ["CPUExecutionProvider"]
     first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
     if first not in ort.get_available_providers():
@@ -127,15 +146,19 @@ def open_session(folder: Path, manifest: Manifest, providers: list | None, graph
         # microsoft/onnxruntime#6004), a different answer per machine; unfused, DequantizeLinear -> float MatMul
         # computes what TensorRT's exact int8 GEMM does, on every CPU.
         opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    source, without = str(path), ()
+    if graph == "fused" and ort_version(ort.__version__) < SHARED_WIDTH_BELOW:  # onnxruntime-gpu's newest is 1.31
+        source, without = shared_width_graph(path), ("query_seqlens",)
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     try:
-        session = ort.InferenceSession(str(path), opts, providers=providers)
+        session = ort.InferenceSession(source, opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types
         raise UserError(f"{path}: onnxruntime cannot load it: {str(e).splitlines()[0][:300]}") from None
     if session.get_providers()[0] != first:  # onnxruntime falls back to its CPU provider with only a log line
         raise UserError(f"--provider: onnxruntime could not start {first} here (no GPU or driver, or its CUDA or "
                         f"cuDNN libraries did not load; onnxruntime {ort.__version__}), and would have run on "
                         f"{session.get_providers()[0]}")
-    check_session_io(session, manifest, path)
+    check_session_io(session, manifest, path, without)
     return session
 
 
@@ -272,6 +295,8 @@ class FusedBackend:
                  exact: bool = False):
         _open(self, folder, providers, manifest, "fused", exact)
         self.cache_device = cache_device(self.session)
+        # onnxruntime < 1.32 loads the graph without query_seqlens: one width per call (shared_width_graph)
+        self.shared_width = "query_seqlens" not in {i.name for i in self.session.get_inputs()}
         self.buffers = Buffers(self.kv_dtype)
         self._bound = None  # (cache, {rows: [IOBinding, {name: bound array}, bound logits]})
 
@@ -287,7 +312,7 @@ class FusedBackend:
 
             buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.cache_device, 0)
                        for _ in range(2 * a.num_layers)]
-        return InPlaceCache(buffers, slots, shape[2], w)
+        return InPlaceCache(buffers, slots, shape[2], w, shared_width=self.shared_width)
 
     def _binding(self, cache: InPlaceCache, lo: int, hi: int):
         """An IOBinding of the cache's rows [lo, hi) (a contiguous view of each buffer), made once per (cache,
@@ -302,9 +327,15 @@ class FusedBackend:
                     view = buf[lo:hi]
                     io.bind_input(name, "cpu", 0, view.dtype, view.shape, view.ctypes.data)
                     io.bind_output(out, "cpu", 0, view.dtype, view.shape, view.ctypes.data)
-                else:  # an OrtValue in device memory (always every row)
+                elif (lo, hi) == (0, cache.slots):  # an OrtValue in device memory
                     io.bind_ortvalue_input(name, buf)
                     io.bind_ortvalue_output(out, buf)
+                else:  # its rows [lo, hi) by address (onnxruntime < 1.32: a prefill row runs alone)
+                    shape = buf.shape()
+                    ptr = buf.data_ptr() + lo * int(np.prod(shape[1:])) * self.kv_dtype.itemsize
+                    view = (hi - lo, *shape[1:])
+                    io.bind_input(name, self.cache_device, 0, self.kv_dtype, view, ptr)
+                    io.bind_output(out, self.cache_device, 0, self.kv_dtype, view, ptr)
             held = self._bound[1][(lo, hi)] = [io, {}, None]
         return held
 
@@ -317,8 +348,9 @@ class FusedBackend:
         out = self.buffers.get("logits", (cache.slots, width, self.args.vocab_size))
         for run in meta.runs:
             small = {"input_ids": ids[run.lo:run.hi, :run.width], "seqlens_k": run.seqlens_k,
-                     "query_seqlens": run.query_seqlens, "total_sequence_length": run.total_sequence_length,
-                     "logits_index": run.logits_index}
+                     "total_sequence_length": run.total_sequence_length, "logits_index": run.logits_index}
+            if not self.shared_width:
+                small["query_seqlens"] = run.query_seqlens
             logits = self._run_rows(cache, run.lo, run.hi, small, run.logits_index.shape[1])
             if len(meta.runs) > 1 or (run.lo, run.hi) != (0, cache.slots):
                 out[run.lo:run.hi, :run.logits_index.shape[1]][run.rows - run.lo] = logits[run.rows - run.lo]

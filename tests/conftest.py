@@ -19,10 +19,11 @@ from store import Store, make_tiny_mistral, mistral_tokenizer_file  # noqa: F401
 # any test runs so subprocesses inherit it.
 os.environ["MISTRAL_TRT_CACHE"] = tempfile.mkdtemp(prefix="mistral-trt-test-cache-")
 atexit.register(shutil.rmtree, os.environ["MISTRAL_TRT_CACHE"], ignore_errors=True)
-# Third-party clients in their own venvs: `make test-interop` and `make test-triton`, not `make test`. (Not a folder
+# Third-party clients and onnxruntime 1.31 in their own venvs: `make test-interop`, `make test-triton` and
+# `make test-ort131`, which `make test` runs. (Not a folder
 # named `triton`: tests/ is on sys.path, and torch and transformers take a `triton` package for OpenAI's compiler.)
-collect_ignore = [d for d, env in (("interop", "MISTRAL_TRT_INTEROP"), ("triton_server", "MISTRAL_TRT_TRITON_EXPORT"))
-                  if not os.environ.get(env)]
+collect_ignore = [d for d, env in (("interop", "MISTRAL_TRT_INTEROP"), ("triton_server", "MISTRAL_TRT_TRITON_EXPORT"),
+                                   ("ort131", "MISTRAL_TRT_ORT131_EXPORT")) if not os.environ.get(env)]
 
 
 def pytest_collection_modifyitems(items):
@@ -35,7 +36,7 @@ def pytest_collection_modifyitems(items):
 
 def pytest_terminal_summary(terminalreporter, config):
     """Say what this run left out of the paths it was given, and where that runs: never a silent drop."""
-    targets = {"interop": "make test-interop", "triton_server": "make test-triton"}
+    targets = {"interop": "make test-interop", "triton_server": "make test-triton", "ort131": "make test-ort131"}
     here = Path(__file__).parent
     asked = [Path(config.invocation_params.dir, a.split("::")[0]).resolve() for a in config.args]
     for d in collect_ignore:

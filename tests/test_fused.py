@@ -284,21 +284,53 @@ def test_int4_fp16_activations_hold_the_fp32_blocks(tiny_full, tmp_path):
     np.testing.assert_array_equal(whole[11:-1].argmax(-1), new)
 
 
-def test_fused_graph_names_the_onnxruntime_it_needs(tiny_fused, monkeypatch):
-    """The fused graph's GroupQueryAttention reads query_seqlens, new in onnxruntime 1.32 (onnxruntime-gpu 1.31.1,
-    PyPI's newest in 2026-12, refuses the graph): an older onnxruntime gets one line naming both versions, not its
-    invalid-graph error. The ONNX carries IR version 10, not onnx's newest (14), which onnxruntime < 1.32 refuses."""
+# A step script for three slots: (tokens per slot) with 0 idle. Ragged widths beside decoding rows, an idle row
+# between busy ones, a row that ends and a new one in its slot, and enough tokens to pass W = 8 many times.
+SHARED_WIDTH_STEPS = [(5, 0, 3), (1, 7, 0), (1, 1, 1), (4, 1, 0), (0, 1, 6), (1, 1, 1), (1, 0, 1), (9, 1, 1),
+                      (1, 1, 1), (2, 0, 5), (1, 1, 1)]
+
+
+@pytest.mark.parametrize("name", ["window", "full"])
+def test_fused_graph_on_onnxruntime_before_1_32(tiny_fused, name, monkeypatch):
+    """onnxruntime < 1.32 (onnxruntime-gpu's newest, 1.31.1) has no GroupQueryAttention query_seqlens: the loader
+    takes that input out of the graph and the cache pads every row a call spans to the call's width. Each step's
+    logits equal the graph's with query_seqlens on this onnxruntime (tests/ort131 runs it on a real 1.31.1), through
+    ragged steps, idle rows, a slot reused, and the op's own window eviction. The ONNX carries IR version 10, not
+    onnx's newest (14), which onnxruntime < 1.32 refuses."""
     import onnxruntime as ort
 
-    from mistral_trt.runtime.ort import FUSED_MIN_ORT, ort_version
+    from mistral_trt.runtime.ort import SHARED_WIDTH_BELOW, ort_version
 
     assert onnx.load(str(tiny_fused["full"] / "model.onnx"), load_external_data=False).ir_version == 10
     assert ort_version("1.31.1") == (1, 31) and ort_version("1.32.0.dev20261101") == (1, 32)
-    assert ort_version(ort.__version__) >= FUSED_MIN_ORT  # this machine's runs the graph
-    open_backend(tiny_fused["full"])
+    assert ort_version(ort.__version__) >= SHARED_WIDTH_BELOW  # this machine's runs the graph as written
+    ref = open_backend(tiny_fused[name])
     monkeypatch.setattr(ort, "__version__", "1.31.1")
-    with pytest.raises(UserError, match=r"the fused graph needs onnxruntime >= 1\.32 .*this is onnxruntime 1\.31\.1"):
-        open_backend(tiny_fused["full"])
+    old, dev = open_backend(tiny_fused[name]), open_backend(tiny_fused[name])
+    assert old.shared_width and not ref.shared_width
+    assert "query_seqlens" not in {i.name for i in old.session.get_inputs()}
+    dev.cache_device = "cpu"  # the GPU form's code on host OrtValues: bound whole for decode, a prefill row by address
+    rng = np.random.default_rng(11)
+    caches = [b.new_cache(3, 64) for b in (ref, old, dev)]
+    assert caches[2].whole_rows and not caches[1].whole_rows
+    for c in caches:
+        for _ in range(3):
+            c.admit()
+    padded = 0
+    for i, step in enumerate(SHARED_WIDTH_STEPS):
+        if i == 6:  # slot 1 ends; a new sequence takes it
+            for c in caches:
+                c.release(1)
+                assert c.admit() == 1
+        tokens = [rng.integers(3, 32000, n) for n in step]
+        last = i % 2 == 0
+        a = ref.step(caches[0], tokens, last=last)
+        for backend, cache in ((old, caches[1]), (dev, caches[2])):
+            b = backend.step(cache, tokens, last=last)
+            np.testing.assert_allclose(b, a, atol=2e-5, rtol=0, err_msg=f"step {i} {step}")
+        padded += len({n for n in step if n}) > 1
+    assert padded >= 5 and (caches[0].lengths == caches[1].lengths).all() and (caches[2].lengths == caches[1].lengths).all()
+    assert caches[1].lengths.max() > 3 * 8  # past the window many times
 
 
 def test_export_precision_bad_input(tiny_full, tmp_path, capsys):
