@@ -46,7 +46,7 @@ from mistral_trt.runtime.manifest import NBITS_PRECISIONS, ONNX_NAME, Manifest
 
 from mistral_trt.export.fused_graph import LM_HEAD_BITS, activations, nbits_record
 from mistral_trt.export.pipeline import Calibration
-from mistral_trt.export.weights import WeightQdq, check_block_size, weight_only_record
+from mistral_trt.export.weights import NBITS_BLOCK, WeightQdq, block_size_for, weight_only_record
 
 from .layerwise import projection_weights
 from .qdq import save_model, weight_only
@@ -54,12 +54,11 @@ from .smoothquant import ACTIVATION_GROUPS, CALIB_METHODS, GROUPS, Recipe, int8_
 
 PRECISIONS = ("fp16", "int8-w8a16", "int8-w8a8", "int4-w4a16", "int8-w8a8-dynamic", "int4")
 FUSED_PRECISIONS = ("fp16", "int8-w8a8-dynamic", "int4")  # what a --graph fused export takes; the others are Q/DQ graphs
-NBITS_BLOCK = 32  # int8-w8a8-dynamic's default block: the best quality of 32/64/128 (docs/precision.md); 64 decodes 10-17 % faster
 
 
 def quantize(export_dir: str | Path, precision: str, out: str | Path, force: bool = False, calib: str | Path | None = None,
              calib_method: str = "max", alpha: str | float = "auto", outlier_ratio: float = 20.0,
-             block_size: int = NBITS_BLOCK, lm_head_bits: int = LM_HEAD_BITS,
+             block_size: int | None = None, lm_head_bits: int = LM_HEAD_BITS,
              log=lambda s: print(s, file=sys.stderr, flush=True)) -> Manifest:
     from mistral_trt.export.atomic import atomic_folder, check_target
     from mistral_trt.export.pipeline import save_with_files
@@ -76,7 +75,7 @@ def quantize(export_dir: str | Path, precision: str, out: str | Path, force: boo
         hint = f"; or write it from the checkpoint: mistral-trt export {m.source.get('path', 'CHECKPOINT')} -o OUT {flags}"
         raise UserError(f"{export_dir}: quantize starts from an fp32 export, this one is "
                         f"{m.precision.get('name', m.dtype)}{hint}")
-    check_block_size(precision, block_size)
+    block_size = block_size_for(precision, block_size, m.model)
     if (m.graph == "fused") != (precision in FUSED_PRECISIONS) and precision != "fp16":
         need = "a --graph fused export" if precision in FUSED_PRECISIONS else "a --graph portable export (Q/DQ for TensorRT)"
         raise UserError(f"{export_dir}: --precision {precision} needs {need}; this one is graph {m.graph!r}")

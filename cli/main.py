@@ -533,7 +533,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    from mistral_trt.calib.quantize import INT4_METHODS, NBITS_BLOCK, PRECISIONS  # constants (numpy at import, no torch)
+    from mistral_trt.calib.quantize import INT4_METHODS, PRECISIONS  # constants (numpy at import, no torch)
     from mistral_trt.export.verify import MAX_WINDOW_CHECK  # a constant; verify.py imports numpy only at top
     from mistral_trt.runtime.manifest import EXPORT_PRECISIONS, GRAPHS
 
@@ -549,16 +549,18 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="Hugging Face checkpoint -> ONNX with KV cache + manifest.json, verified")
     s.add_argument("model", metavar="CHECKPOINT", help="Hugging Face checkpoint folder (or a hub id where the hub is reachable)")
     s.add_argument("-o", "--output", metavar="EXPORT_DIR", required=True, help="output folder (written atomically)")
-    s.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
-                   help="activations, KV cache and float weights; with --graph fused --precision int4 or "
+    s.add_argument("--dtype", choices=["fp32", "fp16"],
+                   help="activations, KV cache and float weights (default fp32; fp16 for int8-w8a16 and int4-w4a16, "
+                        "whose fp16 scales make TensorRT's GEMMs fp16); with --graph fused --precision int4 or "
                         "int8-w8a8-dynamic, fp16 is the GPU form (onnxruntime's CUDA provider) and fp32 the CPU one")
     s.add_argument("--precision", choices=EXPORT_PRECISIONS,
                    help="weights as written, straight from the checkpoint, tensor by tensor: fp32, fp16, int8-w8a16, "
                         "int8-w8a8 or int4-w4a16 (explicit Q/DQ for TensorRT; w8a8 takes --calib), int8-w8a8-dynamic "
                         "or int4 (onnxruntime MatMulNBits, --graph fused); int4 and int4-w4a16 take an optional "
                         "--calib (calibrated: --int4-method)")
-    s.add_argument("--block-size", type=int, default=NBITS_BLOCK,
-                   help="int8-w8a8-dynamic / int4 / int4-w4a16: input channels per weight scale")
+    s.add_argument("--block-size", type=int,
+                   help="int8-w8a8-dynamic / int4 / int4-w4a16: input channels per weight scale (default 32; "
+                        "int4-w4a16: 128 or 64, what TensorRT takes, the largest dividing the model's sizes)")
     s.add_argument("--lm-head-bits", type=int, choices=[4, 8],
                    help="int4 / int4-w4a16: lm_head's weight bits (default 8: far better quality for few bytes)")
     s.add_argument("--int4-method", choices=INT4_METHODS,
@@ -789,9 +791,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("export_dir", metavar="EXPORT_DIR", help="fp32 export folder")
     s.add_argument("--precision", required=True, choices=PRECISIONS,
                    help="int8-w8a8-dynamic, int4: fused-graph exports (onnxruntime MatMulNBits); the others: portable exports")
-    s.add_argument("--block-size", type=int, default=NBITS_BLOCK,
-                   help="int8-w8a8-dynamic / int4 / int4-w4a16: input channels per weight scale (32: best quality; 64: "
-                        "10-17%% faster int8 decode)")
+    s.add_argument("--block-size", type=int,
+                   help="int8-w8a8-dynamic / int4 / int4-w4a16: input channels per weight scale (default 32: best "
+                        "quality; 64: 10-17%% faster int8 decode; int4-w4a16: 128 or 64, what TensorRT takes)")
     s.add_argument("--lm-head-bits", type=int, choices=[4, 8], default=8,
                    help="int4 / int4-w4a16: lm_head's weight bits (8: far better quality for few bytes)")
     _add_w8a8_args(s)

@@ -176,9 +176,10 @@ def export_streaming(config: dict, args: ModelArgs, dtype: str, weights, folder:
     new_inits, extra_nodes = [], {}
     first_transpose = {name: next(u.name for u in consumers[name] if u.name in dead) for name in folded}
     for k, name in enumerate(order):
-        w = weights.get(name[len("model."):], np_dtype)  # checkpoint name: without the wrapper's prefix
+        # checkpoint name: without the wrapper's prefix; a weight to quantize is read in fp32 (an fp16 graph's too)
+        w = weights.get(name[len("model."):], "float32" if qdq is not None and name in folded else np_dtype)
         if name in plain:
-            new_inits.append(sink.add(name, edit(name, w)))
+            new_inits.append(sink.add(name, edit(name, w).astype(np_dtype, copy=False)))
         if name in folded:
             t_name = folded[name]
             wt = edit(t_name, np.ascontiguousarray(w.T))

@@ -31,7 +31,7 @@ from mistral_trt.runtime.backend import open_backend
 from . import checkpoint as ck
 from . import verify as vf
 from .atomic import atomic_folder, check_target
-from .weights import WeightQdq, check_block_size, weight_only_record
+from .weights import WeightQdq, block_size_for, check_block_size, weight_only_record
 
 
 def log(msg: str) -> None:
@@ -153,14 +153,21 @@ class Calibration:
         raise NotImplementedError
 
 
-def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool = False, run_verify: bool = True,
+WEIGHT_ONLY_QDQ = ("int8-w8a16", "int4-w4a16")  # TensorRT's weight-only GEMMs: fp16 activations by default
+
+
+def export_model(model: str, out: str | Path, dtype: str | None = None, force: bool = False, run_verify: bool = True,
                  max_window_check: int = vf.MAX_WINDOW_CHECK, provider: str = "cpu", graph: str = "portable",
-                 precision: str | None = None, block_size: int = 32, calibrate: Calibration | None = None,
+                 precision: str | None = None, block_size: int | None = None, calibrate: Calibration | None = None,
                  lm_head_bits: int | None = None) -> Manifest:
-    """`calibrate` (calib/quantize.py's CheckpointW8a8 or CheckpointInt4), run as the first stage, returns int8-w8a8's
+    """`dtype` None: fp16 for the weight-only Q/DQ precisions (TensorRT runs their GEMMs on fp16 activations, the
+    DequantizeLinear's scale type), else fp32. `block_size` None: the precision's (export/weights.py block_size_for).
+    `calibrate` (calib/quantize.py's CheckpointW8a8 or CheckpointInt4), run as the first stage, returns int8-w8a8's
     graph and weight edits (export/onnx_export.py applies them) or int4's calibration (AWQ's scales and GPTQ's
     weights: export/fused_graph.py, or the portable writer's edits); both carry the precision record and their
     report."""
+    if dtype is None:
+        dtype = "fp16" if precision in WEIGHT_ONLY_QDQ else "fp32"
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if graph not in GRAPHS:
@@ -170,10 +177,12 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
             raise UserError(f"--precision {precision!r}: expected one of {', '.join(EXPORT_PRECISIONS)}")
         want = "fp16" if precision == "fp16" else "fp32"
         # MatMulNBits takes fp16 activations as well: --dtype fp16 is the GPU form (onnxruntime's CUDA provider runs
-        # GroupQueryAttention in fp16 only), fp32 the CPU one (int8 dot products, accuracy_level 4)
-        if dtype != want and dtype != "fp32" and precision not in NBITS_PRECISIONS:
+        # GroupQueryAttention in fp16 only), fp32 the CPU one (int8 dot products, accuracy_level 4). The weight-only
+        # Q/DQ precisions take either (fp16 scales make fp16 GEMMs in TensorRT); int8-w8a8's calibration is fp32.
+        free = precision in NBITS_PRECISIONS or precision in WEIGHT_ONLY_QDQ
+        if dtype != want and dtype != "fp32" and not free:
             raise UserError(f"--precision {precision} computes in {want}; leave out --dtype {dtype}")
-        dtype = dtype if precision in NBITS_PRECISIONS else want
+        dtype = dtype if free else want
         if precision in NBITS_PRECISIONS and graph != "fused":
             hint = "; int4 for TensorRT (Q/DQ, portable graph) is --precision int4-w4a16" if precision == "int4" else ""
             raise UserError(f"--precision {precision} writes onnxruntime MatMulNBits weights: add --graph fused{hint}")
@@ -192,14 +201,17 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
         lm_head_bits = LM_HEAD_BITS
     if lm_head_bits not in (4, 8):
         raise UserError(f"--lm-head-bits {lm_head_bits}: expected 4 or 8")
-    check_block_size(precision, block_size)
+    if precision != "int4-w4a16":
+        block_size = block_size_for(precision, block_size, None)
+    elif block_size is not None:  # TensorRT's rule on it needs the model's sizes (below)
+        check_block_size(precision, block_size)
     if precision in NBITS_PRECISIONS:
         from .fused_graph import NBits
 
         bits = NBITS_PRECISIONS[precision]
         nbits = NBits(bits=bits, block_size=block_size, lm_head_bits=lm_head_bits if bits == 4 else None)
     elif precision in QDQ_PRECISIONS:
-        qdq = WeightQdq.of(precision, block_size, lm_head_bits)
+        qdq = WeightQdq.of(precision, block_size, lm_head_bits, dtype)  # int4-w4a16's block: set below
     if precision not in (None, "fp32", "fp16"):
         run_verify = False  # quantized weights are not PyTorch's: `mistral-trt eval` measures their quality
     if graph == "fused" and provider == "tensorrt":
@@ -213,6 +225,9 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
     specials = ck.special_tokens(c)
     tokenizer = ck.tokenizer_record(c, specials)
     args = c.args
+    if precision == "int4-w4a16":  # TensorRT's blocks (64 or 128) must divide the model's sizes
+        block_size = block_size_for(precision, block_size, args)
+        qdq = WeightQdq.of(precision, block_size, lm_head_bits, dtype)
     from .weights import CheckpointWeights
 
     weights = CheckpointWeights(c.weight_files, args.tie_word_embeddings)
@@ -277,7 +292,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", force: bool =
                                     "from": str(src.absolute()),
                                     "quantized_matmuls": stats["matmuls"], "weight_bytes": stats["bytes"]}
             elif precision in ("int8-w8a16", "int4-w4a16"):
-                precision_record = {**weight_only_record(precision, block_size, lm_head_bits), "from": str(src.absolute()),
+                precision_record = {**weight_only_record(precision, block_size, lm_head_bits, dtype), "from": str(src.absolute()),
                                     "quantized_matmuls": stats["matmuls"], "weight_bytes": stats["bytes"]}
             elif precision == "int8-w8a8":
                 for name, text in edits.files().items():

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from mistral_trt.export.weights import TENSORRT_INT4_BLOCKS
 from mistral_trt.runtime.errors import UserError
 from mistral_trt.runtime.integrity import hash_file
 from mistral_trt.runtime.manifest import ONNX_NAME, Manifest
@@ -37,6 +38,13 @@ def build_engine(export_dir: str | Path, out: str | Path, max_batch: int = 1, ma
     if m.graph != "portable":
         raise UserError(f"{export_dir}: graph {m.graph!r} uses onnxruntime contrib ops TensorRT does not have; build from "
                         "a --graph portable export")
+    precision = (m.precision or {}).get("name")
+    if precision == "int4-w4a16" and m.precision.get("block_size") not in TENSORRT_INT4_BLOCKS:
+        raise UserError(f"{export_dir}: int4-w4a16 in blocks of {m.precision.get('block_size')}; TensorRT's INT4 "
+                        "weight-only GEMM takes blocks of 64 or 128: export it again (the default block is one of those)")
+    if precision in ("int8-w8a16", "int4-w4a16") and m.dtype == "fp32":
+        log(f"  warning: {export_dir}: {precision} with fp32 scales: the dequantized weights are fp32, so every GEMM "
+            "runs in fp32; export with --dtype fp16 (the default) for TensorRT's fp16 weight-only GEMMs")
     if max_context is None:  # the model's limit, at most 4096 (a 32k profile costs device memory for nothing)
         max_context = min(4096, m.max_context)
     shapes = profile_shapes(m, max_batch, max_step_tokens, max_context)  # bad limits fail before TensorRT is needed
@@ -85,13 +93,14 @@ def build_engine(export_dir: str | Path, out: str | Path, max_batch: int = 1, ma
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise UserError(f"{onnx_path}: TensorRT could not build an engine (its messages are above)")
-    plan = bytes(plan)
     build_s = time.perf_counter() - t1
-    log(f"[2/3] built: {len(plan) / 2**20:.1f} MiB in {build_s:.0f}s")
+    nbytes = memoryview(plan).nbytes
+    log(f"[2/3] built: {nbytes / 2**20:.1f} MiB in {build_s:.0f}s")
 
     log("[3/3] save engine, timing cache, manifests ...")
-    with atomic_folder(out, force, kind="engine", inputs=[export_dir], need_bytes=2 * len(plan)) as tmp:
-        (tmp / ENGINE_NAME).write_bytes(plan)
+    with atomic_folder(out, force, kind="engine", inputs=[export_dir], need_bytes=2 * nbytes) as tmp:
+        plan_sha = write_plan(plan, tmp / ENGINE_NAME)
+        del plan  # TensorRT's own buffer: the only copy there was
         timing = bytes(config.get_timing_cache().serialize())
         (tmp / TIMING_CACHE).write_bytes(timing)
         if cache_path and cache_state != "damaged":  # never over a file that was not a timing cache
@@ -112,13 +121,22 @@ def build_engine(export_dir: str | Path, out: str | Path, max_batch: int = 1, ma
             profiles=shapes,
             limits={"max_batch": max_batch, "max_step_tokens": max_step_tokens, "max_context": max_context},
             source={"export": str(export_dir.absolute()), "onnx_sha256": onnx_sha, "precision": m.precision.get("name", m.dtype)},
-            engine_sha256=hashlib.sha256(plan).hexdigest(),
+            engine_sha256=plan_sha,
             build={"seconds": round(build_s, 1), "timing_cache": str(cache_path) if cache_path else TIMING_CACHE,
                    "timing_cache_reused": cache_state == "reused", "network_layers": network.num_layers},
         )
         em.save(tmp)
     log(f"wrote {out}")
     return em
+
+
+def write_plan(plan, path: Path) -> str:
+    """Write TensorRT's serialized plan (IHostMemory, a buffer) and return its sha256, straight from TensorRT's
+    buffer: bytes(plan) would hold a second copy in host memory (14.5 GB for a 7B fp16 plan)."""
+    view = memoryview(plan).cast("B")
+    with open(path, "wb") as f:
+        f.write(view)
+    return hashlib.sha256(view).hexdigest()
 
 
 def use_timing_cache(config, blob: bytes) -> str:

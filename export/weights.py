@@ -166,6 +166,22 @@ def int8_scale(w: np.ndarray) -> np.ndarray:
     return scale
 
 
+FP16_SCALE_RANGE = (float(np.finfo(np.float16).tiny), float(np.finfo(np.float16).max))  # TensorRT: a scale > 0
+
+
+def fp16_scales(w: np.ndarray, q: np.ndarray, scale: np.ndarray, block: int | None, bits: int,
+                requantize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(q, scale) with the scale in fp16, the dequantizer's output type in a strongly typed network (TensorRT), so
+    the GEMMs run on fp16 activations. q is rounded again against the fp16 scale it will meet (unless `requantize`
+    is off: GPTQ's calibrated levels are kept as they are)."""
+    s16 = np.clip(scale, *FP16_SCALE_RANGE).astype(np.float16)
+    if not requantize:
+        return q, s16
+    full = np.repeat(s16.astype(np.float32), block, axis=0)[: len(w)] if block else s16.astype(np.float32)[None, :]
+    lo, hi = (-127, 127) if bits == 8 else (-8, 7)
+    return np.clip(np.rint(w / full), lo, hi).astype(q.dtype), s16
+
+
 @dataclass(frozen=True)
 class WeightQdq:
     """How the portable graph's MatMul weights sit behind DequantizeLinear (the Q/DQ form TensorRT reads):
@@ -177,16 +193,19 @@ class WeightQdq:
     bits: int = 8
     block_size: int | None = None
     lm_head_bits: int | None = None  # int4-w4a16's lm_head: int8 per channel (the default recipe), None: `bits`
+    scale_dtype: str = "float32"  # float16 for an fp16 graph: DequantizeLinear outputs its scale's type
 
     @staticmethod
-    def of(precision: str, block_size: int, lm_head_bits: int | None) -> "WeightQdq":
-        """The scheme of a Q/DQ precision (int8-w8a16, int8-w8a8, int4-w4a16)."""
-        return WeightQdq(4, block_size, lm_head_bits) if precision == "int4-w4a16" else WeightQdq(8)
+    def of(precision: str, block_size: int, lm_head_bits: int | None, dtype: str = "fp32") -> "WeightQdq":
+        """The scheme of a Q/DQ precision (int8-w8a16, int8-w8a8, int4-w4a16) in a graph of `dtype`."""
+        scale = "float16" if dtype == "fp16" else "float32"
+        return WeightQdq(4, block_size, lm_head_bits, scale) if precision == "int4-w4a16" else WeightQdq(8, scale_dtype=scale)
 
     def for_weight(self, name: str) -> "WeightQdq":
         """lm_head's own scheme (a tied one reaches its MatMul as the embedding's transpose)."""
         if self.lm_head_bits and self.lm_head_bits != self.bits and ("lm_head" in name or "embed_tokens" in name):
-            return WeightQdq(self.lm_head_bits, None if self.lm_head_bits == 8 else self.block_size)
+            return WeightQdq(self.lm_head_bits, None if self.lm_head_bits == 8 else self.block_size,
+                             scale_dtype=self.scale_dtype)
         return self
 
     @property
@@ -195,7 +214,8 @@ class WeightQdq:
 
     @property
     def opset(self) -> int:
-        return 21 if self.bits == 4 else 18  # blockwise DequantizeLinear and int4 tensors are opset 21
+        # blockwise DequantizeLinear and int4 tensors are opset 21; an fp16 scale is opset 19
+        return 21 if self.bits == 4 else 19 if self.scale_dtype == "float16" else 18
 
     def attrs(self) -> dict:
         return {"axis": 1} if self.bits == 8 else {"axis": 0, "block_size": self.block_size}
@@ -205,10 +225,41 @@ class WeightQdq:
         MatMulNBits' packed layout, written as they are."""
         if self.bits == 8:
             q, scale = int8_per_channel(w)
+        else:
+            q, scale = (unpack_nbits4(*calibrated, len(w)) if calibrated is not None
+                        else int4_blocks(w, self.block_size, positive=True))  # TensorRT: scales > 0
+        if self.scale_dtype == "float16":
+            q, scale = fp16_scales(w, q, scale, self.block_size if self.bits == 4 else None, self.bits,
+                                   requantize=calibrated is None)
+        if self.bits == 8:
             return q, scale, np.zeros(scale.shape, np.int8)
-        q, scale = (unpack_nbits4(*calibrated, len(w)) if calibrated is not None
-                    else int4_blocks(w, self.block_size, positive=True))  # TensorRT: scales > 0
         return q.astype(INT4), scale, np.zeros(scale.shape, INT4)
+
+
+NBITS_BLOCK = 32  # MatMulNBits' default block (int8-w8a8-dynamic, int4): the best quality of 32/64/128 (docs/precision.md); 64 decodes 10-17 % faster
+TENSORRT_INT4_BLOCKS = (128, 64)  # TensorRT's weight-only INT4 GEMM: blocks of 64 or 128 input channels
+
+
+def block_size_for(precision: str | None, block_size: int | None, args) -> int:
+    """--block-size as `precision` reads it, its default where None: MatMulNBits' (32) for the fused precisions; for
+    int4-w4a16, which TensorRT reads, the largest block TensorRT takes (128, else 64) that divides every MatMul's
+    input size, refusing any other (the demo's 576 allows only 64; Mistral-7B's 4096 and 14336 take 128)."""
+    if precision != "int4-w4a16":
+        block_size = NBITS_BLOCK if block_size is None else block_size
+        check_block_size(precision, block_size)
+        return block_size
+    ks = sorted({args.hidden_size, args.num_heads * args.head_dim, args.intermediate_size})
+    fits = [b for b in TENSORRT_INT4_BLOCKS if all(k % b == 0 for k in ks)]
+    what = f"TensorRT's INT4 weight-only GEMM takes blocks of 64 or 128 input channels, dividing every MatMul's K " \
+           f"({', '.join(map(str, ks))} here)"
+    if block_size is None:
+        if not fits:
+            raise UserError(f"--precision int4-w4a16: {what}, and neither does; use --precision int4 --graph fused "
+                            "(onnxruntime) for this model")
+        return fits[0]
+    if block_size not in fits:
+        raise UserError(f"--block-size {block_size}: {what}; expected " + (" or ".join(map(str, fits)) or "none fits"))
+    return block_size
 
 
 def check_block_size(precision: str | None, block_size: int) -> None:
@@ -330,13 +381,13 @@ def raise_opset(model, version: int) -> None:
             o.version = version
 
 
-def weight_only_record(precision: str, block_size: int, lm_head_bits: int = 8) -> dict:
+def weight_only_record(precision: str, block_size: int, lm_head_bits: int = 8, dtype: str = "fp32") -> dict:
     """The manifest's precision record of int8-w8a16 and int4-w4a16 (`export` and `quantize` alike)."""
+    acts = f"{dtype} activations and scales"
     if precision == "int8-w8a16":
         return {"name": precision, "calibration": None,
-                "method": "per-channel symmetric int8 weights (DequantizeLinear, zero point 0)"}
+                "method": f"per-channel symmetric int8 weights (DequantizeLinear, zero point 0); {acts}"}
     head = "; lm_head int8 per channel" if lm_head_bits == 8 else ""
     return {"name": precision, "calibration": None, "block_size": block_size, "lm_head_bits": lm_head_bits,
             "method": (f"symmetric int4 weights per block of {block_size} input channels (blockwise DequantizeLinear, "
-                       f"zero point 0, opset 21; the fused int4 graph's values), round to nearest{head}; float "
-                       "activations")}
+                       f"zero point 0, opset 21), round to nearest{head}; {acts}")}

@@ -64,4 +64,4 @@ def open_backend(folder: str | Path, provider: str = "cpu", exact: bool = False)
         raise UserError(f"{folder}: the fused graph uses onnxruntime contrib ops TensorRT does not have; "
                         "export the portable graph for TensorRT (mistral-trt export --graph portable)")
     cls = FusedBackend if m.graph == "fused" else PortableBackend
-    return cls(folder, providers=provider_list(provider, folder), manifest=m, exact=exact)
+    return cls(folder, providers=provider_list(provider, folder, m), manifest=m, exact=exact)

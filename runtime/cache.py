@@ -221,6 +221,12 @@ class ColumnCache(SlotTable):
         if not self.active.any():  # the batch is over: start the next one from an empty cache
             self.columns, self.mask = 0, np.zeros((self.slots, 0), np.int64)
 
+    def close(self) -> None:
+        """Give the storage's memory back now (device memory is not the garbage collector's: DeviceColumns)."""
+        close = getattr(self.storage, "close", None)
+        if close is not None:
+            close()
+
     def metadata(self, seqlens, last: bool = True) -> StepMetadata:
         seqlens = self._check_seqlens(seqlens)
         s = max(int(seqlens.max()), 1)
@@ -420,6 +426,10 @@ class InPlaceCache(SlotTable):
     def _reset_slot(self, slot: int) -> None:
         self.lengths[slot] = 0  # the op writes from position 0 again; what was there is never read
         self.held[slot] = []
+
+    def close(self) -> None:
+        """Drop the buffers (host arrays, or OrtValues in device memory, freed with their last reference)."""
+        self.buffers = []
 
     def release(self, slot: int) -> None:
         super().release(slot)
@@ -733,6 +743,10 @@ class InPlaceCache(SlotTable):
     def _reset_slot(self, slot: int) -> None:
         self.lengths[slot] = 0  # the op writes from position 0 again; what was there is never read
         self.held[slot] = []
+
+    def close(self) -> None:
+        """Drop the buffers (host arrays, or OrtValues in device memory, freed with their last reference)."""
+        self.buffers = []
 
     def release(self, slot: int) -> None:
         super().release(slot)

@@ -133,10 +133,18 @@ class Generator:
             fit_context(r.prompt, r.max_tokens, self.max_context)
         lengths = draft_lengths(self.backend.manifest)
         seqs = [Sequence(r, tok, self.eos, speculation, lengths) for r in requests]
-        if cache is None:
+        if cache is None:  # this run's own: freed when it ends (a device cache is 0.5-1 GiB for a 7B model)
             cache = self.new_cache(len(requests), max(len(r.prompt) + r.max_tokens for r in requests), speculation)
-            slots = [cache.admit() for _ in seqs]
-        else:
+            try:
+                yield from self._steps(seqs, cache, [cache.admit() for _ in seqs])
+            finally:
+                cache.close()
+            return
+        yield from self._steps(seqs, cache, None)
+
+    def _steps(self, seqs, cache, slots):
+        """run()'s loop over `cache`; slots None: admit each prompt from the longest prefix the cache holds."""
+        if slots is None:
             slots = []
             for s in seqs:
                 slot, held = cache.admit_prefix(s.prompt)

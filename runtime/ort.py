@@ -31,11 +31,16 @@ PROVIDERS = {
 }
 
 
-def provider_list(provider: str, folder: str | Path) -> list:
+ORT_TRT_LIMITS = (16, 512)  # the TensorRT provider's profiles: up to 16 rows, prefill chunks up to 512 tokens
+
+
+def provider_list(provider: str, folder: str | Path, manifest: Manifest | None = None) -> list:
     """onnxruntime providers for --provider. TensorRT EP: engines and timing cache are cached in
     FOLDER/ort-trt-cache (the first session builds them, later ones load them); the graph's own types
     decide precision (fp16 artifact -> fp16 kernels, Q/DQ artifact -> int8 kernels), as TensorRT 11
-    requires, so no fp16/int8 builder flags are passed."""
+    requires, so no fp16/int8 builder flags are passed. With the manifest, the engine gets the prefill and decode
+    profiles `mistral-trt engine` builds (trt_profile_options): without them the provider builds for the shapes it
+    has seen, and builds again each time the past grows past them."""
     if provider not in PROVIDERS:
         raise UserError(f"--provider {provider!r}: expected one of {', '.join(PROVIDERS)}")
     if provider != "tensorrt":
@@ -43,7 +48,21 @@ def provider_list(provider: str, folder: str | Path) -> list:
     cache = Path(folder) / "ort-trt-cache"
     trt = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
            "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}
+    if manifest is not None:
+        trt.update(trt_profile_options(manifest))
     return [("TensorrtExecutionProvider", trt)] + PROVIDERS["tensorrt"][1:]
+
+
+def trt_profile_options(manifest: Manifest, max_batch: int = ORT_TRT_LIMITS[0],
+                        max_step_tokens: int = ORT_TRT_LIMITS[1]) -> dict:
+    """onnxruntime's TensorRT provider options for runtime/engine.py's two profiles (prefill, decode) over the model's
+    whole context: "name:AxBxC,..." per min/opt/max, each input named once per profile, in profile order."""
+    from .engine import PROFILES, profile_shapes
+
+    shapes = profile_shapes(manifest, max_batch, max_step_tokens, manifest.max_context)
+    keys = ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")
+    return {key: ",".join(f"{name}:{'x'.join(map(str, dims[k]))}" for p in PROFILES for name, dims in shapes[p].items())
+            for k, key in enumerate(keys)}
 
 
 ORT_TYPES = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32",
@@ -212,6 +231,9 @@ class OrtColumns(PointerColumns):
         self.values = [[ort.OrtValue.ortvalue_from_shape_and_type((b * h * capacity * d,), self.dtype, device, 0)
                         for _ in range(tensors)] for _ in range(2)]
         self.sides = [[v.data_ptr() for v in side] for side in self.values]
+
+    def close(self) -> None:
+        self.values, self.sides = [[], []], [[], []]  # onnxruntime frees an OrtValue with its last reference
 
     def keep_tail(self, src: int, dst: int, total: int, keep: int) -> None:
         """The window trim through host memory: onnxruntime's Python API copies whole tensors only, not the

@@ -46,6 +46,8 @@ def walk(capsys, tmp_path, command: str, source, precisions, flags, calib, base_
             if flag == "--calib" and needs_calib:
                 continue  # part of the base: the precision needs it
             value = str(calib) if flag == "--calib" else VALUES[flag]
+            if (precision, flag) == ("int4-w4a16", "--block-size"):
+                value = "128"  # TensorRT takes 64 or 128 dividing K: the tiny model's 64 allows 64 only, the default
             out = tmp_path / f"{precision}{flag}"
             rc, _, err = cli(capsys, *base, flag, value, "-o", out)
             if rc == 2:

@@ -336,8 +336,12 @@ def test_fused_graph_on_onnxruntime_before_1_32(tiny_fused, name, monkeypatch):
 def test_export_precision_bad_input(tiny_full, tmp_path, capsys):
     out = str(tmp_path / "o")
     cases = [(["--precision", "int4"], "--precision int4 writes onnxruntime MatMulNBits weights: add --graph fused"),
-             (["--precision", "int8-w8a16", "--dtype", "fp16"], "computes in fp32; leave out --dtype fp16"),
-             (["--graph", "fused", "--precision", "int4", "--block-size", "24"], "--block-size 24: expected a power of two")]
+             (["--precision", "int8-w8a8", "--calib", str(tmp_path), "--dtype", "fp16"],
+              "computes in fp32; leave out --dtype fp16"),
+             (["--graph", "fused", "--precision", "int4", "--block-size", "24"], "--block-size 24: expected a power of two"),
+             # TensorRT's INT4 weight-only GEMM: blocks of 64 or 128 dividing K (64 and 128 here)
+             (["--precision", "int4-w4a16", "--block-size", "32"], "--block-size 32: TensorRT's INT4 weight-only GEMM "
+              "takes blocks of 64 or 128 input channels, dividing every MatMul's K (64, 128 here); expected 64")]
     for flags, message in cases:
         assert main(["export", str(tiny_full), "-o", out, *flags]) == 2
         err = capsys.readouterr().err

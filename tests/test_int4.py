@@ -132,14 +132,34 @@ def test_gptq_spreads_rounding_error_only_through_correlation():
 
 @pytest.mark.slow
 def test_int4_w4a16_structure_and_tensorrt_scales(tiny_full, tiny_exports, tmp_path):
-    """Every layer's MatMul weight becomes int4 in blocks of 32 input channels behind DequantizeLinear (axis 0, zero
-    point 0, opset 21) with every scale > 0 (TensorRT refuses others), lm_head int8 per channel (the default recipe);
-    export + quantize gives the same file contents; each weight is the fused int4 graph's to within a quantization
-    step (one float weight, two conventions), and onnxruntime's logits of the two are alike."""
+    """Every layer's MatMul weight becomes int4 in blocks of 64 input channels (TensorRT's INT4 GEMM takes 64 or 128,
+    and the tiny model's K = 64 allows only 64: the default) behind DequantizeLinear (axis 0, zero point 0, opset 21)
+    with every scale > 0 (TensorRT refuses others), lm_head int8 per channel (the default recipe); export --dtype fp32
+    + quantize gives the same file contents; each weight is the fused int4 graph's to within a quantization step (one
+    float weight, two conventions), and onnxruntime's logits of the two are alike. The default export is fp16 with
+    fp16 scales (a strongly typed DequantizeLinear outputs its scale's type: TensorRT's GEMMs are then fp16), each
+    scale the fp32 one rounded, each weight within a step of it."""
     direct, two_step, fused = tmp_path / "direct", tmp_path / "two-step", tmp_path / "fused"
-    assert main(["export", str(tiny_full), "-o", str(direct), "--precision", "int4-w4a16"]) == 0
+    assert main(["export", str(tiny_full), "-o", str(direct), "--precision", "int4-w4a16", "--dtype", "fp32"]) == 0
     quantize(tiny_exports["full", "fp32"], "int4-w4a16", two_step)
-    assert main(["export", str(tiny_full), "-o", str(fused), "--graph", "fused", "--precision", "int4"]) == 0
+    assert main(["export", str(tiny_full), "-o", str(fused), "--graph", "fused", "--precision", "int4",
+                 "--block-size", "64"]) == 0
+    half = tmp_path / "fp16"
+    assert main(["export", str(tiny_full), "-o", str(half), "--precision", "int4-w4a16"]) == 0
+    h = Manifest.load(half)
+    assert h.dtype == "fp16" and h.precision["block_size"] == 64 and "fp16 activations and scales" in h.precision["method"]
+    h_inits = {t.name: numpy_helper.to_array(t) for t in _graph(half).graph.initializer}
+    d_inits = {t.name: numpy_helper.to_array(t) for t in _graph(direct).graph.initializer}
+    scales = [k for k in d_inits if k.endswith("_scale")]
+    assert scales and all(h_inits[k].dtype == np.float16 and (h_inits[k] > 0).all() for k in scales)
+    for k in scales:
+        np.testing.assert_array_equal(h_inits[k], d_inits[k].astype(np.float16))
+    h_w, d_w = portable_weights(half), portable_weights(direct)
+    for k in d_w:
+        step = np.abs(d_w[k]).max() / 7
+        assert h_w[k].dtype == np.float32 and np.abs(h_w[k] - d_w[k]).max() <= step, k
+    ids = np.random.default_rng(5).integers(3, 32000, 24)
+    assert score(half, ids).dtype == np.float16
 
     model = _graph(direct)
     assert {o.domain: o.version for o in model.opset_import}[""] == 21
@@ -155,7 +175,7 @@ def test_int4_w4a16_structure_and_tensorrt_scales(tiny_full, tiny_exports, tmp_p
             assert q.data_type == zp.data_type == onnx.TensorProto.INT8 and attrs == {"axis": 1}
             continue
         assert q.data_type == onnx.TensorProto.INT4 and zp.data_type == onnx.TensorProto.INT4
-        assert attrs == {"axis": 0, "block_size": 32} and s.dims[0] == -(-q.dims[0] // 32) and s.dims[1] == q.dims[1]
+        assert attrs == {"axis": 0, "block_size": 64} and s.dims[0] == -(-q.dims[0] // 64) and s.dims[1] == q.dims[1]
     assert not any(n.op_type in ("MatMulNBits", "QuantizeLinear") for n in model.graph.node)  # weights only
 
     a, b = (({t.name: numpy_helper.to_array(t) for t in _graph(f).graph.initializer}) for f in (direct, two_step))
@@ -163,17 +183,16 @@ def test_int4_w4a16_structure_and_tensorrt_scales(tiny_full, tiny_exports, tmp_p
     assert all(a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes() for k in a)
     other = Manifest.load(two_step).precision
     assert {k: v for k, v in m.precision.items() if k != "from"} == {k: v for k, v in other.items() if k != "from"}
-    assert m.precision["name"] == "int4-w4a16" and m.precision["block_size"] == 32 and m.precision["lm_head_bits"] == 8
+    assert m.precision["name"] == "int4-w4a16" and m.precision["block_size"] == 64 and m.precision["lm_head_bits"] == 8
     m.check_files(direct, full=True)
 
     ours, theirs = portable_weights(direct), fused_weights(fused)
     assert ours.keys() == theirs.keys() and len(ours) == 7 * m.model.num_layers + 1
     for k in ours:
-        step = np.abs(theirs[k]).reshape(-1, 32, theirs[k].shape[1]).max(1).repeat(32, 0)[:len(theirs[k])] / 7
+        step = np.abs(theirs[k]).reshape(-1, 64, theirs[k].shape[1]).max(1).repeat(64, 0)[:len(theirs[k])] / 7
         assert ours[k].shape == theirs[k].shape and (np.abs(ours[k] - theirs[k]) <= 2.01 * step).all(), k
         assert not np.array_equal(ours[k], theirs[k]) or k == "lm_head"
 
-    ids = np.random.default_rng(5).integers(3, 32000, 24)
     ref, got = score(tiny_exports["full", "fp32"], ids), score(direct, ids)
     np.testing.assert_array_equal(got, score(two_step, ids))
     # onnxruntime's CPU provider fuses each DequantizeLinear(int4) -> MatMul back into MatMulNBits (int8
@@ -183,7 +202,8 @@ def test_int4_w4a16_structure_and_tensorrt_scales(tiny_full, tiny_exports, tmp_p
     assert np.abs(got - ref).max() < 1.5 * np.abs(alike - ref).max()
 
     pure = tmp_path / "pure"  # --lm-head-bits 4: every MatMul int4, lm_head too
-    assert main(["export", str(tiny_full), "-o", str(pure), "--precision", "int4-w4a16", "--lm-head-bits", "4"]) == 0
+    assert main(["export", str(tiny_full), "-o", str(pure), "--precision", "int4-w4a16", "--lm-head-bits", "4",
+                 "--dtype", "fp32"]) == 0
     g = _graph(pure).graph
     head = next(n for n in g.node if n.op_type == "DequantizeLinear" and "lm_head" in n.input[0])
     assert next(t for t in g.initializer if t.name == head.input[0]).data_type == onnx.TensorProto.INT4
@@ -200,7 +220,7 @@ def test_weight_only_artifacts_exact_on_cpu(precision, tiny_full, tmp_path):
     import onnxruntime as ort
 
     out = tmp_path / precision
-    assert main(["export", str(tiny_full), "-o", str(out), "--precision", precision]) == 0
+    assert main(["export", str(tiny_full), "-o", str(out), "--precision", precision, "--dtype", "fp32"]) == 0
     ids = np.random.default_rng(11).integers(3, 32000, 24)
     backend = open_backend(out)
     exact, fast = score(open_backend(out, exact=True), ids), score(backend, ids)

@@ -37,7 +37,7 @@ def test_recipe_defaults_and_library_versions_are_guarded(tmp_path, monkeypatch)
     root = copy_guarded(tmp_path)
     record = {"guarded": qg.state(root)}
     defaults = qg.recipe_defaults()
-    assert defaults["export"]["block_size"] == "32" and "int4_method" in defaults["export"]
+    assert defaults["export"]["block_size"] == "None" and "int4_method" in defaults["export"]
     defaults["export"]["block_size"] = "64"
     monkeypatch.setattr(qg, "recipe_defaults", lambda: defaults)
     assert qg.differences(record, qg.state(root)) == ["defaults of export/quantize/calibrate: changed"]

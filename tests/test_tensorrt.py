@@ -451,3 +451,156 @@ def test_logits_to_host_copies_each_rows_last_column(s):
     seqlens = np.array([s, 1, 0])
     np.testing.assert_array_equal(left_padded_logits(last, seqlens, True), left_padded_logits(full.copy(), seqlens, True))
     assert left_padded_logits(last, seqlens, True)[0].any() and not left_padded_logits(last, seqlens, True)[2].any()
+
+
+def test_ort_tensorrt_provider_gets_both_profiles(tiny_exports):
+    """onnxruntime's TensorRT provider is given the prefill and decode profiles `engine` builds, over the model's whole
+    context (without them it builds for the shapes it has seen, and again each time the past grows past them)."""
+    from mistral_trt.runtime.engine import PROFILES
+    from mistral_trt.runtime.ort import ORT_TRT_LIMITS, provider_list
+
+    m = Manifest.load(tiny_exports["full", "fp32"])
+    (name, opts), *rest = provider_list("tensorrt", "F", m)
+    assert name == "TensorrtExecutionProvider" and rest == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    want = profile_shapes(m, *ORT_TRT_LIMITS, m.max_context)
+    for k, key in enumerate(("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")):
+        entries = [e.split(":") for e in opts[key].split(",")]
+        names = [spec.name for spec in m.inputs]
+        assert [n for n, _ in entries] == names * len(PROFILES)  # each input once per profile, in profile order
+        got = [[int(d) for d in dims.split("x")] for _, dims in entries]
+        assert got == [list(want[p][n][k]) for p in PROFILES for n in names]
+    assert "trt_profile_min_shapes" not in dict([provider_list("tensorrt", "F")[0]])["TensorrtExecutionProvider"]
+
+
+class CountingCuda(FakeCuda):
+    def __init__(self):
+        super().__init__()
+        self.live = {}
+
+    def malloc(self, n: int) -> int:
+        ptr = super().malloc(n)
+        self.live[ptr] = n
+        return ptr
+
+    def free(self, ptr: int) -> None:
+        assert self.live.pop(ptr, None) is not None, f"free of {ptr}: not allocated, or freed twice"
+
+
+def test_tensorrt_device_memory_is_shared_and_freed():
+    """The two execution contexts (prefill, decode) share one scratch allocation of the engine's largest profile
+    size; the device cache (2 x 2L tensors) and the backend's staging buffers and scratch are all freed by close
+    (counted on a fake CUDA)."""
+    from mistral_trt.runtime.cuda import DeviceColumns
+    from mistral_trt.runtime.tensorrt_backend import TensorRTBackend, shared_contexts
+
+    class Context:
+        def __init__(self):
+            self.memory, self.profile = None, None
+
+        def set_device_memory(self, ptr, size):
+            self.memory = (ptr, size)
+
+        def set_optimization_profile_async(self, i, stream):
+            self.profile = i
+
+    class Engine:
+        device_memory_size_v2 = 5000
+
+        def create_execution_context(self, strategy):
+            assert strategy == "USER_MANAGED"  # no scratch of its own
+            return Context()
+
+    class Trt:
+        class ExecutionContextAllocationStrategy:
+            USER_MANAGED = "USER_MANAGED"
+
+    cuda = CountingCuda()
+    contexts, scratch = shared_contexts(Trt, Engine(), cuda, 2, 0)
+    assert cuda.live == {scratch: 5000} and [c.memory for c in contexts] == [(scratch, 5000)] * 2
+    assert [c.profile for c in contexts] == [0, 1]
+    e = object.__new__(TensorRTBackend)
+    e.cuda, e.contexts, e.scratch = cuda, contexts, scratch
+    e.buf = {name: cuda.malloc(64) for name in ("input_ids", "position_ids", "attention_mask", "logits")}
+    cache = DeviceColumns(cuda, None, tensors=8, shape=(2, 2, 4), capacity=16, dtype=np.float16)
+    assert len(cuda.live) == 5 + 16
+    cache.close()
+    e.close()
+    assert cuda.live == {} and e.contexts == []
+
+
+def test_generator_closes_the_cache_it_made(tiny_exports, monkeypatch):
+    """A run's own cache is closed when the run ends, or when its consumer stops early (a client gone): a device
+    cache is 0.5-1 GiB for a 7B model, and TensorRT's is not the garbage collector's. A cache passed in (a session's)
+    stays open."""
+    from mistral_trt.runtime.backend import open_backend
+    from mistral_trt.runtime.generate import Generator
+    from mistral_trt.runtime.ort import OrtColumns
+    from mistral_trt.runtime.sampling import Sampling
+
+    closed = []
+    real = OrtColumns.close
+    monkeypatch.setattr(OrtColumns, "close", lambda self: (closed.append(self), real(self)))
+    backend = open_backend(tiny_exports["full", "fp32"])
+    backend.cache_device = "cpu"  # the GPU form's storage (OrtColumns) on host OrtValues
+    gen = Generator(backend)
+    prompt = np.arange(5, 17)
+    assert len(list(gen.generate([prompt], 6, Sampling(), stop_on_eos=False))) == 6 and len(closed) == 1
+    steps = gen.generate([prompt], 50, Sampling(), stop_on_eos=False)
+    next(steps), next(steps)
+    steps.close()  # the consumer stopped after two tokens
+    assert len(closed) == 2 and closed[1].values == [[], []]
+
+
+def test_plan_written_and_read_without_a_second_host_copy(tmp_path):
+    """`engine` writes TensorRT's plan buffer straight to the file (and hashes it there), and loading maps the file
+    read-only for TensorRT: neither holds a copy of the plan in the process (tracemalloc: no allocation near its size;
+    bytes(plan) and read_bytes() each made one, 14.5 GB for a 7B plan)."""
+    import hashlib
+    import tracemalloc
+
+    from mistral_trt.export.tensorrt import write_plan
+    from mistral_trt.runtime.tensorrt_backend import load_plan
+
+    plan = np.random.default_rng(0).integers(0, 255, 32 << 20, dtype=np.uint8)  # a buffer, as IHostMemory is
+    want = hashlib.sha256(plan.tobytes()).hexdigest()
+
+    class Runtime:
+        def deserialize_cuda_engine(self, buf):
+            view = memoryview(buf)
+            assert view.readonly and view.nbytes == plan.nbytes
+            return hashlib.sha256(view).hexdigest()
+
+    tracemalloc.start()
+    try:
+        assert write_plan(plan, tmp_path / "model.engine") == want
+        assert load_plan(Runtime(), tmp_path / "model.engine") == want
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < plan.nbytes // 16, peak
+
+
+def test_engine_refuses_blocks_tensorrt_cannot_run(tiny_full, tmp_path, capsys):
+    """An int4-w4a16 artifact in blocks TensorRT's INT4 GEMM does not take (one written before the block rule) is
+    refused by `engine` in one line before TensorRT is needed; an fp32 weight-only artifact builds with a warning
+    that its GEMMs would run in fp32."""
+    import json
+
+    from mistral_trt.export.tensorrt import build_engine
+
+    art = tmp_path / "w4"
+    assert main(["export", str(tiny_full), "-o", str(art), "--precision", "int4-w4a16", "--dtype", "fp32"]) == 0
+    capsys.readouterr()
+    m = json.loads((art / "manifest.json").read_text())
+    m["precision"]["block_size"] = 32  # as an older export recorded it
+    (art / "manifest.json").write_text(json.dumps(m))
+    assert main(["engine", str(art), "-o", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "int4-w4a16 in blocks of 32; TensorRT's INT4 weight-only GEMM takes blocks of 64 or 128" in err[0]
+    m["precision"]["block_size"] = 64
+    (art / "manifest.json").write_text(json.dumps(m))
+    said = []
+    with pytest.raises(UserError):  # no TensorRT here: after the checks
+        build_engine(art, tmp_path / "e", log=said.append)
+    assert any("every GEMM runs in fp32; export with --dtype fp16" in s for s in said)
+    assert not (tmp_path / "e").exists()
