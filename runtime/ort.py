@@ -181,12 +181,12 @@ def open_session(folder: Path, manifest: Manifest, providers: list | None, graph
     return session
 
 
-def _run(backend, io) -> None:
+def _run(backend, io, options=None) -> None:
     """Run a bound step. The inputs come from the cache and the manifest, checked against the session at load, so a
     failure is onnxruntime's refusal of this step (a kernel's limit, such as GroupQueryAttention's cache capacity) or a
     graph edited since: name the file and say both."""
     try:
-        backend.session.run_with_iobinding(io)
+        backend.session.run_with_iobinding(io, options)
     except Exception as e:  # onnxruntime's own exception types
         msg = str(e).split("Status Message:")[-1].strip().splitlines()[0][:300]
         raise UserError(f"{backend.folder / ONNX_NAME}: onnxruntime failed running the graph ({msg}); its inputs "
@@ -314,13 +314,36 @@ class FusedBackend:
     ragged = True
 
     def __init__(self, folder: str | Path, providers: list | None = None, manifest: Manifest | None = None,
-                 exact: bool = False):
+                 exact: bool = False, cuda_graph: bool | None = None):
+        """`cuda_graph`: capture the decode step once and replay it (onnxruntime's CUDA provider only; None: on there,
+        unless MISTRAL_TRT_CUDA_GRAPH=0)."""
+        import os
+
+        first = (providers or ["CPUExecutionProvider"])[0]
+        on_cuda = (first[0] if isinstance(first, tuple) else first) == "CUDAExecutionProvider"
+        if cuda_graph is None:
+            cuda_graph = on_cuda and os.environ.get("MISTRAL_TRT_CUDA_GRAPH", "1") != "0"
+        if cuda_graph and not on_cuda:
+            raise UserError("CUDA graphs need onnxruntime's CUDA provider (--provider cuda)")
+        if cuda_graph:  # the provider captures the first run it is asked to, and replays that graph after
+            providers = [("CUDAExecutionProvider", {**(first[1] if isinstance(first, tuple) else {}),
+                                                    "enable_cuda_graph": "1"}), *providers[1:]]
         _open(self, folder, providers, manifest, "fused", exact)
         self.cache_device = cache_device(self.session)
         # onnxruntime < 1.32 loads the graph without query_seqlens: one width per call (shared_width_graph)
         self.shared_width = "query_seqlens" not in {i.name for i in self.session.get_inputs()}
         self.buffers = Buffers(self.kv_dtype)
         self._bound = None  # (cache, {rows: [IOBinding, {name: bound array}, bound logits]})
+        # A device cache's decode steps run through StaticDecode (every address and shape fixed), captured as a CUDA
+        # graph where cuda_graph; other steps tell the provider not to capture them.
+        self.cuda_graph, self.static_decode = cuda_graph, self.cache_device is not None
+        self._static: StaticDecode | None = None
+        self._eager = None
+        if cuda_graph:
+            import onnxruntime as ort
+
+            self._eager = ort.RunOptions()
+            self._eager.add_run_config_entry("gpu_graph_id", "-1")  # this run: no capture, no replay
 
     def new_cache(self, slots: int, capacity: int, trim: bool = True) -> InPlaceCache:
         """(`trim` has no meaning here: the op keeps the window itself.)"""
@@ -366,6 +389,10 @@ class FusedBackend:
         run to its widest, so decoding one token in some slots and prefilling chunks in others runs as several).
         Each run binds only the rows it spans (rows are independent; slots above the last busy one cost nothing)."""
         meta, ids = cache.prepare(tokens, last, self.args.vocab_size)
+        if self.static_decode and cache.whole_rows and last and meta.width == 1 and len(meta.runs) == 1:
+            if self._static is None or self._static.cache is not cache:
+                self._static = StaticDecode(self, cache)
+            return cache.finish(self._static.step(meta.runs[0], ids), meta)
         width = 1 if last else meta.width
         out = self.buffers.get("logits", (cache.slots, width, self.args.vocab_size))
         for run in meta.runs:
@@ -393,5 +420,55 @@ class FusedBackend:
         if logits is not bound_logits:
             io.bind_output("logits", "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
             bound[2] = logits
-        _run(self, io)
+        _run(self, io, self._eager)
         return logits
+
+
+class StaticDecode:
+    """A device cache's decode step with every address and shape fixed, as onnxruntime-genai runs GPUs: the cache
+    bound whole, once; the small inputs and the logits [B, 1, V] in device buffers bound once and written in place;
+    total_sequence_length the cache's capacity (the op reads each row's length from seqlens_k). A CUDA graph of this
+    step then replays every token as one launch (FusedBackend's cuda_graph); without one (the CPU provider, in the
+    tests) it is the same arithmetic. Built per cache; the step's logits come back as one column per row.
+
+        static = StaticDecode(backend, cache)       # cache.whole_rows: OrtValue buffers
+        logits = static.step(run, ids)              # [B, 1, V] on the host
+    """
+
+    def __init__(self, backend: FusedBackend, cache: InPlaceCache):
+        import onnxruntime as ort
+
+        self.backend, self.cache = backend, cache
+        device, b = backend.cache_device, cache.slots
+
+        def value(shape, dtype):
+            return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(dtype), device, 0)
+
+        self.small = {"input_ids": value((b, 1), np.int64), "seqlens_k": value((b,), np.int32),
+                      "logits_index": value((b, 1), np.int64)}
+        if not backend.shared_width:
+            self.small["query_seqlens"] = value((b,), np.int32)
+        # a host scalar the op reads on the host: fixed, so a captured graph stays valid
+        self.total = ort.OrtValue.ortvalue_from_numpy(np.array(cache.capacity, np.int32))
+        self.logits = value((b, 1, backend.args.vocab_size), backend.kv_dtype)
+        io = self.io = backend.session.io_binding()
+        for name, out, buf in zip(backend.past_names, backend.present_names, cache.buffers):
+            io.bind_ortvalue_input(name, buf)
+            io.bind_ortvalue_output(out, buf)
+        for name, v in self.small.items():
+            io.bind_ortvalue_input(name, v)
+        io.bind_ortvalue_input("total_sequence_length", self.total)
+        io.bind_ortvalue_output("logits", self.logits)
+        self.options = None
+        if backend.cuda_graph:
+            self.options = ort.RunOptions()
+            self.options.add_run_config_entry("gpu_graph_id", "1")  # captured on its first run, replayed after
+
+    def step(self, run, ids: np.ndarray) -> np.ndarray:
+        """One decode step of every row (idle ones padded: their logits are dropped by the cache)."""
+        arrays = {"input_ids": ids[:, :1], "seqlens_k": run.seqlens_k, "logits_index": run.logits_index,
+                  "query_seqlens": run.query_seqlens}
+        for name, v in self.small.items():
+            v.update_inplace(np.ascontiguousarray(arrays[name]))
+        _run(self.backend, self.io, self.options)
+        return self.logits.numpy()

@@ -404,3 +404,40 @@ def test_awq_folds_are_exact_and_int4_calibrated_end_to_end(tiny_window, tiny_fu
     bits = {x.name: x.i for x in next(n for n in onnx.load(str(out / "model.onnx")).graph.node
                                       if n.op_type == "MatMulNBits").attribute}["bits"]
     assert bits == 4 and np.isfinite(score(out, ids)).all()  # its quality on the demo: docs/precision.md
+
+
+@pytest.mark.parametrize("shared_width", [False, True])
+def test_static_decode_equals_the_bound_step(tiny_fused, shared_width, monkeypatch):
+    """The GPU form of a decode step (runtime/ort.py's StaticDecode: the cache bound whole once, the small inputs and
+    the logits in buffers bound once and written in place, total_sequence_length fixed at the capacity, so a CUDA
+    graph can replay it), run on host OrtValues: each step's logits equal the usual bound step's to the bit, through
+    prefills beside decoding rows and rows ending and starting; one IOBinding serves every decode step. On
+    onnxruntime < 1.32's graph too (no query_seqlens)."""
+    import onnxruntime as ort
+
+    if shared_width:
+        monkeypatch.setattr(ort, "__version__", "1.31.1")
+    ref, dev = open_backend(tiny_fused["window"]), open_backend(tiny_fused["window"])
+    dev.cache_device, dev.static_decode = "cpu", True  # what a CUDA provider sets, on host memory
+    made = []
+    real = dev.session.io_binding
+    monkeypatch.setattr(dev.session, "io_binding", lambda: made.append(1) or real(), raising=False)
+    caches = [ref.new_cache(3, 64), dev.new_cache(3, 64)]
+    rng = np.random.default_rng(2)
+    for c in caches:
+        for _ in range(3):
+            c.admit()
+    decode = 0
+    for i, step in enumerate(SHARED_WIDTH_STEPS + [(1, 1, 1)] * 12):
+        if i == 6:
+            for c in caches:
+                c.release(1)
+                assert c.admit() == 1
+        tokens = [rng.integers(3, 32000, n) for n in step]
+        a, b = ref.step(caches[0], tokens), dev.step(caches[1], tokens)
+        np.testing.assert_array_equal(b, a, err_msg=f"step {i} {step}")
+        decode += max(step) == 1
+        if i == len(SHARED_WIDTH_STEPS):
+            before = len(made)
+    assert dev._static is not None and dev._static.cache is caches[1] and decode >= 15
+    assert len(made) == before  # 11 more decode steps, no new binding

@@ -159,7 +159,12 @@ def test_int4_w4a16_structure_and_tensorrt_scales(tiny_full, tiny_exports, tmp_p
         step = np.abs(d_w[k]).max() / 7
         assert h_w[k].dtype == np.float32 and np.abs(h_w[k] - d_w[k]).max() <= step, k
     ids = np.random.default_rng(5).integers(3, 32000, 24)
-    assert score(half, ids).dtype == np.float16
+    # the artifacts' own arithmetic (exact: no int8 activations): fp16 scales round some int4 levels the other way,
+    # and the fp16 artifact is as far from the float model as the fp32 one
+    got16, got32 = score(open_backend(half, exact=True), ids), score(open_backend(direct, exact=True), ids)
+    float32 = score(tiny_exports["full", "fp32"], ids)
+    assert np.abs(got16 - float32).max() < 1.25 * np.abs(got32 - float32).max()
+    assert (got16.argmax(-1) == got32.argmax(-1)).mean() >= 0.9
 
     model = _graph(direct)
     assert {o.domain: o.version for o in model.opset_import}[""] == 21
