@@ -18,7 +18,7 @@ OUT      ?= $(if $(MODEL),build/onnx/$(notdir $(abspath $(MODEL)))-$(DTYPE),$(DE
 FUSED_OUT := build/onnx/smollm2-135m-instruct-fused-fp32
 FUSED_Q8  := build/onnx/smollm2-135m-instruct-fused-int8-w8a8-dynamic
 
-.PHONY: setup demo export test test-fast test-main test-ort131 test-quality test-quality-if-changed test-interop demo-fused demo-fused-int8 cpp cpp-asan bench-cpp test-triton bench-triton bench-speculate bench-int4 clean measure-export measure-7b bench bench-serve bench-multi-turn bench-serve-llama bench-structured serve soak gpu-check
+.PHONY: setup demo export test test-fast test-main test-ort131 test-quality test-quality-if-changed test-interop demo-fused demo-fused-int8 cpp cpp-asan bench-cpp test-triton bench-triton bench-speculate bench-int4 clean measure-export measure-7b bench bench-serve bench-multi-turn bench-serve-llama bench-structured serve soak gpu-check gpu-lease
 
 setup: $(VENV)/.installed
 
@@ -237,9 +237,14 @@ SOAK_SECONDS ?= 600
 soak: demo-fused
 	$(PY) scripts/soak.py $(FUSED_OUT) --seconds $(SOAK_SECONDS) -o build/soak
 
-# On an NVIDIA GPU host: TensorRT + onnxruntime-gpu, engines for every precision, logits table, bench.
-gpu-check:
-	bash scripts/gpu_check.sh
+# On an NVIDIA GPU host with onnxruntime-gpu installed: the GPU check (scripts/gpu_check.py; docs/tensorrt.md).
+# For a lent machine without network: scripts/gpu_lease.py (prepare, then the device calls it prints).
+gpu-check: setup
+	$(PY) scripts/gpu_check.py --out build/gpu-check
+
+gpu-lease: setup
+	$(PY) scripts/gpu_lease.py prepare
+	$(PY) scripts/gpu_lease.py calls
 
 # build/ only: the store keeps its entries (scripts/store.py --list; remove ~/.cache/mistral-trt/store to empty it).
 clean:

@@ -304,18 +304,19 @@ class OrtGenai:
     """onnxruntime-genai on a model its own builder made from the same checkpoint: fp32 / fp16 as ours, or its int4
     (`-p int4`: MatMulNBits, block 32, its CPU default accuracy level)."""
 
-    def __init__(self, source: str, dtype: str, cache: Path):
+    def __init__(self, source: str, dtype: str, cache: Path, provider: str = "cpu"):
         try:
             import onnxruntime_genai as og
         except ImportError:
             raise UserError("--baseline ort-genai needs onnxruntime-genai (pip install onnxruntime-genai)") from None
-        out = cache / f"{Path(source).name}-{dtype}"
+        ep = "cuda" if provider in ("cuda", "tensorrt") else "cpu"  # its builder writes a model for one provider
+        out = cache / f"{Path(source).name}-{dtype}" if ep == "cpu" else cache / f"{Path(source).name}-{dtype}-{ep}"
         if not (out / "genai_config.json").is_file():
             import subprocess
 
             print(f"building the onnxruntime-genai model in {out} ...", file=sys.stderr, flush=True)
             r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", source, "-o", str(out),
-                                "-p", dtype, "-e", "cpu", "-c", str(cache / "hf-cache")], capture_output=True, text=True)
+                                "-p", dtype, "-e", ep, "-c", str(cache / "hf-cache")], capture_output=True, text=True)
             if r.returncode:
                 raise UserError(f"onnxruntime-genai's builder failed on {source}: {r.stderr[-500:]}")
         self.og, self.name = og, "ort-genai" if dtype in ("fp32", "fp16") else f"ort-genai-{dtype}"
@@ -543,7 +544,7 @@ def main_bench(a) -> None:
             if m.model.sliding_window:
                 log("note: onnxruntime-genai's builder ignores a sliding window; its numbers are for full attention")
             precision = base.partition("-genai")[2].lstrip("-") or m.dtype
-            systems.append(load_system(OrtGenai, (m.source["path"], precision, Path(a.genai_cache)), before))
+            systems.append(load_system(OrtGenai, (m.source["path"], precision, Path(a.genai_cache), a.provider), before))
     for name in {n for t in targets for n in t[:2]} - {s.name for s in systems} - skipped:
         raise UserError(f"--target: no system {name!r} in this run; systems: {', '.join(s.name for s in systems)}")
     for t in [t for t in targets if set(t[:2]) & skipped]:

@@ -470,5 +470,10 @@ class StaticDecode:
                   "query_seqlens": run.query_seqlens}
         for name, v in self.small.items():
             v.update_inplace(np.ascontiguousarray(arrays[name]))
-        _run(self.backend, self.io, self.options)
+        try:
+            _run(self.backend, self.io, self.options)
+        except UserError as e:
+            if self.options is None:
+                raise
+            raise UserError(f"{e}; the decode step runs as a CUDA graph: MISTRAL_TRT_CUDA_GRAPH=0 runs it without") from None
         return self.logits.numpy()

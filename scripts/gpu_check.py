@@ -1,118 +1,316 @@
-"""GPU check: every precision of the demo model through every GPU path, against onnxruntime CPU fp32.
+"""The GPU check: everything issue 44 measures, as one script that fits one device lease (scripts/gpu_lease.py
+carries it there).
 
-    python scripts/gpu_check.py build/gpu-check          # after scripts/gpu_check.sh has built the artifacts
+    python scripts/gpu_check.py --out DIR                  # on an NVIDIA GPU host, onnxruntime-gpu installed
+    python scripts/gpu_check.py --out DIR --device cpu --quick   # the rehearsal here: same steps, CPU, small sizes
 
-For each artifact folder (portable: fp32, fp16, int8-w8a16, int8-w8a8, int4-w4a16; fused: fused-fp16,
-fused-int4-fp16) and each path available here — the native TensorRT engine (ENGINE_DIR from `mistral-trt
-engine`), onnxruntime's TensorRT execution provider and its CUDA execution provider (the fused graph: CUDA only)
-— one table row: logits of a 128-token prefill compared with onnxruntime CPU fp32 (max |Δlogit|, top-1
-agreement), whether 64 greedy tokens equal the CPU fp32 run, and decode ms/token. Fused rows also decode the
-same 64 tokens speculatively (prompt lookup: drafts verified in one step, rejected ones rolled back in the
-device cache) and say whether they equal that path's plain greedy tokens. Writes gpu_check.md and
-gpu_check.json beside the artifacts.
+Steps, each timed; a step that fails is a row with its error and the others run; once the budget is spent the steps
+left are rows that say so:
+  1. the demo (SmolLM2-135M, GGUF -> HF folder) exported four ways: portable and fused graphs, fp32 and fp16
+  2. logits: each export on the device's provider (the fused graph with its decode step as a CUDA graph) against the
+     portable fp32 on the CPU provider: max |dlogit| over a 128-token prefill, top-1, 32 greedy tokens equal
+  3. `mistral-trt bench`: the fused fp16 (ours) and the portable fp16 against onnxruntime-genai (its own builder, the
+     same checkpoint) and Hugging Face eager on the same device, prompts 128 and 2048, batch 1 and 4
+  4. a Mistral-7B-shaped fp16 decode step (random init; 2 and 4 full-width layers, extrapolated to 32 and labelled
+     so) against the HBM floor: 7B's fp16 weight bytes over the copy bandwidth probed in this run
+  5. TensorRT: one line saying why it did not run where it cannot
+Targets (met / not met): demo decode at batch 1 <= 2.0 ms/token and no slower than onnxruntime-genai; 2048 x 4 no
+slower than HF eager; the 7B-shaped step <= 1.3x its floor. Writes DIR/gpu_check.md and DIR/gpu_check.json.
 """
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from mistral_trt.runtime.backend import open_backend
-from mistral_trt.runtime.errors import UserError
-from mistral_trt.runtime.generate import Generator
-from mistral_trt.runtime.sampling import Sampling
-from mistral_trt.runtime.manifest import Manifest
-from mistral_trt.runtime.speculative import Speculation
-from mistral_trt.runtime.tokenizer import Tokenizer
-
-ARTIFACTS = ("fp32", "fp16", "int8-w8a16", "int8-w8a8", "int4-w4a16", "fused-fp16", "fused-int4-fp16")
-
-PROMPT = ("Explain, step by step, how a hash map handles collisions, and compare separate chaining with open "
-          "addressing in terms of memory use and cache behaviour.")
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = {"demo_decode_ms": 2.0, "vs_genai": 1.0, "vs_hf_2048x4": 1.0, "floor_ratio_7b": 1.3}
 
 
-def logits_and_tokens(backend, ids: np.ndarray, n: int) -> tuple[np.ndarray, list[int], float]:
-    cache = backend.new_cache(1, len(ids) + 1)
-    cache.admit()
-    first = backend.step(cache, [ids], last=False)[0].astype(np.float32)  # every position of the prefill
-    t0 = time.perf_counter()
-    toks = [int(t[0]) for t in Generator(backend).generate([ids], n, Sampling(), stop_on_eos=False)]
-    ms = (time.perf_counter() - t0) * 1e3 / n
-    return first, toks, ms
+class Budget:
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
 
 
-def speculative_tokens(backend, ids: np.ndarray, n: int) -> list[int]:
-    gen = Generator(backend)
-    toks = [t for step in gen.generate_speculative([ids], n, Speculation.parse("ngram"), Sampling(), stop_on_eos=False)
-            for t in step[0]]
-    return toks[:n]
+class Check:
+    """Runs the steps, keeps the rows, writes the report after every step (a lease can end at any time)."""
 
+    def __init__(self, out: Path, budget: Budget, device: str):
+        self.out, self.budget, self.device = out, budget, device
+        self.rows: list[dict] = []
+        self.info: dict = {"device": device, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
-def main(root: Path) -> int:
-    ref_dir = root / "fp32"
-    tok = Tokenizer.for_export(ref_dir, Manifest.load(ref_dir))
-    ids = np.asarray(tok.encode(PROMPT, bos=True), np.int64)
-    ids = np.resize(ids, 128)  # a 128-token prefill
-    ref = ref_logits, ref_toks, cpu_ms = logits_and_tokens(open_backend(ref_dir), ids, 64)
-    rows = [{"artifact": "fp32", "path": "onnxruntime cpu", "max_abs_dlogit": 0.0, "top1": 1.0, "greedy_equal": True,
-             "decode_ms": cpu_ms}]
-    for art in ARTIFACTS:
-        if not (root / art).exists():
-            continue
-        fused = Manifest.load(root / art).graph == "fused"
-        # the same artifact on the CPU provider: what the GPU path must reproduce (quantization error excluded)
+    def step(self, name: str, fn, *args, need: float = 20):
+        if self.budget.left() < need:
+            self.rows.append({"step": name, "status": "not run", "why": f"budget: {self.budget.left():.0f} s left, "
+                              f"needs about {need:.0f}"})
+            self.write()
+            return None
+        t = time.monotonic()
+        print(f"== {name} ({self.budget.left():.0f} s left)", flush=True)
         try:
-            same = ref if art == "fp32" else logits_and_tokens(open_backend(root / art, exact=True), ids, 64)
-        except (UserError, RuntimeError) as e:
-            same = None
-            print(f"{art} / onnxruntime cpu: {e}", file=sys.stderr)
-        for path in ("onnxruntime cuda",) if fused else ("tensorrt native", "onnxruntime tensorrt", "onnxruntime cuda"):
-            folder = root / (f"engine-{art}" if path == "tensorrt native" else art)
-            if not folder.exists():
-                continue
-            spec = None
-            try:
-                # an engine folder opens as the native TensorRT backend; an export on the path's provider
-                backend = open_backend(folder, "cpu" if path == "tensorrt native" else path.split()[1])
-                got, toks, ms = logits_and_tokens(backend, ids, 64)
-                if fused:
-                    spec = speculative_tokens(backend, ids, 64) == toks
-            except (UserError, RuntimeError) as e:
-                rows.append({"artifact": art, "path": path, "error": str(e)[:160]})
-                print(f"{art} / {path}: {e}", file=sys.stderr)
-                continue
-            rows.append({"artifact": art, "path": path, "max_abs_dlogit": float(np.abs(got - ref_logits).max()),
-                         "top1": float((got.argmax(-1) == ref_logits.argmax(-1)).mean()),
-                         "greedy_equal": toks == ref_toks, "greedy_first_diff": next(
-                             (i for i, (a, b) in enumerate(zip(toks, ref_toks)) if a != b), None),
-                         "decode_ms": ms, "speculative_equal": spec})
-            if same is not None:
-                rows[-1].update({"max_abs_dlogit_same_cpu": float(np.abs(got - same[0]).max()),
-                                 "top1_same_cpu": float((got.argmax(-1) == same[0].argmax(-1)).mean()),
-                                 "greedy_equal_same_cpu": toks == same[1]})
-            print(rows[-1], file=sys.stderr, flush=True)
-    lines = ["| artifact | path | vs CPU fp32: max abs dlogit | top-1 (128 positions) | 64 greedy tokens equal | "
-             "vs this artifact on CPU: max abs dlogit | top-1 | greedy equal | decode ms/token | "
-             "speculative = plain greedy |", "|---|---|---|---|---|---|---|---|---|---|"]
+            got = fn(*args)
+            self.rows.append({"step": name, "status": "ok", "seconds": round(time.monotonic() - t, 1),
+                              **(got if isinstance(got, dict) else {})})
+        except Exception as e:  # a failed step is reported; the others still run
+            got = None
+            self.rows.append({"step": name, "status": "failed", "seconds": round(time.monotonic() - t, 1),
+                              "why": f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"})
+            print(f"== FAILED {name}: {self.rows[-1]['why']}", flush=True)
+        self.write()
+        return got
+
+    def write(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "gpu_check.json").write_text(json.dumps({"info": self.info, "rows": self.rows}, indent=2) + "\n")
+        (self.out / "gpu_check.md").write_text(report(self.info, self.rows))
+
+
+def cli(*args, timeout: float) -> str:
+    r = subprocess.run([sys.executable, "-m", "mistral_trt.main", *map(str, args)], capture_output=True, text=True,
+                       timeout=max(timeout, 1), cwd=ROOT)
+    if r.returncode:
+        raise RuntimeError((r.stderr.strip() or r.stdout.strip()).splitlines()[-1] if (r.stderr or r.stdout) else
+                           f"exit {r.returncode}")
+    return r.stdout
+
+
+def device_info(device: str) -> dict:
+    import onnxruntime as ort
+
+    info = {"onnxruntime": ort.__version__, "providers": ort.get_available_providers()}
+    if device == "cuda":
+        import torch
+
+        info.update(gpu=torch.cuda.get_device_name(0), torch=torch.__version__, cuda=torch.version.cuda)
+    else:
+        info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                            if ln.startswith("model name")), "unknown")
+    return info
+
+
+def exports(work: Path, quick: bool, budget: Budget) -> dict:
+    """The demo checkpoint and its four exports (no verify: step 2 compares logits)."""
+    hf = work / "demo-hf"
+    if not (hf / "config.json").is_file():
+        cli("convert-gguf", "-o", hf, "--force", timeout=budget.left())
+    made = {}
+    for graph in ("portable", "fused"):
+        for dtype in ("fp32", "fp16"):
+            out = work / f"{graph}-{dtype}"
+            if not (out / "manifest.json").is_file():
+                cli("export", hf, "-o", out, "--graph", graph, "--dtype", dtype, "--no-verify", "--force",
+                    timeout=budget.left())
+            made[f"{graph}-{dtype}"] = str(out)
+    return {"exports": made}
+
+
+def logits_rows(work: Path, device: str) -> dict:
+    """Each export on the device against the portable fp32 on the CPU provider (128-token prefill, 32 greedy tokens)."""
+    from mistral_trt.runtime.backend import open_backend
+    from mistral_trt.runtime.generate import Generator
+    from mistral_trt.runtime.sampling import Sampling
+
+    ids = np.resize(np.arange(100, 228, dtype=np.int64) * 37 % 49000 + 10, 128)
+
+    def run(backend):
+        cache = backend.new_cache(1, 256)
+        cache.admit()
+        first = backend.step(cache, [ids], last=False)[0].astype(np.float32)
+        cache.close()
+        toks = [int(t[0]) for t in Generator(backend).generate([ids], 32, Sampling(), stop_on_eos=False)]
+        return first, toks
+
+    ref, ref_toks = run(open_backend(work / "portable-fp32", "cpu"))
+    out = []
+    for name in ("portable-fp32", "portable-fp16", "fused-fp32", "fused-fp16"):
+        row = {"export": name, "provider": device}
+        try:
+            got, toks = run(open_backend(work / name, device))
+            row.update(max_abs_dlogit=float(np.abs(got - ref).max()), top1=float((got.argmax(-1) == ref.argmax(-1)).mean()),
+                       greedy_equal=toks == ref_toks)
+        except Exception as e:  # e.g. the CUDA provider's GroupQueryAttention takes fp16 only
+            row["error"] = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        out.append(row)
+        print(row, flush=True)
+    return {"logits": out}
+
+
+def bench(work: Path, device: str, quick: bool, budget: Budget) -> dict:
+    prompts, gen, repeat = ("16,64", 8, 1) if quick else ("128,2048", 64, 3)
+    dest = work / "bench"
+    cli("bench", work / "fused-fp16", work / "portable-fp16", "--provider", device, "--baseline", "hf", "--baseline",
+        "ort-genai", "--prompt-len", prompts, "--batch", "1,4", "--gen-len", gen, "--repeat", repeat, "--warmup", 1,
+        "--genai-cache", work / "ort-genai", "-o", dest, timeout=budget.left() - 5)
+    data = json.loads((dest / "bench.json").read_text())
+    return {"bench": [{k: r[k] for k in ("system", "prompt_len", "batch", "ttft_ms")} | {"decode_p50_ms": r["decode_ms"]["p50"]}
+                      for r in data["rows"]]}
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted), best of 10: the HBM floor's bandwidth."""
+    n = 1 << 30
+    if device == "cuda":
+        import cupy as cp
+
+        a, b = cp.ones(n, cp.uint8), cp.empty(n, cp.uint8)
+        start, stop, best = cp.cuda.Event(), cp.cuda.Event(), 0.0
+        for _ in range(10):
+            start.record()
+            cp.copyto(b, a)
+            stop.record()
+            stop.synchronize()
+            best = max(best, 2 * n / (cp.cuda.get_elapsed_time(start, stop) / 1e3))
+        return best
+    a, b, best = np.ones(n // 4, np.uint8), np.empty(n // 4, np.uint8), 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = max(best, 2 * a.nbytes / (time.perf_counter() - t))
+    return best
+
+
+def seven_b(work: Path, device: str, quick: bool, budget: Budget) -> dict:
+    """The fused fp16 decode step of Mistral-7B's shapes at 2 and 4 layers (random init), extrapolated to 32."""
+    from bench.latency import decode_weight_bytes
+    from mistral_trt.runtime.backend import open_backend
+    from mistral_trt.runtime.manifest import Manifest
+
+    dtype = "fp16" if device == "cuda" else "fp32"
+    layers = (1, 2) if quick else (2, 4)
+    step_ms = {}
+    for n in layers:
+        ckpt, out = work / f"7b-{n}-ckpt", work / f"7b-{n}-fused-{dtype}"
+        if not (ckpt / "config.json").is_file():
+            subprocess.run([sys.executable, str(ROOT / "scripts" / "measure_export.py"), "--make", str(ckpt), "--layers",
+                            str(n), "--dtype", "fp16"], check=True, timeout=budget.left(), capture_output=True)
+        if not (out / "manifest.json").is_file():
+            cli("export", ckpt, "-o", out, "--graph", "fused", "--dtype", dtype, "--no-verify", "--force",
+                timeout=budget.left())
+        backend = open_backend(out, device)
+        cache = backend.new_cache(1, 512)
+        cache.admit()
+        backend.step(cache, [np.arange(1, 129)])
+        times = []
+        for i in range(8 if quick else 40):
+            t = time.perf_counter()
+            backend.step(cache, [np.array([7 + i])])
+            times.append(time.perf_counter() - t)
+        step_ms[n] = float(np.median(times[3:]) * 1e3)
+        args = Manifest.load(out).model
+        del backend, cache
+    a, b = layers
+    per_layer = (step_ms[b] - step_ms[a]) / (b - a)
+    full = step_ms[a] + per_layer * (32 - a)
+    bw = copy_bandwidth(device)
+    from dataclasses import replace
+
+    floor_ms = decode_weight_bytes(replace(args, num_layers=32), "fp16") / bw * 1e3
+    return {"seven_b": {"step_ms": step_ms, "per_layer_ms": per_layer, "extrapolated_32_layers_ms": full,
+                        "copy_bandwidth_gb_s": bw / 1e9, "floor_ms": floor_ms, "ratio_to_floor": full / floor_ms,
+                        "dtype": dtype, "note": f"measured at {a} and {b} full-width layers, extrapolated to 32"}}
+
+
+def tensorrt_row() -> dict:
+    if importlib.util.find_spec("tensorrt") is None:
+        return {"tensorrt": "not run: tensorrt is not installed here (PyPI's full TensorRT wheels are placeholders for "
+                            "NVIDIA's index, which this machine cannot reach); the engine rows need it"}
+    return {"tensorrt": "installed: run `mistral-trt engine` and tests/test_tensorrt.py (not part of the lease check)"}
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    by = {r["step"]: r for r in rows if r["status"] == "ok"}
+    out = []
+    bench_rows = by.get("bench", {}).get("bench", [])
+
+    def p50(system_prefix, prompt, batch):
+        return next((r["decode_p50_ms"] for r in bench_rows if r["system"].startswith(system_prefix)
+                     and r["prompt_len"] == prompt and r["batch"] == batch), None)
+
+    prompts = sorted({r["prompt_len"] for r in bench_rows})
+    if prompts:
+        short, long_ = prompts[0], prompts[-1]
+        ours = p50("ours:fused-fp16", short, 1)
+        genai = p50("ort-genai", short, 1)
+        out.append({"target": f"demo decode, batch 1, prompt {short} <= {TARGETS['demo_decode_ms']} ms/token",
+                    "value": ours, "met": ours is not None and ours <= TARGETS["demo_decode_ms"]})
+        out.append({"target": "demo decode no slower than onnxruntime-genai (batch 1)", "value": genai and ours and genai / ours,
+                    "met": bool(genai and ours and genai / ours >= TARGETS["vs_genai"])})
+        ours4, hf4 = p50("ours:fused-fp16", long_, 4), p50("hf-eager", long_, 4)
+        out.append({"target": f"{long_} x 4 decode no slower than HF eager", "value": hf4 and ours4 and hf4 / ours4,
+                    "met": bool(hf4 and ours4 and hf4 / ours4 >= TARGETS["vs_hf_2048x4"])})
+    seven = by.get("7B-shaped step", {}).get("seven_b")
+    if seven:
+        out.append({"target": f"7B-shaped fp16 step <= {TARGETS['floor_ratio_7b']}x the HBM floor",
+                    "value": seven["ratio_to_floor"], "met": seven["ratio_to_floor"] <= TARGETS["floor_ratio_7b"]})
+    return out
+
+
+def report(info: dict, rows: list[dict]) -> str:
+    lines = [f"# GPU check ({info.get('started')}, {info.get('gpu') or info.get('cpu') or info['device']})", "",
+             f"onnxruntime {info.get('onnxruntime')}, providers {info.get('providers')}", "",
+             "| step | status | seconds | note |", "|---|---|---|---|"]
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['artifact']} | {r['path']} | error: {r['error']} | | | | | | | |")
-        else:
-            eq = "yes" if r["greedy_equal"] else f"no (from token {r.get('greedy_first_diff')})"
-            spec = {None: "", True: "yes", False: "NO"}[r.get("speculative_equal")]
-            same = (f"{r['max_abs_dlogit_same_cpu']:.3g} | {100 * r['top1_same_cpu']:.1f}% | "
-                    f"{'yes' if r['greedy_equal_same_cpu'] else 'no'}") if "top1_same_cpu" in r else "- | - | -"
-            lines.append(f"| {r['artifact']} | {r['path']} | {r['max_abs_dlogit']:.3g} | {100 * r['top1']:.1f}% | "
-                         f"{eq} | {same} | {r['decode_ms']:.2f} | {spec} |")
-    table = "\n".join(lines)
-    print(table)
-    (root / "gpu_check.md").write_text(table + "\n")
-    (root / "gpu_check.json").write_text(json.dumps(rows, indent=2) + "\n")
-    return 0
+        lines.append(f"| {r['step']} | {r['status']} | {r.get('seconds', '')} | {r.get('why', r.get('tensorrt', ''))} |")
+    for r in rows:
+        if r.get("logits"):
+            lines += ["", "| export | provider | max abs dlogit vs CPU fp32 | top-1 | 32 greedy equal |", "|---|---|---|---|---|"]
+            for x in r["logits"]:
+                lines.append(f"| {x['export']} | {x['provider']} | " + (f"error: {x['error']} | | |" if "error" in x else
+                             f"{x['max_abs_dlogit']:.3g} | {100 * x['top1']:.1f}% | {'yes' if x['greedy_equal'] else 'no'} |"))
+        if r.get("bench"):
+            lines += ["", "| system | prompt | batch | TTFT ms | decode p50 ms |", "|---|---|---|---|---|"]
+            lines += [f"| {x['system']} | {x['prompt_len']} | {x['batch']} | {x['ttft_ms']:.1f} | {x['decode_p50_ms']:.2f} |"
+                      for x in r["bench"]]
+        if r.get("seven_b"):
+            s = r["seven_b"]
+            lines += ["", f"7B-shaped {s['dtype']} decode step ({s['note']}): {s['extrapolated_32_layers_ms']:.2f} ms; "
+                      f"floor {s['floor_ms']:.2f} ms at {s['copy_bandwidth_gb_s']:.0f} GB/s copy bandwidth; "
+                      f"{s['ratio_to_floor']:.2f}x the floor"]
+    t = targets(rows)
+    if t:
+        lines += ["", "| target | value | met |", "|---|---|---|"]
+        lines += [f"| {x['target']} | {x['value'] if x['value'] is None else round(x['value'], 3)} | "
+                  f"{'met' if x['met'] else 'not met'} |" for x in t]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True, help="where gpu_check.md / .json go")
+    p.add_argument("--work", type=Path, help="where the exports are built (default: OUT/work)")
+    p.add_argument("--budget", type=float, default=520, help="seconds for all the steps (the lease's last call: 9 min)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: the rehearsal of the same steps")
+    p.add_argument("--quick", action="store_true", help="small sizes (the rehearsal)")
+    a = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))  # bench.latency for the floor
+    work = a.work or a.out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MISTRAL_TRT_STORE", str(work / "store"))
+    budget = Budget(a.budget)
+    check = Check(a.out, budget, a.device)
+    check.info.update(device_info(a.device))
+    check.step("tensorrt", tensorrt_row, need=0)
+    if check.step("exports", exports, work, a.quick, budget, need=60) is None:
+        return 1
+    check.step("logits", logits_rows, work, a.device, need=30)
+    check.step("7B-shaped step", seven_b, work, a.device, a.quick, budget, need=90)
+    check.step("bench", bench, work, a.device, a.quick, budget, need=90)
+    check.info["targets"] = targets(check.rows)
+    check.write()
+    print((a.out / "gpu_check.md").read_text())
+    return 0 if all(r["status"] != "failed" for r in check.rows) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1] if len(sys.argv) > 1 else "build/gpu-check")))
+    sys.exit(main())

@@ -441,3 +441,6 @@ def test_static_decode_equals_the_bound_step(tiny_fused, shared_width, monkeypat
             before = len(made)
     assert dev._static is not None and dev._static.cache is caches[1] and decode >= 15
     assert len(made) == before  # 11 more decode steps, no new binding
+    assert not ref.cuda_graph and ref._eager is None  # the CPU provider: no graph, no run options
+    with pytest.raises(UserError, match="CUDA graphs need onnxruntime's CUDA provider"):
+        FusedBackend(tiny_fused["window"], providers=["CPUExecutionProvider"], cuda_graph=True)

@@ -421,14 +421,6 @@ def test_bench_refuses_shapes_an_engine_was_not_built_for(tiny_exports, tmp_path
     assert "--max-context 512" in capsys.readouterr().err
 
 
-def test_gpu_check_builds_what_its_bench_runs():
-    """scripts/gpu_check.sh built engines with --max-batch 1, then benched --batch 1,4 on them."""
-    script = (Path(__file__).parents[1] / "scripts" / "gpu_check.sh").read_text()
-    engine_lines = [ln for ln in script.splitlines() if "$CLI engine $OUT/$p" in ln]
-    assert engine_lines and all("--max-batch $MAX_BATCH" in ln for ln in engine_lines)
-    assert "--batch $BATCH" in script and 'MAX_BATCH=$(echo $BATCH' in script
-
-
 @pytest.mark.parametrize("s", [1, 5])
 def test_logits_to_host_copies_each_rows_last_column(s):
     """With `last`, the engine's logits come to the host one column per row (a 2048-token prefill: 98 KB, not 201
