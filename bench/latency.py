@@ -362,16 +362,35 @@ def run_bench(systems: list, prompt_lens: list[int], batches: list[int], gen_len
     """probe: called after every timed round (bandwidth), its values appended to `probes`."""
     rng = np.random.default_rng(seed)
     results = []
+    systems = list(systems)
+
+    def timed(s, prompts):
+        """s.run, or None where a baseline fails (its runtime's own error): it is dropped, said once, the rest goes on.
+        Ours failing is the bench's failure."""
+        try:
+            return s.run(prompts, gen_len)
+        except Exception as e:
+            if s is systems[0] or isinstance(e, UserError):
+                raise
+            log(f"note: {s.name} failed at prompt {prompts.shape[1]}, batch {prompts.shape[0]} and is left out of the "
+                f"rest of the run: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
+            systems.remove(s)
+            return None
+
     for p in prompt_lens:
         for b in batches:
             prompts = rng.integers(3, vocab, (b, p), dtype=np.int64)
-            rs = {s.name: Result(s.name, p, b) for s in systems}
-            for s in systems:
+            for s in list(systems):
                 for _ in range(warmup):
-                    s.run(prompts, gen_len)
+                    if timed(s, prompts) is None:
+                        break
+            rs = {s.name: Result(s.name, p, b) for s in systems}
             for r in range(repeat):
-                for s in (systems if r % 2 == 0 else systems[::-1]):  # alternate the order too
-                    t = s.run(prompts, gen_len)
+                for s in (list(systems) if r % 2 == 0 else systems[::-1]):  # alternate the order too
+                    t = timed(s, prompts)
+                    if t is None:
+                        del rs[s.name]
+                        continue
                     rs[s.name].ttft_s.append(t[1] - t[0])
                     rs[s.name].decode_s += list(np.diff(t[1:]))
                 if probe is not None:

@@ -168,3 +168,28 @@ def test_llama_cpp_baseline_runs_or_is_skipped_with_a_reason(demo_fused, tmp_pat
         assert "| llama.cpp-f32 |" not in captured.out and f"| ours:{demo_fused.name} |" in captured.out
     else:
         assert "| llama.cpp-f32 |" in captured.out
+
+
+def test_a_baseline_failing_mid_run_is_dropped_with_its_error():
+    """A baseline whose own runtime fails (onnxruntime-genai's fp16 model on a CPU did, in the GPU check's rehearsal)
+    is left out of the rest of the run with one note naming it and the error; ours failing is the bench's failure."""
+    from mistral_trt.bench.latency import run_bench
+
+    class System:
+        def __init__(self, name, fail_at=None):
+            self.name, self.fail_at, self.calls = name, fail_at, 0
+
+        def run(self, prompts, n):
+            self.calls += 1
+            if self.fail_at is not None and prompts.shape[1] >= self.fail_at:
+                raise RuntimeError("Non-zero status code returned while running Cast node")
+            return [0.0] + [0.01 * (i + 1) for i in range(n)]
+
+    ours, base = System("ours"), System("ort-genai", fail_at=8)
+    notes = []
+    results = run_bench([ours, base], [4, 8, 16], [1], 3, 1, 2, 100, log=notes.append)
+    assert [(r.system, r.prompt_len) for r in results] == [("ours", 4), ("ort-genai", 4), ("ours", 8), ("ours", 16)]
+    said = [n for n in notes if n.startswith("note:")]
+    assert len(said) == 1 and "ort-genai failed at prompt 8, batch 1" in said[0] and "Cast node" in said[0]
+    with pytest.raises(RuntimeError):
+        run_bench([System("ours", fail_at=4)], [4], [1], 3, 0, 1, 100, log=notes.append)
