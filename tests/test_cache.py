@@ -177,3 +177,31 @@ def test_portable_cache_in_onnxruntime_memory(tiny_exports, name):
         out[key] = (np.stack(steps), cache.columns)
     np.testing.assert_array_equal(out["dev"][0], out["host"][0])
     assert out["dev"][1] == out["host"][1] == (7 if name == "window" else 13 + 14)
+
+
+def test_shared_width_metadata():
+    """onnxruntime < 1.32's form (no query_seqlens): a row of several tokens runs alone; decode rows run together, an
+    idle row spanned taking one column past its length (seqlens_k = its length); a device cache's idle row whose
+    cache is full gives up the last position of the prefix it keeps (the op would refuse the step otherwise)."""
+    from mistral_trt.runtime.cache import InPlaceCache
+
+    device = [object()] * 4  # not numpy: bound whole, as OrtValues in device memory are
+    c = InPlaceCache(device, slots=4, capacity=16, sliding_window=None, shared_width=True)
+    for _ in range(4):
+        c.admit()
+    c.lengths[:] = [5, 9, 16, 2]
+    c.held = [list(range(5)), list(range(9)), list(range(16)), list(range(2))]
+    c.release(2)  # idle, its 16 positions kept as a prefix
+    meta = c.metadata(np.array([1, 6, 0, 1]))
+    assert [(r.lo, r.hi, r.width) for r in meta.runs] == [(0, 4, 1), (1, 2, 6)]
+    decode, prefill = meta.runs
+    assert decode.seqlens_k.tolist() == [5, 9, 15, 2]  # every row's one column at its length; row 2 gave one up
+    assert c.lengths[2] == 15 and c.held[2] == list(range(15))
+    assert prefill.seqlens_k.tolist() == [9 + 6 - 1] and prefill.logits_index.tolist() == [[5]]
+    host = InPlaceCache([np.zeros((4, 1, 16, 2))] * 2, slots=4, capacity=16, sliding_window=None, shared_width=True)
+    for _ in range(4):
+        host.admit()
+    host.lengths[:] = [5, 9, 16, 2]
+    host.release(2)
+    runs = host.metadata(np.array([1, 6, 0, 1])).runs  # host rows bound by view: the full idle row is not spanned
+    assert [(r.lo, r.hi) for r in runs] == [(0, 1), (3, 4), (1, 2)] and host.lengths[2] == 16
