@@ -25,7 +25,7 @@ from pathlib import Path
 from mistral_trt.runtime.errors import UserError, check_interrupted
 from mistral_trt.runtime.integrity import hash_file
 from mistral_trt.runtime.manifest import (DTYPE_BYTES, DTYPES, EXPORT_PRECISIONS, GRAPHS, NBITS_PRECISIONS, ONNX_DATA_NAME,
-                                          ONNX_NAME, QDQ_PRECISIONS, Manifest, fused_io_specs, io_specs)
+                                          ONNX_NAME, QDQ_PRECISIONS, WEIGHT_ONLY, Manifest, fused_io_specs, io_specs)
 from mistral_trt.runtime.backend import open_backend
 
 from . import checkpoint as ck
@@ -153,9 +153,6 @@ class Calibration:
         raise NotImplementedError
 
 
-WEIGHT_ONLY_QDQ = ("int8-w8a16", "int4-w4a16")  # TensorRT's weight-only GEMMs: fp16 activations by default
-
-
 def export_model(model: str, out: str | Path, dtype: str | None = None, force: bool = False, run_verify: bool = True,
                  max_window_check: int = vf.MAX_WINDOW_CHECK, provider: str = "cpu", graph: str = "portable",
                  precision: str | None = None, block_size: int | None = None, calibrate: Calibration | None = None,
@@ -167,7 +164,7 @@ def export_model(model: str, out: str | Path, dtype: str | None = None, force: b
     weights: export/fused_graph.py, or the portable writer's edits); both carry the precision record and their
     report."""
     if dtype is None:
-        dtype = "fp16" if precision in WEIGHT_ONLY_QDQ else "fp32"
+        dtype = "fp16" if precision in WEIGHT_ONLY else "fp32"
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if graph not in GRAPHS:
@@ -179,7 +176,7 @@ def export_model(model: str, out: str | Path, dtype: str | None = None, force: b
         # MatMulNBits takes fp16 activations as well: --dtype fp16 is the GPU form (onnxruntime's CUDA provider runs
         # GroupQueryAttention in fp16 only), fp32 the CPU one (int8 dot products, accuracy_level 4). The weight-only
         # Q/DQ precisions take either (fp16 scales make fp16 GEMMs in TensorRT); int8-w8a8's calibration is fp32.
-        free = precision in NBITS_PRECISIONS or precision in WEIGHT_ONLY_QDQ
+        free = precision in NBITS_PRECISIONS or precision in WEIGHT_ONLY
         if dtype != want and dtype != "fp32" and not free:
             raise UserError(f"--precision {precision} computes in {want}; leave out --dtype {dtype}")
         dtype = dtype if free else want
@@ -192,7 +189,6 @@ def export_model(model: str, out: str | Path, dtype: str | None = None, force: b
         raise UserError("--precision int8-w8a8 calibrates activations: pass --calib CALIB (from `mistral-trt calibrate`)")
     if calibrate is not None and precision not in CALIBRATED_PRECISIONS:
         raise UserError(CALIB_MESSAGE)
-    nbits = qdq = None
     if lm_head_bits is not None and precision not in ("int4", "int4-w4a16"):
         raise UserError(f"--lm-head-bits goes with --precision int4 or int4-w4a16, not {precision or dtype}")
     if lm_head_bits is None:
@@ -201,17 +197,8 @@ def export_model(model: str, out: str | Path, dtype: str | None = None, force: b
         lm_head_bits = LM_HEAD_BITS
     if lm_head_bits not in (4, 8):
         raise UserError(f"--lm-head-bits {lm_head_bits}: expected 4 or 8")
-    if precision != "int4-w4a16":
-        block_size = block_size_for(precision, block_size, None)
-    elif block_size is not None:  # TensorRT's rule on it needs the model's sizes (below)
+    if block_size is not None:  # a power of two, before anything is read (int4-w4a16's TensorRT rule: below)
         check_block_size(precision, block_size)
-    if precision in NBITS_PRECISIONS:
-        from .fused_graph import NBits
-
-        bits = NBITS_PRECISIONS[precision]
-        nbits = NBits(bits=bits, block_size=block_size, lm_head_bits=lm_head_bits if bits == 4 else None)
-    elif precision in QDQ_PRECISIONS:
-        qdq = WeightQdq.of(precision, block_size, lm_head_bits, dtype)  # int4-w4a16's block: set below
     if precision not in (None, "fp32", "fp16"):
         run_verify = False  # quantized weights are not PyTorch's: `mistral-trt eval` measures their quality
     if graph == "fused" and provider == "tensorrt":
@@ -225,8 +212,14 @@ def export_model(model: str, out: str | Path, dtype: str | None = None, force: b
     specials = ck.special_tokens(c)
     tokenizer = ck.tokenizer_record(c, specials)
     args = c.args
-    if precision == "int4-w4a16":  # TensorRT's blocks (64 or 128) must divide the model's sizes
-        block_size = block_size_for(precision, block_size, args)
+    block_size = block_size_for(precision, block_size, args)  # int4-w4a16: TensorRT's blocks divide the model's sizes
+    nbits = qdq = None
+    if precision in NBITS_PRECISIONS:
+        from .fused_graph import NBits
+
+        bits = NBITS_PRECISIONS[precision]
+        nbits = NBits(bits=bits, block_size=block_size, lm_head_bits=lm_head_bits if bits == 4 else None)
+    elif precision in QDQ_PRECISIONS:
         qdq = WeightQdq.of(precision, block_size, lm_head_bits, dtype)
     from .weights import CheckpointWeights
 
@@ -291,7 +284,7 @@ def export_model(model: str, out: str | Path, dtype: str | None = None, force: b
                 precision_record = {**nbits_record(precision, block_size, nbits.lm_head_bits, dtype),
                                     "from": str(src.absolute()),
                                     "quantized_matmuls": stats["matmuls"], "weight_bytes": stats["bytes"]}
-            elif precision in ("int8-w8a16", "int4-w4a16"):
+            elif precision in WEIGHT_ONLY:
                 precision_record = {**weight_only_record(precision, block_size, lm_head_bits, dtype), "from": str(src.absolute()),
                                     "quantized_matmuls": stats["matmuls"], "weight_bytes": stats["bytes"]}
             elif precision == "int8-w8a8":

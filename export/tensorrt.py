@@ -20,7 +20,7 @@ from pathlib import Path
 from mistral_trt.export.weights import TENSORRT_INT4_BLOCKS
 from mistral_trt.runtime.errors import UserError
 from mistral_trt.runtime.integrity import hash_file
-from mistral_trt.runtime.manifest import ONNX_NAME, Manifest
+from mistral_trt.runtime.manifest import ONNX_NAME, WEIGHT_ONLY, Manifest
 from mistral_trt.runtime.cuda import gpu_info
 from mistral_trt.runtime.engine import PROFILES, TIMING_CACHE, EngineManifest, profile_shapes
 from mistral_trt.runtime.manifest import ENGINE_NAME
@@ -42,7 +42,7 @@ def build_engine(export_dir: str | Path, out: str | Path, max_batch: int = 1, ma
     if precision == "int4-w4a16" and m.precision.get("block_size") not in TENSORRT_INT4_BLOCKS:
         raise UserError(f"{export_dir}: int4-w4a16 in blocks of {m.precision.get('block_size')}; TensorRT's INT4 "
                         "weight-only GEMM takes blocks of 64 or 128: export it again (the default block is one of those)")
-    if precision in ("int8-w8a16", "int4-w4a16") and m.dtype == "fp32":
+    if precision in WEIGHT_ONLY and m.dtype == "fp32":
         log(f"  warning: {export_dir}: {precision} with fp32 scales: the dequantized weights are fp32, so every GEMM "
             "runs in fp32; export with --dtype fp16 (the default) for TensorRT's fp16 weight-only GEMMs")
     if max_context is None:  # the model's limit, at most 4096 (a 32k profile costs device memory for nothing)

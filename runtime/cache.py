@@ -409,7 +409,8 @@ class InPlaceCache(SlotTable):
             raise UserError(f"capacity {capacity} < sliding_window {sliding_window}: the op keeps W positions")
         self.buffers, self.sliding_window = buffers, sliding_window
         self.lengths = np.zeros(slots, np.int64)  # [B]: positions each row holds (= its next absolute position)
-        # a device cache is bound whole in every run (onnxruntime binds OrtValues, not row views)
+        # a device cache's runs span every row (rows are not copied between its OrtValues, and a decode step keeps one
+        # shape: StaticDecode); under shared_width a row of several tokens runs alone
         self.whole_rows = bool(buffers) and not isinstance(buffers[0], np.ndarray)
         # onnxruntime < 1.32 (runtime/ort.py's shared-width graph): no query_seqlens, so every row a run spans takes
         # the run's width; a shorter row's padding (and an idle row's) lands past its length, written over later

@@ -59,6 +59,7 @@ DIMS = {
 # checkpoint). `quantize` makes the same from an fp32 export.
 NBITS_PRECISIONS = {"int8-w8a8-dynamic": 8, "int4": 4}
 QDQ_PRECISIONS = ("int8-w8a16", "int8-w8a8", "int4-w4a16")
+WEIGHT_ONLY = ("int8-w8a16", "int4-w4a16")  # Q/DQ weights, float activations: TensorRT's weight-only GEMMs
 EXPORT_PRECISIONS = ("fp32", "fp16", *QDQ_PRECISIONS, *NBITS_PRECISIONS)
 GRAPHS = ("portable", "fused")  # traced standard ops (any runtime, TensorRT) | onnxruntime contrib ops, in-place cache
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from .cache import ColumnCache, ColumnStorage, InPlaceCache, PointerColumns, zeroed
 from .errors import UserError
-from .manifest import NUMPY_DTYPE, ONNX_NAME, Manifest
+from .manifest import NUMPY_DTYPE, ONNX_NAME, WEIGHT_ONLY, Manifest
 
 
 PROVIDERS = {
@@ -121,9 +121,6 @@ def ort_version(text: str) -> tuple[int, int]:
     """'1.31.1' -> (1, 31); '1.32.0.dev20261101' -> (1, 32)."""
     major, minor = (text.split(".") + ["0"])[:2]
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
-
-
-WEIGHT_ONLY = ("int8-w8a16", "int4-w4a16")  # portable Q/DQ weights, float activations
 
 
 def open_session(folder: Path, manifest: Manifest, providers: list | None, graph: str, exact: bool = False):
@@ -372,10 +369,7 @@ class FusedBackend:
                     view = buf[lo:hi]
                     io.bind_input(name, "cpu", 0, view.dtype, view.shape, view.ctypes.data)
                     io.bind_output(out, "cpu", 0, view.dtype, view.shape, view.ctypes.data)
-                elif (lo, hi) == (0, cache.slots):  # an OrtValue in device memory
-                    io.bind_ortvalue_input(name, buf)
-                    io.bind_ortvalue_output(out, buf)
-                else:  # its rows [lo, hi) by address (onnxruntime < 1.32: a prefill row runs alone)
+                else:  # an OrtValue in device memory: its rows [lo, hi) by address
                     shape = buf.shape()
                     ptr = buf.data_ptr() + lo * int(np.prod(shape[1:])) * self.kv_dtype.itemsize
                     view = (hi - lo, *shape[1:])

